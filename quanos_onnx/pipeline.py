@@ -12,7 +12,7 @@ from .layers import Join, Layer, find_joins, list_layers
 from .passes.align import align_plan
 from .passes.calibrate import Range, collect_ranges
 from .passes.points import plan_points
-from .passes.qdq import activation_quantizer, insert_qdq
+from .passes.qdq import activation_quantizer, check_storage, insert_qdq
 from .plan import MAX_BITS, MIN_BITS, Plan
 
 
@@ -31,8 +31,13 @@ def quantize(
     joins: Sequence[Join] | None = None,
     method: str = "minmax",
     percentile: float = 99.99,
+    storage: str = "int8",
 ) -> Quantized:
-    """Align the plan, calibrate its quantizers in onnxruntime, and write the QDQ model."""
+    """Align the plan, calibrate its quantizers in onnxruntime, and write the QDQ model.
+
+    `storage` picks the weight containers (passes.qdq.STORAGES); values are the same in all.
+    """
+    check_storage(storage)
     layers = list_layers(model) if layers is None else layers
     joins = find_joins(model, layers) if joins is None else joins
     aligned = align_plan(plan, layers, joins)
@@ -43,7 +48,7 @@ def quantize(
         group.name: activation_quantizer(group.bits, _union(ranges[t] for t in group.tensors))
         for group in points.groups
     }
-    return Quantized(insert_qdq(model, layers, aligned, points, quantizers), aligned)
+    return Quantized(insert_qdq(model, layers, aligned, points, quantizers, storage=storage), aligned)
 
 
 def _union(ranges: Iterable[Range]) -> Range:
@@ -76,6 +81,7 @@ class CompileOptions:
     std: str | None = None
     data_range: str | None = None
     seed: int = 0
+    storage: str = "int8"
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,13 @@ def run_compile(options: CompileOptions, command_line: Sequence[str] = ()) -> Co
         raise UsageError("give --bits N or --plan plan.json")
     calibration = [x for x, _ in _first(dataset, options.calibration_samples)]
     quantized = quantize(
-        model, plan, calibration, layers=layers, method=options.calibration, percentile=options.percentile
+        model,
+        plan,
+        calibration,
+        layers=layers,
+        method=options.calibration,
+        percentile=options.percentile,
+        storage=options.storage,
     )
     files = {MODEL_FILE: quantized.model.SerializeToString(), PLAN_FILE: quantized.plan.dumps()}
     written = output.write(files)
