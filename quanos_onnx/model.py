@@ -1,0 +1,551 @@
+"""Loading, normalizing and saving ONNX models; onnxruntime sessions.
+
+This is the IR boundary: everything downstream sees one normal form (opset 21, constant
+weights as initializers, unique node names, inferred shapes), so no stage has to cope with
+the variety of real exports (CNTK opset 8, torch legacy and dynamo, Constant-node weights,
+initializers listed as inputs, batch 1 baked in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from .errors import ModelError, OutputError
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+    from .data import InputSpec
+
+log = logging.getLogger(__name__)
+
+TARGET_OPSET = 21
+"""The opset every model is normalized to and every output is written at (ORT 1.32 has no
+kernels for Q/DQ at opset 28, and 21 is the first with int4/int16 Q/DQ)."""
+
+TARGET_IR_VERSION = 10
+"""The IR version that goes with opset 21."""
+
+MAX_INPUT_OPSET = 25
+"""The newest opset accepted as input (onnxruntime 1.32 implements up to here)."""
+
+_NO_FOLD = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+    }
+)
+_FOLD_SIZE_LIMIT = 1 << 24
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read an ONNX file and return it in the project's normal form."""
+    source = Path(path)
+    proto = read_model(source)
+    return normalize(proto, str(source))
+
+
+def read_model(source: Path) -> onnx.ModelProto:
+    """Parse the file (with its external data), failing with the reason in one line."""
+    if not source.exists():
+        raise ModelError(f"{source}: model file not found")
+    if source.is_dir():
+        raise ModelError(f"{source}: is a directory, not an ONNX model file")
+    if source.stat().st_size == 0:
+        raise ModelError(f"{source}: file is empty")
+    try:
+        proto = onnx.load(str(source), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelError(
+            f"{source}: not an ONNX model (protobuf parse failed: {_first_line(exc)})"
+        ) from exc
+    if not proto.HasField("graph") or len(proto.graph.node) == 0 or proto.ir_version <= 0:
+        raise ModelError(f"{source}: parsed as protobuf but holds no ONNX graph")
+    _load_external_data(proto, source)
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, source: Path) -> None:
+    base = source.parent
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not (base / location).is_file():
+            raise ModelError(
+                f"{source}: initializer '{tensor.name}' refers to external data "
+                f"'{location}', which is missing next to the model"
+            )
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(base))
+    except Exception as exc:
+        raise ModelError(f"{source}: cannot read external data: {_first_line(exc)}") from exc
+
+
+def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProto:
+    """Bring a parsed model into normal form; every failure names the source and culprit."""
+    opset = default_opset(proto)
+    if opset > MAX_INPUT_OPSET:
+        raise ModelError(
+            f"{source}: opset {opset} is newer than supported (at most {MAX_INPUT_OPSET})",
+            hint="export the model at opset 17-21",
+        )
+    _check_signature(_strip_initializer_inputs(proto), source)
+    if opset != TARGET_OPSET:
+        proto = _convert_opset(proto, opset, source)
+    proto = _strip_initializer_inputs(proto)
+    proto.ir_version = max(proto.ir_version, TARGET_IR_VERSION)
+    from .passes.cleanup import FoldBatchNormPass, FuseBiasAddPass
+
+    model = ir.serde.deserialize_model(proto)
+    passes = ir.passes.Sequential(
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        FoldConstantsPass(),
+        FoldBatchNormPass(),
+        FuseBiasAddPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.TopologicalSortPass(),
+        UniqueNodeNamesPass(),
+        common_passes.NameFixPass(),
+    )
+    try:
+        passes(model)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{source}: cannot normalize graph: {_first_line(exc)}") from exc
+    proto = ir.serde.serialize_model(model)
+    proto = infer_shapes(proto, source)
+    check_model(proto, source)
+    return proto
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def _strip_initializer_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Old exporters (ir_version 3) list every initializer as a graph input too."""
+    names = {t.name for t in proto.graph.initializer}
+    if not any(i.name in names for i in proto.graph.input):
+        return proto
+    proto = _copy(proto)
+    kept = [i for i in proto.graph.input if i.name not in names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    return proto
+
+
+def _check_signature(proto: onnx.ModelProto, source: str) -> None:
+    inputs = list(proto.graph.input)
+    if not inputs:
+        raise ModelError(f"{source}: the graph has no inputs")
+    if len(inputs) > 1:
+        names = ", ".join(i.name for i in inputs)
+        raise ModelError(
+            f"{source}: expected one image input, found {len(inputs)} ({names})"
+        )
+    if not proto.graph.output:
+        raise ModelError(f"{source}: the graph has no outputs")
+    tensor_type = inputs[0].type.tensor_type
+    if tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        type_name = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
+        raise ModelError(
+            f"{source}: input '{inputs[0].name}' is {type_name}; a float32 image input is needed"
+        )
+    if not tensor_type.HasField("shape"):
+        raise ModelError(
+            f"{source}: input '{inputs[0].name}' has unknown rank; a fixed-rank input is needed"
+        )
+
+
+def _convert_opset(proto: onnx.ModelProto, opset: int, source: str) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(proto, TARGET_OPSET)
+    except Exception as exc:
+        raise ModelError(
+            f"{source}: cannot convert opset {opset} to {TARGET_OPSET}: {_first_line(exc)}",
+            hint="re-export the model at opset 21",
+        ) from exc
+
+
+def infer_shapes(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"{source}: shape inference failed: {_first_line(exc)}") from exc
+
+
+def check_model(proto: onnx.ModelProto, source: str = "<model>") -> None:
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ModelError(f"{source}: invalid ONNX model: {_first_line(exc)}") from exc
+
+
+class UniqueNodeNamesPass(ir.passes.InPlacePass):
+    """Give every node a unique name that stays the same across runs.
+
+    Plans, reports and fine-tuning refer to layers by node name, so nameless nodes get
+    '<OpType>_<index>' and a repeated name gets '_<index>' appended.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        seen: set[str] = set()
+        modified = False
+        for index, node in enumerate(model.graph):
+            name = node.name or f"{node.op_type}_{index}"
+            if name in seen:
+                name = f"{name}_{index}"
+            if name != node.name:
+                node.name = name
+                modified = True
+            seen.add(name)
+        return ir.passes.PassResult(model, modified)
+
+
+class FoldConstantsPass(ir.passes.InPlacePass):
+    """Evaluate nodes whose inputs are all constants and store the results as initializers.
+
+    Real exports compute weights in the graph (CNTK reshapes its MatMul weight; torch
+    exports transpose or cast them); folding makes every layer's weight an initializer.
+    Q/DQ nodes are kept so that an already quantized model keeps its integer weights.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnx.reference import ReferenceEvaluator
+
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            if not _foldable(node):
+                continue
+            values = [v.const_value.numpy() if v is not None else None for v in node.inputs]
+            single = _single_node_model(node, model.opset_imports)
+            try:
+                results = ReferenceEvaluator(single).run(
+                    None, {f"in{i}": v for i, v in enumerate(values) if v is not None}
+                )
+            except Exception as exc:
+                log.debug("not folding %s (%s): %s", node.name, node.op_type, exc)
+                continue
+            for output, result in zip(node.outputs, results):
+                initializer = ir.Value(
+                    name=output.name,
+                    shape=ir.Shape(np.asarray(result).shape),
+                    type=ir.TensorType(ir.DataType.from_numpy(np.asarray(result).dtype)),
+                    const_value=ir.tensor(np.asarray(result), name=output.name),
+                )
+                output.replace_all_uses_with(initializer, replace_graph_outputs=False)
+                graph.register_initializer(initializer)
+            graph.remove(node, safe=False)
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _foldable(node: ir.Node) -> bool:
+    if node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD:
+        return False
+    if not node.inputs or any(v is not None and v.const_value is None for v in node.inputs):
+        return False
+    if any(out.is_graph_output() for out in node.outputs):
+        return False
+    size = sum(v.const_value.size for v in node.inputs if v is not None)
+    return size <= _FOLD_SIZE_LIMIT
+
+
+def _single_node_model(node: ir.Node, opset_imports: dict[str, int]) -> onnx.ModelProto:
+    inputs = [f"in{i}" if v is not None else "" for i, v in enumerate(node.inputs)]
+    outputs = [f"out{i}" for i in range(len(node.outputs))]
+    node_proto = onnx.helper.make_node(node.op_type, inputs, outputs, domain=node.domain)
+    node_proto.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
+    graph = onnx.helper.make_graph(
+        [node_proto],
+        "fold",
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in inputs if n],
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in outputs],
+    )
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in opset_imports.items()]
+    return onnx.helper.make_model(graph, opset_imports=opsets)
+
+
+# ---------------------------------------------------------------------------------------
+# Saving
+
+
+def save_model(
+    proto: onnx.ModelProto, path: str | os.PathLike[str], *, protect: Iterable[Path] = ()
+) -> Path:
+    """Write atomically (temp file + rename) and refuse to overwrite any protected input."""
+    target = Path(path)
+    guard_output(target, protect)
+    data = proto.SerializeToString()
+    write_bytes_atomic(target, data)
+    return target
+
+
+def guard_output(target: Path, protect: Iterable[Path]) -> None:
+    for original in protect:
+        if target.resolve() == Path(original).resolve():
+            raise OutputError(f"{target}: refusing to overwrite the input model")
+
+
+def write_bytes_atomic(target: Path, data: bytes) -> None:
+    """The file appears whole or not at all, also on Ctrl-C or a full disk."""
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write here: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.chmod(temp_name, 0o666 & ~_umask())
+        os.replace(temp_name, target)
+    except BaseException as exc:
+        Path(temp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
+        raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Inspection helpers
+
+
+def input_spec(proto: onnx.ModelProto) -> InputSpec:
+    """What data must look like to feed this model (data.py fits arrays to it)."""
+    from .data import InputSpec
+
+    return InputSpec(input_value(proto).name, input_shape(proto))
+
+
+def num_classes(proto: onnx.ModelProto) -> int | None:
+    """The size of the first output's last dim: the classifier's class count."""
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    if not dims or not dims[-1].HasField("dim_value"):
+        return None
+    return dims[-1].dim_value
+
+
+def input_value(proto: onnx.ModelProto) -> onnx.ValueInfoProto:
+    return proto.graph.input[0]
+
+
+def input_shape(proto: onnx.ModelProto) -> tuple[int | None, ...]:
+    """The input's dims, None where symbolic."""
+    dims = input_value(proto).type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+
+def output_names(proto: onnx.ModelProto) -> list[str]:
+    return [o.name for o in proto.graph.output]
+
+
+def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in proto.graph.initializer}
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------
+# Batch
+
+
+def dynamic_batch(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """Let a model exported at batch 1 run at any batch, where that is provably safe.
+
+    The input's and outputs' first dim become symbolic, and Reshape targets that bake the
+    batch into their first entry (from data-dependent tensors) copy it from their input
+    instead. The rewrite is kept only if onnxruntime gives, for a random batch of 3, the
+    same outputs as three batch-1 runs of the original; otherwise the original is returned
+    with False and callers fall back to per-sample runs.
+    """
+    shape = input_shape(proto)
+    if not shape or shape[0] is None:
+        return proto, True
+    if shape[0] != 1:
+        return proto, False
+    candidate = _rewrite_batch(proto)
+    if candidate is None or not _same_outputs(proto, candidate):
+        log.info("batch dimension cannot be freed safely; falling back to per-sample runs")
+        return proto, False
+    return candidate, True
+
+
+def _rewrite_batch(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    model = _copy(proto)
+    graph = model.graph
+    for value in list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            dims[0].dim_param = "batch"
+    del graph.value_info[:]
+    initializers = initializer_map(model)
+    data_dependent = data_dependent_tensors(model)
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[0] not in data_dependent:
+            continue
+        target = initializers.get(node.input[1])
+        if target is None:
+            continue
+        values = onnx.numpy_helper.to_array(target).copy()
+        if values.size == 0 or values[0] != 1:
+            continue
+        values[0] = 0 if -1 in values[1:] else -1
+        if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+            return None
+        new_name = f"{node.input[1]}__batch_free"
+        graph.initializer.append(onnx.numpy_helper.from_array(values, new_name))
+        node.input[1] = new_name
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return None
+
+
+def data_dependent_tensors(proto: onnx.ModelProto) -> set[str]:
+    """Tensors whose values depend on the input's values (not only its shape)."""
+    live = {i.name for i in proto.graph.input}
+    for node in proto.graph.node:
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if any(name in live for name in node.input):
+            live.update(node.output)
+    return live
+
+
+def _same_outputs(original: onnx.ModelProto, candidate: onnx.ModelProto) -> bool:
+    rng = np.random.default_rng(0)
+    dims = tuple(d if d is not None else 1 for d in input_shape(original))
+    samples = rng.random((3, *dims[1:]), dtype=np.float32)
+    try:
+        single = make_session(original)
+        batched = make_session(candidate)
+        name = single.get_inputs()[0].name
+        expected = [single.run(None, {name: s[None]}) for s in samples]
+        got = batched.run(None, {name: samples})
+    except Exception as exc:
+        log.debug("batched run failed: %s", exc)
+        return False
+    for index, outputs in enumerate(expected):
+        for want, have in zip(outputs, got):
+            if have.shape[0] != 3 or not np.allclose(have[index], want[0], rtol=1e-4, atol=1e-5):
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# onnxruntime
+
+
+def make_session(
+    proto: onnx.ModelProto,
+    *,
+    optimized_model_path: str | None = None,
+    config: Sequence[tuple[str, str]] = (),
+    threads: int = 0,
+) -> onnxruntime.InferenceSession:
+    """A CPU session for a model held in memory; a failure names onnxruntime's reason."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_model_path:
+        options.optimized_model_filepath = optimized_model_path
+    for key, value in config:
+        options.add_session_config_entry(key, value)
+    try:
+        return ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot run the model: {_first_line(exc)}") from exc
+
+
+def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy that also returns the named intermediate tensors (for calibration and ANS)."""
+    model = _copy(proto)
+    present = {o.name for o in model.graph.output}
+    infos = {v.name: v for v in model.graph.value_info}
+    for name in names:
+        if name in present:
+            continue
+        info = infos.get(name)
+        if info is not None:
+            model.graph.output.append(info)
+        else:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        present.add(name)
+    return model
+
+
+class Runner:
+    """Runs a model in onnxruntime at any batch, returning chosen tensors.
+
+    Models that bake batch 1 in are freed where provably safe (dynamic_batch); otherwise
+    samples run one at a time and are stacked, so callers always pass whole batches.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> None:
+        freed, self.batched = dynamic_batch(proto)
+        model = with_outputs(freed, extra_outputs) if extra_outputs else freed
+        self.session = make_session(model)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, x: np.ndarray, outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        names = list(outputs) if outputs is not None else self.output_names
+        if self.batched:
+            return self.session.run(names, {self.input_name: x})
+        parts = [self.session.run(names, {self.input_name: sample[None]}) for sample in x]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]

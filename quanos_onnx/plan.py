@@ -1,0 +1,267 @@
+"""The bit plan: the one piece of data that flows between the stages.
+
+Allocation writes it, the residual-alignment pass makes it consistent, QDQ insertion
+materializes it, the hardware model prices it and fine-tuning re-applies it. It is
+versioned JSON so that a plan written today is read (or refused clearly) tomorrow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanError
+
+PLAN_VERSION = 1
+MIN_BITS = 2
+MAX_BITS = 16
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Bits for one layer's weights and its input activation (None when kept float)."""
+
+    name: str
+    weight_bits: int | None
+    act_bits: int | None
+    keep_float: bool = False
+    group: str | None = None
+    ans_mean: float | None = None
+    ans_std: float | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return not self.keep_float
+
+
+@dataclass(frozen=True)
+class JoinPlan:
+    """One shared activation quantizer for every operand of an Add/Concat join.
+
+    `bits` is None when the join stays float. `downstream` is the layer whose bits the
+    join takes (the paper: "the shortcut has the same precision as the layer into which
+    it feeds").
+    """
+
+    name: str
+    bits: int | None
+    operands: tuple[str, ...]
+    downstream: str | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-layer bits plus how they were made (k_init, k_min, method, free-form details).
+
+    `joins` is filled by the residual-alignment pass; a plan without it is not yet
+    consistent and QDQ insertion refuses it.
+    """
+
+    layers: tuple[LayerPlan, ...]
+    k_init: int = 16
+    k_min: int = 2
+    method: str = "given"
+    details: Mapping[str, Any] = field(default_factory=dict)
+    joins: tuple[JoinPlan, ...] = ()
+
+    def layer(self, name: str) -> LayerPlan:
+        for entry in self.layers:
+            if entry.name == name:
+                return entry
+        raise PlanError(f"plan has no layer '{name}'")
+
+    def by_name(self) -> dict[str, LayerPlan]:
+        return {entry.name: entry for entry in self.layers}
+
+    def with_layers(self, layers: Sequence[LayerPlan]) -> Plan:
+        return replace(self, layers=tuple(layers))
+
+    def with_details(self, **details: Any) -> Plan:
+        return replace(self, details={**self.details, **details})
+
+    @staticmethod
+    def uniform(
+        layers: Sequence[Any], bits: int, *, keep_output_float: bool = True
+    ) -> Plan:
+        """Every layer at `bits` (the paper's homogeneous baselines)."""
+        check_bits(bits, "uniform bits")
+        entries = tuple(
+            _float_entry(layer.name)
+            if keep_output_float and layer.is_output
+            else LayerPlan(layer.name, bits, bits)
+            for layer in layers
+        )
+        return Plan(entries, k_init=bits, k_min=bits, method=f"uniform-{bits}")
+
+    def average_weight_bits(self, params: Mapping[str, int]) -> float:
+        """Parameter-weighted average over quantized layers (the compression figure)."""
+        quantized = [entry for entry in self.layers if entry.quantized]
+        total = sum(params[entry.name] for entry in quantized)
+        if total == 0:
+            return 0.0
+        return sum(params[e.name] * (e.weight_bits or 0) for e in quantized) / total
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "quanos-plan",
+            "version": PLAN_VERSION,
+            "k_init": self.k_init,
+            "k_min": self.k_min,
+            "method": self.method,
+            "layers": [
+                {
+                    "name": e.name,
+                    "weight_bits": e.weight_bits,
+                    "act_bits": e.act_bits,
+                    "keep_float": e.keep_float,
+                    "group": e.group,
+                    "ans_mean": e.ans_mean,
+                    "ans_std": e.ans_std,
+                }
+                for e in self.layers
+            ],
+            "joins": [
+                {
+                    "name": j.name,
+                    "bits": j.bits,
+                    "operands": list(j.operands),
+                    "downstream": j.downstream,
+                }
+                for j in self.joins
+            ],
+            "details": dict(self.details),
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+
+def _float_entry(name: str) -> LayerPlan:
+    return LayerPlan(name, None, None, keep_float=True)
+
+
+def check_bits(bits: object, what: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise PlanError(f"{what}: bits must be an integer, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise PlanError(f"{what}: {bits} bits is outside {MIN_BITS}..{MAX_BITS}")
+    return bits
+
+
+def plan_from_json(data: Any, source: str = "<plan>") -> Plan:
+    """Parse and check a plan document; every error names the source and the entry."""
+    if not isinstance(data, dict) or data.get("format") != "quanos-plan":
+        raise PlanError(f"{source}: not a quanos plan (missing \"format\": \"quanos-plan\")")
+    version = data.get("version")
+    if version != PLAN_VERSION:
+        raise PlanError(
+            f"{source}: plan version {version!r} is not supported (this tool reads {PLAN_VERSION})"
+        )
+    raw_layers = data.get("layers")
+    if not isinstance(raw_layers, list) or not raw_layers:
+        raise PlanError(f"{source}: \"layers\" must be a non-empty list")
+    entries = tuple(_layer_from_json(raw, f"{source}: layers[{i}]") for i, raw in enumerate(raw_layers))
+    names = [e.name for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PlanError(f"{source}: layer '{duplicates[0]}' appears more than once")
+    k_init = _int_field(data, "k_init", 16, source)
+    k_min = _int_field(data, "k_min", 2, source)
+    details = data.get("details") or {}
+    if not isinstance(details, dict):
+        raise PlanError(f"{source}: \"details\" must be an object")
+    joins = tuple(_join_from_json(raw, f"{source}: joins[{i}]") for i, raw in enumerate(data.get("joins") or []))
+    return Plan(
+        entries,
+        k_init=k_init,
+        k_min=k_min,
+        method=str(data.get("method", "given")),
+        details=details,
+        joins=joins,
+    )
+
+
+def _join_from_json(raw: Any, where: str) -> JoinPlan:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise PlanError(f"{where}: each join needs a \"name\" string")
+    bits = raw.get("bits")
+    if bits is not None:
+        check_bits(bits, f"{where} '{raw['name']}' bits")
+    operands = raw.get("operands") or []
+    if not isinstance(operands, list) or not all(isinstance(o, str) for o in operands):
+        raise PlanError(f"{where}: \"operands\" must be a list of tensor names")
+    downstream = raw.get("downstream")
+    return JoinPlan(raw["name"], bits, tuple(operands), downstream if isinstance(downstream, str) else None)
+
+
+def _int_field(data: Mapping[str, Any], key: str, default: int, source: str) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(f"{source}: \"{key}\" must be an integer, got {value!r}")
+    return value
+
+
+def _layer_from_json(raw: Any, where: str) -> LayerPlan:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise PlanError(f"{where}: each layer needs a \"name\" string")
+    name = raw["name"]
+    keep_float = bool(raw.get("keep_float", False))
+    if keep_float:
+        return _float_entry(name)
+    weight_bits = raw.get("weight_bits", raw.get("bits"))
+    act_bits = raw.get("act_bits", weight_bits)
+    check_bits(weight_bits, f"{where} '{name}' weight_bits")
+    check_bits(act_bits, f"{where} '{name}' act_bits")
+    return LayerPlan(
+        name=name,
+        weight_bits=weight_bits,
+        act_bits=act_bits,
+        group=raw.get("group"),
+        ans_mean=_optional_float(raw.get("ans_mean"), f"{where} ans_mean"),
+        ans_std=_optional_float(raw.get("ans_std"), f"{where} ans_std"),
+    )
+
+
+def _optional_float(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PlanError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+
+
+def read_plan(path: str | os.PathLike[str]) -> Plan:
+    source = Path(path)
+    try:
+        text = source.read_text()
+    except FileNotFoundError:
+        raise PlanError(f"{source}: plan file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{source}: cannot read plan: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{source}: malformed JSON at line {exc.lineno}: {exc.msg}") from exc
+    return plan_from_json(data, str(source))
+
+
+def validate_plan(plan: Plan, layers: Sequence[Any], source: str = "<plan>") -> Plan:
+    """Check the plan against a model's layers and fill in layers the plan leaves out.
+
+    A plan must not name layers the model lacks (a typo would silently quantize nothing);
+    layers it does not mention are kept float, which is logged by the caller.
+    """
+    known = {layer.name for layer in layers}
+    for entry in plan.layers:
+        if entry.name not in known:
+            raise PlanError(
+                f"{source}: layer '{entry.name}' is not a quantizable layer of the model",
+                hint="run `quanos layers MODEL` for the layer names",
+            )
+    given = plan.by_name()
+    ordered = tuple(given.get(layer.name, _float_entry(layer.name)) for layer in layers)
+    return plan.with_layers(ordered)
