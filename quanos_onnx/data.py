@@ -915,8 +915,8 @@ def _per_channel(
         )
     if len(values) != x.shape[axis]:
         raise UsageError(
-            f"{option} {_join(values)}: {len(values)} values for the {x.shape[axis]} channels "
-            f"of model input {spec}"
+            f"{option} {_join(values)}: {len(values)} values, "
+            f"but model input {spec} has {x.shape[axis]} channel{'s' if x.shape[axis] > 1 else ''}"
         )
     shape = [1] * x.ndim
     shape[axis] = len(values)
@@ -935,5 +935,6 @@ def _check_finite(x: np.ndarray, culprit: str, picked: range | np.ndarray) -> No
         bad_values += count
     if first_bad is not None:
         raise DataError(
-            f"{culprit}: {bad_values} NaN/inf values (first in sample {picked[first_bad]})"
+            f"{culprit}: {bad_values} NaN/inf value{'s' if bad_values > 1 else ''} "
+            f"(first in sample {picked[first_bad]})"
         )

@@ -351,7 +351,7 @@ def test_mean_and_std_per_channel(spec, axis):
 
 def test_mean_with_the_wrong_number_of_channels():
     call = lambda: dataset_from_arrays(pixels(1, 3, 32, 32), None, CIFAR, mean="0.5,0.5")
-    error_message(UsageError, call, "--mean", "3 channels")
+    error_message(UsageError, call, "--mean", "2 values", "3 channels")
 
 
 @pytest.mark.parametrize(
@@ -453,7 +453,7 @@ def _nan_at(indices, value=np.nan) -> np.ndarray:
         ({"x": pixels(2, 3, 30, 30)}, None, ("'x' in", "3x30x30", "'Input3' [N,1,28,28]")),
         ({"x": np.array([["a"] * 784] * 2)}, None, ("'x' in", "<U1")),
         ({"x": _nan_at([3, 4])}, None, ("'x' in", "2 NaN/inf", "sample 3")),
-        ({"x": _nan_at([5], np.inf)}, None, ("'x' in", "1 NaN/inf", "sample 5")),
+        ({"x": _nan_at([5], np.inf)}, None, ("'x' in", "1 NaN/inf value", "sample 5")),
         ({"x": np.zeros((0, 1, 28, 28), np.uint8)}, None, ("'x' in", "empty")),
         ({"x": pixels(4, 28, 28), "y": np.arange(3)}, None, ("'y' in", "3 labels", "4 samples")),
         ({"x": THREE, "y": np.array([0, 1.5, 2])}, None, ("'y' in", "label 1.5", "sample 1")),
