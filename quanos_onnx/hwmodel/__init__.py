@@ -15,11 +15,13 @@ from .energy import (
     UniformComparison,
     compare_to_uniform,
     count_layer,
+    describe_bits,
     estimate,
     estimate_all,
     to_json,
 )
 from .profiles import BUILTIN_PROFILES, HardwareProfile, builtin_profiles, load_profile
+from .summary import summary_table
 
 __all__ = [
     "BASELINE_BITS",
@@ -33,8 +35,10 @@ __all__ = [
     "builtin_profiles",
     "compare_to_uniform",
     "count_layer",
+    "describe_bits",
     "estimate",
     "estimate_all",
     "load_profile",
+    "summary_table",
     "to_json",
 ]

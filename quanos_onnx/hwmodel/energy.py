@@ -259,6 +259,10 @@ def compare_to_uniform(
     return tuple(comparisons)
 
 
+def describe_bits(plan: Plan | None) -> str:
+    return "float32 model (no plan)" if plan is None else f"plan ({plan.method})"
+
+
 def to_json(
     layers: Sequence[Layer],
     plan: Plan | None,
@@ -270,7 +274,7 @@ def to_json(
         "format": ENERGY_FORMAT,
         "version": ENERGY_VERSION,
         "units": {"energy": "pJ per image", "memory": "bits", "counts": "per image"},
-        "bits_from": "float32 model" if plan is None else f"plan ({plan.method})",
+        "bits_from": describe_bits(plan),
         "profiles": {
             profile.name: _profile_json(layers, plan, profile) for profile in chosen
         },
