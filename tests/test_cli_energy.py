@@ -106,6 +106,20 @@ def test_plan_naming_an_unknown_layer_is_refused(model_path: Path, tmp_path: Pat
     assert "conv9" in result.stderr
 
 
+def test_model_without_layers_is_refused(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["image"], ["out"], name="relu")], "empty",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "relu.onnx")
+    result = run(str(tmp_path / "relu.onnx"))
+    assert result.exit_code == 1
+    assert "no quantizable layers" in result.stderr
+
+
 def _standard_profile_text() -> str:
     from importlib import resources
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import PlanError
+from ..errors import ModelError, PlanError
 from ..layers import Layer
 from ..plan import Plan
 from .profiles import HardwareProfile, builtin_profiles
@@ -124,12 +124,6 @@ class EnergyEstimate:
     @property
     def weight_memory_bits(self) -> int:
         return sum(row.weight_memory_bits for row in self.layers)
-
-    def layer(self, name: str) -> LayerEnergy:
-        for row in self.layers:
-            if row.name == name:
-                return row
-        raise KeyError(name)
 
     def totals_json(self) -> dict[str, Any]:
         return {
@@ -243,6 +237,11 @@ def compare_to_uniform(
     baseline_bits: Sequence[int] = BASELINE_BITS,
 ) -> tuple[UniformComparison, ...]:
     """Energy and weight-memory ratios of the plan against uniform baselines (paper's "x")."""
+    if not layers:
+        raise ModelError(
+            "the model has no quantizable layers (Conv, ConvTranspose, Gemm or MatMul with a "
+            "constant weight), so there is nothing to price"
+        )
     planned = estimate(layers, plan, profile)
     comparisons = []
     for bits in baseline_bits:
