@@ -26,6 +26,8 @@ from .errors import ModelError, OutputError
 if TYPE_CHECKING:
     import onnxruntime
 
+    from .data import InputSpec
+
 log = logging.getLogger(__name__)
 
 TARGET_OPSET = 21
@@ -110,10 +112,14 @@ def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProt
         proto = _convert_opset(proto, opset, source)
     proto = _strip_initializer_inputs(proto)
     proto.ir_version = max(proto.ir_version, TARGET_IR_VERSION)
+    from .passes.cleanup import FoldBatchNormPass, FuseBiasAddPass
+
     model = ir.serde.deserialize_model(proto)
     passes = ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         FoldConstantsPass(),
+        FoldBatchNormPass(),
+        FuseBiasAddPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
         UniqueNodeNamesPass(),
@@ -317,12 +323,19 @@ def write_bytes_atomic(target: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        os.chmod(temp_name, 0o666 & ~_umask())
         os.replace(temp_name, target)
     except BaseException as exc:
         Path(temp_name).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -335,6 +348,21 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Inspection helpers
+
+
+def input_spec(proto: onnx.ModelProto) -> InputSpec:
+    """What data must look like to feed this model (data.py fits arrays to it)."""
+    from .data import InputSpec
+
+    return InputSpec(input_value(proto).name, input_shape(proto))
+
+
+def num_classes(proto: onnx.ModelProto) -> int | None:
+    """The size of the first output's last dim: the classifier's class count."""
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    if not dims or not dims[-1].HasField("dim_value"):
+        return None
+    return dims[-1].dim_value
 
 
 def input_value(proto: onnx.ModelProto) -> onnx.ValueInfoProto:
@@ -499,3 +527,25 @@ def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         present.add(name)
     return model
+
+
+class Runner:
+    """Runs a model in onnxruntime at any batch, returning chosen tensors.
+
+    Models that bake batch 1 in are freed where provably safe (dynamic_batch); otherwise
+    samples run one at a time and are stacked, so callers always pass whole batches.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> None:
+        freed, self.batched = dynamic_batch(proto)
+        model = with_outputs(freed, extra_outputs) if extra_outputs else freed
+        self.session = make_session(model)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, x: np.ndarray, outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        names = list(outputs) if outputs is not None else self.output_names
+        if self.batched:
+            return self.session.run(names, {self.input_name: x})
+        parts = [self.session.run(names, {self.input_name: sample[None]}) for sample in x]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
