@@ -100,6 +100,37 @@ def layers_command(model_path: str, as_json: bool, verbose: int, quiet: bool, de
         click.echo(format_table(rows))
 
 
+@main.command("energy", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--plan", "plan_path", type=click.Path(), default=None, help="Per-layer bits from a plan.json; without it the float model (32 bits everywhere).")
+@click.option("--hw", "hardware", default="standard", show_default=True, help="Hardware profile: standard, dg, dvafs or a profile JSON file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quanos-energy JSON document (docs/hardware.md).")
+@common_options
+def energy_command(model_path: str, plan_path: str | None, hardware: str, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+    """Memory accesses, MACs, energy and weight memory of MODEL per layer and in total (paper Eqns 4-5)."""
+    _configure_logging(verbose, quiet)
+    from .hwmodel import compare_to_uniform, describe_bits, estimate, load_profile, summary_table
+    from .hwmodel import to_json as energy_json
+    from .layers import list_layers
+    from .model import load_model
+    from .plan import read_plan, validate_plan
+
+    profile = load_profile(hardware)
+    layers = list_layers(load_model(model_path))
+    plan = None
+    if plan_path is not None:
+        given = read_plan(plan_path)
+        plan = validate_plan(given, layers, plan_path)
+        unplanned = [layer.name for layer in layers if layer.name not in given.by_name()]
+        if unplanned:
+            click.echo(f"note: {len(unplanned)} layer(s) not in the plan count as float: {', '.join(unplanned)}", err=True)
+    if as_json:
+        click.echo(json.dumps(energy_json(layers, plan, [profile]), indent=2))
+        return
+    comparisons = compare_to_uniform(layers, plan, profile)
+    click.echo(summary_table(estimate(layers, plan, profile), comparisons, describe_bits(plan)))
+
+
 def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("model_path", metavar="MODEL", type=click.Path()),
