@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -142,10 +143,39 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile."),
         click.option("--calibration-samples", type=int, default=512, show_default=True, help="Samples used to calibrate activation ranges."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        click.option("--k-init", type=int, default=16, show_default=True, help="Eqn 3's initial bits."),
+        click.option("--k-min", type=int, default=2, show_default=True, help="Fewest bits a layer may get."),
+        click.option("--rounds", type=int, default=1, show_default=True, help="Iterative QUANOS: re-measure ANS on the quantized model up to N rounds."),
+        click.option("--target-avg-bits", type=float, default=None, help="Scale ANS so the parameter-weighted average bits meet this budget."),
     ]
     for option in reversed(options):
         function = option(function)
-    return data_options(function)
+    return attack_options(data_options(function))
+
+
+def attack_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--attack", type=click.Choice(["fgsm", "pgd"]), default="fgsm", show_default=True, help="Attack used to measure ANS."),
+        click.option("--eps", default="0.05", show_default=True, help="Attack strength in [0,1]-input units (e.g. 0.05 or 8/255)."),
+        click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations."),
+        click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps)."),
+        click.option("--samples", type=int, default=None, help="Samples attacked for ANS (default: up to 1000)."),
+        click.option("--input-range", default="0,1", show_default=True, help="LO,HI of the model's input (e.g. 0,255 for raw pixels); eps scales with it."),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per attack/inference batch."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@contextmanager
+def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar on a terminal; silence when stderr is a pipe or a file."""
+    if not sys.stderr.isatty():
+        yield lambda done: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
 
 
 @main.command("compile", cls=QuanosCommand)
@@ -157,7 +187,7 @@ def compile_command(**options: Any) -> None:
     options.pop("debug")
     from .pipeline import CompileOptions, run_compile
 
-    result = run_compile(CompileOptions(**options), command_line=sys.argv)
+    result = run_compile(CompileOptions(**options), command_line=sys.argv, progress=_progress_bar)
     if options["as_json"]:
         click.echo(json.dumps(result.summary_json(), indent=2))
     else:
