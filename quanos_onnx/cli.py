@@ -194,6 +194,28 @@ def compile_command(**options: Any) -> None:
         click.echo(result.summary_text())
 
 
+@main.command("analyze", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write analysis.json here.")
+@click.option("--fgsm-eps", default="0.05,0.1,0.2", show_default=True, help="FGSM strengths for the accuracy table.")
+@click.option("--pgd-eps", default="2/255,8/255", show_default=True, help="PGD strengths for the accuracy table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+@attack_options
+@data_options
+@common_options
+def analyze_command(**options: Any) -> None:
+    """Audit MODEL without quantizing it: ANS per layer, clean/FGSM/PGD accuracy."""
+    _configure_logging(options.pop("verbose"), options.pop("quiet"))
+    options.pop("debug")
+    from .pipeline import AnalyzeOptions, run_analyze
+
+    result = run_analyze(AnalyzeOptions(**options), progress=_progress_bar)
+    if options["as_json"]:
+        click.echo(json.dumps(result.document, indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
 def compile_main() -> None:
     """Entry point of `quanos-compile` (the same command as `quanos compile`)."""
     compile_command.main(prog_name="quanos-compile")

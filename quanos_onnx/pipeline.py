@@ -157,10 +157,14 @@ def _energy_lines(energy: Mapping[str, Any] | None) -> list[str]:
         return []
     lines = []
     for name, profile in energy["profiles"].items():
-        total = profile["total"]
+        totals = profile["totals"]
+        versus = ", ".join(
+            f"{row['energy_ratio']:.2f}x energy / {row['memory_ratio']:.2f}x memory of uniform {row['bits']}-bit"
+            for row in profile["vs_uniform"]
+        )
         lines.append(
-            f"{name}: energy {total['energy_pj'] / 1e6:.4g} uJ/image, weight memory "
-            f"{total['weight_memory_bits'] / 8e6:.4g} MB"
+            f"{name}: {totals['energy_pj'] / 1e6:.4g} uJ/image, weight memory "
+            f"{totals['weight_memory_bits'] / 8e3:.4g} kB ({versus})"
         )
     return lines
 
@@ -323,3 +327,110 @@ def _first(dataset: Any, count: int, batch_size: int) -> Iterator[tuple[np.ndarr
         keep = min(len(x), count - taken)
         taken += keep
         yield x[:keep], (None if y is None else y[:keep])
+
+
+ANALYSIS_FILE = "analysis.json"
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """`quanos analyze`: the ANS attack and data options of compile, plus accuracy grids."""
+
+    model_path: str
+    data_path: str | None = None
+    output_dir: str | None = None
+    fgsm_eps: str = "0.05,0.1,0.2"
+    pgd_eps: str = "2/255,8/255"
+    as_json: bool = False
+    layout: str = "auto"
+    scale: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    data_range: str | None = None
+    seed: int = 0
+    eps: str = "0.05"
+    samples: int | None = None
+    attack: str = "fgsm"
+    pgd_steps: int = 10
+    pgd_alpha: str | None = None
+    input_range: str = "0,1"
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class AnalyzeResult:
+    document: Mapping[str, Any]
+    written: tuple[str, ...]
+
+    def summary_text(self) -> str:
+        from .report.text import format_table
+
+        doc = self.document
+        ans_rows = [
+            {"layer": r["layer"], "ans_mean": _rounded(r["ans_mean"]), "ans_std": _rounded(r["ans_std"])}
+            for r in doc["ans"]["layers"]
+        ]
+        evaluation = doc["evaluation"]
+        accuracy_rows = [{"attack": "clean", "eps": None, "accuracy": evaluation["clean_accuracy"]}] + [
+            {"attack": a["method"], "eps": round(a["eps"], 5), "accuracy": a["accuracy"]}
+            for a in evaluation["attacks"]
+        ]
+        lines = [
+            f"ANS ({doc['ans']['attack']['method']} eps={doc['ans']['attack']['eps']:.4g}, "
+            f"{doc['ans']['samples']} samples)",
+            format_table(ans_rows),
+            "",
+            f"accuracy on {evaluation['samples']} samples (labels from {evaluation['labels']})",
+            format_table(accuracy_rows),
+            *(f"wrote {path}" for path in self.written),
+        ]
+        return "\n".join(lines)
+
+
+def run_analyze(
+    options: AnalyzeOptions, progress: ProgressFactory = no_progress
+) -> AnalyzeResult:
+    """Audit a model without quantizing it: ANS per layer and clean/FGSM/PGD accuracy."""
+    from .errors import ModelError
+    from .harness.ans import measure_ans
+    from .harness.attacks import InputRange, parse_eps
+    from .harness.evaluate import attack_grid, evaluate
+    from .outputs import OutputDir
+
+    inputs = [p for p in (options.model_path, options.data_path) if p]
+    output = OutputDir(options.output_dir, inputs=inputs) if options.output_dir else None
+    model = load_model(options.model_path)
+    layers = list_layers(model)
+    if not layers:
+        raise ModelError(f"{options.model_path}: no quantizable layer to analyze")
+    dataset = _load_data(options, model)  # type: ignore[arg-type]
+    attack = make_attack(options)  # type: ignore[arg-type]
+    count = _ans_samples(options, dataset)  # type: ignore[arg-type]
+    input_range = InputRange.parse(options.input_range)
+    attacks = (
+        *attack_grid(["fgsm"], _eps_list(options.fgsm_eps, "--fgsm-eps", parse_eps), input_range=input_range),
+        *attack_grid(["pgd"], _eps_list(options.pgd_eps, "--pgd-eps", parse_eps), steps=options.pgd_steps, input_range=input_range),
+    )
+    with progress(f"ANS ({attack.describe()})", count) as advance:
+        ans = measure_ans(model, layers, _first(dataset, count, options.batch_size), attack, seed=options.seed, progress=advance)
+    with progress("accuracy under attack", count) as advance:
+        evaluation = evaluate(model, _first(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance)
+    document = {
+        "format": "quanos-analysis",
+        "version": 1,
+        "model": options.model_path,
+        "data": {"source": dataset.source, "samples": count},
+        "ans": ans.to_json(),
+        "evaluation": evaluation.to_json(),
+    }
+    written: tuple[str, ...] = ()
+    if output is not None:
+        import json
+
+        paths = output.write({ANALYSIS_FILE: json.dumps(document, indent=2) + "\n"})
+        written = tuple(str(p) for p in paths)
+    return AnalyzeResult(document, written)
+
+
+def _eps_list(text: str, option: str, parse: Callable[[str, str], float]) -> list[float]:
+    return [parse(part, option) for part in text.split(",") if part.strip()]
