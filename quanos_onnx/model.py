@@ -117,12 +117,12 @@ def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProt
     model = ir.serde.deserialize_model(proto)
     passes = ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        UniqueNodeNamesPass(),
         FoldConstantsPass(),
         FoldBatchNormPass(),
         FuseBiasAddPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
-        UniqueNodeNamesPass(),
         common_passes.NameFixPass(),
     )
     try:
@@ -209,15 +209,18 @@ class UniqueNodeNamesPass(ir.passes.InPlacePass):
     """Give every node a unique name that stays the same across runs.
 
     Plans, reports and fine-tuning refer to layers by node name, so nameless nodes get
-    '<OpType>_<index>' and a repeated name gets '_<index>' appended.
+    '<OpType>_<index>' and a repeated name gets '_<index>' appended (more '_<index>' while
+    that is taken too). It runs before the folding passes, which name the weights and
+    biases they create after the layer node.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        taken = {node.name for node in model.graph if node.name}
         seen: set[str] = set()
         modified = False
         for index, node in enumerate(model.graph):
             name = node.name or f"{node.op_type}_{index}"
-            if name in seen:
+            while name in seen or (name != node.name and name in taken):
                 name = f"{name}_{index}"
             if name != node.name:
                 node.name = name
