@@ -442,11 +442,14 @@ def _rewrite_batch(proto: onnx.ModelProto) -> onnx.ModelProto | None:
         values = onnx.numpy_helper.to_array(target).copy()
         if values.size == 0 or values[0] != 1:
             continue
-        values[0] = 0 if -1 in values[1:] else -1
-        if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+        copies_batch = -1 in values[1:]
+        values[0] = 0 if copies_batch else -1
+        if copies_batch and any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
             return None
         new_name = f"{node.input[1]}__batch_free"
-        graph.initializer.append(onnx.numpy_helper.from_array(values, new_name))
+        if new_name not in initializers:
+            initializers[new_name] = onnx.numpy_helper.from_array(values, new_name)
+            graph.initializer.append(initializers[new_name])
         node.input[1] = new_name
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
