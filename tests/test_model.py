@@ -239,3 +239,31 @@ def test_runner_returns_requested_intermediate_tensors():
     logits, activation = runner.run(x, [model.graph.output[0].name, relu])
     assert logits.shape == (3, 10)
     assert activation.shape == (3, 4, 8, 8) and activation.min() >= 0.0
+
+
+def _dynamo_style_model() -> onnx.ModelProto:
+    """torch's dynamo exporter writes Reshape(allowzero=1) to a static [1, features] target,
+    and reuses one target for several Reshapes."""
+    target = numpy_helper.from_array(np.array([1, 12], np.int64), "target")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Reshape", ["r", "target"], ["flat"], name="view", allowzero=1),
+            helper.make_node("Reshape", ["x", "target"], ["flat_x"], name="view_x", allowzero=1),
+            helper.make_node("Add", ["flat", "flat_x"], ["y"], name="add"),
+        ],
+        "dynamo",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])],
+        [target],
+    )
+    return normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_dynamic_batch_frees_a_dynamo_style_static_reshape():
+    model = _dynamo_style_model()
+    freed, batched = dynamic_batch(model)
+    assert batched
+    x = np.random.default_rng(5).normal(size=(4, 3, 2, 2)).astype(np.float32)
+    (got,) = Runner(model).run(x)
+    np.testing.assert_allclose(got, _ort_outputs(model, x), rtol=1e-6)
