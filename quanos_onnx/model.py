@@ -117,12 +117,12 @@ def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProt
     model = ir.serde.deserialize_model(proto)
     passes = ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        UniqueNodeNamesPass(),
         FoldConstantsPass(),
         FoldBatchNormPass(),
         FuseBiasAddPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
-        UniqueNodeNamesPass(),
         common_passes.NameFixPass(),
     )
     try:
@@ -209,15 +209,18 @@ class UniqueNodeNamesPass(ir.passes.InPlacePass):
     """Give every node a unique name that stays the same across runs.
 
     Plans, reports and fine-tuning refer to layers by node name, so nameless nodes get
-    '<OpType>_<index>' and a repeated name gets '_<index>' appended.
+    '<OpType>_<index>' and a repeated name gets '_<index>' appended (more '_<index>' while
+    that is taken too). It runs before the folding passes, which name the weights and
+    biases they create after the layer node.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        taken = {node.name for node in model.graph if node.name}
         seen: set[str] = set()
         modified = False
         for index, node in enumerate(model.graph):
             name = node.name or f"{node.op_type}_{index}"
-            if name in seen:
+            while name in seen or (name != node.name and name in taken):
                 name = f"{name}_{index}"
             if name != node.name:
                 node.name = name
@@ -354,7 +357,9 @@ def input_spec(proto: onnx.ModelProto) -> InputSpec:
     """What data must look like to feed this model (data.py fits arrays to it)."""
     from .data import InputSpec
 
-    return InputSpec(input_value(proto).name, input_shape(proto))
+    elem_type = input_value(proto).type.tensor_type.elem_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type else "float32"
+    return InputSpec(input_value(proto).name, input_shape(proto), dtype)
 
 
 def num_classes(proto: onnx.ModelProto) -> int | None:
@@ -439,11 +444,14 @@ def _rewrite_batch(proto: onnx.ModelProto) -> onnx.ModelProto | None:
         values = onnx.numpy_helper.to_array(target).copy()
         if values.size == 0 or values[0] != 1:
             continue
-        values[0] = 0 if -1 in values[1:] else -1
-        if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+        copies_batch = -1 in values[1:]
+        values[0] = 0 if copies_batch else -1
+        if copies_batch and any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
             return None
         new_name = f"{node.input[1]}__batch_free"
-        graph.initializer.append(onnx.numpy_helper.from_array(values, new_name))
+        if new_name not in initializers:
+            initializers[new_name] = onnx.numpy_helper.from_array(values, new_name)
+            graph.initializer.append(initializers[new_name])
         node.input[1] = new_name
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
