@@ -128,7 +128,13 @@ def test_signed_and_unsigned_activation_grids(bits: int, container: int):
     assert unsigned.levels[0] == unsigned.zero_point
     assert (unsigned.levels[1] - unsigned.zero_point) * unsigned.scale == pytest.approx(6.0, rel=1e-6)
     if bits <= 8:
-        assert (unsigned.zero_point, signed.zero_point) == (0, 128)
+        assert unsigned.zero_point == 0
+        # The signed grid spans exactly [-2, 3]: its end levels dequantize to the range ends.
+        low_value = (signed.levels[0] - signed.zero_point) * signed.scale
+        high_value = (signed.levels[1] - signed.zero_point) * signed.scale
+        assert low_value == pytest.approx(-2.0, abs=signed.scale / 2)
+        assert high_value == pytest.approx(3.0, abs=signed.scale / 2)
+        assert signed.levels[0] <= signed.zero_point <= signed.levels[1]
 
 
 def test_weight_quantization_is_symmetric_per_channel_and_round_trips_at_16_bits():

@@ -43,7 +43,14 @@ def to_qonnx(qdq_model: onnx.ModelProto, source: str = "<model>") -> onnx.ModelP
     weights = contents.weights(graph, plan)
     for grid in contents.activations:
         _replace_with_quant(
-            graph, grid.output, grid.source, grid.scale, bits_by_grid[grid.name], signed=grid.signed, narrow=False
+            graph,
+            grid.output,
+            grid.source,
+            grid.scale,
+            bits_by_grid[grid.name],
+            signed=grid.signed,
+            narrow=False,
+            zero_point=grid.zero_offset,
         )
         graph.remove(grid.nodes, safe=True)
     for constant in contents.constants:
@@ -73,13 +80,14 @@ def _replace_with_quant(
     *,
     signed: bool,
     narrow: bool,
+    zero_point: int = 0,
 ) -> None:
     name = replaced.name
     scale_array = np.asarray(scale, dtype=np.float32)
     inputs = [
         source,
         new_initializer(graph, f"{name}_scale", scale_array),
-        new_initializer(graph, f"{name}_zero_point", np.zeros((), dtype=np.float32)),
+        new_initializer(graph, f"{name}_zero_point", np.asarray(zero_point, dtype=np.float32)),
         new_initializer(graph, f"{name}_bitwidth", np.asarray(bits, dtype=np.float32)),
     ]
     attributes = {"signed": int(signed), "narrow": int(narrow), "rounding_mode": "ROUND"}

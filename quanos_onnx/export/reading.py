@@ -50,15 +50,22 @@ class ActivationGrid:
 
     @property
     def signed(self) -> bool:
-        return self.levels[0] < 0
+        """A symmetric signed grid (QONNX signed Quant); asymmetric ones are unsigned with an offset."""
+        count = self.levels[1] - self.levels[0] + 1
+        return self.levels[0] < 0 and self.levels[0] == -(count // 2)
+
+    @property
+    def zero_offset(self) -> int:
+        """QONNX zero point: 0 for symmetric and zero-based grids, else where 0.0 sits."""
+        return 0 if self.signed else -self.levels[0]
 
     @property
     def bits(self) -> int | None:
         """k for a full k-bit grid; None for any other level set."""
         count = self.levels[1] - self.levels[0] + 1
         bits = count.bit_length() - 1
-        expected = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if self.signed else (0, count - 1)
-        return bits if count == 2**bits and self.levels == expected else None
+        holds_zero = self.levels[0] <= 0 <= self.levels[1]
+        return bits if count == 2**bits and holds_zero else None
 
     def edges(self) -> frozenset[tuple[str, int]]:
         return frozenset((use.node.name, use.idx) for use in self.output.uses())

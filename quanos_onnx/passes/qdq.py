@@ -64,20 +64,31 @@ class ActivationQuantizer:
 
 
 def activation_quantizer(bits: int, value_range: Range) -> ActivationQuantizer:
-    """Grid for a tensor with the calibrated range; unsigned when the range is >= 0."""
+    """Grid for a tensor with the calibrated range; unsigned when the range is >= 0.
+
+    Signed tensors up to 8 bits get an asymmetric grid: 2^k levels spread over exactly
+    [low, high], placed in the middle of the uint8 container with the zero point where
+    0.0 falls, so no level is wasted on a side the tensor never reaches.
+    """
     low, high = min(value_range.low, 0.0), max(value_range.high, 0.0)
     signed = low < 0.0
+    levels_count = 2**bits
+    if signed and bits <= 8:
+        scale = _positive_scale((high - low) / (levels_count - 1))
+        first = 128 - levels_count // 2
+        zero_point = first + int(round(-low / scale))
+        return ActivationQuantizer(bits, scale, zero_point, True, (first, first + levels_count - 1))
     if signed:
-        half = 2 ** (bits - 1)
-        scale = max(-low / half, high / (half - 1))
-        zero_point = 0 if bits > 8 else 128
-        levels = (zero_point - half, zero_point + half - 1)
-    else:
-        scale = high / (2**bits - 1)
-        zero_point = -32768 if bits > 8 else 0
-        levels = (zero_point, zero_point + 2**bits - 1)
-    scale = float(np.float32(scale)) if scale > 0 else 1.0
-    return ActivationQuantizer(bits, scale, zero_point, signed, levels)
+        half = levels_count // 2
+        scale = _positive_scale(max(-low / half, high / (half - 1)))
+        return ActivationQuantizer(bits, scale, 0, True, (-half, half - 1))
+    scale = _positive_scale(high / (levels_count - 1))
+    zero_point = -32768 if bits > 8 else 0
+    return ActivationQuantizer(bits, scale, zero_point, False, (zero_point, zero_point + levels_count - 1))
+
+
+def _positive_scale(scale: float) -> float:
+    return float(np.float32(scale)) if scale > 0 else 1.0
 
 
 def quantize_weight(weight: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +174,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
     def _insert_activation(
         self, graph: ir.Graph, value: ir.Value, point: QuantPoint, quantizer: ActivationQuantizer
     ) -> ir.Value:
-        base = f"{point.tensor}_q{point.bits}"
+        base = point.name
         container = np.int16 if quantizer.wide else np.uint8
         scale = _initializer(graph, f"{base}_scale", np.asarray(quantizer.scale, dtype=np.float32))
         zero_point = _initializer(graph, f"{base}_zero_point", np.asarray(quantizer.zero_point, dtype=container))
