@@ -87,6 +87,7 @@ class Join:
     inputs: tuple[str, ...]
     output: str
     downstream_layers: tuple[str, ...]
+    shortcut_layers: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -334,6 +335,8 @@ def find_joins(proto: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[Join, .
     for layer in layers:
         by_input[layer.input].append(layer)
     layer_nodes = {layer.name for layer in layers}
+    depth = _layer_depths(graph, layer_nodes)
+    by_block_output = {layer.block_output: layer.name for layer in layers}
     joins = []
     for node in graph.nodes:
         if node.op_type not in ("Add", "Concat"):
@@ -342,6 +345,11 @@ def find_joins(proto: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[Join, .
         if len(computed) < 2:
             continue
         downstream = _downstream_layers(node.output[0], graph, by_input, layer_nodes)
+        feeding = [by_block_output[t] for t in computed if t in by_block_output]
+        deepest = max((depth[name] for name in feeding), default=0)
+        only_for_join = {
+            by_block_output[t] for t in computed if t in by_block_output and graph.sole_consumer(t) is node
+        }
         joins.append(
             Join(
                 name=node.name,
@@ -349,9 +357,29 @@ def find_joins(proto: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[Join, .
                 inputs=tuple(computed),
                 output=node.output[0],
                 downstream_layers=tuple(downstream),
+                shortcut_layers=tuple(
+                    n for n in feeding if depth[n] < deepest and n in only_for_join
+                ),
             )
         )
     return tuple(joins)
+
+
+def _layer_depths(graph: _Graph, layer_nodes: set[str]) -> dict[str, int]:
+    """The number of layers on the longest path from the input to each layer (inclusive).
+
+    Of the layers feeding a join only, the shallower ones are its projection shortcuts.
+    """
+    tensor_depth: dict[str, int] = {}
+    depths: dict[str, int] = {}
+    for node in graph.nodes:
+        upstream = max((tensor_depth.get(name, 0) for name in node.input if name), default=0)
+        here = upstream + 1 if node.name in layer_nodes else upstream
+        if node.name in layer_nodes:
+            depths[node.name] = here
+        for name in node.output:
+            tensor_depth[name] = here
+    return depths
 
 
 def _downstream_layers(

@@ -26,6 +26,8 @@ from .errors import ModelError, OutputError
 if TYPE_CHECKING:
     import onnxruntime
 
+    from .data import InputSpec
+
 log = logging.getLogger(__name__)
 
 TARGET_OPSET = 21
@@ -110,13 +112,17 @@ def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProt
         proto = _convert_opset(proto, opset, source)
     proto = _strip_initializer_inputs(proto)
     proto.ir_version = max(proto.ir_version, TARGET_IR_VERSION)
+    from .passes.cleanup import FoldBatchNormPass, FuseBiasAddPass
+
     model = ir.serde.deserialize_model(proto)
     passes = ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        UniqueNodeNamesPass(),
         FoldConstantsPass(),
+        FoldBatchNormPass(),
+        FuseBiasAddPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
-        UniqueNodeNamesPass(),
         common_passes.NameFixPass(),
     )
     try:
@@ -203,15 +209,18 @@ class UniqueNodeNamesPass(ir.passes.InPlacePass):
     """Give every node a unique name that stays the same across runs.
 
     Plans, reports and fine-tuning refer to layers by node name, so nameless nodes get
-    '<OpType>_<index>' and a repeated name gets '_<index>' appended.
+    '<OpType>_<index>' and a repeated name gets '_<index>' appended (more '_<index>' while
+    that is taken too). It runs before the folding passes, which name the weights and
+    biases they create after the layer node.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        taken = {node.name for node in model.graph if node.name}
         seen: set[str] = set()
         modified = False
         for index, node in enumerate(model.graph):
             name = node.name or f"{node.op_type}_{index}"
-            if name in seen:
+            while name in seen or (name != node.name and name in taken):
                 name = f"{name}_{index}"
             if name != node.name:
                 node.name = name
@@ -317,12 +326,19 @@ def write_bytes_atomic(target: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        os.chmod(temp_name, 0o666 & ~_umask())
         os.replace(temp_name, target)
     except BaseException as exc:
         Path(temp_name).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -335,6 +351,23 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Inspection helpers
+
+
+def input_spec(proto: onnx.ModelProto) -> InputSpec:
+    """What data must look like to feed this model (data.py fits arrays to it)."""
+    from .data import InputSpec
+
+    elem_type = input_value(proto).type.tensor_type.elem_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type else "float32"
+    return InputSpec(input_value(proto).name, input_shape(proto), dtype)
+
+
+def num_classes(proto: onnx.ModelProto) -> int | None:
+    """The size of the first output's last dim: the classifier's class count."""
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    if not dims or not dims[-1].HasField("dim_value"):
+        return None
+    return dims[-1].dim_value
 
 
 def input_value(proto: onnx.ModelProto) -> onnx.ValueInfoProto:
@@ -411,11 +444,14 @@ def _rewrite_batch(proto: onnx.ModelProto) -> onnx.ModelProto | None:
         values = onnx.numpy_helper.to_array(target).copy()
         if values.size == 0 or values[0] != 1:
             continue
-        values[0] = 0 if -1 in values[1:] else -1
-        if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+        copies_batch = -1 in values[1:]
+        values[0] = 0 if copies_batch else -1
+        if copies_batch and any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
             return None
         new_name = f"{node.input[1]}__batch_free"
-        graph.initializer.append(onnx.numpy_helper.from_array(values, new_name))
+        if new_name not in initializers:
+            initializers[new_name] = onnx.numpy_helper.from_array(values, new_name)
+            graph.initializer.append(initializers[new_name])
         node.input[1] = new_name
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -458,6 +494,22 @@ def _same_outputs(original: onnx.ModelProto, candidate: onnx.ModelProto) -> bool
 # onnxruntime
 
 
+_SUB_BYTE_TYPES = frozenset({onnx.TensorProto.INT2, onnx.TensorProto.UINT2})
+
+
+def session_config(proto: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
+    """The session config entries onnxruntime needs to load this model at all.
+
+    onnxruntime 1.32 fuses DequantizeLinear(int2 weight) -> Conv into QLinearConv, which
+    has no int2 kernel, and refuses the session (INVALID_GRAPH); with the Q/DQ fusions
+    disabled it runs the graph as written (docs/interop.md). make_session applies these
+    entries itself; callers that build their own onnxruntime session pass them on.
+    """
+    if any(t.data_type in _SUB_BYTE_TYPES for t in proto.graph.initializer):
+        return (("session.disable_quant_qdq", "1"),)
+    return ()
+
+
 def make_session(
     proto: onnx.ModelProto,
     *,
@@ -465,7 +517,11 @@ def make_session(
     config: Sequence[tuple[str, str]] = (),
     threads: int = 0,
 ) -> onnxruntime.InferenceSession:
-    """A CPU session for a model held in memory; a failure names onnxruntime's reason."""
+    """A CPU session for a model held in memory; a failure names onnxruntime's reason.
+
+    The entries the model needs (session_config) come first; `config` adds to or
+    overrides them.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -474,7 +530,7 @@ def make_session(
         options.intra_op_num_threads = threads
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
-    for key, value in config:
+    for key, value in {**dict(session_config(proto)), **dict(config)}.items():
         options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(
@@ -499,3 +555,25 @@ def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         present.add(name)
     return model
+
+
+class Runner:
+    """Runs a model in onnxruntime at any batch, returning chosen tensors.
+
+    Models that bake batch 1 in are freed where provably safe (dynamic_batch); otherwise
+    samples run one at a time and are stacked, so callers always pass whole batches.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> None:
+        freed, self.batched = dynamic_batch(proto)
+        model = with_outputs(freed, extra_outputs) if extra_outputs else freed
+        self.session = make_session(model)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, x: np.ndarray, outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        names = list(outputs) if outputs is not None else self.output_names
+        if self.batched:
+            return self.session.run(names, {self.input_name: x})
+        parts = [self.session.run(names, {self.input_name: sample[None]}) for sample in x]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]

@@ -39,14 +39,34 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class JoinPlan:
+    """One shared activation quantizer for every operand of an Add/Concat join.
+
+    `bits` is None when the join stays float. `downstream` is the layer whose bits the
+    join takes (the paper: "the shortcut has the same precision as the layer into which
+    it feeds").
+    """
+
+    name: str
+    bits: int | None
+    operands: tuple[str, ...]
+    downstream: str | None
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Per-layer bits plus how they were made (k_init, k_min, method, free-form details)."""
+    """Per-layer bits plus how they were made (k_init, k_min, method, free-form details).
+
+    `joins` is filled by the residual-alignment pass; a plan without it is not yet
+    consistent and QDQ insertion refuses it.
+    """
 
     layers: tuple[LayerPlan, ...]
     k_init: int = 16
     k_min: int = 2
     method: str = "given"
     details: Mapping[str, Any] = field(default_factory=dict)
+    joins: tuple[JoinPlan, ...] = ()
 
     def layer(self, name: str) -> LayerPlan:
         for entry in self.layers:
@@ -104,6 +124,15 @@ class Plan:
                 }
                 for e in self.layers
             ],
+            "joins": [
+                {
+                    "name": j.name,
+                    "bits": j.bits,
+                    "operands": list(j.operands),
+                    "downstream": j.downstream,
+                }
+                for j in self.joins
+            ],
             "details": dict(self.details),
         }
 
@@ -145,7 +174,28 @@ def plan_from_json(data: Any, source: str = "<plan>") -> Plan:
     details = data.get("details") or {}
     if not isinstance(details, dict):
         raise PlanError(f"{source}: \"details\" must be an object")
-    return Plan(entries, k_init=k_init, k_min=k_min, method=str(data.get("method", "given")), details=details)
+    joins = tuple(_join_from_json(raw, f"{source}: joins[{i}]") for i, raw in enumerate(data.get("joins") or []))
+    return Plan(
+        entries,
+        k_init=k_init,
+        k_min=k_min,
+        method=str(data.get("method", "given")),
+        details=details,
+        joins=joins,
+    )
+
+
+def _join_from_json(raw: Any, where: str) -> JoinPlan:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise PlanError(f"{where}: each join needs a \"name\" string")
+    bits = raw.get("bits")
+    if bits is not None:
+        check_bits(bits, f"{where} '{raw['name']}' bits")
+    operands = raw.get("operands") or []
+    if not isinstance(operands, list) or not all(isinstance(o, str) for o in operands):
+        raise PlanError(f"{where}: \"operands\" must be a list of tensor names")
+    downstream = raw.get("downstream")
+    return JoinPlan(raw["name"], bits, tuple(operands), downstream if isinstance(downstream, str) else None)
 
 
 def _int_field(data: Mapping[str, Any], key: str, default: int, source: str) -> int:

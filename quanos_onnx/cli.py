@@ -1,0 +1,242 @@
+"""Command line: `quanos` (a group of commands) and `quanos-compile`.
+
+The only module that imports click. Every command turns a QuanosError into one line on
+stderr and its exit code (1 bad model/data/plan, 2 usage), Ctrl-C into exit 130 with no
+output written; --debug keeps the traceback. Heavy modules are imported inside commands
+so that `quanos --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import QuanosError
+
+EXIT_INTERRUPTED = 130
+
+
+class QuanosCommand(click.Command):
+    """A click command that reports user errors in one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QuanosError as error:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {error.one_line()}", err=True)
+            ctx.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+def common_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    function = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")(function)
+    function = click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")(function)
+    function = click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(function)
+    return function
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def data_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--data", "data_path", type=click.Path(dir_okay=True), help="Labelled inputs: .npz (x, y), .npy, idx(.gz), .csv(.gz) or an image folder."),
+        click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="Layout of the data's images."),
+        click.option("--scale", default=None, help="Multiply pixels by this (e.g. 1/255); uint8 data is scaled by 1/255 by default."),
+        click.option("--mean", default=None, help="Per-channel mean to subtract (comma-separated)."),
+        click.option("--std", default=None, help="Per-channel std to divide by (comma-separated)."),
+        click.option("--data-range", default=None, help="START:STOP slice of the data's samples (e.g. 932:)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and attacks."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quanos")
+def main() -> None:
+    """quanos-onnx: adversarial-noise-sensitivity driven mixed-precision quantization of ONNX classifiers (QUANOS)."""
+
+
+@main.command("layers", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@common_options
+def layers_command(model_path: str, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+    """List the quantizable layers of MODEL and the residual joins."""
+    _configure_logging(verbose, quiet)
+    from .layers import find_joins, layer_table, list_layers
+    from .model import load_model
+    from .report.text import format_table
+
+    model = load_model(model_path)
+    layers = list_layers(model)
+    joins = find_joins(model, layers)
+    if as_json:
+        document = {
+            "model": model_path,
+            "layers": [layer.to_json() for layer in layers],
+            "joins": [join.to_json() for join in joins],
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
+    click.echo(format_table(layer_table(layers)))
+    if joins:
+        click.echo()
+        rows = [{"join": j.name, "op": j.op, "feeds": j.downstream_layers[0] if j.downstream_layers else None} for j in joins]
+        click.echo(format_table(rows))
+
+
+@main.command("energy", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--plan", "plan_path", type=click.Path(), default=None, help="Per-layer bits from a plan.json; without it the float model (32 bits everywhere).")
+@click.option("--hw", "hardware", default="standard", show_default=True, help="Hardware profile: standard, dg, dvafs or a profile JSON file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quanos-energy JSON document (docs/hardware.md).")
+@common_options
+def energy_command(model_path: str, plan_path: str | None, hardware: str, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+    """Memory accesses, MACs, energy and weight memory of MODEL per layer and in total (paper Eqns 4-5)."""
+    _configure_logging(verbose, quiet)
+    from .hwmodel import compare_to_uniform, describe_bits, estimate, load_profile, summary_table
+    from .hwmodel import to_json as energy_json
+    from .layers import list_layers
+    from .model import load_model
+    from .plan import read_plan, validate_plan
+
+    profile = load_profile(hardware)
+    layers = list_layers(load_model(model_path))
+    plan = None
+    if plan_path is not None:
+        given = read_plan(plan_path)
+        plan = validate_plan(given, layers, plan_path)
+        unplanned = [layer.name for layer in layers if layer.name not in given.by_name()]
+        if unplanned:
+            click.echo(f"note: {len(unplanned)} layer(s) not in the plan count as float: {', '.join(unplanned)}", err=True)
+    if as_json:
+        click.echo(json.dumps(energy_json(layers, plan, [profile]), indent=2))
+        return
+    comparisons = compare_to_uniform(layers, plan, profile)
+    click.echo(summary_table(estimate(layers, plan, profile), comparisons, describe_bits(plan)))
+
+
+def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("model_path", metavar="MODEL", type=click.Path()),
+        click.option("-o", "--output", "output_dir", default="quanos-out", show_default=True, type=click.Path(), help="Output directory."),
+        click.option("--bits", type=int, default=None, help="Uniform bits for every layer (a baseline) instead of QUANOS."),
+        click.option("--plan", "plan_path", type=click.Path(), default=None, help="Per-layer bits from a plan.json instead of QUANOS."),
+        click.option("--quantize-output", is_flag=True, help="Quantize the output layer too (kept float by default)."),
+        click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True, help="Activation range estimator."),
+        click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile."),
+        click.option("--calibration-samples", type=int, default=512, show_default=True, help="Samples used to calibrate activation ranges."),
+        click.option("--storage", type=click.Choice(["int8", "int4", "int2"]), default="int8", show_default=True, help="Weight containers: int4/int2 store layers of <= 4 / <= 2 bits packed (smaller file; see docs/interop.md)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        click.option("--k-init", type=int, default=16, show_default=True, help="Eqn 3's initial bits."),
+        click.option("--k-min", type=int, default=2, show_default=True, help="Fewest bits a layer may get."),
+        click.option("--rounds", type=int, default=1, show_default=True, help="Iterative QUANOS: re-measure ANS on the quantized model up to N rounds."),
+        click.option("--target-avg-bits", type=float, default=None, help="Scale ANS so the parameter-weighted average bits meet this budget."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return attack_options(data_options(function))
+
+
+def attack_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--attack", type=click.Choice(["fgsm", "pgd"]), default="fgsm", show_default=True, help="Attack used to measure ANS."),
+        click.option("--eps", default="0.05", show_default=True, help="Attack strength in [0,1]-input units (e.g. 0.05 or 8/255)."),
+        click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations."),
+        click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps)."),
+        click.option("--samples", type=int, default=None, help="Samples attacked for ANS (default: up to 1000)."),
+        click.option("--input-range", default="0,1", show_default=True, help="LO,HI of the model's input (e.g. 0,255 for raw pixels); eps scales with it."),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per attack/inference batch."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@contextmanager
+def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar on a terminal; silence when stderr is a pipe or a file."""
+    if not sys.stderr.isatty():
+        yield lambda done: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+@main.command("compile", cls=QuanosCommand)
+@compile_options
+@common_options
+def compile_command(**options: Any) -> None:
+    """Compile MODEL into a mixed-precision QDQ ONNX model (QUANOS, or --bits/--plan baselines)."""
+    _configure_logging(options.pop("verbose"), options.pop("quiet"))
+    options.pop("debug")
+    from .pipeline import CompileOptions, run_compile
+
+    result = run_compile(CompileOptions(**options), command_line=sys.argv, progress=_progress_bar)
+    if options["as_json"]:
+        click.echo(json.dumps(result.summary_json(), indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
+@main.command("analyze", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write analysis.json here.")
+@click.option("--fgsm-eps", default="0.05,0.1,0.2", show_default=True, help="FGSM strengths for the accuracy table.")
+@click.option("--pgd-eps", default="2/255,8/255", show_default=True, help="PGD strengths for the accuracy table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+@attack_options
+@data_options
+@common_options
+def analyze_command(**options: Any) -> None:
+    """Audit MODEL without quantizing it: ANS per layer, clean/FGSM/PGD accuracy."""
+    _configure_logging(options.pop("verbose"), options.pop("quiet"))
+    options.pop("debug")
+    from .pipeline import AnalyzeOptions, run_analyze
+
+    result = run_analyze(AnalyzeOptions(**options), progress=_progress_bar)
+    if options["as_json"]:
+        click.echo(json.dumps(result.document, indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
+@main.command("export", cls=QuanosCommand)
+@click.argument("model_path", metavar="QMODEL", type=click.Path())
+@click.option("--to", "target", type=click.Choice(["qonnx", "ort-overrides"]), required=True, help="QONNX Quant nodes, or TensorQuantOverrides for onnxruntime.quantization.")
+@click.option("-o", "--output", "output_path", type=click.Path(), default=None, help="Output file (default: next to QMODEL, .qonnx.onnx or .ort_overrides.json).")
+@common_options
+def export_command(model_path: str, target: str, output_path: str | None, verbose: int, quiet: bool, debug: bool) -> None:
+    """Export QMODEL (written by quanos-compile) for another toolchain, at its plan's bits."""
+    _configure_logging(verbose, quiet)
+    from .export import export_file
+
+    exported = export_file(model_path, target, output_path)
+    for warning in exported.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"wrote {exported.path}")
+
+
+def compile_main() -> None:
+    """Entry point of `quanos-compile` (the same command as `quanos compile`)."""
+    compile_command.main(prog_name="quanos-compile")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Graph passes: cleanup before analysis, residual alignment of a plan, QDQ insertion."""

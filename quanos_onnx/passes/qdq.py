@@ -1,0 +1,307 @@
+"""Materialize an aligned plan as a QDQ model on the exact k-bit grid (DESIGN section 3).
+
+Weights: symmetric per-output-channel integers in an int8 (k <= 8) or int16 container,
+values in [-(2^(k-1)-1), 2^(k-1)-1], read through DequantizeLinear; biases of Conv/Gemm as
+int32 at scale = input scale x weight scale, as onnxruntime's own quantizer writes them.
+Activations: QuantizeLinear -> Clip(integer bounds) -> DequantizeLinear in a uint8
+container (zero-point 0 for non-negative tensors, 128 for signed ones), because
+onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when that Clip is on uint8; for
+k = 9..16 an int16 container behind a float Clip (onnxruntime has no int16 Clip).
+
+Storage modes trade speed for file size: `int4` keeps weights of k <= 4 in int4
+initializers (opset 21), `int2` also keeps k <= 2 in int2 (opset 25, so the model's opset
+is raised only when one is written); onnxruntime's limits with them are in docs/interop.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from ..errors import PlanError, UsageError
+from ..layers import Layer
+from ..plan import Plan
+from .calibrate import Range
+from .points import QuantPoint, QuantPoints
+
+PLAN_METADATA_KEY = "quanos.plan"
+WEIGHT_SOURCE_KEY = "quanos.weight"
+"""Node metadata on each weight DequantizeLinear: the float initializer it replaced, so
+exports can name the weight as the float model does (onnxruntime.quantization overrides)."""
+
+STORAGES = ("int8", "int4", "int2")
+INT2_OPSET = 25
+INT2_IR_VERSION = 13
+"""int2 tensors exist from opset 25 / IR version 13 on (onnx 1.20)."""
+
+
+@dataclass(frozen=True)
+class ActivationQuantizer:
+    """One activation grid: q = clip(round(x / scale) + zero_point) within `levels`."""
+
+    bits: int
+    scale: float
+    zero_point: int
+    signed: bool
+    levels: tuple[int, int]
+
+    @property
+    def wide(self) -> bool:
+        return self.bits > 8
+
+    @property
+    def container_range(self) -> tuple[int, int]:
+        return (-32768, 32767) if self.wide else (0, 255)
+
+    @property
+    def needs_clip(self) -> bool:
+        return self.levels != self.container_range
+
+
+def activation_quantizer(bits: int, value_range: Range) -> ActivationQuantizer:
+    """Grid for a tensor with the calibrated range; unsigned when the range is >= 0.
+
+    Signed tensors up to 8 bits get an asymmetric grid: 2^k levels spread over exactly
+    [low, high], placed in the middle of the uint8 container with the zero point where
+    0.0 falls, so no level is wasted on a side the tensor never reaches.
+    """
+    low, high = min(value_range.low, 0.0), max(value_range.high, 0.0)
+    signed = low < 0.0
+    levels_count = 2**bits
+    if signed and bits <= 8:
+        scale = _positive_scale((high - low) / (levels_count - 1))
+        first = 128 - levels_count // 2
+        zero_point = first + int(round(-low / scale))
+        return ActivationQuantizer(bits, scale, zero_point, True, (first, first + levels_count - 1))
+    if signed:
+        half = levels_count // 2
+        scale = _positive_scale(max(-low / half, high / (half - 1)))
+        return ActivationQuantizer(bits, scale, 0, True, (-half, half - 1))
+    scale = _positive_scale(high / (levels_count - 1))
+    zero_point = -32768 if bits > 8 else 0
+    return ActivationQuantizer(bits, scale, zero_point, False, (zero_point, zero_point + levels_count - 1))
+
+
+def _positive_scale(scale: float) -> float:
+    return float(np.float32(scale)) if scale > 0 else 1.0
+
+
+def quantize_weight(weight: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric narrow-range integers and their float32 scale (per channel on `axis`)."""
+    limit = 2 ** (bits - 1) - 1
+    if axis is None:
+        absmax = np.abs(weight).max(keepdims=False)
+        scale = np.asarray(absmax / limit, dtype=np.float32)
+        scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+        broadcast = scale
+    else:
+        reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
+        absmax = np.abs(weight).max(axis=reduce_axes)
+        scale = (absmax / limit).astype(np.float32)
+        scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        broadcast = scale.reshape(shape)
+    dtype = np.int8 if bits <= 8 else np.int16
+    integers = np.clip(np.round(weight / broadcast), -limit, limit).astype(dtype)
+    return integers, scale
+
+
+def weight_container(bits: int, storage: str) -> np.dtype:
+    """The narrowest integer type the storage mode allows for k-bit weights."""
+    if storage == "int2" and bits <= 2:
+        return ir.DataType.INT2.numpy()
+    if storage in ("int4", "int2") and bits <= 4:
+        return ir.DataType.INT4.numpy()
+    return np.dtype(np.int8 if bits <= 8 else np.int16)
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGES:
+        raise UsageError(f"--storage: unknown container '{storage}' (use {', '.join(STORAGES)})")
+    return storage
+
+
+class QDQInsertionPass(ir.passes.InPlacePass):
+    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan."""
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        plan: Plan,
+        points: QuantPoints,
+        quantizers: Mapping[str, ActivationQuantizer],
+        storage: str = "int8",
+    ) -> None:
+        super().__init__()
+        self.layers = layers
+        self.plan = plan
+        self.points = points
+        self.quantizers = quantizers
+        self.storage = check_storage(storage)
+
+    def requires(self, model: ir.Model) -> None:
+        missing = {p.group for p in self.points.points} - set(self.quantizers)
+        if missing:
+            raise ir.passes.PreconditionError(f"no calibrated range for {sorted(missing)[0]}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = {node.name: node for node in graph}
+        values = _values(graph)
+        input_scale: dict[str, float] = {}
+        for point in self.points.points:
+            quantizer = self.quantizers[point.group]
+            dequantized = self._insert_activation(graph, values[point.tensor], point, quantizer)
+            for node_name, index in point.consumers:
+                nodes[node_name].replace_input_with(index, dequantized)
+                if index == 0:
+                    input_scale[node_name] = quantizer.scale
+        entries = self.plan.by_name()
+        for layer in self.layers:
+            entry = entries.get(layer.name)
+            if entry is None or not entry.quantized:
+                continue
+            node = nodes[layer.name]
+            self._quantize_weight(graph, node, layer, entry.weight_bits, input_scale.get(layer.name))
+        return ir.passes.PassResult(model, True)
+
+    def _insert_activation(
+        self, graph: ir.Graph, value: ir.Value, point: QuantPoint, quantizer: ActivationQuantizer
+    ) -> ir.Value:
+        base = point.name
+        container = np.int16 if quantizer.wide else np.uint8
+        scale = _initializer(graph, f"{base}_scale", np.asarray(quantizer.scale, dtype=np.float32))
+        zero_point = _initializer(graph, f"{base}_zero_point", np.asarray(quantizer.zero_point, dtype=container))
+        created: list[ir.Node] = []
+        source = value
+        if quantizer.wide and quantizer.needs_clip:
+            low, high = (
+                np.asarray((level - quantizer.zero_point) * quantizer.scale, dtype=np.float32)
+                for level in quantizer.levels
+            )
+            created.append(
+                ir.node(
+                    "Clip",
+                    [source, _initializer(graph, f"{base}_min", low), _initializer(graph, f"{base}_max", high)],
+                    name=f"{base}/Clip",
+                )
+            )
+            source = created[-1].outputs[0]
+            source.name = f"{base}_clipped"
+        created.append(ir.node("QuantizeLinear", [source, scale, zero_point], name=f"{base}/QuantizeLinear"))
+        quantized = created[-1].outputs[0]
+        quantized.name = f"{base}_quantized"
+        if not quantizer.wide and quantizer.needs_clip:
+            low, high = (np.asarray(level, dtype=container) for level in quantizer.levels)
+            created.append(
+                ir.node(
+                    "Clip",
+                    [quantized, _initializer(graph, f"{base}_qmin", low), _initializer(graph, f"{base}_qmax", high)],
+                    name=f"{base}/Clip",
+                )
+            )
+            quantized = created[-1].outputs[0]
+            quantized.name = f"{base}_clipped"
+        created.append(ir.node("DequantizeLinear", [quantized, scale, zero_point], name=f"{base}/DequantizeLinear"))
+        dequantized = created[-1].outputs[0]
+        dequantized.name = f"{base}_dequantized"
+        producer = value.producer()
+        if producer is not None:
+            graph.insert_after(producer, created)
+        else:
+            graph.insert_before(graph.node(0), created)
+        return dequantized
+
+    def _quantize_weight(
+        self, graph: ir.Graph, node: ir.Node, layer: Layer, bits: int, input_scale: float | None
+    ) -> None:
+        weight_value = node.inputs[1]
+        if weight_value is None or weight_value.const_value is None:
+            raise PlanError(f"layer '{layer.name}': weight '{layer.weight}' is not a constant")
+        weight = weight_value.const_value.numpy().astype(np.float32)
+        integers, scale = quantize_weight(weight, bits, layer.weight_axis)
+        integers = integers.astype(weight_container(bits, self.storage))
+        base = f"{layer.name}.weight_w{bits}"
+        dequantized = _dequantize(graph, base, integers, scale, layer.weight_axis)
+        dequantized.producer().metadata_props[WEIGHT_SOURCE_KEY] = weight_value.name
+        node.replace_input_with(1, dequantized)
+        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias_value is None or bias_value.const_value is None or input_scale is None:
+            return
+        bias = bias_value.const_value.numpy().astype(np.float64)
+        bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32)
+        bias_scale = np.where(bias_scale > 0, bias_scale, np.float32(1.0)).astype(np.float32)
+        limit = np.iinfo(np.int32)
+        bias_integers = np.clip(np.round(bias / bias_scale), limit.min, limit.max).astype(np.int32)
+        bias_axis = 0 if bias_scale.ndim else None
+        node.replace_input_with(2, _dequantize(graph, f"{layer.name}.bias_i32", bias_integers, bias_scale, bias_axis))
+
+
+def _dequantize(
+    graph: ir.Graph, base: str, integers: np.ndarray, scale: np.ndarray, axis: int | None
+) -> ir.Value:
+    zero = np.zeros(scale.shape, dtype=integers.dtype)
+    inputs = [
+        _initializer(graph, f"{base}_quantized", integers),
+        _initializer(graph, f"{base}_scale", scale),
+        _initializer(graph, f"{base}_zero_point", zero),
+    ]
+    attributes = {"axis": axis} if axis is not None and scale.ndim == 1 else None
+    node = ir.node("DequantizeLinear", inputs, attributes, name=f"{base}/DequantizeLinear")
+    graph.insert_before(graph.node(0), node)
+    node.outputs[0].name = f"{base}_dequantized"
+    return node.outputs[0]
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    existing = graph.initializers.get(name)
+    if existing is not None:
+        return existing
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _values(graph: ir.Graph) -> dict[str, ir.Value]:
+    found: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+    found.update(graph.initializers)
+    for node in graph:
+        for output in node.outputs:
+            found[output.name] = output
+    return found
+
+
+def insert_qdq(
+    proto: onnx.ModelProto,
+    layers: Sequence[Layer],
+    plan: Plan,
+    points: QuantPoints,
+    quantizers: Mapping[str, ActivationQuantizer],
+    *,
+    storage: str = "int8",
+) -> onnx.ModelProto:
+    """The QDQ model for an aligned, calibrated plan, cleaned up and with the plan attached."""
+    model = ir.serde.deserialize_model(proto)
+    ir.passes.Sequential(
+        QDQInsertionPass(layers, plan, points, quantizers, storage),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.TopologicalSortPass(),
+    )(model)
+    if any(v.dtype == ir.DataType.INT2 for v in model.graph.initializers.values()):
+        model.opset_imports[""] = INT2_OPSET
+        model.ir_version = max(model.ir_version, INT2_IR_VERSION)
+    model.metadata_props[PLAN_METADATA_KEY] = plan.dumps()
+    result = ir.serde.serialize_model(model)
+    del result.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(result)

@@ -1,0 +1,1 @@
+"""Reports for people (text tables, Markdown, HTML) and JSON for machines."""

@@ -1,0 +1,221 @@
+"""passes/qdq.py: every quantized weight and activation lies on an exact k-bit grid, and
+onnxruntime still fuses the layers into integer kernels."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from quanos_onnx.layers import list_layers
+from quanos_onnx.model import make_session, normalize, with_outputs
+from quanos_onnx.passes.calibrate import Range
+from quanos_onnx.passes.qdq import PLAN_METADATA_KEY, activation_quantizer, quantize_weight
+from quanos_onnx.pipeline import quantize
+from quanos_onnx.plan import LayerPlan, Plan, plan_from_json
+
+from tiny_models import random_inputs, resnet_style, vgg_chain
+
+BITS = list(range(2, 17))
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _dequantize_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [node for node in model.graph.node if node.op_type == "DequantizeLinear"]
+
+
+def _weight_dequantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """DQs of integer weights (int32 biases are not on a k-bit grid, by design)."""
+    constants = _initializers(model)
+    return [
+        node for node in _dequantize_nodes(model)
+        if node.input[0] in constants and constants[node.input[0]].dtype != np.int32
+    ]
+
+
+def _activation_values(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.ndarray, float, int]]:
+    """Each activation DQ's output on x (run in onnxruntime) with its scale and zero-point."""
+    constants = _initializers(model)
+    nodes = [node for node in _dequantize_nodes(model) if node.input[0] not in constants]
+    session = make_session(with_outputs(model, [node.output[0] for node in nodes]))
+    values = session.run([node.output[0] for node in nodes], {session.get_inputs()[0].name: x})
+    return {
+        node.output[0]: (value, float(constants[node.input[1]]), int(constants[node.input[2]]))
+        for node, value in zip(nodes, values)
+    }
+
+
+def _grid_span(value: np.ndarray, scale: float, zero_point: int) -> int:
+    """How many consecutive integer levels the dequantized values occupy (fails off-grid)."""
+    levels = value.astype(np.float64) / scale + zero_point
+    rounded = np.round(levels)
+    assert np.abs(levels - rounded).max() < 1e-2, "dequantized values are off the integer grid"
+    return int(rounded.max() - rounded.min()) + 1
+
+
+def _quantized(model: onnx.ModelProto, plan: Plan, calibration: np.ndarray) -> onnx.ModelProto:
+    return quantize(model, plan, [calibration]).model
+
+
+@pytest.fixture(scope="module")
+def models():
+    built = {"vgg": normalize(vgg_chain()), "resnet": normalize(resnet_style())}
+    return {name: (model, list_layers(model)) for name, model in built.items()}
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_exact_grid_at_uniform_bits(models, name: str, bits: int):
+    model, layers = models[name]
+    calibration = random_inputs(model, 16, seed=1)
+    quantized = _quantized(model, Plan.uniform(layers, bits, keep_output_float=False), calibration)
+    constants = _initializers(quantized)
+    weights = _weight_dequantizers(quantized)
+    assert len(weights) == len(layers)
+    limit = 2 ** (bits - 1) - 1
+    for node in weights:
+        integers = constants[node.input[0]]
+        assert integers.dtype == (np.int8 if bits <= 8 else np.int16)
+        assert np.abs(integers.astype(np.int32)).max() == limit
+        scale = constants[node.input[1]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        per_channel = np.moveaxis(integers.astype(np.float64), axis, 0).reshape(len(scale), -1)
+        per_channel = per_channel * scale.reshape(-1, 1)
+        assert max(len(np.unique(row)) for row in per_channel) <= 2**bits
+    # Inputs beyond the calibrated range (and negative) drive every quantizer into its clip.
+    stressed = 3.0 * random_inputs(model, 16, seed=2) - 1.0
+    activations = _activation_values(quantized, stressed)
+    assert activations
+    for tensor, (value, scale, zero_point) in activations.items():
+        assert len(np.unique(value)) <= 2**bits, tensor
+        assert _grid_span(value, scale, zero_point) <= 2**bits, tensor
+
+
+def test_mixed_plan_puts_each_layer_input_and_join_on_its_own_grid(models):
+    model, layers = models["resnet"]
+    bits = {layer.name: 2 + (3 * index) % 15 for index, layer in enumerate(layers)}
+    plan = Plan(tuple(LayerPlan(name, b, b) for name, b in bits.items()))
+    result = quantize(model, plan, [random_inputs(model, 16, seed=1)])
+    aligned = result.plan.by_name()
+    activations = _activation_values(result.model, 3.0 * random_inputs(model, 16, seed=2) - 1.0)
+    nodes = {node.name: node for node in result.model.graph.node}
+    for layer in layers:
+        value, scale, zero_point = activations[nodes[layer.name].input[0]]
+        assert _grid_span(value, scale, zero_point) <= 2 ** aligned[layer.name].act_bits, layer.name
+    for join in result.plan.joins:
+        for operand in nodes[join.name].input:
+            value, scale, zero_point = activations[operand]
+            assert _grid_span(value, scale, zero_point) <= 2**join.bits, (join.name, operand)
+
+
+@pytest.mark.parametrize(("bits", "container"), [(2, 255), (7, 255), (8, 255), (9, 65535), (16, 65535)])
+def test_signed_and_unsigned_activation_grids(bits: int, container: int):
+    unsigned = activation_quantizer(bits, Range(0.0, 6.0))
+    signed = activation_quantizer(bits, Range(-2.0, 3.0))
+    assert not unsigned.signed and signed.signed
+    for quantizer in (unsigned, signed):
+        low, high = quantizer.levels
+        assert high - low + 1 == 2**bits
+        assert quantizer.needs_clip == (2**bits - 1 != container)
+    assert unsigned.levels[0] == unsigned.zero_point
+    assert (unsigned.levels[1] - unsigned.zero_point) * unsigned.scale == pytest.approx(6.0, rel=1e-6)
+    if bits <= 8:
+        assert unsigned.zero_point == 0
+        # The signed grid spans exactly [-2, 3]: its end levels dequantize to the range ends.
+        low_value = (signed.levels[0] - signed.zero_point) * signed.scale
+        high_value = (signed.levels[1] - signed.zero_point) * signed.scale
+        assert low_value == pytest.approx(-2.0, abs=signed.scale / 2)
+        assert high_value == pytest.approx(3.0, abs=signed.scale / 2)
+        assert signed.levels[0] <= signed.zero_point <= signed.levels[1]
+
+
+def test_weight_quantization_is_symmetric_per_channel_and_round_trips_at_16_bits():
+    weight = np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32)
+    weight[2] *= 100.0
+    integers, scale = quantize_weight(weight, 16, axis=0)
+    assert scale.shape == (4,)
+    assert np.abs(integers).reshape(4, -1).max(axis=1).tolist() == [32767] * 4
+    np.testing.assert_allclose(integers * scale.reshape(-1, 1, 1, 1), weight, rtol=0, atol=float(scale.max()))
+    zero = np.zeros((2, 5), np.float32)
+    integers, scale = quantize_weight(zero, 4, axis=1)
+    assert not integers.any() and np.all(scale == 1.0)
+
+
+def test_eight_bit_model_stays_close_to_float(models):
+    model, layers = models["vgg"]
+    x = random_inputs(model, 64, seed=3)
+    quantized = _quantized(model, Plan.uniform(layers, 8), x)
+    name = model.graph.input[0].name
+    want = make_session(model).run(None, {name: x})[0]
+    got = make_session(quantized).run(None, {name: x})[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+
+
+def test_weight_storage_shrinks_about_four_times_at_8_bits(models):
+    model, layers = models["vgg"]
+    quantized = _quantized(model, Plan.uniform(layers, 8, keep_output_float=False), random_inputs(model, 8))
+    float_bytes = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    stored = sum(numpy_helper.to_array(t).nbytes for t in quantized.graph.initializer)
+    assert stored < 0.4 * float_bytes
+
+
+def test_output_opset_is_21_and_the_plan_rides_along(models):
+    model, layers = models["resnet"]
+    result = quantize(model, Plan.uniform(layers, 6), [random_inputs(model, 8)])
+    assert [(o.domain, o.version) for o in result.model.opset_import if o.domain in ("", "ai.onnx")] == [("", 21)]
+    onnx.checker.check_model(result.model)
+    metadata = {p.key: p.value for p in result.model.metadata_props}
+    assert plan_from_json(json.loads(metadata[PLAN_METADATA_KEY])) == result.plan
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> collections.Counter:
+    """Op counts of onnxruntime's optimized graph (what actually runs)."""
+    path = tmp_path / "optimized.onnx"
+    make_session(model, optimized_model_path=str(path))
+    return collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+@pytest.mark.parametrize(
+    "bits", [[8, 8, 8, 8], [2, 3, 4, 5], [8, 2, 7, 3], [6, 6, 6, 6]], ids=["u8", "2-5", "mixed", "u6"]
+)
+def test_every_conv_at_8_bits_or_less_becomes_qlinearconv(models, tmp_path: Path, bits: list[int]):
+    model, layers = models["vgg"]
+    convs = [layer for layer in layers if layer.op == "Conv"]
+    plan = Plan(tuple(LayerPlan(layer.name, b, b) for layer, b in zip(convs, bits)))
+    quantized = _quantized(model, plan, random_inputs(model, 16))
+    ops = _optimized_ops(quantized, tmp_path)
+    assert ops["QLinearConv"] == len(convs)
+    assert ops["Conv"] == ops["FusedConv"] == 0
+
+
+def test_join_operands_share_one_quantizer_at_the_downstream_bits(models):
+    model, layers = models["resnet"]
+    bits = {"stem": 3, "block1.conv1": 5, "block1.conv2": 4, "block2.conv1": 7,
+            "block2.conv2": 2, "block2.shortcut": 8, "classifier": 6}
+    plan = Plan(tuple(LayerPlan(name, b, b) for name, b in bits.items()))
+    result = quantize(model, plan, [random_inputs(model, 16)])
+    constants = _initializers(result.model)
+    producers = {out: node for node in result.model.graph.node for out in node.output}
+    expected_bits = {"block1.add": bits["block2.conv1"], "block2.add": bits["classifier"]}
+    activations = _activation_values(result.model, random_inputs(model, 16, seed=5))
+    for join_plan in result.plan.joins:
+        assert join_plan.bits == expected_bits[join_plan.name]
+        add = next(node for node in result.model.graph.node if node.name == join_plan.name)
+        quantizers = set()
+        for operand in add.input:
+            dq = producers[operand]
+            assert dq.op_type == "DequantizeLinear"
+            quantizers.add((float(constants[dq.input[1]]), int(constants[dq.input[2]])))
+            assert _grid_span(*activations[operand]) <= 2**join_plan.bits
+        assert len(quantizers) == 1, join_plan.name
+    shortcut = result.plan.by_name()["block2.shortcut"]
+    assert (shortcut.weight_bits, shortcut.act_bits, shortcut.group) == (6, 6, "block2.add")
