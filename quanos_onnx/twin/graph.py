@@ -262,7 +262,9 @@ def _split_initializers(
         try:
             tensor = tensor_from_proto(proto)
         except KeyError:
-            raise ModelError(f"initializer '{name}' has type {type_name(proto.data_type)}, which the twin cannot hold") from None
+            raise ModelError(
+                f"initializer '{name}' has type {type_name(proto.data_type)}, which the twin cannot hold"
+            ) from None
         used_in = slots[name]
         quantizer_only = bool(used_in) and all(op in QUANTIZER_OPS and index > 0 for op, index in used_in)
         if proto.data_type not in FLOAT_TYPES or quantizer_only:
