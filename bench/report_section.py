@@ -12,7 +12,8 @@ def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)"
+    load = ", load average {:.1f} at start".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared{load})"
 
 
 def write_section(path: Path, heading: str, section: str) -> None:
