@@ -237,8 +237,13 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         bias = bias_value.const_value.numpy().astype(np.float64)
         bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32)
         bias_scale = np.where(bias_scale > 0, bias_scale, np.float32(1.0)).astype(np.float32)
-        limit = np.iinfo(np.int32)
-        bias_integers = np.clip(np.round(bias / bias_scale), limit.min, limit.max).astype(np.int32)
+        # Wide layers (int16 weights and activations) have scales so fine that the bias
+        # can overflow int32 at input scale x weight scale; those channels get a coarser
+        # bias scale (still far below one activation step). A float bias is no option:
+        # onnxruntime's optimizer then changes the results of int16 models.
+        limit = float(2**30)
+        bias_scale = np.maximum(bias_scale, (np.abs(bias) / limit).astype(np.float32)).astype(np.float32)
+        bias_integers = np.round(bias / bias_scale).astype(np.int32)
         bias_axis = 0 if bias_scale.ndim else None
         node.replace_input_with(2, _dequantize(graph, f"{layer.name}.bias_i32", bias_integers, bias_scale, bias_axis))
 
