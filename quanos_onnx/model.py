@@ -411,19 +411,14 @@ def dynamic_batch(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     batch into their first entry (from data-dependent tensors) copy it from their input
     instead. The rewrite is kept only if onnxruntime gives, for a random batch of 3, the
     same outputs as three batch-1 runs of the original; otherwise the original is returned
-    with False and callers fall back to per-sample runs.
+    with False and callers fall back to runs at the fixed batch.
     """
     shape = input_shape(proto)
     if not shape or shape[0] is None:
         return proto, True
     candidate = _rewrite_batch(proto, shape[0])
     if candidate is None or not _same_outputs(proto, candidate, shape[0]):
-        if shape[0] != 1:
-            raise ModelError(
-                f"input '{input_value(proto).name}' has a fixed batch of {shape[0]} that cannot be freed",
-                hint="export the model with batch 1 or a dynamic batch",
-            )
-        log.info("batch dimension cannot be freed safely; falling back to per-sample runs")
+        log.info("batch dimension cannot be freed safely; falling back to fixed-batch runs")
         return proto, False
     return candidate, True
 
@@ -565,12 +560,14 @@ def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 class Runner:
     """Runs a model in onnxruntime at any batch, returning chosen tensors.
 
-    Models that bake batch 1 in are freed where provably safe (dynamic_batch); otherwise
-    samples run one at a time and are stacked, so callers always pass whole batches.
+    Models that bake a batch in are freed where provably safe (dynamic_batch); otherwise
+    samples run in chunks of the fixed batch (the last one padded by repeating its final
+    sample) and are stacked, so callers always pass whole batches of any size.
     """
 
     def __init__(self, proto: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> None:
         freed, self.batched = dynamic_batch(proto)
+        self.fixed_batch = input_shape(proto)[0] or 1
         model = with_outputs(freed, extra_outputs) if extra_outputs else freed
         self.session = make_session(model)
         self.input_name = self.session.get_inputs()[0].name
@@ -580,5 +577,10 @@ class Runner:
         names = list(outputs) if outputs is not None else self.output_names
         if self.batched:
             return self.session.run(names, {self.input_name: x})
-        parts = [self.session.run(names, {self.input_name: sample[None]}) for sample in x]
+        size = self.fixed_batch
+        parts = []
+        for start in range(0, len(x), size):
+            chunk = x[start : start + size]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+            parts.append([out[: len(chunk)] for out in self.session.run(names, {self.input_name: padded})])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
