@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -100,6 +101,37 @@ def layers_command(model_path: str, as_json: bool, verbose: int, quiet: bool, de
         click.echo(format_table(rows))
 
 
+@main.command("energy", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--plan", "plan_path", type=click.Path(), default=None, help="Per-layer bits from a plan.json; without it the float model (32 bits everywhere).")
+@click.option("--hw", "hardware", default="standard", show_default=True, help="Hardware profile: standard, dg, dvafs or a profile JSON file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quanos-energy JSON document (docs/hardware.md).")
+@common_options
+def energy_command(model_path: str, plan_path: str | None, hardware: str, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+    """Memory accesses, MACs, energy and weight memory of MODEL per layer and in total (paper Eqns 4-5)."""
+    _configure_logging(verbose, quiet)
+    from .hwmodel import compare_to_uniform, describe_bits, estimate, load_profile, summary_table
+    from .hwmodel import to_json as energy_json
+    from .layers import list_layers
+    from .model import load_model
+    from .plan import read_plan, validate_plan
+
+    profile = load_profile(hardware)
+    layers = list_layers(load_model(model_path))
+    plan = None
+    if plan_path is not None:
+        given = read_plan(plan_path)
+        plan = validate_plan(given, layers, plan_path)
+        unplanned = [layer.name for layer in layers if layer.name not in given.by_name()]
+        if unplanned:
+            click.echo(f"note: {len(unplanned)} layer(s) not in the plan count as float: {', '.join(unplanned)}", err=True)
+    if as_json:
+        click.echo(json.dumps(energy_json(layers, plan, [profile]), indent=2))
+        return
+    comparisons = compare_to_uniform(layers, plan, profile)
+    click.echo(summary_table(estimate(layers, plan, profile), comparisons, describe_bits(plan)))
+
+
 def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("model_path", metavar="MODEL", type=click.Path()),
@@ -111,10 +143,39 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile."),
         click.option("--calibration-samples", type=int, default=512, show_default=True, help="Samples used to calibrate activation ranges."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        click.option("--k-init", type=int, default=16, show_default=True, help="Eqn 3's initial bits."),
+        click.option("--k-min", type=int, default=2, show_default=True, help="Fewest bits a layer may get."),
+        click.option("--rounds", type=int, default=1, show_default=True, help="Iterative QUANOS: re-measure ANS on the quantized model up to N rounds."),
+        click.option("--target-avg-bits", type=float, default=None, help="Scale ANS so the parameter-weighted average bits meet this budget."),
     ]
     for option in reversed(options):
         function = option(function)
-    return data_options(function)
+    return attack_options(data_options(function))
+
+
+def attack_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--attack", type=click.Choice(["fgsm", "pgd"]), default="fgsm", show_default=True, help="Attack used to measure ANS."),
+        click.option("--eps", default="0.05", show_default=True, help="Attack strength in [0,1]-input units (e.g. 0.05 or 8/255)."),
+        click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations."),
+        click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps)."),
+        click.option("--samples", type=int, default=None, help="Samples attacked for ANS (default: up to 1000)."),
+        click.option("--input-range", default="0,1", show_default=True, help="LO,HI of the model's input (e.g. 0,255 for raw pixels); eps scales with it."),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per attack/inference batch."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@contextmanager
+def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar on a terminal; silence when stderr is a pipe or a file."""
+    if not sys.stderr.isatty():
+        yield lambda done: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
 
 
 @main.command("compile", cls=QuanosCommand)
@@ -126,9 +187,31 @@ def compile_command(**options: Any) -> None:
     options.pop("debug")
     from .pipeline import CompileOptions, run_compile
 
-    result = run_compile(CompileOptions(**options), command_line=sys.argv)
+    result = run_compile(CompileOptions(**options), command_line=sys.argv, progress=_progress_bar)
     if options["as_json"]:
         click.echo(json.dumps(result.summary_json(), indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
+@main.command("analyze", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write analysis.json here.")
+@click.option("--fgsm-eps", default="0.05,0.1,0.2", show_default=True, help="FGSM strengths for the accuracy table.")
+@click.option("--pgd-eps", default="2/255,8/255", show_default=True, help="PGD strengths for the accuracy table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+@attack_options
+@data_options
+@common_options
+def analyze_command(**options: Any) -> None:
+    """Audit MODEL without quantizing it: ANS per layer, clean/FGSM/PGD accuracy."""
+    _configure_logging(options.pop("verbose"), options.pop("quiet"))
+    options.pop("debug")
+    from .pipeline import AnalyzeOptions, run_analyze
+
+    result = run_analyze(AnalyzeOptions(**options), progress=_progress_bar)
+    if options["as_json"]:
+        click.echo(json.dumps(result.document, indent=2))
     else:
         click.echo(result.summary_text())
 

@@ -357,7 +357,9 @@ def input_spec(proto: onnx.ModelProto) -> InputSpec:
     """What data must look like to feed this model (data.py fits arrays to it)."""
     from .data import InputSpec
 
-    return InputSpec(input_value(proto).name, input_shape(proto))
+    elem_type = input_value(proto).type.tensor_type.elem_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type else "float32"
+    return InputSpec(input_value(proto).name, input_shape(proto), dtype)
 
 
 def num_classes(proto: onnx.ModelProto) -> int | None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 
 from .layers import Join, Layer, find_joins, list_layers
+from .model import load_model
 from .passes.align import align_plan
 from .passes.calibrate import Range, collect_ranges
 from .passes.points import plan_points
@@ -53,7 +56,7 @@ def _union(ranges: Iterable[Range]) -> Range:
 
 MODEL_FILE = "model.quanos.onnx"
 PLAN_FILE = "plan.json"
-CALIBRATION_BATCH = 64
+DEFAULT_ANS_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,26 @@ class CompileOptions:
     std: str | None = None
     data_range: str | None = None
     seed: int = 0
+    k_init: int = 16
+    k_min: int = 2
+    eps: str = "0.05"
+    samples: int | None = None
+    attack: str = "fgsm"
+    pgd_steps: int = 10
+    pgd_alpha: str | None = None
+    rounds: int = 1
+    target_avg_bits: float | None = None
+    input_range: str = "0,1"
+    batch_size: int = 64
+
+
+ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
+"""(label, total) -> a context whose value is called with each finished batch's size."""
+
+
+@contextmanager
+def no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda done: None
 
 
 @dataclass(frozen=True)
@@ -94,6 +117,8 @@ class CompileResult:
                 "act_bits": entries[layer.name].act_bits,
                 "params": layer.params,
                 "group": entries[layer.name].group,
+                "ans_mean": _rounded(entries[layer.name].ans_mean),
+                "ans_std": _rounded(entries[layer.name].ans_std),
             }
             for layer in self.layers
         ]
@@ -104,6 +129,7 @@ class CompileResult:
             "layers": self.rows(),
             "average_weight_bits": round(self.plan.average_weight_bits(params), 4),
             "method": self.plan.method,
+            "energy": self.plan.details.get("energy"),
             "outputs": list(self.written),
         }
 
@@ -116,16 +142,44 @@ class CompileResult:
             "",
             f"method {self.plan.method}; parameter-weighted average weight bits "
             f"{self.plan.average_weight_bits(params):.2f}",
+            *_energy_lines(self.plan.details.get("energy")),
             *(f"wrote {path}" for path in self.written),
         ]
         return "\n".join(lines)
 
 
-def run_compile(options: CompileOptions, command_line: Sequence[str] = ()) -> CompileResult:
-    """load -> data -> plan -> align -> calibrate -> QDQ -> write, failing before any write."""
-    from .data import load_dataset
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _energy_lines(energy: Mapping[str, Any] | None) -> list[str]:
+    if not energy:
+        return []
+    lines = []
+    for name, profile in energy["profiles"].items():
+        totals = profile["totals"]
+        versus = ", ".join(
+            f"{row['energy_ratio']:.2f}x energy / {row['memory_ratio']:.2f}x memory of uniform {row['bits']}-bit"
+            for row in profile["vs_uniform"]
+        )
+        lines.append(
+            f"{name}: {totals['energy_pj'] / 1e6:.4g} uJ/image, weight memory "
+            f"{totals['weight_memory_bits'] / 8e3:.4g} kB ({versus})"
+        )
+    return lines
+
+
+def run_compile(
+    options: CompileOptions,
+    command_line: Sequence[str] = (),
+    progress: ProgressFactory = no_progress,
+) -> CompileResult:
+    """load -> data -> plan (QUANOS, --bits or --plan) -> align -> calibrate -> QDQ -> write.
+
+    Everything is computed before the first file is written, so a failure leaves nothing.
+    """
     from .errors import ModelError, UsageError
-    from .model import input_spec, load_model, num_classes
+    from .hwmodel import to_json as energy_json
     from .outputs import OutputDir
     from .plan import read_plan, validate_plan
 
@@ -140,10 +194,35 @@ def run_compile(options: CompileOptions, command_line: Sequence[str] = ()) -> Co
     model = load_model(options.model_path)
     layers = list_layers(model)
     if not layers:
-        raise ModelError(f"{options.model_path}: no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
+        raise ModelError(
+            f"{options.model_path}: no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
+        )
+    dataset = _load_data(options, model)
+    calibration = [x for x, _ in _first(dataset, options.calibration_samples, options.batch_size)]
+    if options.bits is not None:
+        plan = Plan.uniform(layers, options.bits, keep_output_float=not options.quantize_output)
+    elif options.plan_path is not None:
+        plan = validate_plan(read_plan(options.plan_path), layers, options.plan_path)
+    else:
+        plan = _quanos_plan(options, model, layers, dataset, calibration, progress)
+    quantized = quantize(
+        model, plan, calibration, layers=layers, method=options.calibration, percentile=options.percentile
+    )
+    final_plan = quantized.plan.with_details(energy=energy_json(layers, quantized.plan))
+    model_bytes = _with_plan(quantized.model, final_plan).SerializeToString()
+    files = {MODEL_FILE: model_bytes, PLAN_FILE: final_plan.dumps()}
+    written = output.write(files)
+    return CompileResult(tuple(layers), final_plan, tuple(str(p) for p in written))
+
+
+def _load_data(options: CompileOptions, model: onnx.ModelProto) -> Any:
+    from .data import load_dataset
+    from .errors import UsageError
+    from .model import input_spec, num_classes
+
     if options.data_path is None:
-        raise UsageError("--data is required: activation ranges are calibrated on it")
-    dataset = load_dataset(
+        raise UsageError("--data is required: attacks and calibration run on it")
+    return load_dataset(
         options.data_path,
         input_spec(model),
         layout=options.layout,
@@ -154,26 +233,204 @@ def run_compile(options: CompileOptions, command_line: Sequence[str] = ()) -> Co
         seed=options.seed,
         num_classes=num_classes(model),
     )
-    if options.bits is not None:
-        plan = Plan.uniform(layers, options.bits, keep_output_float=not options.quantize_output)
-    elif options.plan_path is not None:
-        plan = validate_plan(read_plan(options.plan_path), layers, options.plan_path)
+
+
+def make_attack(options: CompileOptions) -> Any:
+    """The ANS attack of the options (FGSM by default, as in the paper)."""
+    from .errors import UsageError
+    from .harness.attacks import Attack, InputRange, parse_eps
+
+    input_range = InputRange.parse(options.input_range)
+    eps = parse_eps(options.eps)
+    if options.attack == "fgsm":
+        return Attack.fgsm(eps, input_range)
+    if options.attack == "pgd":
+        alpha = parse_eps(options.pgd_alpha, "--pgd-alpha") if options.pgd_alpha else None
+        return Attack.pgd(eps, steps=options.pgd_steps, alpha=alpha, input_range=input_range)
+    raise UsageError(f"--attack {options.attack!r} is not fgsm or pgd")
+
+
+def _ans_samples(options: CompileOptions, dataset: Any) -> int:
+    from .errors import DataError, UsageError
+
+    if options.samples is None:
+        return min(DEFAULT_ANS_SAMPLES, dataset.count)
+    if options.samples < 1:
+        raise UsageError(f"--samples {options.samples} must be at least 1")
+    if options.samples > dataset.count:
+        raise DataError(
+            f"--samples {options.samples} is more than the {dataset.count} samples in {dataset.source}"
+        )
+    return options.samples
+
+
+def _quanos_plan(
+    options: CompileOptions,
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    dataset: Any,
+    calibration: Sequence[np.ndarray],
+    progress: ProgressFactory,
+) -> Plan:
+    """Attack -> ANS -> Eqn 3 (budgeted and/or iterative when asked)."""
+    from .allocate import allocate, allocate_budgeted, allocate_iterative, check_bit_range
+    from .errors import UsageError
+    from .harness.ans import measure_ans
+
+    check_bit_range(options.k_init, options.k_min)
+    if options.target_avg_bits is not None and not MIN_BITS <= options.target_avg_bits <= options.k_init:
+        raise UsageError(
+            f"--target-avg-bits {options.target_avg_bits} is outside {MIN_BITS}..{options.k_init} (--k-init)"
+        )
+    attack = make_attack(options)
+    count = _ans_samples(options, dataset)
+
+    def measure(proto: onnx.ModelProto, label: str) -> Any:
+        with progress(label, count) as advance:
+            batches = _first(dataset, count, options.batch_size)
+            return measure_ans(proto, layers, batches, attack, seed=options.seed, progress=advance)
+
+    first = measure(model, f"ANS ({attack.describe()})")
+    allocation = dict(k_init=options.k_init, k_min=options.k_min, quantize_output=options.quantize_output)
+    if options.rounds > 1:
+        plan = allocate_iterative(
+            layers,
+            first.layers,
+            quantize=lambda p: quantize(model, p, calibration, layers=layers).model,
+            measure=lambda q: measure(q, "ANS on the quantized model").layers,
+            rounds=options.rounds,
+            target_average_bits=options.target_avg_bits,
+            **allocation,
+        )
+    elif options.target_avg_bits is not None:
+        plan = allocate_budgeted(layers, first.layers, options.target_avg_bits, **allocation)
     else:
-        raise UsageError("give --bits N or --plan plan.json")
-    calibration = [x for x, _ in _first(dataset, options.calibration_samples)]
-    quantized = quantize(
-        model, plan, calibration, layers=layers, method=options.calibration, percentile=options.percentile
-    )
-    files = {MODEL_FILE: quantized.model.SerializeToString(), PLAN_FILE: quantized.plan.dumps()}
-    written = output.write(files)
-    return CompileResult(tuple(layers), quantized.plan, tuple(str(p) for p in written))
+        plan = allocate(layers, first.layers, **allocation)
+    return plan.with_details(ans=first.to_json())
 
 
-def _first(dataset: object, count: int) -> Iterable[tuple[np.ndarray, np.ndarray | None]]:
+def _with_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    from .passes.qdq import PLAN_METADATA_KEY
+
+    for entry in model.metadata_props:
+        if entry.key == PLAN_METADATA_KEY:
+            entry.value = plan.dumps()
+    return model
+
+
+def _first(dataset: Any, count: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """The first `count` samples of the dataset in batches."""
     taken = 0
-    for x, y in dataset.batches(CALIBRATION_BATCH):  # type: ignore[attr-defined]
+    for x, y in dataset.batches(batch_size):
         if taken >= count:
             break
         keep = min(len(x), count - taken)
         taken += keep
         yield x[:keep], (None if y is None else y[:keep])
+
+
+ANALYSIS_FILE = "analysis.json"
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """`quanos analyze`: the ANS attack and data options of compile, plus accuracy grids."""
+
+    model_path: str
+    data_path: str | None = None
+    output_dir: str | None = None
+    fgsm_eps: str = "0.05,0.1,0.2"
+    pgd_eps: str = "2/255,8/255"
+    as_json: bool = False
+    layout: str = "auto"
+    scale: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    data_range: str | None = None
+    seed: int = 0
+    eps: str = "0.05"
+    samples: int | None = None
+    attack: str = "fgsm"
+    pgd_steps: int = 10
+    pgd_alpha: str | None = None
+    input_range: str = "0,1"
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class AnalyzeResult:
+    document: Mapping[str, Any]
+    written: tuple[str, ...]
+
+    def summary_text(self) -> str:
+        from .report.text import format_table
+
+        doc = self.document
+        ans_rows = [
+            {"layer": r["layer"], "ans_mean": _rounded(r["ans_mean"]), "ans_std": _rounded(r["ans_std"])}
+            for r in doc["ans"]["layers"]
+        ]
+        evaluation = doc["evaluation"]
+        accuracy_rows = [{"attack": "clean", "eps": None, "accuracy": evaluation["clean_accuracy"]}] + [
+            {"attack": a["method"], "eps": round(a["eps"], 5), "accuracy": a["accuracy"]}
+            for a in evaluation["attacks"]
+        ]
+        lines = [
+            f"ANS ({doc['ans']['attack']['method']} eps={doc['ans']['attack']['eps']:.4g}, "
+            f"{doc['ans']['samples']} samples)",
+            format_table(ans_rows),
+            "",
+            f"accuracy on {evaluation['samples']} samples (labels from {evaluation['labels']})",
+            format_table(accuracy_rows),
+            *(f"wrote {path}" for path in self.written),
+        ]
+        return "\n".join(lines)
+
+
+def run_analyze(
+    options: AnalyzeOptions, progress: ProgressFactory = no_progress
+) -> AnalyzeResult:
+    """Audit a model without quantizing it: ANS per layer and clean/FGSM/PGD accuracy."""
+    from .errors import ModelError
+    from .harness.ans import measure_ans
+    from .harness.attacks import InputRange, parse_eps
+    from .harness.evaluate import attack_grid, evaluate
+    from .outputs import OutputDir
+
+    inputs = [p for p in (options.model_path, options.data_path) if p]
+    output = OutputDir(options.output_dir, inputs=inputs) if options.output_dir else None
+    model = load_model(options.model_path)
+    layers = list_layers(model)
+    if not layers:
+        raise ModelError(f"{options.model_path}: no quantizable layer to analyze")
+    dataset = _load_data(options, model)  # type: ignore[arg-type]
+    attack = make_attack(options)  # type: ignore[arg-type]
+    count = _ans_samples(options, dataset)  # type: ignore[arg-type]
+    input_range = InputRange.parse(options.input_range)
+    attacks = (
+        *attack_grid(["fgsm"], _eps_list(options.fgsm_eps, "--fgsm-eps", parse_eps), input_range=input_range),
+        *attack_grid(["pgd"], _eps_list(options.pgd_eps, "--pgd-eps", parse_eps), steps=options.pgd_steps, input_range=input_range),
+    )
+    with progress(f"ANS ({attack.describe()})", count) as advance:
+        ans = measure_ans(model, layers, _first(dataset, count, options.batch_size), attack, seed=options.seed, progress=advance)
+    with progress("accuracy under attack", count) as advance:
+        evaluation = evaluate(model, _first(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance)
+    document = {
+        "format": "quanos-analysis",
+        "version": 1,
+        "model": options.model_path,
+        "data": {"source": dataset.source, "samples": count},
+        "ans": ans.to_json(),
+        "evaluation": evaluation.to_json(),
+    }
+    written: tuple[str, ...] = ()
+    if output is not None:
+        import json
+
+        paths = output.write({ANALYSIS_FILE: json.dumps(document, indent=2) + "\n"})
+        written = tuple(str(p) for p in paths)
+    return AnalyzeResult(document, written)
+
+
+def _eps_list(text: str, option: str, parse: Callable[[str, str], float]) -> list[float]:
+    return [parse(part, option) for part in text.split(",") if part.strip()]

@@ -1,0 +1,240 @@
+"""White-box FGSM and PGD on a differentiable model (DESIGN section 2, paper Eqn 1).
+
+eps and the PGD step are given in units of a [0,1]-scaled input and multiplied by the
+width of the model's declared input range, so "eps 0.05" means the same perturbation for
+a model that takes [0,1] pixels and one that takes 0..255. FGSM is PGD with one step of
+size eps from the clean input and no random start; both share one loop.
+
+The model is anything mapping an input batch to logits: the torch twin of an ONNX graph
+(plain or fake-quant) or a user's nn.Module. Gradients are taken with respect to the input
+only, so the twin's weights never need gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+LogitsModel = Callable[["torch.Tensor"], "torch.Tensor"]
+"""An input batch (float32, model layout) -> logits [N, classes]; the twin is one."""
+
+METHODS = ("fgsm", "pgd")
+
+PGD_STEP_FACTOR = 2.5
+"""Default PGD step = 2.5 * eps / steps (Madry et al.): the walk can cross the ball and back."""
+
+_FRACTION = re.compile(r"\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*")
+
+
+@dataclass(frozen=True)
+class InputRange:
+    """The values a model's input can take (``--input-range LO,HI``); eps scales by its width."""
+
+    low: float = 0.0
+    high: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise UsageError(f"--input-range {self}: both ends must be finite numbers")
+        if self.low >= self.high:
+            raise UsageError(f"--input-range {self}: LO must be below HI, e.g. 0,1 or 0,255")
+
+    @classmethod
+    def parse(cls, text: str) -> InputRange:
+        """'0,1', '0,255' or '-1,1'."""
+        parts = str(text).split(",")
+        try:
+            low, high = (float(part) for part in parts)
+        except ValueError:
+            raise UsageError(
+                f"--input-range {text!r} is not LO,HI", hint="e.g. 0,1 or 0,255"
+            ) from None
+        return cls(low, high)
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+    def __str__(self) -> str:
+        return f"{self.low:g},{self.high:g}"
+
+
+def parse_eps(text: str | float, option: str = "--eps") -> float:
+    """An eps (or PGD step) in [0,1] input units: '0.05', '8/255'; checked 0 < eps <= 1."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return check_fraction(float(text), option)
+    fraction = _FRACTION.fullmatch(str(text))
+    try:
+        if fraction:
+            value = float(fraction.group(1)) / float(fraction.group(2))
+        else:
+            value = float(str(text))
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"{option} {text!r} is not a number (e.g. 0.05 or 8/255)") from None
+    return check_fraction(value, option)
+
+
+def check_fraction(value: float, option: str) -> float:
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise UsageError(
+            f"{option} {value:g} must be in (0, 1]: it is a fraction of the input range",
+            hint="8/255 on a 0..255 model is written 8/255, not 8",
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack configuration. Build with Attack.fgsm / Attack.pgd.
+
+    `alpha` is the PGD step in [0,1] input units (None: 2.5 * eps / steps). `eps` and
+    `alpha` are multiplied by `input_range.width` when the attack runs.
+    """
+
+    method: str
+    eps: float
+    steps: int = 1
+    alpha: float | None = None
+    random_start: bool = False
+    input_range: InputRange = field(default_factory=InputRange)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"--attack {self.method!r} is not one of {', '.join(METHODS)}")
+        check_fraction(self.eps, "--eps")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise UsageError(f"--steps {self.steps!r} must be a whole number of at least 1")
+        if self.method == "fgsm" and (self.steps != 1 or self.alpha is not None or self.random_start):
+            raise UsageError("--attack fgsm takes one step of size eps: no --steps, --alpha or random start")
+        if self.alpha is not None:
+            check_fraction(self.alpha, "--alpha")
+
+    @classmethod
+    def fgsm(cls, eps: float, input_range: InputRange | None = None) -> Attack:
+        return cls("fgsm", eps, input_range=input_range or InputRange())
+
+    @classmethod
+    def pgd(
+        cls,
+        eps: float,
+        *,
+        steps: int = 10,
+        alpha: float | None = None,
+        random_start: bool = False,
+        input_range: InputRange | None = None,
+    ) -> Attack:
+        return cls("pgd", eps, steps, alpha, random_start, input_range or InputRange())
+
+    @property
+    def step_size(self) -> float:
+        """The step in [0,1] input units."""
+        if self.method == "fgsm":
+            return self.eps
+        return self.alpha if self.alpha is not None else PGD_STEP_FACTOR * self.eps / self.steps
+
+    def describe(self) -> str:
+        if self.method == "fgsm":
+            return f"FGSM eps={self.eps:.6g}"
+        start = ", random start" if self.random_start else ""
+        return f"PGD-{self.steps} eps={self.eps:.6g} alpha={self.step_size:.6g}{start}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "eps": self.eps,
+            "steps": self.steps,
+            "alpha": self.step_size,
+            "random_start": self.random_start,
+            "input_range": [self.input_range.low, self.input_range.high],
+        }
+
+
+def perturb(
+    model: LogitsModel,
+    x: np.ndarray,
+    labels: np.ndarray,
+    attack: Attack,
+    *,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Adversarial inputs for one batch: float32, same shape, within eps and the input range.
+
+    `rng` draws the PGD random start (required then); everything else is deterministic.
+    """
+    import torch
+
+    width = attack.input_range.width
+    eps, step = attack.eps * width, attack.step_size * width
+    low, high = attack.input_range.low, attack.input_range.high
+    clean = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    adversarial = clean
+    if attack.random_start:
+        if rng is None:
+            raise ValueError("a PGD random start needs an rng")
+        noise = rng.uniform(-eps, eps, size=clean.shape).astype(np.float32)
+        adversarial = (clean + torch.from_numpy(noise)).clamp(low, high)
+    for _ in range(attack.steps):
+        gradient = loss_gradient(model, adversarial, targets)
+        with torch.no_grad():
+            adversarial = adversarial + step * gradient.sign()
+            adversarial = torch.minimum(torch.maximum(adversarial, clean - eps), clean + eps)
+            adversarial = adversarial.clamp(low, high)
+    return adversarial.detach().numpy().astype(np.float32, copy=False)
+
+
+def loss_gradient(model: LogitsModel, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d CE(model(x), targets) / dx, summed over the batch so no sample's gradient is scaled."""
+    import torch
+
+    inputs = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(inputs)
+        logits = logits.reshape(len(inputs), -1)
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, inputs)
+    return gradient
+
+
+def attack_labels(y: np.ndarray | None, clean_logits: np.ndarray) -> np.ndarray:
+    """The labels an attack pushes away from: the data's, else the model's clean predictions."""
+    classes = clean_logits.reshape(len(clean_logits), -1).shape[1]
+    if y is None:
+        return predictions(clean_logits)
+    return check_labels(y, classes, len(clean_logits))
+
+
+def predictions(logits: np.ndarray) -> np.ndarray:
+    return logits.reshape(len(logits), -1).argmax(axis=1).astype(np.int64)
+
+
+def check_labels(y: np.ndarray, classes: int, count: int) -> np.ndarray:
+    labels = np.asarray(y)
+    if labels.shape != (count,):
+        raise DataError(f"labels: expected shape ({count},) for a batch of {count}, got {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"labels: expected integer class indices, got {labels.dtype}")
+    if count and (labels.min() < 0 or labels.max() >= classes):
+        bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+        raise DataError(
+            f"labels: class {bad} is outside the model's {classes} outputs (0..{classes - 1})"
+        )
+    return labels.astype(np.int64, copy=False)
+
+
+def twin_of(proto: onnx.ModelProto) -> LogitsModel:
+    """The torch twin that gives the attack its gradients (fake-quant for a QDQ model)."""
+    from ..twin import build_twin
+
+    return build_twin(proto, trainable=False)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from harness_models import TinyTorch, tiny_inputs, tiny_onnx, tiny_weights
+from quanos_onnx.errors import DataError, UsageError
+from quanos_onnx.harness.attacks import Attack, InputRange, perturb
+from quanos_onnx.harness.evaluate import attack_grid, evaluate
+from quanos_onnx.model import Runner
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    weights = tiny_weights()
+    return tiny_onnx(weights), TinyTorch(weights)
+
+
+def _batches(x, y, size):
+    for start in range(0, len(x), size):
+        yield x[start : start + size], None if y is None else y[start : start + size]
+
+
+def test_accuracies_are_counted_by_onnxruntime_on_the_attacked_inputs(tiny):
+    proto, model = tiny
+    x = tiny_inputs(20)
+    y = np.arange(20) % 5
+    attacks = attack_grid(["fgsm", "pgd"], [0.05, 0.2], steps=5)
+    result = evaluate(proto, _batches(x, y, 7), attacks, twin=model, seed=3)
+
+    runner = Runner(proto)
+    clean = np.mean(runner.run(x)[0].argmax(1) == y)
+    assert result.samples == 20 and result.labels == "data"
+    assert result.clean_accuracy == pytest.approx(clean)
+    fgsm_small = result.attacks[0]
+    x_adv = perturb(model, x, y, fgsm_small.attack)
+    assert fgsm_small.accuracy == pytest.approx(np.mean(runner.run(x_adv)[0].argmax(1) == y))
+    for entry in result.attacks:
+        assert entry.loss == pytest.approx(result.clean_accuracy - entry.accuracy)
+    assert [(a.attack.method, a.attack.eps) for a in result.attacks] == [
+        ("fgsm", 0.05), ("fgsm", 0.2), ("pgd", 0.05), ("pgd", 0.2)
+    ]
+
+
+def test_without_labels_clean_accuracy_is_one_and_attacks_flip_predictions(tiny):
+    proto, model = tiny
+    x = tiny_inputs(24)
+    result = evaluate(proto, _batches(x, None, 10), [Attack.fgsm(0.3)], twin=model)
+    assert result.labels == "model" and result.clean_accuracy == 1.0
+    assert result.attacks[0].accuracy < 1.0
+
+
+def test_results_serialize_to_json(tiny):
+    proto, model = tiny
+    result = evaluate(proto, _batches(tiny_inputs(4), None, 4), [Attack.pgd(0.1, steps=2)], twin=model)
+    document = json.loads(json.dumps(result.to_json()))
+    assert document["attacks"][0]["method"] == "pgd"
+    assert document["attacks"][0]["steps"] == 2
+    assert set(document["attacks"][0]) >= {"eps", "alpha", "accuracy", "adversarial_loss"}
+
+
+def test_attack_grid_carries_the_input_range_and_rejects_empty_lists():
+    grid = attack_grid(["pgd"], [8 / 255], steps=7, alpha=2 / 255, input_range=InputRange(0, 255))
+    assert grid[0].input_range.width == 255 and grid[0].step_size == pytest.approx(2 / 255)
+    with pytest.raises(UsageError):
+        attack_grid([], [0.1])
+    with pytest.raises(UsageError, match="--attack"):
+        attack_grid(["deepfool"], [0.1])
+
+
+def test_empty_data_is_a_data_error(tiny):
+    proto, model = tiny
+    with pytest.raises(DataError, match="no samples"):
+        evaluate(proto, iter(()), [Attack.fgsm(0.1)], twin=model)
