@@ -26,7 +26,7 @@ from ..errors import PlanError
 from ..layers import NON_NEGATIVE_OPS, Layer
 from ..plan import Plan
 from .calibrate import Range
-from .points import QuantPoint, QuantPoints
+from .points import TRANSPARENT_OPS, QuantPoint, QuantPoints
 
 PLAN_METADATA_KEY = "quanos.plan"
 
@@ -137,6 +137,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         nodes = {node.name: node for node in graph}
         values = _values(graph)
         input_scale: dict[str, float] = {}
+        group_of_edge = {edge: p.group for p in self.points.points for edge in p.consumers}
         for tensor, points in _points_by_tensor(self.points.points).items():
             finest: ir.Value | None = None
             for point in sorted(points, key=lambda p: (self.quantizers[p.group].scale, -p.bits, p.group)):
@@ -144,7 +145,8 @@ class QDQInsertionPass(ir.passes.InPlacePass):
                 source = values[tensor] if finest is None else finest
                 if _non_negative(source):
                     quantizer = quantizer.for_non_negative()
-                dequantized = self._insert_activation(graph, source, point, quantizer)
+                clip = not _already_on_grid(source, point.group, group_of_edge)
+                dequantized = self._insert_activation(graph, source, point, quantizer, clip=clip)
                 finest = finest or dequantized
                 for node_name, index in point.consumers:
                     nodes[node_name].replace_input_with(index, dequantized)
@@ -160,7 +162,13 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
     def _insert_activation(
-        self, graph: ir.Graph, value: ir.Value, point: QuantPoint, quantizer: ActivationQuantizer
+        self,
+        graph: ir.Graph,
+        value: ir.Value,
+        point: QuantPoint,
+        quantizer: ActivationQuantizer,
+        *,
+        clip: bool = True,
     ) -> ir.Value:
         base = f"{point.tensor}_q{point.bits}"
         container = np.int16 if quantizer.wide else np.uint8
@@ -168,7 +176,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         zero_point = _initializer(graph, f"{base}_zero_point", np.asarray(quantizer.zero_point, dtype=container))
         created: list[ir.Node] = []
         source = value
-        if quantizer.wide and quantizer.needs_clip:
+        if clip and quantizer.wide and quantizer.needs_clip:
             low, high = (
                 np.asarray((level - quantizer.zero_point) * quantizer.scale, dtype=np.float32)
                 for level in quantizer.levels
@@ -185,7 +193,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         created.append(ir.node("QuantizeLinear", [source, scale, zero_point], name=f"{base}/QuantizeLinear"))
         quantized = created[-1].outputs[0]
         quantized.name = f"{base}_quantized"
-        if not quantizer.wide and quantizer.needs_clip:
+        if clip and not quantizer.wide and quantizer.needs_clip:
             low, high = (np.asarray(level, dtype=container) for level in quantizer.levels)
             created.append(
                 ir.node(
@@ -257,6 +265,18 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     )
     graph.register_initializer(value)
     return value
+
+
+def _already_on_grid(value: ir.Value, group: str, group_of_edge: Mapping[tuple[str, int], str]) -> bool:
+    """True for the output of a transparent op (MaxPool, Slice, zero Pad, ...) whose input is
+    read through the same quantizer: its values are on the grid and within its levels
+    already, so its own Q -> DQ needs no Clip (and onnxruntime runs the op on uint8)."""
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.op_type in TRANSPARENT_OPS
+        and group_of_edge.get((producer.name, 0)) == group
+    )
 
 
 def _non_negative(value: ir.Value) -> bool:
