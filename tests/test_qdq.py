@@ -256,3 +256,22 @@ def test_a_tensor_with_two_grids_is_quantized_once(models):
         chain.append(producers[tensor].op_type)
         tensor = producers[tensor].input[0]
     assert chain == ["DequantizeLinear", "Clip", "QuantizeLinear", "DequantizeLinear", "Clip", "QuantizeLinear"]
+
+
+def test_a_transparent_op_reading_its_groups_grid_needs_no_second_clip(models):
+    """Relu -> Q -> Clip -> DQ -> MaxPool -> Q -> DQ -> Conv: the pooled values are already on
+    the grid and inside its levels, so only the first quantizer clips."""
+    model, layers = models["vgg"]
+    plan = Plan(tuple(LayerPlan(layer.name, 4, 4) for layer in layers[:-1]))
+    quantized = _quantized(model, plan, random_inputs(model, 16))
+    consumers: dict[str, list[str]] = collections.defaultdict(list)
+    for node in quantized.graph.node:
+        for name in node.input:
+            consumers[name].append(node.op_type)
+    pool = next(node for node in quantized.graph.node if node.op_type == "MaxPool")
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    assert producers[pool.input[0]].op_type == "DequantizeLinear"
+    assert producers[producers[pool.input[0]].input[0]].op_type == "Clip"
+    assert consumers[pool.output[0]] == ["QuantizeLinear"]
+    (after_pool,) = (node for node in quantized.graph.node if pool.output[0] in node.input)
+    assert consumers[after_pool.output[0]] == ["DequantizeLinear"]
