@@ -41,11 +41,12 @@ def to_qonnx(qdq_model: onnx.ModelProto, source: str = "<model>") -> onnx.ModelP
     graph = model.graph
     contents = read_quantizers(graph)
     weights = contents.weights(graph, plan)
+    current: dict[str, ir.Value] = {}
     for grid in contents.activations:
-        _replace_with_quant(
+        current[grid.output.name] = _replace_with_quant(
             graph,
             grid.output,
-            grid.source,
+            current.get(grid.source.name, grid.source),
             grid.scale,
             bits_by_grid[grid.name],
             signed=grid.signed,
@@ -81,7 +82,7 @@ def _replace_with_quant(
     signed: bool,
     narrow: bool,
     zero_point: int = 0,
-) -> None:
+) -> ir.Value:
     name = replaced.name
     scale_array = np.asarray(scale, dtype=np.float32)
     inputs = [
@@ -103,6 +104,7 @@ def _replace_with_quant(
         graph.insert_after(producer, quant)
     else:
         graph.insert_before(graph.node(0), quant)
+    return output
 
 
 def _weight_name(graph: ir.Graph, constant: ConstantDequant) -> str:

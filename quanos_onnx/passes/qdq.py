@@ -7,6 +7,9 @@ Activations: QuantizeLinear -> Clip(integer bounds) -> DequantizeLinear in a uin
 container (zero-point 0 for non-negative tensors, 128 for signed ones), because
 onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when that Clip is on uint8; for
 k = 9..16 an int16 container behind a float Clip (onnxruntime has no int16 Clip).
+Each float tensor gets one QuantizeLinear (its finest grid; other grids requantize from
+it), and a Relu output in a signed group is stored as the grid's non-negative half from
+zero-point 0, so that onnxruntime also fuses residual joins into QLinearAdd.
 
 Storage modes trade speed for file size: `int4` keeps weights of k <= 4 in int4
 initializers (opset 21), `int2` also keeps k <= 2 in int2 (opset 25, so the model's opset
@@ -16,7 +19,7 @@ is raised only when one is written); onnxruntime's limits with them are in docs/
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -24,10 +27,10 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from ..errors import PlanError, UsageError
-from ..layers import Layer
+from ..layers import NON_NEGATIVE_OPS, Layer
 from ..plan import Plan
 from .calibrate import Range
-from .points import QuantPoint, QuantPoints
+from .points import TRANSPARENT_OPS, QuantPoint, QuantPoints
 
 PLAN_METADATA_KEY = "quanos.plan"
 WEIGHT_SOURCE_KEY = "quanos.weight"
@@ -61,6 +64,18 @@ class ActivationQuantizer:
     @property
     def needs_clip(self) -> bool:
         return self.levels != self.container_range
+
+    def for_non_negative(self) -> ActivationQuantizer:
+        """The same grid for a tensor that cannot be negative (a Relu output in a signed group).
+
+        Only the signed grid's upper half can occur; stored from zero-point 0 it dequantizes
+        to identical values, and onnxruntime drops a Relu in front of a zero-point-0
+        quantizer, which is what lets it fuse DQ -> Add -> Relu -> Q into QLinearAdd and a
+        Conv -> Relu feeding a residual join into QLinearConv.
+        """
+        if not self.signed or self.wide:
+            return self
+        return replace(self, zero_point=0, levels=(0, self.levels[1] - self.zero_point))
 
 
 def activation_quantizer(bits: int, value_range: Range) -> ActivationQuantizer:
@@ -128,7 +143,14 @@ def check_storage(storage: str) -> str:
 
 
 class QDQInsertionPass(ir.passes.InPlacePass):
-    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan."""
+    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan.
+
+    A float tensor with several grids (a block input read by its first conv at that conv's
+    bits and by the residual join at the join's) is quantized once, on its finest grid; the
+    other grids requantize that one (DQ -> Q -> Clip -> DQ). Every consumer still reads its
+    own exact grid, and the float tensor has a single QuantizeLinear: the shape onnxruntime
+    needs to fuse its producer into QLinearConv / QLinearAdd.
+    """
 
     def __init__(
         self,
@@ -155,13 +177,21 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         nodes = {node.name: node for node in graph}
         values = _values(graph)
         input_scale: dict[str, float] = {}
-        for point in self.points.points:
-            quantizer = self.quantizers[point.group]
-            dequantized = self._insert_activation(graph, values[point.tensor], point, quantizer)
-            for node_name, index in point.consumers:
-                nodes[node_name].replace_input_with(index, dequantized)
-                if index == 0:
-                    input_scale[node_name] = quantizer.scale
+        group_of_edge = {edge: p.group for p in self.points.points for edge in p.consumers}
+        for tensor, points in _points_by_tensor(self.points.points).items():
+            finest: ir.Value | None = None
+            for point in sorted(points, key=lambda p: (self.quantizers[p.group].scale, -p.bits, p.group)):
+                quantizer = self.quantizers[point.group]
+                source = values[tensor] if finest is None else finest
+                if _non_negative(source):
+                    quantizer = quantizer.for_non_negative()
+                clip = not _already_on_grid(source, point.group, group_of_edge)
+                dequantized = self._insert_activation(graph, source, point, quantizer, clip=clip)
+                finest = finest or dequantized
+                for node_name, index in point.consumers:
+                    nodes[node_name].replace_input_with(index, dequantized)
+                    if index == 0:
+                        input_scale[node_name] = quantizer.scale
         entries = self.plan.by_name()
         for layer in self.layers:
             entry = entries.get(layer.name)
@@ -172,7 +202,13 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
     def _insert_activation(
-        self, graph: ir.Graph, value: ir.Value, point: QuantPoint, quantizer: ActivationQuantizer
+        self,
+        graph: ir.Graph,
+        value: ir.Value,
+        point: QuantPoint,
+        quantizer: ActivationQuantizer,
+        *,
+        clip: bool = True,
     ) -> ir.Value:
         base = point.name
         container = np.int16 if quantizer.wide else np.uint8
@@ -180,7 +216,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         zero_point = _initializer(graph, f"{base}_zero_point", np.asarray(quantizer.zero_point, dtype=container))
         created: list[ir.Node] = []
         source = value
-        if quantizer.wide and quantizer.needs_clip:
+        if clip and quantizer.wide and quantizer.needs_clip:
             low, high = (
                 np.asarray((level - quantizer.zero_point) * quantizer.scale, dtype=np.float32)
                 for level in quantizer.levels
@@ -197,7 +233,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         created.append(ir.node("QuantizeLinear", [source, scale, zero_point], name=f"{base}/QuantizeLinear"))
         quantized = created[-1].outputs[0]
         quantized.name = f"{base}_quantized"
-        if not quantizer.wide and quantizer.needs_clip:
+        if clip and not quantizer.wide and quantizer.needs_clip:
             low, high = (np.asarray(level, dtype=container) for level in quantizer.levels)
             created.append(
                 ir.node(
@@ -276,6 +312,30 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     )
     graph.register_initializer(value)
     return value
+
+
+def _already_on_grid(value: ir.Value, group: str, group_of_edge: Mapping[tuple[str, int], str]) -> bool:
+    """True for the output of a transparent op (MaxPool, Slice, zero Pad, ...) whose input is
+    read through the same quantizer: its values are on the grid and within its levels
+    already, so its own Q -> DQ needs no Clip (and onnxruntime runs the op on uint8)."""
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.op_type in TRANSPARENT_OPS
+        and group_of_edge.get((producer.name, 0)) == group
+    )
+
+
+def _non_negative(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type in NON_NEGATIVE_OPS and producer.domain in ("", "ai.onnx")
+
+
+def _points_by_tensor(points: Sequence[QuantPoint]) -> dict[str, list[QuantPoint]]:
+    grouped: dict[str, list[QuantPoint]] = {}
+    for point in points:
+        grouped.setdefault(point.tensor, []).append(point)
+    return grouped
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:
