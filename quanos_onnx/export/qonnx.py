@@ -43,6 +43,7 @@ def to_qonnx(qdq_model: onnx.ModelProto, source: str = "<model>") -> onnx.ModelP
     weights = contents.weights(graph, plan)
     current: dict[str, ir.Value] = {}
     for grid in contents.activations:
+        grid = grid.widened(bits_by_grid[grid.name])
         current[grid.output.name] = _replace_with_quant(
             graph,
             grid.output,

@@ -21,7 +21,7 @@ from ..errors import ModelError
 from ..layers import list_layers
 from ..model import TARGET_IR_VERSION, TARGET_OPSET
 from ..passes.points import plan_points
-from ..passes.qdq import PLAN_METADATA_KEY
+from ..passes.qdq import BITS_KEY, PLAN_METADATA_KEY
 from ..plan import LayerPlan, Plan, plan_from_json
 
 _CONTAINER_RANGES = {
@@ -67,6 +67,15 @@ class ActivationGrid:
         bits = count.bit_length() - 1
         holds_zero = self.levels[0] <= 0 <= self.levels[1]
         return bits if count == 2**bits and holds_zero else None
+
+    def widened(self, bits: int) -> ActivationGrid:
+        """The full k-bit grid this one is the non-negative half of (a Relu output in a
+        signed group is stored from zero point 0 with the group's upper levels only); for
+        the tensor's values, which are >= 0, both dequantize identically."""
+        count = self.levels[1] - self.levels[0] + 1
+        if self.levels[0] != 0 or count >= 2**bits:
+            return self
+        return replace(self, levels=(self.levels[1] - 2**bits + 1, self.levels[1]))
 
     def edges(self) -> frozenset[tuple[str, int]]:
         return frozenset((use.node.name, use.idx) for use in self.output.uses())
@@ -283,7 +292,8 @@ def activation_bits(proto: onnx.ModelProto, plan: Plan) -> dict[str, int]:
         bits = planned.get((float_source(grid, contents.activations), readers))
         if bits is None:
             raise ModelError(f"node '{grid.name}': activation quantizer of '{grid.source.name}' is not in the stored plan")
-        if grid.bits != bits:
+        recorded = grid.nodes[-1].metadata_props.get(BITS_KEY)
+        if (recorded is not None and int(recorded) != bits) or grid.widened(bits).bits != bits:
             raise ModelError(
                 f"node '{grid.name}': levels {grid.levels} are not the {bits}-bit grid the stored plan gives "
                 f"'{grid.source.name}'"

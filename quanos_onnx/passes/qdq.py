@@ -7,9 +7,12 @@ Activations: QuantizeLinear -> Clip(integer bounds) -> DequantizeLinear in a uin
 container (zero-point 0 for non-negative tensors, 128 for signed ones), because
 onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when that Clip is on uint8; for
 k = 9..16 an int16 container behind a float Clip (onnxruntime has no int16 Clip).
-Each float tensor gets one QuantizeLinear (its finest grid; other grids requantize from
-it), and a Relu output in a signed group is stored as the grid's non-negative half from
-zero-point 0, so that onnxruntime also fuses residual joins into QLinearAdd.
+A Relu output in a signed group is stored as the grid's non-negative half from zero-point
+0 (identical values; onnxruntime then drops the Relu in front of the Q). A tensor with
+several grids (a block input read by its first conv and by the residual join) is
+quantized from the float tensor once per grid: requantizing the coarser grid from the
+finer one would let onnxruntime fuse the join into QLinearAdd, but the double rounding
+cost ResNet-20 13 points of top-1 at 4 bits (68.0% -> 54.6%, bench/uniform_accuracy.py).
 
 Storage modes trade speed for file size: `int4` keeps weights of k <= 4 in int4
 initializers (opset 21), `int2` also keeps k <= 2 in int2 (opset 25, so the model's opset
@@ -36,6 +39,9 @@ PLAN_METADATA_KEY = "quanos.plan"
 WEIGHT_SOURCE_KEY = "quanos.weight"
 """Node metadata on each weight DequantizeLinear: the float initializer it replaced, so
 exports can name the weight as the float model does (onnxruntime.quantization overrides)."""
+BITS_KEY = "quanos.bits"
+"""Node metadata on each activation DequantizeLinear: the plan's bits for that grid, which
+its levels alone do not show when it is the non-negative half of a signed grid."""
 
 STORAGES = ("int8", "int4", "int2")
 INT2_OPSET = 25
@@ -143,14 +149,7 @@ def check_storage(storage: str) -> str:
 
 
 class QDQInsertionPass(ir.passes.InPlacePass):
-    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan.
-
-    A float tensor with several grids (a block input read by its first conv at that conv's
-    bits and by the residual join at the join's) is quantized once, on its finest grid; the
-    other grids requantize that one (DQ -> Q -> Clip -> DQ). Every consumer still reads its
-    own exact grid, and the float tensor has a single QuantizeLinear: the shape onnxruntime
-    needs to fuse its producer into QLinearConv / QLinearAdd.
-    """
+    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan."""
 
     def __init__(
         self,
@@ -178,20 +177,17 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         values = _values(graph)
         input_scale: dict[str, float] = {}
         group_of_edge = {edge: p.group for p in self.points.points for edge in p.consumers}
-        for tensor, points in _points_by_tensor(self.points.points).items():
-            finest: ir.Value | None = None
-            for point in sorted(points, key=lambda p: (self.quantizers[p.group].scale, -p.bits, p.group)):
-                quantizer = self.quantizers[point.group]
-                source = values[tensor] if finest is None else finest
-                if _non_negative(source):
-                    quantizer = quantizer.for_non_negative()
-                clip = not _already_on_grid(source, point.group, group_of_edge)
-                dequantized = self._insert_activation(graph, source, point, quantizer, clip=clip)
-                finest = finest or dequantized
-                for node_name, index in point.consumers:
-                    nodes[node_name].replace_input_with(index, dequantized)
-                    if index == 0:
-                        input_scale[node_name] = quantizer.scale
+        for point in self.points.points:
+            source = values[point.tensor]
+            quantizer = self.quantizers[point.group]
+            if _non_negative(source):
+                quantizer = quantizer.for_non_negative()
+            clip = not _already_on_grid(source, point.group, group_of_edge)
+            dequantized = self._insert_activation(graph, source, point, quantizer, clip=clip)
+            for node_name, index in point.consumers:
+                nodes[node_name].replace_input_with(index, dequantized)
+                if index == 0:
+                    input_scale[node_name] = quantizer.scale
         entries = self.plan.by_name()
         for layer in self.layers:
             entry = entries.get(layer.name)
@@ -244,7 +240,14 @@ class QDQInsertionPass(ir.passes.InPlacePass):
             )
             quantized = created[-1].outputs[0]
             quantized.name = f"{base}_clipped"
-        created.append(ir.node("DequantizeLinear", [quantized, scale, zero_point], name=f"{base}/DequantizeLinear"))
+        created.append(
+            ir.node(
+                "DequantizeLinear",
+                [quantized, scale, zero_point],
+                name=f"{base}/DequantizeLinear",
+                metadata_props={BITS_KEY: str(point.bits)},
+            )
+        )
         dequantized = created[-1].outputs[0]
         dequantized.name = f"{base}_dequantized"
         producer = value.producer()
@@ -329,13 +332,6 @@ def _already_on_grid(value: ir.Value, group: str, group_of_edge: Mapping[tuple[s
 def _non_negative(value: ir.Value) -> bool:
     producer = value.producer()
     return producer is not None and producer.op_type in NON_NEGATIVE_OPS and producer.domain in ("", "ai.onnx")
-
-
-def _points_by_tensor(points: Sequence[QuantPoint]) -> dict[str, list[QuantPoint]]:
-    grouped: dict[str, list[QuantPoint]] = {}
-    for point in points:
-        grouped.setdefault(point.tensor, []).append(point)
-    return grouped
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:
