@@ -8,8 +8,9 @@ container (zero-point 0 for non-negative tensors, 128 for signed ones), because
 onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when that Clip is on uint8; for
 k = 9..16 an int16 container behind a float Clip (onnxruntime has no int16 Clip).
 Each float tensor gets one QuantizeLinear (its finest grid; other grids requantize from
-it), and a Relu output in a signed group is stored as the grid's non-negative half from
-zero-point 0, so that onnxruntime also fuses residual joins into QLinearAdd.
+it, except a residual join's output, which is added again per grid), and a non-negative
+tensor in a signed group is stored as the grid's non-negative half from zero-point 0, so
+that onnxruntime also fuses residual joins into QLinearAdd.
 """
 
 from __future__ import annotations
@@ -138,12 +139,13 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         values = _values(graph)
         input_scale: dict[str, float] = {}
         group_of_edge = {edge: p.group for p in self.points.points for edge in p.consumers}
+        non_negative = _non_negative_tensors(graph)
         for tensor, points in _points_by_tensor(self.points.points).items():
             finest: ir.Value | None = None
             for point in sorted(points, key=lambda p: (self.quantizers[p.group].scale, -p.bits, p.group)):
                 quantizer = self.quantizers[point.group]
                 source = values[tensor] if finest is None else finest
-                if _non_negative(source):
+                if tensor in non_negative:
                     quantizer = quantizer.for_non_negative()
                 clip = not _already_on_grid(source, point.group, group_of_edge)
                 dequantized = self._insert_activation(graph, source, point, quantizer, clip=clip)
@@ -237,6 +239,59 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         node.replace_input_with(2, _dequantize(graph, f"{layer.name}.bias_i32", bias_integers, bias_scale, bias_axis))
 
 
+class RecomputeJoinPerGridPass(ir.passes.InPlacePass):
+    """A residual join's output needed on a second grid is computed again for that grid.
+
+    The second grid of a tensor is normally requantized from the first (DQ -> Q -> Clip ->
+    DQ), which onnxruntime runs in float. When the tensor is a join, Add(DQ a, DQ b) with an
+    optional Relu after it, adding again for the second grid lets onnxruntime run both sums
+    as QLinearAdd, and quantizes each grid from the exact sum instead of from the other grid.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for quantize in [node for node in graph if node.op_type == "QuantizeLinear"]:
+            chain = _requantized_join(quantize)
+            if chain is None:
+                continue
+            source = chain[0].inputs
+            grid = quantize.name.rsplit("/", 1)[0]
+            clones = []
+            for node in chain:
+                clone = ir.node(node.op_type, list(source), dict(node.attributes), name=f"{node.name}/{grid}")
+                clone.outputs[0].name = f"{node.outputs[0].name}/{grid}"
+                clones.append(clone)
+                source = clone.outputs
+            graph.insert_after(chain[-1], clones)
+            quantize.replace_input_with(0, clones[-1].outputs[0])
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _requantized_join(quantize: ir.Node) -> list[ir.Node] | None:
+    """[Add] or [Add, Relu] when `quantize` requantizes a DQ'd join output, else None."""
+    dequantize = quantize.inputs[0].producer() if quantize.inputs[0] is not None else None
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return None
+    node = dequantize.inputs[0].producer()
+    while node is not None and node.op_type == "Clip":
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "QuantizeLinear":
+        return None
+    chain: list[ir.Node] = []
+    node = node.inputs[0].producer()
+    if node is not None and node.op_type == "Relu":
+        chain.append(node)
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+        return None
+    operands = [value.producer() if value is not None else None for value in node.inputs]
+    if any(producer is None or producer.op_type != "DequantizeLinear" for producer in operands):
+        return None
+    return [node, *chain]
+
+
 def _dequantize(
     graph: ir.Graph, base: str, integers: np.ndarray, scale: np.ndarray, axis: int | None
 ) -> ir.Value:
@@ -279,9 +334,26 @@ def _already_on_grid(value: ir.Value, group: str, group_of_edge: Mapping[tuple[s
     )
 
 
-def _non_negative(value: ir.Value) -> bool:
-    producer = value.producer()
-    return producer is not None and producer.op_type in NON_NEGATIVE_OPS and producer.domain in ("", "ai.onnx")
+def _non_negative_tensors(graph: ir.Graph) -> set[str]:
+    """Tensors that cannot be negative: outputs of Relu-like ops, and of data movement
+    (Slice, MaxPool, non-negative Pad, ...) applied to such a tensor. Found before any
+    insertion, so the answer does not depend on the order the quantizers go in."""
+    found: set[str] = set()
+    for node in graph:
+        if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+            continue
+        if node.op_type in NON_NEGATIVE_OPS or (
+            node.op_type in TRANSPARENT_OPS and node.inputs[0].name in found and _pads_non_negative(node)
+        ):
+            found.update(output.name for output in node.outputs)
+    return found
+
+
+def _pads_non_negative(node: ir.Node) -> bool:
+    if node.op_type != "Pad" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return True
+    value = node.inputs[2].const_value
+    return value is not None and bool(np.all(value.numpy() >= 0))
 
 
 def _points_by_tensor(points: Sequence[QuantPoint]) -> dict[str, list[QuantPoint]]:
@@ -311,6 +383,7 @@ def insert_qdq(
     model = ir.serde.deserialize_model(proto)
     ir.passes.Sequential(
         QDQInsertionPass(layers, plan, points, quantizers),
+        RecomputeJoinPerGridPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     )(model)
