@@ -128,7 +128,13 @@ def test_signed_and_unsigned_activation_grids(bits: int, container: int):
     assert unsigned.levels[0] == unsigned.zero_point
     assert (unsigned.levels[1] - unsigned.zero_point) * unsigned.scale == pytest.approx(6.0, rel=1e-6)
     if bits <= 8:
-        assert (unsigned.zero_point, signed.zero_point) == (0, 128)
+        assert unsigned.zero_point == 0
+        # The signed grid spans exactly [-2, 3]: its end levels dequantize to the range ends.
+        low_value = (signed.levels[0] - signed.zero_point) * signed.scale
+        high_value = (signed.levels[1] - signed.zero_point) * signed.scale
+        assert low_value == pytest.approx(-2.0, abs=signed.scale / 2)
+        assert high_value == pytest.approx(3.0, abs=signed.scale / 2)
+        assert signed.levels[0] <= signed.zero_point <= signed.levels[1]
 
 
 def test_weight_quantization_is_symmetric_per_channel_and_round_trips_at_16_bits():
@@ -232,6 +238,43 @@ def test_join_operands_share_one_quantizer_at_the_downstream_bits(models):
         assert np.round(levels).max() - np.round(levels).min() + 1 <= 2**join_plan.bits, join_plan.name
     shortcut = result.plan.by_name()["block2.shortcut"]
     assert (shortcut.weight_bits, shortcut.act_bits, shortcut.group) == (6, 6, "block2.add")
+
+
+def test_16_bit_layers_with_large_biases_run_the_same_under_onnxruntime_optimization():
+    """At 16 bits the bias would overflow int32 at input x weight scale; a coarser bias scale
+    keeps it integer, and onnxruntime's optimized session must agree with the plain one."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(scale=0.01, size=(8, 3, 3, 3)).astype(np.float32)
+    bias = rng.normal(scale=50.0, size=(8,)).astype(np.float32)
+    weight2 = rng.normal(scale=0.01, size=(4, 8, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"], name="relu"),
+            helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b"), numpy_helper.from_array(weight2, "w2")],
+    )
+    model = normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    layers = list_layers(model)
+    plan = Plan(tuple(LayerPlan(layer.name, 16, 16) for layer in layers))
+    x = rng.random((4, 3, 8, 8), dtype=np.float32)
+    quantized = quantize(model, plan, [x], layers=layers).model
+    outputs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"x": x})[0])
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(outputs[1], reference, rtol=1e-3, atol=1e-2)
 
 
 @pytest.mark.parametrize("bits", [2, 5, 8])

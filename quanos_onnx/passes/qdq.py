@@ -9,8 +9,12 @@ onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when that Clip is on uin
 k = 9..16 an int16 container behind a float Clip (onnxruntime has no int16 Clip).
 Each float tensor gets one QuantizeLinear (its finest grid; other grids requantize from
 it, except a residual join's output, which is added again per grid), and a non-negative
-tensor in a signed group is stored as the grid's non-negative half from zero-point 0, so
+tensor in a signed group is stored as the grid's non-negative part from zero-point 0, so
 that onnxruntime also fuses residual joins into QLinearAdd.
+
+Storage modes trade speed for file size: `int4` keeps weights of k <= 4 in int4
+initializers (opset 21), `int2` also keeps k <= 2 in int2 (opset 25, so the model's opset
+is raised only when one is written); onnxruntime's limits with them are in docs/interop.md.
 """
 
 from __future__ import annotations
@@ -23,13 +27,21 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from ..errors import PlanError
+from ..errors import PlanError, UsageError
 from ..layers import NON_NEGATIVE_OPS, Layer
 from ..plan import Plan
 from .calibrate import Range
 from .points import TRANSPARENT_OPS, QuantPoint, QuantPoints
 
 PLAN_METADATA_KEY = "quanos.plan"
+WEIGHT_SOURCE_KEY = "quanos.weight"
+"""Node metadata on each weight DequantizeLinear: the float initializer it replaced, so
+exports can name the weight as the float model does (onnxruntime.quantization overrides)."""
+
+STORAGES = ("int8", "int4", "int2")
+INT2_OPSET = 25
+INT2_IR_VERSION = 13
+"""int2 tensors exist from opset 25 / IR version 13 on (onnx 1.20)."""
 
 
 @dataclass(frozen=True)
@@ -68,20 +80,31 @@ class ActivationQuantizer:
 
 
 def activation_quantizer(bits: int, value_range: Range) -> ActivationQuantizer:
-    """Grid for a tensor with the calibrated range; unsigned when the range is >= 0."""
+    """Grid for a tensor with the calibrated range; unsigned when the range is >= 0.
+
+    Signed tensors up to 8 bits get an asymmetric grid: 2^k levels spread over exactly
+    [low, high], placed in the middle of the uint8 container with the zero point where
+    0.0 falls, so no level is wasted on a side the tensor never reaches.
+    """
     low, high = min(value_range.low, 0.0), max(value_range.high, 0.0)
     signed = low < 0.0
+    levels_count = 2**bits
+    if signed and bits <= 8:
+        scale = _positive_scale((high - low) / (levels_count - 1))
+        first = 128 - levels_count // 2
+        zero_point = first + int(round(-low / scale))
+        return ActivationQuantizer(bits, scale, zero_point, True, (first, first + levels_count - 1))
     if signed:
-        half = 2 ** (bits - 1)
-        scale = max(-low / half, high / (half - 1))
-        zero_point = 0 if bits > 8 else 128
-        levels = (zero_point - half, zero_point + half - 1)
-    else:
-        scale = high / (2**bits - 1)
-        zero_point = -32768 if bits > 8 else 0
-        levels = (zero_point, zero_point + 2**bits - 1)
-    scale = float(np.float32(scale)) if scale > 0 else 1.0
-    return ActivationQuantizer(bits, scale, zero_point, signed, levels)
+        half = levels_count // 2
+        scale = _positive_scale(max(-low / half, high / (half - 1)))
+        return ActivationQuantizer(bits, scale, 0, True, (-half, half - 1))
+    scale = _positive_scale(high / (levels_count - 1))
+    zero_point = -32768 if bits > 8 else 0
+    return ActivationQuantizer(bits, scale, zero_point, False, (zero_point, zero_point + levels_count - 1))
+
+
+def _positive_scale(scale: float) -> float:
+    return float(np.float32(scale)) if scale > 0 else 1.0
 
 
 def quantize_weight(weight: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +128,21 @@ def quantize_weight(weight: np.ndarray, bits: int, axis: int | None) -> tuple[np
     return integers, scale
 
 
+def weight_container(bits: int, storage: str) -> np.dtype:
+    """The narrowest integer type the storage mode allows for k-bit weights."""
+    if storage == "int2" and bits <= 2:
+        return ir.DataType.INT2.numpy()
+    if storage in ("int4", "int2") and bits <= 4:
+        return ir.DataType.INT4.numpy()
+    return np.dtype(np.int8 if bits <= 8 else np.int16)
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGES:
+        raise UsageError(f"--storage: unknown container '{storage}' (use {', '.join(STORAGES)})")
+    return storage
+
+
 class QDQInsertionPass(ir.passes.InPlacePass):
     """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan.
 
@@ -121,12 +159,14 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         plan: Plan,
         points: QuantPoints,
         quantizers: Mapping[str, ActivationQuantizer],
+        storage: str = "int8",
     ) -> None:
         super().__init__()
         self.layers = layers
         self.plan = plan
         self.points = points
         self.quantizers = quantizers
+        self.storage = check_storage(storage)
 
     def requires(self, model: ir.Model) -> None:
         missing = {p.group for p in self.points.points} - set(self.quantizers)
@@ -172,7 +212,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         *,
         clip: bool = True,
     ) -> ir.Value:
-        base = f"{point.tensor}_q{point.bits}"
+        base = point.name
         container = np.int16 if quantizer.wide else np.uint8
         scale = _initializer(graph, f"{base}_scale", np.asarray(quantizer.scale, dtype=np.float32))
         zero_point = _initializer(graph, f"{base}_zero_point", np.asarray(quantizer.zero_point, dtype=container))
@@ -224,8 +264,10 @@ class QDQInsertionPass(ir.passes.InPlacePass):
             raise PlanError(f"layer '{layer.name}': weight '{layer.weight}' is not a constant")
         weight = weight_value.const_value.numpy().astype(np.float32)
         integers, scale = quantize_weight(weight, bits, layer.weight_axis)
+        integers = integers.astype(weight_container(bits, self.storage))
         base = f"{layer.name}.weight_w{bits}"
         dequantized = _dequantize(graph, base, integers, scale, layer.weight_axis)
+        dequantized.producer().metadata_props[WEIGHT_SOURCE_KEY] = weight_value.name
         node.replace_input_with(1, dequantized)
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         if bias_value is None or bias_value.const_value is None or input_scale is None:
@@ -233,8 +275,13 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         bias = bias_value.const_value.numpy().astype(np.float64)
         bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32)
         bias_scale = np.where(bias_scale > 0, bias_scale, np.float32(1.0)).astype(np.float32)
-        limit = np.iinfo(np.int32)
-        bias_integers = np.clip(np.round(bias / bias_scale), limit.min, limit.max).astype(np.int32)
+        # Wide layers (int16 weights and activations) have scales so fine that the bias
+        # can overflow int32 at input scale x weight scale; those channels get a coarser
+        # bias scale (still far below one activation step). A float bias is no option:
+        # onnxruntime's optimizer then changes the results of int16 models.
+        limit = float(2**30)
+        bias_scale = np.maximum(bias_scale, (np.abs(bias) / limit).astype(np.float32)).astype(np.float32)
+        bias_integers = np.round(bias / bias_scale).astype(np.int32)
         bias_axis = 0 if bias_scale.ndim else None
         node.replace_input_with(2, _dequantize(graph, f"{layer.name}.bias_i32", bias_integers, bias_scale, bias_axis))
 
@@ -378,15 +425,20 @@ def insert_qdq(
     plan: Plan,
     points: QuantPoints,
     quantizers: Mapping[str, ActivationQuantizer],
+    *,
+    storage: str = "int8",
 ) -> onnx.ModelProto:
     """The QDQ model for an aligned, calibrated plan, cleaned up and with the plan attached."""
     model = ir.serde.deserialize_model(proto)
     ir.passes.Sequential(
-        QDQInsertionPass(layers, plan, points, quantizers),
+        QDQInsertionPass(layers, plan, points, quantizers, storage),
         RecomputeJoinPerGridPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     )(model)
+    if any(v.dtype == ir.DataType.INT2 for v in model.graph.initializers.values()):
+        model.opset_imports[""] = INT2_OPSET
+        model.ir_version = max(model.ir_version, INT2_IR_VERSION)
     model.metadata_props[PLAN_METADATA_KEY] = plan.dumps()
     result = ir.serde.serialize_model(model)
     del result.graph.value_info[:]
