@@ -179,7 +179,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         values = _values(graph)
         input_scale: dict[str, float] = {}
         group_of_edge = {edge: p.group for p in self.points.points for edge in p.consumers}
-        non_negative = _non_negative_tensors(graph)
+        non_negative = non_negative_tensors(graph)
         for tensor, points in _points_by_tensor(self.points.points).items():
             finest: ir.Value | None = None
             for point in sorted(points, key=lambda p: (self.quantizers[p.group].scale, -p.bits, p.group)):
@@ -381,7 +381,7 @@ def _already_on_grid(value: ir.Value, group: str, group_of_edge: Mapping[tuple[s
     )
 
 
-def _non_negative_tensors(graph: ir.Graph) -> set[str]:
+def non_negative_tensors(graph: ir.Graph) -> set[str]:
     """Tensors that cannot be negative: outputs of Relu-like ops, and of data movement
     (Slice, MaxPool, non-negative Pad, ...) applied to such a tensor. Found before any
     insertion, so the answer does not depend on the order the quantizers go in."""
