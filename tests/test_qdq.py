@@ -197,15 +197,22 @@ def test_every_conv_at_8_bits_or_less_becomes_qlinearconv(models, tmp_path: Path
     assert ops["Conv"] == ops["FusedConv"] == 0
 
 
-@pytest.mark.parametrize("bits", [[8] * 7, [2, 3, 4, 5, 6, 7, 8], [8, 2, 8, 3, 8, 4, 8]], ids=["u8", "2-8", "alternating"])
-def test_residual_blocks_fuse_into_qlinearconv_except_the_stem(models, tmp_path: Path, bits: list[int]):
-    """Every conv runs as QLinearConv but the stem: its Relu output is read on two grids (its
-    first conv's and the join's), each quantized from the float tensor, and onnxruntime fuses
-    a producer only in front of a single QuantizeLinear (docs/quantization.md)."""
+@pytest.mark.parametrize(
+    ("bits", "integer_adds"),
+    [([8] * 7, 1), ([2, 3, 4, 5, 6, 7, 8], 2), ([8, 2, 8, 3, 8, 4, 8], 2)],
+    ids=["u8", "2-8", "alternating"],
+)
+def test_residual_blocks_fuse_into_qlinearconv_and_qlinearadd(models, tmp_path: Path, bits: list[int], integer_adds: int):
+    """The stem's Relu output feeds a signed join and the first join's output feeds both a
+    conv and the next join: still every conv and the inner join run as integer kernels.
+    With different bits for the conv and the next join, block1.add is computed once per
+    grid (two QLinearAdds) instead of requantizing in float; block2.add feeds the float
+    GlobalAveragePool and stays a float Add."""
     model, layers = models["resnet"]
     plan = Plan(tuple(LayerPlan(layer.name, b, b) for layer, b in zip(layers, bits)))
     ops = _optimized_ops(_quantized(model, plan, random_inputs(model, 16)), tmp_path)
-    assert ops["QLinearConv"] == 5 and ops["FusedConv"] == 1 and ops["Conv"] == 0
+    assert ops["QLinearConv"] == 6 and ops["Conv"] == ops["FusedConv"] == 0
+    assert (ops["QLinearAdd"], ops["Add"]) == (integer_adds, 1)
 
 
 def test_join_operands_share_one_quantizer_at_the_downstream_bits(models):
@@ -282,15 +289,15 @@ def test_non_negative_half_of_a_signed_grid_dequantizes_identically(bits: int):
     assert activation_quantizer(bits, Range(0.0, 2.0)).for_non_negative() == activation_quantizer(bits, Range(0.0, 2.0))
 
 
-def test_each_grid_of_a_tensor_quantizes_the_float_tensor(models):
-    """The stem output is read by a conv at 3 bits and by a join at 7: two QuantizeLinear
-    nodes on the float tensor, none requantizing the other (no double rounding)."""
+def test_a_tensor_with_two_grids_is_quantized_once(models):
+    """The stem output is read by a conv at 3 bits and by a join at 7: one QuantizeLinear on
+    the float tensor, the coarser grid requantized from the finer one."""
     model, layers = models["resnet"]
     bits = {"stem": 4, "block1.conv1": 3, "block1.conv2": 4, "block2.conv1": 7,
             "block2.conv2": 5, "block2.shortcut": 6, "classifier": 6}
     quantized = quantize(model, Plan(tuple(LayerPlan(n, b, b) for n, b in bits.items())), [random_inputs(model, 16)]).model
     readers = [node for node in quantized.graph.node if "relu1_out" in node.input]
-    assert [node.op_type for node in readers] == ["QuantizeLinear", "QuantizeLinear"]
+    assert [node.op_type for node in readers] == ["QuantizeLinear"]
     nodes = {node.name: node for node in quantized.graph.node}
     producers = {out: node for node in quantized.graph.node for out in node.output}
     chain = []
@@ -298,7 +305,7 @@ def test_each_grid_of_a_tensor_quantizes_the_float_tensor(models):
     while tensor != "relu1_out":
         chain.append(producers[tensor].op_type)
         tensor = producers[tensor].input[0]
-    assert chain == ["DequantizeLinear", "Clip", "QuantizeLinear"]
+    assert chain == ["DequantizeLinear", "Clip", "QuantizeLinear", "DequantizeLinear", "Clip", "QuantizeLinear"]
 
 
 def test_a_transparent_op_reading_its_groups_grid_needs_no_second_clip(models):
@@ -318,3 +325,29 @@ def test_a_transparent_op_reading_its_groups_grid_needs_no_second_clip(models):
     assert consumers[pool.output[0]] == ["QuantizeLinear"]
     (after_pool,) = (node for node in quantized.graph.node if pool.output[0] in node.input)
     assert consumers[after_pool.output[0]] == ["DequantizeLinear"]
+
+
+def test_a_join_needed_on_two_grids_is_added_once_per_grid(models):
+    """block1's output feeds block2.conv1 at 5 bits and the projection shortcut at the join's
+    7: block1.add (and its Relu) run twice, each quantized from the exact sum."""
+    model, layers = models["resnet"]
+    bits = {"stem": 4, "block1.conv1": 3, "block1.conv2": 4, "block2.conv1": 5,
+            "block2.conv2": 5, "block2.shortcut": 6, "classifier": 7}
+    quantized = quantize(model, Plan(tuple(LayerPlan(n, b, b) for n, b in bits.items())), [random_inputs(model, 16)]).model
+    adds = [node for node in quantized.graph.node if node.op_type == "Add" and node.name.startswith("block1.add")]
+    assert len(adds) == 2 and adds[0].input == adds[1].input
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    relus = [node for node in quantized.graph.node if node.op_type == "Relu" and producers[node.input[0]] in adds]
+    readers = [node for node in quantized.graph.node
+               if node.op_type == "QuantizeLinear" and producers.get(node.input[0]) in relus]
+    assert len(readers) == 2
+    nodes = {node.name: node for node in quantized.graph.node}
+    scales = set()
+    for layer in ("block2.conv1", "block2.shortcut"):
+        dequantize = producers[nodes[layer].input[0]]
+        quantize_node = producers[dequantize.input[0]]
+        while quantize_node.op_type != "QuantizeLinear":
+            quantize_node = producers[quantize_node.input[0]]
+        assert quantize_node in readers
+        scales.add(quantize_node.input[1])
+    assert len(scales) == 2

@@ -14,6 +14,7 @@ from .reading import (
     ConstantDequant,
     activation_bits,
     new_initializer,
+    read_model,
     read_quantizers,
     replace_with_initializer,
     set_standard_opset,
@@ -37,22 +38,22 @@ def to_qonnx(qdq_model: onnx.ModelProto, source: str = "<model>") -> onnx.ModelP
     """
     plan = stored_plan(qdq_model, source)
     bits_by_grid = activation_bits(qdq_model, plan)
-    model = ir.serde.deserialize_model(qdq_model)
+    model = read_model(qdq_model)
     graph = model.graph
     contents = read_quantizers(graph)
     weights = contents.weights(graph, plan)
     current: dict[str, ir.Value] = {}
     for grid in contents.activations:
-        grid = grid.widened(bits_by_grid[grid.name])
+        planned = grid.planned(bits_by_grid[grid.name])
         current[grid.output.name] = _replace_with_quant(
             graph,
             grid.output,
             current.get(grid.source.name, grid.source),
             grid.scale,
             bits_by_grid[grid.name],
-            signed=grid.signed,
+            signed=planned.signed,
             narrow=False,
-            zero_point=grid.zero_offset,
+            zero_point=planned.zero_offset,
         )
         graph.remove(grid.nodes, safe=True)
     for constant in contents.constants:

@@ -10,18 +10,20 @@ node named rather than exported with wrong bits.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
 
 from ..errors import ModelError
 from ..layers import list_layers
 from ..model import TARGET_IR_VERSION, TARGET_OPSET
-from ..passes.points import plan_points
-from ..passes.qdq import BITS_KEY, PLAN_METADATA_KEY
+from ..passes.points import QuantPoint, plan_points
+from ..passes.qdq import PLAN_METADATA_KEY, non_negative_tensors
 from ..plan import LayerPlan, Plan, plan_from_json
 
 _CONTAINER_RANGES = {
@@ -68,17 +70,23 @@ class ActivationGrid:
         holds_zero = self.levels[0] <= 0 <= self.levels[1]
         return bits if count == 2**bits and holds_zero else None
 
-    def widened(self, bits: int) -> ActivationGrid:
-        """The full k-bit grid this one is the non-negative half of (a Relu output in a
-        signed group is stored from zero point 0 with the group's upper levels only); for
-        the tensor's values, which are >= 0, both dequantize identically."""
-        count = self.levels[1] - self.levels[0] + 1
-        if self.levels[0] != 0 or count >= 2**bits:
-            return self
-        return replace(self, levels=(self.levels[1] - 2**bits + 1, self.levels[1]))
-
     def edges(self) -> frozenset[tuple[str, int]]:
         return frozenset((use.node.name, use.idx) for use in self.output.uses())
+
+    def planned(self, bits: int) -> ActivationGrid | None:
+        """This quantizer as the full k-bit grid, or None when it is not part of one.
+
+        A non-negative tensor in a signed group is written from zero-point 0 with only the
+        group's levels from zero up (ActivationQuantizer.for_non_negative): its k-bit grid
+        is the 2^k levels that end at its top level. Only valid for a tensor that cannot be
+        negative and whose group holds that grid whole, which activation_bits checks.
+        """
+        if self.bits == bits:
+            return self
+        low, high = self.levels
+        if low == 0 and high < 2**bits - 1:
+            return replace(self, levels=(high - 2**bits + 1, high))
+        return None
 
 
 @dataclass(frozen=True)
@@ -278,27 +286,38 @@ def activation_bits(proto: onnx.ModelProto, plan: Plan) -> dict[str, int]:
 
     The quantization points are recomputed from the plan on the model with its quantizers
     taken out, exactly as compilation placed them, and each grid in the graph must be the
-    full k-bit grid the plan gives it.
+    full k-bit grid the plan gives it, or for a non-negative tensor in a signed group the
+    part of its group's grid from zero up.
     """
-    model = ir.serde.deserialize_model(proto)
+    model = read_model(proto)
     contents = read_quantizers(model.graph)
     float_proto = _without_quantizers(proto)
     points = plan_points(float_proto, list_layers(float_proto), plan)
-    planned = {(p.tensor, frozenset(p.consumers)): p.bits for p in points.points}
+    planned = {(p.tensor, frozenset(p.consumers)): p for p in points.points}
+    non_negative = non_negative_tensors(ir.serde.deserialize_model(float_proto).graph)
     found: dict[str, int] = {}
+    whole_grids: dict[str, set[tuple[np.float32, tuple[int, int]]]] = defaultdict(set)
+    parts: list[tuple[ActivationGrid, QuantPoint, str]] = []
     quantizer_nodes = {node.name for grid in contents.activations for node in grid.nodes}
     for grid in contents.activations:
         readers = frozenset(edge for edge in grid.edges() if edge[0] not in quantizer_nodes)
-        bits = planned.get((float_source(grid, contents.activations), readers))
-        if bits is None:
+        tensor = float_source(grid, contents.activations)
+        point = planned.get((tensor, readers))
+        if point is None:
             raise ModelError(f"node '{grid.name}': activation quantizer of '{grid.source.name}' is not in the stored plan")
-        recorded = grid.nodes[-1].metadata_props.get(BITS_KEY)
-        if (recorded is not None and int(recorded) != bits) or grid.widened(bits).bits != bits:
+        if grid.bits == point.bits:
+            whole_grids[point.group].add((grid.scale, grid.levels))
+        else:
+            parts.append((grid, point, tensor))
+        found[grid.name] = point.bits
+    for grid, point, tensor in parts:
+        # Only the non-negative part of a grid that another member of its group holds whole.
+        whole = grid.planned(point.bits)
+        if whole is None or tensor not in non_negative or (grid.scale, whole.levels) not in whole_grids[point.group]:
             raise ModelError(
-                f"node '{grid.name}': levels {grid.levels} are not the {bits}-bit grid the stored plan gives "
+                f"node '{grid.name}': levels {grid.levels} are not the {point.bits}-bit grid the stored plan gives "
                 f"'{grid.source.name}'"
             )
-        found[grid.name] = bits
     return found
 
 
@@ -311,9 +330,18 @@ def float_source(grid: ActivationGrid, grids: Sequence[ActivationGrid]) -> str:
     return name
 
 
+def read_model(proto: onnx.ModelProto) -> ir.Model:
+    """The QDQ model with each residual join that QDQ insertion added once per grid
+    (RecomputeJoinPerGridPass) merged back into one node, so every grid quantizes the
+    float tensor the plan names."""
+    model = ir.serde.deserialize_model(proto)
+    common_passes.CommonSubexpressionEliminationPass()(model)
+    return model
+
+
 def _without_quantizers(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The float graph the quantizers were inserted into (weights as their dequantized values)."""
-    model = ir.serde.deserialize_model(proto)
+    model = read_model(proto)
     contents = read_quantizers(model.graph)
     # Last first: a grid requantized from another grid's output hands its readers to that
     # output before the other grid hands all of them to the float tensor.

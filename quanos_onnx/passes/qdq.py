@@ -7,12 +7,10 @@ Activations: QuantizeLinear -> Clip(integer bounds) -> DequantizeLinear in a uin
 container (zero-point 0 for non-negative tensors, 128 for signed ones), because
 onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when that Clip is on uint8; for
 k = 9..16 an int16 container behind a float Clip (onnxruntime has no int16 Clip).
-A Relu output in a signed group is stored as the grid's non-negative half from zero-point
-0 (identical values; onnxruntime then drops the Relu in front of the Q). A tensor with
-several grids (a block input read by its first conv and by the residual join) is
-quantized from the float tensor once per grid: requantizing the coarser grid from the
-finer one would let onnxruntime fuse the join into QLinearAdd, but the double rounding
-cost ResNet-20 13 points of top-1 at 4 bits (68.0% -> 54.6%, bench/uniform_accuracy.py).
+Each float tensor gets one QuantizeLinear (its finest grid; other grids requantize from
+it, except a residual join's output, which is added again per grid), and a non-negative
+tensor in a signed group is stored as the grid's non-negative part from zero-point 0, so
+that onnxruntime also fuses residual joins into QLinearAdd.
 
 Storage modes trade speed for file size: `int4` keeps weights of k <= 4 in int4
 initializers (opset 21), `int2` also keeps k <= 2 in int2 (opset 25, so the model's opset
@@ -39,9 +37,6 @@ PLAN_METADATA_KEY = "quanos.plan"
 WEIGHT_SOURCE_KEY = "quanos.weight"
 """Node metadata on each weight DequantizeLinear: the float initializer it replaced, so
 exports can name the weight as the float model does (onnxruntime.quantization overrides)."""
-BITS_KEY = "quanos.bits"
-"""Node metadata on each activation DequantizeLinear: the plan's bits for that grid, which
-its levels alone do not show when it is the non-negative half of a signed grid."""
 
 STORAGES = ("int8", "int4", "int2")
 INT2_OPSET = 25
@@ -149,7 +144,14 @@ def check_storage(storage: str) -> str:
 
 
 class QDQInsertionPass(ir.passes.InPlacePass):
-    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan."""
+    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan.
+
+    A float tensor with several grids (a block input read by its first conv at that conv's
+    bits and by the residual join at the join's) is quantized once, on its finest grid; the
+    other grids requantize that one (DQ -> Q -> Clip -> DQ). Every consumer still reads its
+    own exact grid, and the float tensor has a single QuantizeLinear: the shape onnxruntime
+    needs to fuse its producer into QLinearConv / QLinearAdd.
+    """
 
     def __init__(
         self,
@@ -177,17 +179,21 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         values = _values(graph)
         input_scale: dict[str, float] = {}
         group_of_edge = {edge: p.group for p in self.points.points for edge in p.consumers}
-        for point in self.points.points:
-            source = values[point.tensor]
-            quantizer = self.quantizers[point.group]
-            if _non_negative(source):
-                quantizer = quantizer.for_non_negative()
-            clip = not _already_on_grid(source, point.group, group_of_edge)
-            dequantized = self._insert_activation(graph, source, point, quantizer, clip=clip)
-            for node_name, index in point.consumers:
-                nodes[node_name].replace_input_with(index, dequantized)
-                if index == 0:
-                    input_scale[node_name] = quantizer.scale
+        non_negative = non_negative_tensors(graph)
+        for tensor, points in _points_by_tensor(self.points.points).items():
+            finest: ir.Value | None = None
+            for point in sorted(points, key=lambda p: (self.quantizers[p.group].scale, -p.bits, p.group)):
+                quantizer = self.quantizers[point.group]
+                source = values[tensor] if finest is None else finest
+                if tensor in non_negative:
+                    quantizer = quantizer.for_non_negative()
+                clip = not _already_on_grid(source, point.group, group_of_edge)
+                dequantized = self._insert_activation(graph, source, point, quantizer, clip=clip)
+                finest = finest or dequantized
+                for node_name, index in point.consumers:
+                    nodes[node_name].replace_input_with(index, dequantized)
+                    if index == 0:
+                        input_scale[node_name] = quantizer.scale
         entries = self.plan.by_name()
         for layer in self.layers:
             entry = entries.get(layer.name)
@@ -240,14 +246,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
             )
             quantized = created[-1].outputs[0]
             quantized.name = f"{base}_clipped"
-        created.append(
-            ir.node(
-                "DequantizeLinear",
-                [quantized, scale, zero_point],
-                name=f"{base}/DequantizeLinear",
-                metadata_props={BITS_KEY: str(point.bits)},
-            )
-        )
+        created.append(ir.node("DequantizeLinear", [quantized, scale, zero_point], name=f"{base}/DequantizeLinear"))
         dequantized = created[-1].outputs[0]
         dequantized.name = f"{base}_dequantized"
         producer = value.producer()
@@ -285,6 +284,59 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         bias_integers = np.round(bias / bias_scale).astype(np.int32)
         bias_axis = 0 if bias_scale.ndim else None
         node.replace_input_with(2, _dequantize(graph, f"{layer.name}.bias_i32", bias_integers, bias_scale, bias_axis))
+
+
+class RecomputeJoinPerGridPass(ir.passes.InPlacePass):
+    """A residual join's output needed on a second grid is computed again for that grid.
+
+    The second grid of a tensor is normally requantized from the first (DQ -> Q -> Clip ->
+    DQ), which onnxruntime runs in float. When the tensor is a join, Add(DQ a, DQ b) with an
+    optional Relu after it, adding again for the second grid lets onnxruntime run both sums
+    as QLinearAdd, and quantizes each grid from the exact sum instead of from the other grid.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for quantize in [node for node in graph if node.op_type == "QuantizeLinear"]:
+            chain = _requantized_join(quantize)
+            if chain is None:
+                continue
+            source = chain[0].inputs
+            grid = quantize.name.rsplit("/", 1)[0]
+            clones = []
+            for node in chain:
+                clone = ir.node(node.op_type, list(source), dict(node.attributes), name=f"{node.name}/{grid}")
+                clone.outputs[0].name = f"{node.outputs[0].name}/{grid}"
+                clones.append(clone)
+                source = clone.outputs
+            graph.insert_after(chain[-1], clones)
+            quantize.replace_input_with(0, clones[-1].outputs[0])
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _requantized_join(quantize: ir.Node) -> list[ir.Node] | None:
+    """[Add] or [Add, Relu] when `quantize` requantizes a DQ'd join output, else None."""
+    dequantize = quantize.inputs[0].producer() if quantize.inputs[0] is not None else None
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return None
+    node = dequantize.inputs[0].producer()
+    while node is not None and node.op_type == "Clip":
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "QuantizeLinear":
+        return None
+    chain: list[ir.Node] = []
+    node = node.inputs[0].producer()
+    if node is not None and node.op_type == "Relu":
+        chain.append(node)
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+        return None
+    operands = [value.producer() if value is not None else None for value in node.inputs]
+    if any(producer is None or producer.op_type != "DequantizeLinear" for producer in operands):
+        return None
+    return [node, *chain]
 
 
 def _dequantize(
@@ -329,9 +381,33 @@ def _already_on_grid(value: ir.Value, group: str, group_of_edge: Mapping[tuple[s
     )
 
 
-def _non_negative(value: ir.Value) -> bool:
-    producer = value.producer()
-    return producer is not None and producer.op_type in NON_NEGATIVE_OPS and producer.domain in ("", "ai.onnx")
+def non_negative_tensors(graph: ir.Graph) -> set[str]:
+    """Tensors that cannot be negative: outputs of Relu-like ops, and of data movement
+    (Slice, MaxPool, non-negative Pad, ...) applied to such a tensor. Found before any
+    insertion, so the answer does not depend on the order the quantizers go in."""
+    found: set[str] = set()
+    for node in graph:
+        if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+            continue
+        if node.op_type in NON_NEGATIVE_OPS or (
+            node.op_type in TRANSPARENT_OPS and node.inputs[0].name in found and _pads_non_negative(node)
+        ):
+            found.update(output.name for output in node.outputs)
+    return found
+
+
+def _pads_non_negative(node: ir.Node) -> bool:
+    if node.op_type != "Pad" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return True
+    value = node.inputs[2].const_value
+    return value is not None and bool(np.all(value.numpy() >= 0))
+
+
+def _points_by_tensor(points: Sequence[QuantPoint]) -> dict[str, list[QuantPoint]]:
+    grouped: dict[str, list[QuantPoint]] = {}
+    for point in points:
+        grouped.setdefault(point.tensor, []).append(point)
+    return grouped
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -356,6 +432,7 @@ def insert_qdq(
     model = ir.serde.deserialize_model(proto)
     ir.passes.Sequential(
         QDQInsertionPass(layers, plan, points, quantizers, storage),
+        RecomputeJoinPerGridPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     )(model)
