@@ -240,6 +240,7 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True, help="Activation range estimator."),
         click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile."),
         click.option("--calibration-samples", type=int, default=512, show_default=True, help="Samples used to calibrate activation ranges."),
+        click.option("--storage", type=click.Choice(["int8", "int4", "int2"]), default="int8", show_default=True, help="Weight containers: int4/int2 store layers of <= 4 / <= 2 bits packed (smaller file; see docs/interop.md)."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
         click.option("--k-init", type=int, default=16, show_default=True, help="Eqn 3's initial bits."),
         click.option("--k-min", type=int, default=2, show_default=True, help="Fewest bits a layer may get."),
@@ -312,6 +313,22 @@ def analyze_command(**options: Any) -> None:
         click.echo(json.dumps(result.document, indent=2))
     else:
         click.echo(result.summary_text())
+
+
+@main.command("export", cls=QuanosCommand)
+@click.argument("model_path", metavar="QMODEL", type=click.Path())
+@click.option("--to", "target", type=click.Choice(["qonnx", "ort-overrides"]), required=True, help="QONNX Quant nodes, or TensorQuantOverrides for onnxruntime.quantization.")
+@click.option("-o", "--output", "output_path", type=click.Path(), default=None, help="Output file (default: next to QMODEL, .qonnx.onnx or .ort_overrides.json).")
+@common_options
+def export_command(model_path: str, target: str, output_path: str | None, verbose: int, quiet: bool, debug: bool) -> None:
+    """Export QMODEL (written by quanos-compile) for another toolchain, at its plan's bits."""
+    _configure_logging(verbose, quiet)
+    from .export import export_file
+
+    exported = export_file(model_path, target, output_path)
+    for warning in exported.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"wrote {exported.path}")
 
 
 def compile_main() -> None:

@@ -560,6 +560,22 @@ def _same_outputs(original: onnx.ModelProto, candidate: onnx.ModelProto) -> bool
 # onnxruntime
 
 
+_SUB_BYTE_TYPES = frozenset({onnx.TensorProto.INT2, onnx.TensorProto.UINT2})
+
+
+def session_config(proto: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
+    """The session config entries onnxruntime needs to load this model at all.
+
+    onnxruntime 1.32 fuses DequantizeLinear(int2 weight) -> Conv into QLinearConv, which
+    has no int2 kernel, and refuses the session (INVALID_GRAPH); with the Q/DQ fusions
+    disabled it runs the graph as written (docs/interop.md). make_session applies these
+    entries itself; callers that build their own onnxruntime session pass them on.
+    """
+    if any(t.data_type in _SUB_BYTE_TYPES for t in proto.graph.initializer):
+        return (("session.disable_quant_qdq", "1"),)
+    return ()
+
+
 def make_session(
     proto: onnx.ModelProto,
     *,
@@ -567,7 +583,11 @@ def make_session(
     config: Sequence[tuple[str, str]] = (),
     threads: int = 0,
 ) -> onnxruntime.InferenceSession:
-    """A CPU session for a model held in memory; a failure names onnxruntime's reason."""
+    """A CPU session for a model held in memory; a failure names onnxruntime's reason.
+
+    The entries the model needs (session_config) come first; `config` adds to or
+    overrides them.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -576,7 +596,7 @@ def make_session(
         options.intra_op_num_threads = threads
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
-    for key, value in config:
+    for key, value in {**dict(session_config(proto)), **dict(config)}.items():
         options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(

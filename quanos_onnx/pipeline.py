@@ -15,7 +15,7 @@ from .model import load_model
 from .passes.align import align_plan
 from .passes.calibrate import Range, collect_ranges
 from .passes.points import plan_points
-from .passes.qdq import activation_quantizer, insert_qdq
+from .passes.qdq import activation_quantizer, check_storage, insert_qdq
 from .plan import MAX_BITS, MIN_BITS, Plan
 
 
@@ -34,8 +34,13 @@ def quantize(
     joins: Sequence[Join] | None = None,
     method: str = "minmax",
     percentile: float = 99.99,
+    storage: str = "int8",
 ) -> Quantized:
-    """Align the plan, calibrate its quantizers in onnxruntime, and write the QDQ model."""
+    """Align the plan, calibrate its quantizers in onnxruntime, and write the QDQ model.
+
+    `storage` picks the weight containers (passes.qdq.STORAGES); values are the same in all.
+    """
+    check_storage(storage)
     layers = list_layers(model) if layers is None else layers
     joins = find_joins(model, layers) if joins is None else joins
     aligned = align_plan(plan, layers, joins)
@@ -46,7 +51,7 @@ def quantize(
         group.name: activation_quantizer(group.bits, _union(ranges[t] for t in group.tensors))
         for group in points.groups
     }
-    return Quantized(insert_qdq(model, layers, aligned, points, quantizers), aligned)
+    return Quantized(insert_qdq(model, layers, aligned, points, quantizers, storage=storage), aligned)
 
 
 def _union(ranges: Iterable[Range]) -> Range:
@@ -91,6 +96,7 @@ class CompileOptions:
     target_avg_bits: float | None = None
     input_range: str = "0,1"
     batch_size: int = 64
+    storage: str = "int8"
 
 
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
@@ -210,7 +216,13 @@ def run_compile(
     else:
         plan = _quanos_plan(options, model, layers, dataset, calibration, progress)
     quantized = quantize(
-        model, plan, calibration, layers=layers, method=options.calibration, percentile=options.percentile
+        model,
+        plan,
+        calibration,
+        layers=layers,
+        method=options.calibration,
+        percentile=options.percentile,
+        storage=options.storage,
     )
     energy, baselines = report.energy_sections(layers, quantized.plan)
     final_plan = quantized.plan.with_details(energy=energy)

@@ -7,6 +7,10 @@ Activations: QuantizeLinear -> Clip(integer bounds) -> DequantizeLinear in a uin
 container (zero-point 0 for non-negative tensors, 128 for signed ones), because
 onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when that Clip is on uint8; for
 k = 9..16 an int16 container behind a float Clip (onnxruntime has no int16 Clip).
+
+Storage modes trade speed for file size: `int4` keeps weights of k <= 4 in int4
+initializers (opset 21), `int2` also keeps k <= 2 in int2 (opset 25, so the model's opset
+is raised only when one is written); onnxruntime's limits with them are in docs/interop.md.
 """
 
 from __future__ import annotations
@@ -19,13 +23,21 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from ..errors import PlanError
+from ..errors import PlanError, UsageError
 from ..layers import Layer
 from ..plan import Plan
 from .calibrate import Range
 from .points import QuantPoint, QuantPoints
 
 PLAN_METADATA_KEY = "quanos.plan"
+WEIGHT_SOURCE_KEY = "quanos.weight"
+"""Node metadata on each weight DequantizeLinear: the float initializer it replaced, so
+exports can name the weight as the float model does (onnxruntime.quantization overrides)."""
+
+STORAGES = ("int8", "int4", "int2")
+INT2_OPSET = 25
+INT2_IR_VERSION = 13
+"""int2 tensors exist from opset 25 / IR version 13 on (onnx 1.20)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,21 @@ def quantize_weight(weight: np.ndarray, bits: int, axis: int | None) -> tuple[np
     return integers, scale
 
 
+def weight_container(bits: int, storage: str) -> np.dtype:
+    """The narrowest integer type the storage mode allows for k-bit weights."""
+    if storage == "int2" and bits <= 2:
+        return ir.DataType.INT2.numpy()
+    if storage in ("int4", "int2") and bits <= 4:
+        return ir.DataType.INT4.numpy()
+    return np.dtype(np.int8 if bits <= 8 else np.int16)
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGES:
+        raise UsageError(f"--storage: unknown container '{storage}' (use {', '.join(STORAGES)})")
+    return storage
+
+
 class QDQInsertionPass(ir.passes.InPlacePass):
     """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan."""
 
@@ -98,12 +125,14 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         plan: Plan,
         points: QuantPoints,
         quantizers: Mapping[str, ActivationQuantizer],
+        storage: str = "int8",
     ) -> None:
         super().__init__()
         self.layers = layers
         self.plan = plan
         self.points = points
         self.quantizers = quantizers
+        self.storage = check_storage(storage)
 
     def requires(self, model: ir.Model) -> None:
         missing = {p.group for p in self.points.points} - set(self.quantizers)
@@ -186,8 +215,10 @@ class QDQInsertionPass(ir.passes.InPlacePass):
             raise PlanError(f"layer '{layer.name}': weight '{layer.weight}' is not a constant")
         weight = weight_value.const_value.numpy().astype(np.float32)
         integers, scale = quantize_weight(weight, bits, layer.weight_axis)
+        integers = integers.astype(weight_container(bits, self.storage))
         base = f"{layer.name}.weight_w{bits}"
         dequantized = _dequantize(graph, base, integers, scale, layer.weight_axis)
+        dequantized.producer().metadata_props[WEIGHT_SOURCE_KEY] = weight_value.name
         node.replace_input_with(1, dequantized)
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         if bias_value is None or bias_value.const_value is None or input_scale is None:
@@ -246,14 +277,19 @@ def insert_qdq(
     plan: Plan,
     points: QuantPoints,
     quantizers: Mapping[str, ActivationQuantizer],
+    *,
+    storage: str = "int8",
 ) -> onnx.ModelProto:
     """The QDQ model for an aligned, calibrated plan, cleaned up and with the plan attached."""
     model = ir.serde.deserialize_model(proto)
     ir.passes.Sequential(
-        QDQInsertionPass(layers, plan, points, quantizers),
+        QDQInsertionPass(layers, plan, points, quantizers, storage),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     )(model)
+    if any(v.dtype == ir.DataType.INT2 for v in model.graph.initializers.values()):
+        model.opset_imports[""] = INT2_OPSET
+        model.ir_version = max(model.ir_version, INT2_IR_VERSION)
     model.metadata_props[PLAN_METADATA_KEY] = plan.dumps()
     result = ir.serde.serialize_model(model)
     del result.graph.value_info[:]
