@@ -129,8 +129,15 @@ def common_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Log lines on stderr; Python warnings of the libraries underneath only with -v.
+
+    Third-party warnings (torch, onnx) are about their internals, not the user's input, so
+    they go through logging and stay out of the one-line contract of a normal run.
+    """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose and not quiet else logging.ERROR)
 
 
 def data_options(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -319,8 +326,9 @@ def analyze_command(**options: Any) -> None:
 @click.argument("model_path", metavar="QMODEL", type=click.Path())
 @click.option("--to", "target", type=click.Choice(["qonnx", "ort-overrides"]), required=True, help="QONNX Quant nodes, or TensorQuantOverrides for onnxruntime.quantization.")
 @click.option("-o", "--output", "output_path", type=click.Path(), default=None, help="Output file (default: next to QMODEL, .qonnx.onnx or .ort_overrides.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON (docs/json.md).")
 @common_options
-def export_command(model_path: str, target: str, output_path: str | None, verbose: int, quiet: bool, debug: bool) -> None:
+def export_command(model_path: str, target: str, output_path: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
     """Export QMODEL (written by quanos-compile) for another toolchain, at its plan's bits."""
     _configure_logging(verbose, quiet)
     from .export import export_file
@@ -328,6 +336,17 @@ def export_command(model_path: str, target: str, output_path: str | None, verbos
     exported = export_file(model_path, target, output_path)
     for warning in exported.warnings:
         click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        document = {
+            "format": "quanos-export",
+            "version": 1,
+            "model": model_path,
+            "target": target,
+            "output": str(exported.path),
+            "warnings": list(exported.warnings),
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
     click.echo(f"wrote {exported.path}")
 
 

@@ -177,8 +177,9 @@ def perturb(
     width = attack.input_range.width
     eps, step = attack.eps * width, attack.step_size * width
     low, high = attack.input_range.low, attack.input_range.high
-    clean = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    # copies: batches are read-only views of the dataset, which torch warns about on stderr
+    clean = torch.from_numpy(np.array(x, dtype=np.float32))
+    targets = torch.from_numpy(np.array(labels, dtype=np.int64))
     adversarial = clean
     if attack.random_start:
         if rng is None:
