@@ -40,8 +40,7 @@ COMMAND_TITLES = {
 
 
 def build_content(document: Mapping[str, Any], run: RunInfo) -> Content:
-    models = document["inputs"]["models"]
-    names = ", ".join(_file_name(model["path"]) for model in models)
+    names = ", ".join(model_labels([model["path"] for model in document["inputs"]["models"]]))
     command = document["command"]
     tables = [
         table
@@ -91,13 +90,15 @@ def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
         if ranked:
             top = max(ranked, key=lambda row: row["ans_mean"])
             items.append(("most sensitive layer", f"{top['name']} (ANS {top['ans_mean']:.3f})"))
-    for entry in document["evaluations"]:
+    evaluations = document["evaluations"]
+    labels = model_labels([entry["model"]["path"] for entry in evaluations])
+    for label, entry in zip(labels, evaluations):
         evaluation = entry["evaluation"]
         worst = min((a["accuracy"] for a in evaluation["attacks"]), default=None)
         text = f"{_percent(evaluation['clean_accuracy'])} clean on {evaluation['samples']} samples"
         if worst is not None:
             text += f", {_percent(worst)} under the strongest attack"
-        items.append((f"accuracy, {_file_name(entry['model']['path'])}", text))
+        items.append((f"accuracy, {label}", text))
     return items
 
 
@@ -144,9 +145,8 @@ def _accuracy_table(document: Mapping[str, Any]) -> Table | None:
     if not evaluations:
         return None
     rows = []
-    for entry in evaluations:
+    for model, entry in zip(model_labels([e["model"]["path"] for e in evaluations]), evaluations):
         evaluation = entry["evaluation"]
-        model = _file_name(entry["model"]["path"])
         rows.append((model, "clean", "-", _percent(evaluation["clean_accuracy"]), "-"))
         for attack in evaluation["attacks"]:
             rows.append(
@@ -170,14 +170,14 @@ def _provenance_table(document: Mapping[str, Any], run: RunInfo) -> Table:
     rows: list[tuple[str, str]] = [("tool", f"{document['tool']['name']} {document['tool']['version']}")]
     rows.append(("command line", " ".join(run.command_line)))
     for model in inputs["models"]:
-        rows.append(("model", f"{model['path']} (sha256 {model['sha256']})"))
+        rows.append(("model", f"{model['path']}{_digest(model)}"))
     data = inputs.get("data")
     if data:
         digest = f", sha256 {data['sha256']}" if data["sha256"] else ""
         rows.append(("data", f"{data['path']} ({data['samples']} samples, {data['selection']}{digest})"))
     plan = inputs.get("plan")
     if plan:
-        rows.append(("plan", f"{plan['path']} (sha256 {plan['sha256']})"))
+        rows.append(("plan", f"{plan['path']}{_digest(plan)}"))
     rows.append(("seed", "-" if document["seed"] is None else str(document["seed"])))
     settings = document["settings"]
     if settings:
@@ -201,8 +201,19 @@ def _setting(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def _file_name(path: str) -> str:
-    return path.replace("\\", "/").rsplit("/", 1)[-1]
+def model_labels(paths: Sequence[str]) -> list[str]:
+    """File names, with as many parent folders as it takes to tell the models apart."""
+    parts = [path.replace("\\", "/").split("/") for path in paths]
+    deepest = max((len(p) for p in parts), default=1)
+    for depth in range(1, deepest + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return list(paths)
+
+
+def _digest(file: Mapping[str, Any]) -> str:
+    return f" (sha256 {file['sha256']})" if file["sha256"] else ""
 
 
 def _percent(value: float) -> str:

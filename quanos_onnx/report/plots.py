@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .content import model_labels
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -77,6 +79,8 @@ def ans_plot(layers: Sequence[Mapping[str, Any]], ans: Mapping[str, Any] | None)
 
 
 def bits_plot(layers: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> Plot:
+    from matplotlib.ticker import MaxNLocator
+
     names = [row["name"] for row in layers]
     k_init = summary.get("k_init") or max((row["weight_bits"] or 0 for row in layers), default=16)
     top = max(k_init, *(row["weight_bits"] or 0 for row in layers), *(row["act_bits"] or 0 for row in layers))
@@ -94,6 +98,7 @@ def bits_plot(layers: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -
     if summary.get("k_min"):
         axes.axhline(summary["k_min"], color="#6b7280", linestyle=":", linewidth=1)
     _layer_axis(axes, names)
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("bits")
     axes.set_ylim(0, top + 2.5)
     if _first_quantized(layers) is not None:
@@ -187,8 +192,9 @@ def accuracy_plot(evaluations: Sequence[Mapping[str, Any]]) -> Plot:
     methods = sorted({_method_key(a) for entry in evaluations for a in entry["evaluation"]["attacks"]})
     figure = _new_figure(min(MAX_FIGURE_WIDTH, 1.0 + 4.2 * len(methods)), 3.8)
     panels = figure.subplots(1, len(methods), squeeze=False, sharey=True)[0]
+    labels = model_labels([entry["model"]["path"] for entry in evaluations])
     for axes, method in zip(panels, methods):
-        for index, entry in enumerate(evaluations):
+        for index, (label, entry) in enumerate(zip(labels, evaluations)):
             evaluation = entry["evaluation"]
             points = sorted(
                 (a["eps"], a["accuracy"]) for a in evaluation["attacks"] if _method_key(a) == method
@@ -197,7 +203,7 @@ def accuracy_plot(evaluations: Sequence[Mapping[str, Any]]) -> Plot:
                 continue
             eps = [0.0, *(p[0] for p in points)]
             accuracy = [100 * evaluation["clean_accuracy"], *(100 * p[1] for p in points)]
-            axes.plot(eps, accuracy, marker="o", markersize=4, color=MODEL_COLORS[index % len(MODEL_COLORS)], label=_model_label(entry, evaluations))
+            axes.plot(eps, accuracy, marker="o", markersize=4, color=MODEL_COLORS[index % len(MODEL_COLORS)], label=label)
         axes.set_title(method, fontsize=9)
         axes.set_xlabel("eps (fraction of the input range)")
         axes.set_ylim(-2, 102)
@@ -218,14 +224,6 @@ def _method_key(attack: Mapping[str, Any]) -> str:
         start = ", random start" if attack.get("random_start") else ""
         return f"PGD-{attack['steps']}{start}"
     return attack["method"].upper()
-
-
-def _model_label(entry: Mapping[str, Any], evaluations: Sequence[Mapping[str, Any]]) -> str:
-    """The file name, or the whole path where two models share a file name."""
-    path = entry["model"]["path"]
-    name = path.replace("\\", "/").rsplit("/", 1)[-1]
-    names = [e["model"]["path"].replace("\\", "/").rsplit("/", 1)[-1] for e in evaluations]
-    return path if names.count(name) > 1 else name
 
 
 def _describe_attack(attack: Mapping[str, Any]) -> str:
