@@ -123,7 +123,7 @@ def _command_line() -> tuple[str, ...]:
 
 def common_options(function: Callable[..., Any]) -> Callable[..., Any]:
     function = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")(function)
-    function = click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")(function)
+    function = click.option("-q", "--quiet", is_flag=True, help="Only errors: no warnings, notes or progress bars.")(function)
     function = click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(function)
     return function
 
@@ -134,7 +134,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     Third-party warnings (torch, onnx) are about their internals, not the user's input, so
     they go through logging and stay out of the one-line contract of a normal run.
     """
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose and not quiet else logging.ERROR)
@@ -220,7 +220,7 @@ def energy_command(model_path: str, plan_path: str | None, hardware: tuple[str, 
         given = read_plan(plan_path)
         plan = validate_plan(given, layers, plan_path)
         unplanned = [layer.name for layer in layers if layer.name not in given.by_name()]
-        if unplanned:
+        if unplanned and not quiet:
             click.echo(f"note: {len(unplanned)} layer(s) not in the plan count as float: {', '.join(unplanned)}", err=True)
     written = []
     if output is not None:
@@ -276,8 +276,8 @@ def attack_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextmanager
 def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A bar on a terminal; silence when stderr is a pipe or a file."""
-    if not sys.stderr.isatty():
+    """A bar on a terminal; silence when stderr is a pipe or a file, or with -q."""
+    if not sys.stderr.isatty() or not logging.getLogger().isEnabledFor(logging.WARNING):
         yield lambda done: None
         return
     with click.progressbar(length=total, label=label, file=sys.stderr) as bar:

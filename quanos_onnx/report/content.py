@@ -29,6 +29,8 @@ class Content:
     highlights: tuple[tuple[str, str], ...]
     tables: tuple[Table, ...]
     provenance: Table
+    settings: tuple[tuple[str, str], ...]
+    """The command's options as `--option value` pairs, part of the provenance."""
 
 
 COMMAND_TITLES = {
@@ -58,6 +60,7 @@ def build_content(document: Mapping[str, Any], run: RunInfo) -> Content:
         highlights=tuple(_highlights(document)),
         tables=tuple(tables),
         provenance=_provenance_table(document, run),
+        settings=tuple((f"--{key.replace('_', '-')}", _setting(value)) for key, value in document["settings"].items()),
     )
 
 
@@ -179,9 +182,6 @@ def _provenance_table(document: Mapping[str, Any], run: RunInfo) -> Table:
     if plan:
         rows.append(("plan", f"{plan['path']}{_digest(plan)}"))
     rows.append(("seed", "-" if document["seed"] is None else str(document["seed"])))
-    settings = document["settings"]
-    if settings:
-        rows.append(("settings", ", ".join(f"{key}={_setting(value)}" for key, value in settings.items())))
     rows.append(("started", run.started_at))
     rows.append(("wall time", f"{run.wall_time_s:.1f} s"))
     return Table("provenance", "Provenance", ("", ""), tuple(rows))
@@ -196,6 +196,8 @@ def _attack_name(attack: Mapping[str, Any]) -> str:
 
 
 def _setting(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, Sequence) and not isinstance(value, str):
         return ",".join(str(item) for item in value)
     return "-" if value is None else str(value)

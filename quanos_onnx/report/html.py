@@ -46,6 +46,12 @@ th { background: #f1f5f9; font-weight: 600; }
 .note { color: #475569; font-size: 13px; }
 .provenance td:first-child { white-space: nowrap; color: #475569; width: 1%; }
 .provenance td { word-break: break-all; }
+h3 { font-size: 15px; margin: 18px 0 8px; color: #334155; }
+.settings { display: grid; grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)); gap: 0 16px; margin: 0;
+            background: #fff; border: 1px solid #e2e8f0; border-radius: 8px; padding: 8px 12px; font-size: 13px; }
+.settings div { display: flex; justify-content: space-between; gap: 8px; padding: 3px 0; border-bottom: 1px solid #f1f5f9; }
+.settings dt { font-family: ui-monospace, "DejaVu Sans Mono", monospace; color: #475569; }
+.settings dd { margin: 0; font-weight: 600; text-align: right; word-break: break-all; }
 footer { margin-top: 40px; color: #94a3b8; font-size: 12px; }
 """
 
@@ -73,6 +79,7 @@ def render_html(document: Mapping[str, Any], run: RunInfo) -> str:
         *_header(content, sections),
         *(part for key, title in sections for part in _section(key, title, plots, content)),
         *_section(content.provenance.key, content.provenance.title, {}, content, css_class="provenance"),
+        *_settings(content),
         f"<footer>{escape(content.subtitle)}; started {escape(run.started_at)}</footer>",
         "</main></body>",
         "</html>",
@@ -104,6 +111,15 @@ def _section(key: str, title: str, plots: Mapping[str, Plot], content: Content, 
         parts.extend(_table(table, css_class))
     parts.append("</section>")
     return parts
+
+
+def _settings(content: Content) -> list[str]:
+    if not content.settings:
+        return []
+    items = "".join(
+        f"<div><dt>{escape(option)}</dt><dd>{escape(value)}</dd></div>" for option, value in content.settings
+    )
+    return ['<h3>Settings</h3>', f'<dl class="settings">{items}</dl>']
 
 
 def _figure(plot: Plot) -> str:

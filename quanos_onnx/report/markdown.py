@@ -20,6 +20,8 @@ def render_markdown(document: Mapping[str, Any], run: RunInfo) -> str:
         lines += ["", f"## {table.title}", "", *_table(table)]
         if table.note:
             lines += ["", f"_{_escape(table.note)}_"]
+    if content.settings:
+        lines += ["", "Settings: " + " ".join(f"`{option} {value}`" for option, value in content.settings)]
     return "\n".join(lines) + "\n"
 
 
