@@ -67,7 +67,7 @@ class ProfileError(QuanosError):
 class OutputError(QuanosError):
     """An output location cannot be written (or would overwrite the input)."""
 
-    default_hint = "choose another -o/--output directory"
+    default_hint = "choose another -o/--output location"
 
 
 class UsageError(QuanosError):

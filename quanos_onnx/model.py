@@ -450,6 +450,19 @@ def output_names(proto: onnx.ModelProto) -> list[str]:
     return [o.name for o in proto.graph.output]
 
 
+def check_finite_initializers(proto: onnx.ModelProto, names: Iterable[str], source: str = "<model>") -> None:
+    """A NaN or inf in a weight poisons every output; refuse the model naming the tensor."""
+    initializers = initializer_map(proto)
+    for name in names:
+        tensor = initializers.get(name)
+        if tensor is None:
+            continue
+        values = onnx.numpy_helper.to_array(tensor)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            count = int((~np.isfinite(values)).sum())
+            raise ModelError(f"{source}: initializer '{name}' holds {count} NaN/inf value(s)")
+
+
 def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in proto.graph.initializer}
 

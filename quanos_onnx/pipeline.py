@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .layers import Join, Layer, find_joins, list_layers
-from .model import load_model
+from .model import check_finite_initializers, load_model
 from .passes.align import align_plan
 from .passes.calibrate import Range, collect_ranges
 from .passes.points import plan_points
@@ -207,6 +207,7 @@ def run_compile(
         raise ModelError(
             f"{options.model_path}: no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
         )
+    check_finite_initializers(model, _weights_and_biases(layers), options.model_path)
     dataset = _load_data(options, model)
     calibration = [x for x, _ in _first(dataset, options.calibration_samples, options.batch_size)]
     if options.bits is not None:
@@ -296,6 +297,10 @@ def energy_outputs(
     return {ENERGY_FILE: report.dumps(energy), **report.report_files(document, clock.finish())}
 
 
+def _weights_and_biases(layers: Sequence[Layer]) -> list[str]:
+    return [name for layer in layers for name in (layer.weight, layer.bias) if name]
+
+
 def _load_data(options: CompileOptions, model: onnx.ModelProto) -> Any:
     from .data import load_dataset
     from .errors import UsageError
@@ -359,6 +364,8 @@ def _quanos_plan(
     from .harness.ans import measure_ans
 
     check_bit_range(options.k_init, options.k_min)
+    if options.rounds < 1:
+        raise UsageError(f"--rounds {options.rounds} must be at least 1")
     if options.target_avg_bits is not None and not MIN_BITS <= options.target_avg_bits <= options.k_init:
         raise UsageError(
             f"--target-avg-bits {options.target_avg_bits} is outside {MIN_BITS}..{options.k_init} (--k-init)"
@@ -488,6 +495,7 @@ def run_analyze(
     layers = list_layers(model)
     if not layers:
         raise ModelError(f"{options.model_path}: no quantizable layer to analyze")
+    check_finite_initializers(model, _weights_and_biases(layers), options.model_path)
     dataset = _load_data(options, model)  # type: ignore[arg-type]
     attack = make_attack(options)  # type: ignore[arg-type]
     count = _ans_samples(options, dataset)  # type: ignore[arg-type]

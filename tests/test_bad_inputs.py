@@ -96,6 +96,24 @@ def custom_op(tmp: Path) -> str:
     return save(tmp, "custom.onnx", model)
 
 
+def lrn_op(tmp: Path) -> str:
+    """LRN is standard ONNX that onnxruntime runs but the torch twin does not: QUANOS path only."""
+    model = good_model()
+    node = helper.make_node("LRN", [model.graph.node[0].output[0]], ["lrn"], name="lrn", size=3)
+    model.graph.node.insert(1, node)
+    model.graph.node[2].input[0] = "lrn"
+    return save(tmp, "lrn.onnx", model)
+
+
+def nan_weight(tmp: Path) -> str:
+    model = good_model()
+    weight = next(t for t in model.graph.initializer if t.name == "conv1.w")
+    values = numpy_helper.to_array(weight).copy()
+    values[0, 0, 0, 0] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    return save(tmp, "nan_weight.onnx", model)
+
+
 def without_inputs(tmp: Path) -> str:
     model = good_model()
     shape = [1, 3, 8, 8]
@@ -178,10 +196,12 @@ MODEL_CASES = [
     model_case("model-non-float-input", int_input, "INT64"),
     model_case("model-dynamic-rank", dynamic_rank, "rank"),
     model_case("model-unsupported-op", custom_op, "Frobnicate"),
+    Case("model-op-the-twin-lacks", lambda tmp: ["compile", lrn_op(tmp), "--data", "{data}", "-o", "{out}"], "LRN node 'lrn'"),
     model_case("model-external-data-missing", external_missing, "external.onnx.data"),
     model_case("model-opset-28", opset_28, "opset 28"),
     model_case("model-no-quantizable-layer", no_layers, "no quantizable layer"),
     model_case("model-two-inputs", two_inputs, "extra"),
+    model_case("model-nan-weight", nan_weight, "conv1.w"),
     model_case("model-dangling-input", bad_graph, "nowhere"),
 ]
 
@@ -312,6 +332,8 @@ OPTION_CASES = [
     Case("option-eps-not-a-number", quanos_args("--eps", "lots"), "--eps", USAGE),
     Case("option-samples-zero", quanos_args("--samples", "0"), "--samples", USAGE),
     Case("option-samples-too-many", quanos_args("--samples", "999"), "--samples"),
+    Case("option-rounds-zero", quanos_args("--rounds", "0"), "--rounds", USAGE),
+    Case("option-pgd-steps-zero", lambda tmp: ["analyze", "{model}", "--data", "{data}", "--pgd-steps", "0", "-o", "{out}"], "--pgd-steps", USAGE),
     Case("option-k-min-above-k-init", quanos_args("--k-min", "9", "--k-init", "8"), "--k-min", USAGE),
     Case("option-bits-out-of-range", lambda tmp: compile_args()[:-2] + ["-o", "{out}", "--bits", "17"], "--bits", USAGE),
     Case("option-bits-and-plan", lambda tmp: compile_args("{model}", "{data}", "--plan", plan_file(tmp, plan_document())), "--plan", USAGE),
