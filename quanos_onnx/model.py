@@ -490,26 +490,24 @@ def dynamic_batch(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     batch into their first entry (from data-dependent tensors) copy it from their input
     instead. The rewrite is kept only if onnxruntime gives, for a random batch of 3, the
     same outputs as three batch-1 runs of the original; otherwise the original is returned
-    with False and callers fall back to per-sample runs.
+    with False and callers fall back to runs at the fixed batch.
     """
     shape = input_shape(proto)
     if not shape or shape[0] is None:
         return proto, True
-    if shape[0] != 1:
-        return proto, False
-    candidate = _rewrite_batch(proto)
-    if candidate is None or not _same_outputs(proto, candidate):
-        log.info("batch dimension cannot be freed safely; falling back to per-sample runs")
+    candidate = _rewrite_batch(proto, shape[0])
+    if candidate is None or not _same_outputs(proto, candidate, shape[0]):
+        log.info("batch dimension cannot be freed safely; falling back to fixed-batch runs")
         return proto, False
     return candidate, True
 
 
-def _rewrite_batch(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+def _rewrite_batch(proto: onnx.ModelProto, batch: int) -> onnx.ModelProto | None:
     model = _copy(proto)
     graph = model.graph
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
             dims[0].dim_param = "batch"
     del graph.value_info[:]
     initializers = initializer_map(model)
@@ -521,7 +519,7 @@ def _rewrite_batch(proto: onnx.ModelProto) -> onnx.ModelProto | None:
         if target is None:
             continue
         values = onnx.numpy_helper.to_array(target).copy()
-        if values.size == 0 or values[0] != 1:
+        if values.size == 0 or values[0] != batch:
             continue
         copies_batch = -1 in values[1:]
         values[0] = 0 if copies_batch else -1
@@ -549,22 +547,24 @@ def data_dependent_tensors(proto: onnx.ModelProto) -> set[str]:
     return live
 
 
-def _same_outputs(original: onnx.ModelProto, candidate: onnx.ModelProto) -> bool:
+def _same_outputs(original: onnx.ModelProto, candidate: onnx.ModelProto, batch: int) -> bool:
+    """The freed model on three fixed batches at once equals the original on each of them."""
     rng = np.random.default_rng(0)
     dims = tuple(d if d is not None else 1 for d in input_shape(original))
-    samples = rng.random((3, *dims[1:]), dtype=np.float32)
+    samples = rng.random((3 * batch, *dims[1:]), dtype=np.float32)
     try:
-        single = make_session(original)
-        batched = make_session(candidate)
-        name = single.get_inputs()[0].name
-        expected = [single.run(None, {name: s[None]}) for s in samples]
-        got = batched.run(None, {name: samples})
+        fixed = make_session(original)
+        freed = make_session(candidate)
+        name = fixed.get_inputs()[0].name
+        got = freed.run(None, {name: samples})
+        expected = [fixed.run(None, {name: samples[i * batch : (i + 1) * batch]}) for i in range(3)]
     except Exception as exc:
         log.debug("batched run failed: %s", exc)
         return False
     for index, outputs in enumerate(expected):
         for want, have in zip(outputs, got):
-            if have.shape[0] != 3 or not np.allclose(have[index], want[0], rtol=1e-4, atol=1e-5):
+            part = have[index * batch : (index + 1) * batch]
+            if have.shape[0] != 3 * batch or not np.allclose(part, want, rtol=1e-4, atol=1e-5):
                 return False
     return True
 
@@ -639,12 +639,14 @@ def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 class Runner:
     """Runs a model in onnxruntime at any batch, returning chosen tensors.
 
-    Models that bake batch 1 in are freed where provably safe (dynamic_batch); otherwise
-    samples run one at a time and are stacked, so callers always pass whole batches.
+    Models that bake a batch in are freed where provably safe (dynamic_batch); otherwise
+    samples run in chunks of the fixed batch (the last one padded by repeating its final
+    sample) and are stacked, so callers always pass whole batches of any size.
     """
 
     def __init__(self, proto: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> None:
         freed, self.batched = dynamic_batch(proto)
+        self.fixed_batch = input_shape(proto)[0] or 1
         model = with_outputs(freed, extra_outputs) if extra_outputs else freed
         self.session = make_session(model)
         self.input_name = self.session.get_inputs()[0].name
@@ -654,5 +656,10 @@ class Runner:
         names = list(outputs) if outputs is not None else self.output_names
         if self.batched:
             return self.session.run(names, {self.input_name: x})
-        parts = [self.session.run(names, {self.input_name: sample[None]}) for sample in x]
+        size = self.fixed_batch
+        parts = []
+        for start in range(0, len(x), size):
+            chunk = x[start : start + size]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+            parts.append([out[: len(chunk)] for out in self.session.run(names, {self.input_name: padded})])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from ..errors import DataError, ModelError
 from ..passes.qdq import WEIGHT_SOURCE_KEY
 from ..plan import LayerPlan
-from .reading import ActivationGrid, activation_bits, read_quantizers, stored_plan
+from .reading import ActivationGrid, activation_bits, float_source, read_quantizers, stored_plan
 
 ORT_BITS = (4, 8, 16)
 _FLOAT_KEYS = ("rmin", "rmax", "scale")
@@ -68,9 +68,11 @@ def _activation_overrides(
     ResNet-20 at 8 bits falls to 11% accuracy).
     """
     widest: dict[str, int] = {}
+    grids = list(grids)
     for grid in grids:
         bits = _ort_bits(bits_by_grid[grid.name])
-        widest[grid.source.name] = max(bits, widest.get(grid.source.name, 0))
+        tensor = float_source(grid, grids)
+        widest[tensor] = max(bits, widest.get(tensor, 0))
     return {tensor: [{"quant_type": f"QUInt{bits}"}] for tensor, bits in widest.items()}
 
 

@@ -41,9 +41,17 @@ def to_qonnx(qdq_model: onnx.ModelProto, source: str = "<model>") -> onnx.ModelP
     graph = model.graph
     contents = read_quantizers(graph)
     weights = contents.weights(graph, plan)
+    current: dict[str, ir.Value] = {}
     for grid in contents.activations:
-        _replace_with_quant(
-            graph, grid.output, grid.source, grid.scale, bits_by_grid[grid.name], signed=grid.signed, narrow=False
+        current[grid.output.name] = _replace_with_quant(
+            graph,
+            grid.output,
+            current.get(grid.source.name, grid.source),
+            grid.scale,
+            bits_by_grid[grid.name],
+            signed=grid.signed,
+            narrow=False,
+            zero_point=grid.zero_offset,
         )
         graph.remove(grid.nodes, safe=True)
     for constant in contents.constants:
@@ -73,13 +81,14 @@ def _replace_with_quant(
     *,
     signed: bool,
     narrow: bool,
-) -> None:
+    zero_point: int = 0,
+) -> ir.Value:
     name = replaced.name
     scale_array = np.asarray(scale, dtype=np.float32)
     inputs = [
         source,
         new_initializer(graph, f"{name}_scale", scale_array),
-        new_initializer(graph, f"{name}_zero_point", np.zeros((), dtype=np.float32)),
+        new_initializer(graph, f"{name}_zero_point", np.asarray(zero_point, dtype=np.float32)),
         new_initializer(graph, f"{name}_bitwidth", np.asarray(bits, dtype=np.float32)),
     ]
     attributes = {"signed": int(signed), "narrow": int(narrow), "rounding_mode": "ROUND"}
@@ -95,6 +104,7 @@ def _replace_with_quant(
         graph.insert_after(producer, quant)
     else:
         graph.insert_before(graph.node(0), quant)
+    return output
 
 
 def _weight_name(graph: ir.Graph, constant: ConstantDequant) -> str:

@@ -10,7 +10,8 @@ node named rather than exported with wrong bits.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -50,15 +51,22 @@ class ActivationGrid:
 
     @property
     def signed(self) -> bool:
-        return self.levels[0] < 0
+        """A symmetric signed grid (QONNX signed Quant); asymmetric ones are unsigned with an offset."""
+        count = self.levels[1] - self.levels[0] + 1
+        return self.levels[0] < 0 and self.levels[0] == -(count // 2)
+
+    @property
+    def zero_offset(self) -> int:
+        """QONNX zero point: 0 for symmetric and zero-based grids, else where 0.0 sits."""
+        return 0 if self.signed else -self.levels[0]
 
     @property
     def bits(self) -> int | None:
         """k for a full k-bit grid; None for any other level set."""
         count = self.levels[1] - self.levels[0] + 1
         bits = count.bit_length() - 1
-        expected = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if self.signed else (0, count - 1)
-        return bits if count == 2**bits and self.levels == expected else None
+        holds_zero = self.levels[0] <= 0 <= self.levels[1]
+        return bits if count == 2**bits and holds_zero else None
 
     def edges(self) -> frozenset[tuple[str, int]]:
         return frozenset((use.node.name, use.idx) for use in self.output.uses())
@@ -137,11 +145,37 @@ def read_quantizers(graph: ir.Graph) -> QDQContents:
             constants.append(_constant_dequant(node))
         else:
             activations.append(_activation_grid(node))
+    activations = _inherit_transparent_levels(activations)
     claimed = {id(node) for grid in activations for node in grid.nodes}
     for node in graph:
         if node.op_type == "QuantizeLinear" and id(node) not in claimed:
             raise ModelError(f"node '{node.name}': QuantizeLinear that no DequantizeLinear reads back")
     return QDQContents(tuple(activations), tuple(constants))
+
+
+def _inherit_transparent_levels(grids: list[ActivationGrid]) -> list[ActivationGrid]:
+    """A quantizer right after a transparent op (MaxPool, Slice, ...) that reads the same
+    grid is written without a Clip, its values being on that grid already; it has the
+    levels of the grid in front of the op."""
+    from ..passes.points import TRANSPARENT_OPS
+
+    by_output: dict[str, ActivationGrid] = {}
+    result = []
+    for grid in grids:
+        producer = grid.source.producer()
+        upstream_value = producer.inputs[0] if producer is not None and producer.inputs else None
+        upstream = by_output.get(upstream_value.name) if upstream_value is not None else None
+        if (
+            producer is not None
+            and producer.op_type in TRANSPARENT_OPS
+            and upstream is not None
+            and upstream.scale == grid.scale
+            and grid.levels[0] <= upstream.levels[0] <= upstream.levels[1] <= grid.levels[1]
+        ):
+            grid = replace(grid, levels=upstream.levels)
+        by_output[grid.output.name] = grid
+        result.append(grid)
+    return result
 
 
 def _constant_dequant(node: ir.Node) -> ConstantDequant:
@@ -243,8 +277,10 @@ def activation_bits(proto: onnx.ModelProto, plan: Plan) -> dict[str, int]:
     points = plan_points(float_proto, list_layers(float_proto), plan)
     planned = {(p.tensor, frozenset(p.consumers)): p.bits for p in points.points}
     found: dict[str, int] = {}
+    quantizer_nodes = {node.name for grid in contents.activations for node in grid.nodes}
     for grid in contents.activations:
-        bits = planned.get((grid.source.name, grid.edges()))
+        readers = frozenset(edge for edge in grid.edges() if edge[0] not in quantizer_nodes)
+        bits = planned.get((float_source(grid, contents.activations), readers))
         if bits is None:
             raise ModelError(f"node '{grid.name}': activation quantizer of '{grid.source.name}' is not in the stored plan")
         if grid.bits != bits:
@@ -256,11 +292,22 @@ def activation_bits(proto: onnx.ModelProto, plan: Plan) -> dict[str, int]:
     return found
 
 
+def float_source(grid: ActivationGrid, grids: Sequence[ActivationGrid]) -> str:
+    """The float tensor a grid quantizes, also when it requantizes another grid's output."""
+    by_output = {other.output.name: other for other in grids}
+    name = grid.source.name
+    while name in by_output:
+        name = by_output[name].source.name
+    return name
+
+
 def _without_quantizers(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The float graph the quantizers were inserted into (weights as their dequantized values)."""
     model = ir.serde.deserialize_model(proto)
     contents = read_quantizers(model.graph)
-    for grid in contents.activations:
+    # Last first: a grid requantized from another grid's output hands its readers to that
+    # output before the other grid hands all of them to the float tensor.
+    for grid in reversed(contents.activations):
         grid.output.replace_all_uses_with(grid.source, replace_graph_outputs=True)
         model.graph.remove(grid.nodes, safe=True)
     for constant in contents.constants:

@@ -7,6 +7,9 @@ Activations: QuantizeLinear -> Clip(integer bounds) -> DequantizeLinear in a uin
 container (zero-point 0 for non-negative tensors, 128 for signed ones), because
 onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when that Clip is on uint8; for
 k = 9..16 an int16 container behind a float Clip (onnxruntime has no int16 Clip).
+Each float tensor gets one QuantizeLinear (its finest grid; other grids requantize from
+it), and a Relu output in a signed group is stored as the grid's non-negative half from
+zero-point 0, so that onnxruntime also fuses residual joins into QLinearAdd.
 
 Storage modes trade speed for file size: `int4` keeps weights of k <= 4 in int4
 initializers (opset 21), `int2` also keeps k <= 2 in int2 (opset 25, so the model's opset
@@ -16,7 +19,7 @@ is raised only when one is written); onnxruntime's limits with them are in docs/
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -24,10 +27,10 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from ..errors import PlanError, UsageError
-from ..layers import Layer
+from ..layers import NON_NEGATIVE_OPS, Layer
 from ..plan import Plan
 from .calibrate import Range
-from .points import QuantPoint, QuantPoints
+from .points import TRANSPARENT_OPS, QuantPoint, QuantPoints
 
 PLAN_METADATA_KEY = "quanos.plan"
 WEIGHT_SOURCE_KEY = "quanos.weight"
@@ -62,22 +65,45 @@ class ActivationQuantizer:
     def needs_clip(self) -> bool:
         return self.levels != self.container_range
 
+    def for_non_negative(self) -> ActivationQuantizer:
+        """The same grid for a tensor that cannot be negative (a Relu output in a signed group).
+
+        Only the signed grid's upper half can occur; stored from zero-point 0 it dequantizes
+        to identical values, and onnxruntime drops a Relu in front of a zero-point-0
+        quantizer, which is what lets it fuse DQ -> Add -> Relu -> Q into QLinearAdd and a
+        Conv -> Relu feeding a residual join into QLinearConv.
+        """
+        if not self.signed or self.wide:
+            return self
+        return replace(self, zero_point=0, levels=(0, self.levels[1] - self.zero_point))
+
 
 def activation_quantizer(bits: int, value_range: Range) -> ActivationQuantizer:
-    """Grid for a tensor with the calibrated range; unsigned when the range is >= 0."""
+    """Grid for a tensor with the calibrated range; unsigned when the range is >= 0.
+
+    Signed tensors up to 8 bits get an asymmetric grid: 2^k levels spread over exactly
+    [low, high], placed in the middle of the uint8 container with the zero point where
+    0.0 falls, so no level is wasted on a side the tensor never reaches.
+    """
     low, high = min(value_range.low, 0.0), max(value_range.high, 0.0)
     signed = low < 0.0
+    levels_count = 2**bits
+    if signed and bits <= 8:
+        scale = _positive_scale((high - low) / (levels_count - 1))
+        first = 128 - levels_count // 2
+        zero_point = first + int(round(-low / scale))
+        return ActivationQuantizer(bits, scale, zero_point, True, (first, first + levels_count - 1))
     if signed:
-        half = 2 ** (bits - 1)
-        scale = max(-low / half, high / (half - 1))
-        zero_point = 0 if bits > 8 else 128
-        levels = (zero_point - half, zero_point + half - 1)
-    else:
-        scale = high / (2**bits - 1)
-        zero_point = -32768 if bits > 8 else 0
-        levels = (zero_point, zero_point + 2**bits - 1)
-    scale = float(np.float32(scale)) if scale > 0 else 1.0
-    return ActivationQuantizer(bits, scale, zero_point, signed, levels)
+        half = levels_count // 2
+        scale = _positive_scale(max(-low / half, high / (half - 1)))
+        return ActivationQuantizer(bits, scale, 0, True, (-half, half - 1))
+    scale = _positive_scale(high / (levels_count - 1))
+    zero_point = -32768 if bits > 8 else 0
+    return ActivationQuantizer(bits, scale, zero_point, False, (zero_point, zero_point + levels_count - 1))
+
+
+def _positive_scale(scale: float) -> float:
+    return float(np.float32(scale)) if scale > 0 else 1.0
 
 
 def quantize_weight(weight: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +143,14 @@ def check_storage(storage: str) -> str:
 
 
 class QDQInsertionPass(ir.passes.InPlacePass):
-    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan."""
+    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan.
+
+    A float tensor with several grids (a block input read by its first conv at that conv's
+    bits and by the residual join at the join's) is quantized once, on its finest grid; the
+    other grids requantize that one (DQ -> Q -> Clip -> DQ). Every consumer still reads its
+    own exact grid, and the float tensor has a single QuantizeLinear: the shape onnxruntime
+    needs to fuse its producer into QLinearConv / QLinearAdd.
+    """
 
     def __init__(
         self,
@@ -144,13 +177,21 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         nodes = {node.name: node for node in graph}
         values = _values(graph)
         input_scale: dict[str, float] = {}
-        for point in self.points.points:
-            quantizer = self.quantizers[point.group]
-            dequantized = self._insert_activation(graph, values[point.tensor], point, quantizer)
-            for node_name, index in point.consumers:
-                nodes[node_name].replace_input_with(index, dequantized)
-                if index == 0:
-                    input_scale[node_name] = quantizer.scale
+        group_of_edge = {edge: p.group for p in self.points.points for edge in p.consumers}
+        for tensor, points in _points_by_tensor(self.points.points).items():
+            finest: ir.Value | None = None
+            for point in sorted(points, key=lambda p: (self.quantizers[p.group].scale, -p.bits, p.group)):
+                quantizer = self.quantizers[point.group]
+                source = values[tensor] if finest is None else finest
+                if _non_negative(source):
+                    quantizer = quantizer.for_non_negative()
+                clip = not _already_on_grid(source, point.group, group_of_edge)
+                dequantized = self._insert_activation(graph, source, point, quantizer, clip=clip)
+                finest = finest or dequantized
+                for node_name, index in point.consumers:
+                    nodes[node_name].replace_input_with(index, dequantized)
+                    if index == 0:
+                        input_scale[node_name] = quantizer.scale
         entries = self.plan.by_name()
         for layer in self.layers:
             entry = entries.get(layer.name)
@@ -161,15 +202,21 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
     def _insert_activation(
-        self, graph: ir.Graph, value: ir.Value, point: QuantPoint, quantizer: ActivationQuantizer
+        self,
+        graph: ir.Graph,
+        value: ir.Value,
+        point: QuantPoint,
+        quantizer: ActivationQuantizer,
+        *,
+        clip: bool = True,
     ) -> ir.Value:
-        base = f"{point.tensor}_q{point.bits}"
+        base = point.name
         container = np.int16 if quantizer.wide else np.uint8
         scale = _initializer(graph, f"{base}_scale", np.asarray(quantizer.scale, dtype=np.float32))
         zero_point = _initializer(graph, f"{base}_zero_point", np.asarray(quantizer.zero_point, dtype=container))
         created: list[ir.Node] = []
         source = value
-        if quantizer.wide and quantizer.needs_clip:
+        if clip and quantizer.wide and quantizer.needs_clip:
             low, high = (
                 np.asarray((level - quantizer.zero_point) * quantizer.scale, dtype=np.float32)
                 for level in quantizer.levels
@@ -186,7 +233,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         created.append(ir.node("QuantizeLinear", [source, scale, zero_point], name=f"{base}/QuantizeLinear"))
         quantized = created[-1].outputs[0]
         quantized.name = f"{base}_quantized"
-        if not quantizer.wide and quantizer.needs_clip:
+        if clip and not quantizer.wide and quantizer.needs_clip:
             low, high = (np.asarray(level, dtype=container) for level in quantizer.levels)
             created.append(
                 ir.node(
@@ -226,8 +273,13 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         bias = bias_value.const_value.numpy().astype(np.float64)
         bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32)
         bias_scale = np.where(bias_scale > 0, bias_scale, np.float32(1.0)).astype(np.float32)
-        limit = np.iinfo(np.int32)
-        bias_integers = np.clip(np.round(bias / bias_scale), limit.min, limit.max).astype(np.int32)
+        # Wide layers (int16 weights and activations) have scales so fine that the bias
+        # can overflow int32 at input scale x weight scale; those channels get a coarser
+        # bias scale (still far below one activation step). A float bias is no option:
+        # onnxruntime's optimizer then changes the results of int16 models.
+        limit = float(2**30)
+        bias_scale = np.maximum(bias_scale, (np.abs(bias) / limit).astype(np.float32)).astype(np.float32)
+        bias_integers = np.round(bias / bias_scale).astype(np.int32)
         bias_axis = 0 if bias_scale.ndim else None
         node.replace_input_with(2, _dequantize(graph, f"{layer.name}.bias_i32", bias_integers, bias_scale, bias_axis))
 
@@ -260,6 +312,30 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     )
     graph.register_initializer(value)
     return value
+
+
+def _already_on_grid(value: ir.Value, group: str, group_of_edge: Mapping[tuple[str, int], str]) -> bool:
+    """True for the output of a transparent op (MaxPool, Slice, zero Pad, ...) whose input is
+    read through the same quantizer: its values are on the grid and within its levels
+    already, so its own Q -> DQ needs no Clip (and onnxruntime runs the op on uint8)."""
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.op_type in TRANSPARENT_OPS
+        and group_of_edge.get((producer.name, 0)) == group
+    )
+
+
+def _non_negative(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type in NON_NEGATIVE_OPS and producer.domain in ("", "ai.onnx")
+
+
+def _points_by_tensor(points: Sequence[QuantPoint]) -> dict[str, list[QuantPoint]]:
+    grouped: dict[str, list[QuantPoint]] = {}
+    for point in points:
+        grouped.setdefault(point.tensor, []).append(point)
+    return grouped
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:
