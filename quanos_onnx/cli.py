@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -52,8 +53,8 @@ class OneLineErrors:
         **extra: Any,
     ) -> Any:
         arguments = list(sys.argv[1:] if args is None else args)
-        argv = sys.argv if args is None else [prog_name or getattr(self, "name", None) or "quanos", *arguments]
-        extra.setdefault("obj", Invocation(tuple(argv)))
+        program = (prog_name,) if prog_name else _program_name() if args is None else (getattr(self, "name", None) or "quanos",)
+        extra.setdefault("obj", Invocation((*program, *arguments)))
         if not standalone_mode:
             return super().main(arguments, prog_name, complete_var, False, **extra)  # type: ignore[misc]
         try:
@@ -68,6 +69,14 @@ class OneLineErrors:
             click.echo(INTERRUPTED, err=True)
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _program_name() -> tuple[str, ...]:
+    """How the user started us: `quanos-compile`, `quanos` or `python -m quanos_onnx.cli`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ("python", "-m", spec.name.removesuffix(".__main__"))
+    return (Path(sys.argv[0]).name,)
 
 
 def _click_error_line(error: click.ClickException) -> str:
