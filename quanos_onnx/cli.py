@@ -25,7 +25,6 @@ from . import __version__
 from .errors import QuanosError
 
 EXIT_BAD_INPUT = 1
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 INTERRUPTED = "error: interrupted; no output was written"
 
@@ -343,7 +342,7 @@ def export_command(model_path: str, target: str, output_path: str | None, as_jso
     from .export import export_file
 
     exported = export_file(model_path, target, output_path)
-    for warning in exported.warnings:
+    for warning in () if quiet else exported.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
         document = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -17,6 +17,10 @@ from .passes.calibrate import Range, collect_ranges
 from .passes.points import plan_points
 from .passes.qdq import activation_quantizer, check_storage, insert_qdq
 from .plan import MAX_BITS, MIN_BITS, Plan
+
+if TYPE_CHECKING:
+    from .hwmodel import HardwareProfile
+    from .report import RunClock
 
 
 @dataclass(frozen=True)
@@ -253,12 +257,12 @@ def settings_json(options: Any, *, exclude: Sequence[str]) -> dict[str, Any]:
     return {key: value for key, value in asdict(options).items() if key not in exclude}
 
 
-def load_profiles(names: Sequence[str]) -> tuple[Any, ...]:
+def load_profiles(names: Sequence[str]) -> tuple[HardwareProfile, ...]:
     """`--hw` values: built-in names, 'all' (the three built-ins) or profile files; one per name."""
     from .errors import UsageError
     from .hwmodel import BUILTIN_PROFILES, load_profile
 
-    profiles: list[Any] = []
+    profiles: list[HardwareProfile] = []
     for name in names:
         for profile in [load_profile(n) for n in BUILTIN_PROFILES] if name.lower() == "all" else [load_profile(name)]:
             known = next((p for p in profiles if p.name == profile.name), None)
@@ -277,8 +281,8 @@ def energy_outputs(
     plan_path: str | None,
     layers: Sequence[Layer],
     plan: Plan | None,
-    profiles: Sequence[Any],
-    clock: Any,
+    profiles: Sequence[HardwareProfile],
+    clock: RunClock,
 ) -> dict[str, str]:
     """`quanos energy -o`: energy.json (the quanos-energy document) and the report files."""
     from . import report

@@ -9,7 +9,6 @@ draft 2020-12 JSON Schema.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
