@@ -33,7 +33,7 @@ class OutputDir:
         while not existing.exists():
             existing = existing.parent
         if not existing.is_dir():
-            raise OutputError(f"{self.path}: cannot create the output directory, '{existing}' is a file")
+            raise OutputError(f"{self.path}: output directory is not writable, '{existing}' is a file")
         if not _can_create_files_in(existing):
             raise OutputError(f"{self.path}: output directory is not writable")
 

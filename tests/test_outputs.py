@@ -27,7 +27,7 @@ def test_refuses_the_input_file_as_the_output_directory(tmp_path: Path) -> None:
 
 def test_refuses_a_directory_below_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match="'.*file' is a file"):
+    with pytest.raises(OutputError, match="not writable, '.*file' is a file"):
         OutputDir(tmp_path / "file" / "out")
 
 
