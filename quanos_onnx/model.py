@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from .errors import ModelError, OutputError
+from .errors import ModelError, OutputError, UnsupportedOpError
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -54,6 +54,10 @@ _NO_FOLD = frozenset(
 )
 _FOLD_SIZE_LIMIT = 1 << 24
 
+_STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+_ONNXRUNTIME_DOMAINS = ("com.microsoft",)
+"""onnxruntime's contrib ops: not in the ONNX standard, but onnxruntime runs them."""
+
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read an ONNX file and return it in the project's normal form."""
@@ -70,6 +74,9 @@ def read_model(source: Path) -> onnx.ModelProto:
         raise ModelError(f"{source}: is a directory, not an ONNX model file")
     if source.stat().st_size == 0:
         raise ModelError(f"{source}: file is empty")
+    other_format = _other_format(source)
+    if other_format is not None:
+        raise ModelError(f"{source}: not an ONNX model but {other_format}")
     try:
         proto = onnx.load(str(source), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
@@ -80,6 +87,28 @@ def read_model(source: Path) -> onnx.ModelProto:
         raise ModelError(f"{source}: parsed as protobuf but holds no ONNX graph")
     _load_external_data(proto, source)
     return proto
+
+
+_OTHER_FORMATS = (
+    (0, b"PK\x03\x04", "a ZIP archive (PyTorch .pt/.pth checkpoints and .npz files are ZIPs)"),
+    (0, b"\x93NUMPY", "a NumPy .npy array"),
+    (0, b"\x89PNG", "a PNG image"),
+    (0, b"\xff\xd8\xff", "a JPEG image"),
+    (0, b"\x1f\x8b", "a gzip file (decompress it first)"),
+    (0, b"\x89HDF", "an HDF5 file (a Keras model? convert it with tf2onnx)"),
+    (4, b"TFL3", "a TensorFlow Lite model (convert it with tf2onnx)"),
+)
+"""File signatures of formats people hand to an ONNX tool by mistake. ONNX files have no
+signature of their own (they are bare protobuf), so only these can be named."""
+
+
+def _other_format(source: Path) -> str | None:
+    with open(source, "rb") as stream:
+        head = stream.read(8)
+    for offset, signature, description in _OTHER_FORMATS:
+        if head[offset:].startswith(signature):
+            return description
+    return None
 
 
 def _load_external_data(proto: onnx.ModelProto, source: Path) -> None:
@@ -108,6 +137,8 @@ def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProt
             hint="export the model at opset 17-21",
         )
     _check_signature(_strip_initializer_inputs(proto), source)
+    _check_ops(proto, source)
+    _check_references(proto, source)
     if opset != TARGET_OPSET:
         proto = _convert_opset(proto, opset, source)
     proto = _strip_initializer_inputs(proto)
@@ -177,6 +208,41 @@ def _check_signature(proto: onnx.ModelProto, source: str) -> None:
         raise ModelError(
             f"{source}: input '{inputs[0].name}' has unknown rank; a fixed-rank input is needed"
         )
+
+
+def _check_ops(proto: onnx.ModelProto, source: str) -> None:
+    """Refuse ops nothing can run before the opset converter or shape inference trip on them."""
+    local_functions = {(function.domain, function.name) for function in proto.functions}
+    for index, node in enumerate(proto.graph.node):
+        domain = node.domain or ""
+        if (domain, node.op_type) in local_functions or domain in _ONNXRUNTIME_DOMAINS:
+            continue
+        schema_domain = "" if domain == "ai.onnx" else domain
+        if domain in _STANDARD_DOMAINS and onnx.defs.has(node.op_type, schema_domain):
+            continue
+        op = f"{domain}:{node.op_type}" if domain else node.op_type
+        raise UnsupportedOpError(
+            f"{source}: node '{node.name or f'#{index}'}' uses op '{op}', which is not a standard "
+            "ONNX op nor defined by a function in the model"
+        )
+
+
+def _check_references(proto: onnx.ModelProto, source: str) -> None:
+    """Every tensor a node reads must come from somewhere; name the first that does not."""
+    graph = proto.graph
+    produced = {""} | {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    produced.update(t.values.name for t in graph.sparse_initializer)
+    produced.update(name for node in graph.node for name in node.output)
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name not in produced:
+                raise ModelError(
+                    f"{source}: node '{node.name or f'#{index}'}' ({node.op_type}) reads tensor "
+                    f"'{name}', which no node, initializer or graph input produces"
+                )
+    for output in graph.output:
+        if output.name not in produced:
+            raise ModelError(f"{source}: graph output '{output.name}' is not produced by any node")
 
 
 def _convert_opset(proto: onnx.ModelProto, opset: int, source: str) -> onnx.ModelProto:
@@ -382,6 +448,19 @@ def input_shape(proto: onnx.ModelProto) -> tuple[int | None, ...]:
 
 def output_names(proto: onnx.ModelProto) -> list[str]:
     return [o.name for o in proto.graph.output]
+
+
+def check_finite_initializers(proto: onnx.ModelProto, names: Iterable[str], source: str = "<model>") -> None:
+    """A NaN or inf in a weight poisons every output; refuse the model naming the tensor."""
+    initializers = initializer_map(proto)
+    for name in names:
+        tensor = initializers.get(name)
+        if tensor is None:
+            continue
+        values = onnx.numpy_helper.to_array(tensor)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            count = int((~np.isfinite(values)).sum())
+            raise ModelError(f"{source}: initializer '{name}' holds {count} NaN/inf value(s)")
 
 
 def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
