@@ -482,7 +482,7 @@ class EvaluateResult:
             for result in evaluation["attacks"]:
                 attack = result["method"] if result["method"] == "fgsm" else f"pgd-{result['steps']}"
                 rows.append(
-                    {**common, "attack": attack, "eps": _eps_label(result["eps"]), "accuracy": result["accuracy"], "adversarial_loss": result["adversarial_loss"]}
+                    {**common, "attack": attack, "eps": eps_label(result["eps"]), "accuracy": result["accuracy"], "adversarial_loss": result["adversarial_loss"]}
                 )
         return rows
 
@@ -500,7 +500,7 @@ class EvaluateResult:
         return "\n".join(lines)
 
 
-def _eps_label(eps: float) -> str:
+def eps_label(eps: float) -> str:
     """0.05 stays 0.05; multiples of 1/255 read as n/255, as the paper writes PGD strengths."""
     steps = eps * 255
     if abs(steps - round(steps)) < 1e-6 and abs(eps * 20 - round(eps * 20)) > 1e-6:

@@ -62,6 +62,7 @@ def test_the_plan_is_kept_and_records_the_finetuning(recovery):
     assert stored.details["finetune"]["epochs"] == 4
 
 
+@pytest.mark.slow
 def test_adversarial_finetuning_raises_pgd_accuracy_over_plain_finetuning():
     model, train, val = trained_task()
     plan = Plan.uniform(list_layers(model), 4)
