@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from .layers import Join, Layer, find_joins, list_layers
-from .model import load_model
+from .model import check_finite_initializers, load_model
 from .passes.align import align_plan
 from .passes.calibrate import Range, collect_ranges
 from .passes.points import plan_points
-from .passes.qdq import activation_quantizer, insert_qdq
+from .passes.qdq import activation_quantizer, check_storage, insert_qdq
 from .plan import MAX_BITS, MIN_BITS, Plan
+
+if TYPE_CHECKING:
+    from .hwmodel import HardwareProfile
+    from .report import RunClock
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,13 @@ def quantize(
     joins: Sequence[Join] | None = None,
     method: str = "minmax",
     percentile: float = 99.99,
+    storage: str = "int8",
 ) -> Quantized:
-    """Align the plan, calibrate its quantizers in onnxruntime, and write the QDQ model."""
+    """Align the plan, calibrate its quantizers in onnxruntime, and write the QDQ model.
+
+    `storage` picks the weight containers (passes.qdq.STORAGES); values are the same in all.
+    """
+    check_storage(storage)
     layers = list_layers(model) if layers is None else layers
     joins = find_joins(model, layers) if joins is None else joins
     aligned = align_plan(plan, layers, joins)
@@ -46,7 +55,7 @@ def quantize(
         group.name: activation_quantizer(group.bits, _union(ranges[t] for t in group.tensors))
         for group in points.groups
     }
-    return Quantized(insert_qdq(model, layers, aligned, points, quantizers), aligned)
+    return Quantized(insert_qdq(model, layers, aligned, points, quantizers, storage=storage), aligned)
 
 
 def _union(ranges: Iterable[Range]) -> Range:
@@ -56,6 +65,7 @@ def _union(ranges: Iterable[Range]) -> Range:
 
 MODEL_FILE = "model.quanos.onnx"
 PLAN_FILE = "plan.json"
+ENERGY_FILE = "energy.json"
 DEFAULT_ANS_SAMPLES = 1000
 
 
@@ -90,6 +100,7 @@ class CompileOptions:
     target_avg_bits: float | None = None
     input_range: str = "0,1"
     batch_size: int = 64
+    storage: str = "int8"
 
 
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
@@ -126,6 +137,8 @@ class CompileResult:
     def summary_json(self) -> dict[str, object]:
         params = {layer.name: layer.params for layer in self.layers}
         return {
+            "format": "quanos-compile",
+            "version": 1,
             "layers": self.rows(),
             "average_weight_bits": round(self.plan.average_weight_bits(params), 4),
             "method": self.plan.method,
@@ -178,11 +191,12 @@ def run_compile(
 
     Everything is computed before the first file is written, so a failure leaves nothing.
     """
+    from . import report
     from .errors import ModelError, UsageError
-    from .hwmodel import to_json as energy_json
     from .outputs import OutputDir
     from .plan import read_plan, validate_plan
 
+    clock = report.RunClock.start(command_line)
     inputs = [p for p in (options.model_path, options.data_path, options.plan_path) if p]
     output = OutputDir(options.output_dir, inputs=inputs)
     if options.bits is not None and options.plan_path is not None:
@@ -197,6 +211,7 @@ def run_compile(
         raise ModelError(
             f"{options.model_path}: no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
         )
+    check_finite_initializers(model, _weights_and_biases(layers), options.model_path)
     dataset = _load_data(options, model)
     calibration = [x for x, _ in _first(dataset, options.calibration_samples, options.batch_size)]
     if options.bits is not None:
@@ -206,13 +221,88 @@ def run_compile(
     else:
         plan = _quanos_plan(options, model, layers, dataset, calibration, progress)
     quantized = quantize(
-        model, plan, calibration, layers=layers, method=options.calibration, percentile=options.percentile
+        model,
+        plan,
+        calibration,
+        layers=layers,
+        method=options.calibration,
+        percentile=options.percentile,
+        storage=options.storage,
     )
-    final_plan = quantized.plan.with_details(energy=energy_json(layers, quantized.plan))
+    energy, baselines = report.energy_sections(layers, quantized.plan)
+    final_plan = quantized.plan.with_details(energy=energy)
     model_bytes = _with_plan(quantized.model, final_plan).SerializeToString()
-    files = {MODEL_FILE: model_bytes, PLAN_FILE: final_plan.dumps()}
+    files: dict[str, bytes | str] = {MODEL_FILE: model_bytes, PLAN_FILE: final_plan.dumps()}
+    document = report.report_document(
+        "compile",
+        models=[report.file_input(options.model_path)],
+        data=report.data_input(options.data_path, dataset.count, dataset.selection),
+        plan_file=report.file_input(options.plan_path) if options.plan_path else None,
+        seed=options.seed,
+        settings=settings_json(options, exclude=("model_path", "data_path", "plan_path", "output_dir", "as_json")),
+        layers=report.layer_rows(layers, final_plan, final_plan.details.get("ans")),
+        summary=report.plan_summary(layers, final_plan),
+        ans=final_plan.details.get("ans"),
+        energy=energy,
+        baselines=baselines,
+        outputs=[report.output_entry(name, content) for name, content in files.items()],
+    )
+    files.update(report.report_files(document, clock.finish()))
     written = output.write(files)
     return CompileResult(tuple(layers), final_plan, tuple(str(p) for p in written))
+
+
+def settings_json(options: Any, *, exclude: Sequence[str]) -> dict[str, Any]:
+    """A command's options for the report: all but the paths (listed with their sha256)."""
+    return {key: value for key, value in asdict(options).items() if key not in exclude}
+
+
+def load_profiles(names: Sequence[str]) -> tuple[HardwareProfile, ...]:
+    """`--hw` values: built-in names, 'all' (the three built-ins) or profile files; one per name."""
+    from .errors import UsageError
+    from .hwmodel import BUILTIN_PROFILES, load_profile
+
+    profiles: list[HardwareProfile] = []
+    for name in names:
+        for profile in [load_profile(n) for n in BUILTIN_PROFILES] if name.lower() == "all" else [load_profile(name)]:
+            known = next((p for p in profiles if p.name == profile.name), None)
+            if known is None:
+                profiles.append(profile)
+            elif known.source != profile.source:
+                raise UsageError(
+                    f"--hw: profiles {known.source} and {profile.source} are both named '{profile.name}'",
+                    hint='give each profile file its own "name"',
+                )
+    return tuple(profiles)
+
+
+def energy_outputs(
+    model_path: str,
+    plan_path: str | None,
+    layers: Sequence[Layer],
+    plan: Plan | None,
+    profiles: Sequence[HardwareProfile],
+    clock: RunClock,
+) -> dict[str, str]:
+    """`quanos energy -o`: energy.json (the quanos-energy document) and the report files."""
+    from . import report
+
+    energy, baselines = report.energy_sections(layers, plan, profiles)
+    document = report.report_document(
+        "energy",
+        models=[report.file_input(model_path)],
+        plan_file=report.file_input(plan_path) if plan_path else None,
+        settings={"hw": [profile.source for profile in profiles]},
+        layers=report.layer_rows(layers, plan),
+        summary=report.plan_summary(layers, plan) if plan is not None else None,
+        energy=energy,
+        baselines=baselines,
+    )
+    return {ENERGY_FILE: report.dumps(energy), **report.report_files(document, clock.finish())}
+
+
+def _weights_and_biases(layers: Sequence[Layer]) -> list[str]:
+    return [name for layer in layers for name in (layer.weight, layer.bias) if name]
 
 
 def _load_data(options: CompileOptions, model: onnx.ModelProto) -> Any:
@@ -278,6 +368,8 @@ def _quanos_plan(
     from .harness.ans import measure_ans
 
     check_bit_range(options.k_init, options.k_min)
+    if options.rounds < 1:
+        raise UsageError(f"--rounds {options.rounds} must be at least 1")
     if options.target_avg_bits is not None and not MIN_BITS <= options.target_avg_bits <= options.k_init:
         raise UsageError(
             f"--target-avg-bits {options.target_avg_bits} is outside {MIN_BITS}..{options.k_init} (--k-init)"
@@ -388,21 +480,26 @@ class AnalyzeResult:
 
 
 def run_analyze(
-    options: AnalyzeOptions, progress: ProgressFactory = no_progress
+    options: AnalyzeOptions,
+    command_line: Sequence[str] = (),
+    progress: ProgressFactory = no_progress,
 ) -> AnalyzeResult:
     """Audit a model without quantizing it: ANS per layer and clean/FGSM/PGD accuracy."""
+    from . import report
     from .errors import ModelError
     from .harness.ans import measure_ans
     from .harness.attacks import InputRange, parse_eps
     from .harness.evaluate import attack_grid, evaluate
     from .outputs import OutputDir
 
+    clock = report.RunClock.start(command_line)
     inputs = [p for p in (options.model_path, options.data_path) if p]
     output = OutputDir(options.output_dir, inputs=inputs) if options.output_dir else None
     model = load_model(options.model_path)
     layers = list_layers(model)
     if not layers:
         raise ModelError(f"{options.model_path}: no quantizable layer to analyze")
+    check_finite_initializers(model, _weights_and_biases(layers), options.model_path)
     dataset = _load_data(options, model)  # type: ignore[arg-type]
     attack = make_attack(options)  # type: ignore[arg-type]
     count = _ans_samples(options, dataset)  # type: ignore[arg-type]
@@ -425,10 +522,19 @@ def run_analyze(
     }
     written: tuple[str, ...] = ()
     if output is not None:
-        import json
-
-        paths = output.write({ANALYSIS_FILE: json.dumps(document, indent=2) + "\n"})
-        written = tuple(str(p) for p in paths)
+        model_entry = report.file_input(options.model_path)
+        report_document = report.report_document(
+            "analyze",
+            models=[model_entry],
+            data=report.data_input(options.data_path, dataset.count, dataset.selection),
+            seed=options.seed,
+            settings=settings_json(options, exclude=("model_path", "data_path", "output_dir", "as_json")),
+            layers=report.layer_rows(layers, None, document["ans"]),
+            ans=document["ans"],
+            evaluations=[{"model": model_entry, "evaluation": document["evaluation"]}],
+        )
+        files = {ANALYSIS_FILE: report.dumps(document), **report.report_files(report_document, clock.finish())}
+        written = tuple(str(p) for p in output.write(files))
     return AnalyzeResult(document, written)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import DataError, ModelError
 from ..model import dynamic_batch
-from .fusion import integer_bias_nodes
+from .fusion import emulate, fused_kernels
 from .graph import CompiledGraph, GraphProgram, check_supported, compile_graph, prepare_model
 from .tensors import tensor_to_proto
 
@@ -194,7 +194,7 @@ def build_twin(model: onnx.ModelProto, *, trainable: bool = False) -> OnnxTwin:
             prepared, batch_one = rewritten, []
         else:
             log.info("the model only runs at batch 1; the twin will run batches sample by sample")
-    compiled = compile_graph(prepared, trainable=trainable, integer_bias=integer_bias_nodes(prepared))
+    compiled = emulate(compile_graph(prepared, trainable=trainable), fused_kernels(prepared))
     twin = OnnxTwin(compiled, batch_one_inputs=batch_one)
     twin.eval()
     return twin
