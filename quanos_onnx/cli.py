@@ -360,7 +360,7 @@ def export_command(model_path: str, target: str, output_path: str | None, as_jso
 
 @main.command("evaluate", cls=QuanosCommand)
 @click.argument("model_paths", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write evaluation.json here.")
+@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write evaluation.json and the report (report.html, report.md, report.json, run.json) here.")
 @click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated (fgsm, pgd).")
 @click.option("--eps", default=None, help="Strengths in [0,1]-input units, comma-separated (e.g. 0.05,0.1 or 8/255,16/255).")
 @click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations.")
@@ -379,7 +379,7 @@ def evaluate_command(**options: Any) -> None:
     from .pipeline import EvaluateOptions, run_evaluate
 
     options["model_paths"] = tuple(options["model_paths"])
-    result = run_evaluate(EvaluateOptions(**options), progress=_progress_bar)
+    result = run_evaluate(EvaluateOptions(**options), command_line=_command_line(), progress=_progress_bar)
     if options["as_json"]:
         click.echo(json.dumps(result.document, indent=2))
     else:

@@ -642,20 +642,27 @@ def evaluation_attacks(options: EvaluateOptions) -> tuple[Any, ...]:
     )
 
 
-def run_evaluate(options: EvaluateOptions, progress: ProgressFactory = no_progress) -> EvaluateResult:
+def run_evaluate(
+    options: EvaluateOptions,
+    command_line: Sequence[str] = (),
+    progress: ProgressFactory = no_progress,
+) -> EvaluateResult:
     """Clean and adversarial accuracy of every model on the same inputs and attacks.
 
     A compiled (QDQ) model is attacked through its fake-quant twin; all accuracies are
     counted by onnxruntime on the attacked inputs, so they describe the deployed files.
+    With an output directory: evaluation.json and the report files.
     """
     from pathlib import Path
 
+    from . import report
     from .errors import DataError, UsageError
     from .finetune.graph import compiled_plan, float_model_of
     from .harness.evaluate import evaluate
     from .model import input_shape
     from .outputs import OutputDir
 
+    clock = report.RunClock.start(command_line)
     if not options.model_paths:
         raise UsageError("give at least one MODEL to evaluate")
     inputs = [*options.model_paths, *([options.data_path] if options.data_path else [])]
@@ -667,6 +674,7 @@ def run_evaluate(options: EvaluateOptions, progress: ProgressFactory = no_progre
     count = dataset.count if options.samples is None else _ans_samples(options, dataset)  # type: ignore[arg-type]
     names = _short_names([path for path, _ in models])
     entries = []
+    evaluations = []
     labels = "data"
     for (path, model), name in zip(models, names):
         if input_shape(model)[1:] != input_shape(first_model)[1:]:
@@ -678,6 +686,7 @@ def run_evaluate(options: EvaluateOptions, progress: ProgressFactory = no_progre
         with progress(f"{name} ({len(attacks)} attacks)", count) as advance:
             evaluation = evaluate(model, _first(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance)
         labels = evaluation.labels
+        evaluations.append((path, evaluation))
         entries.append(
             {
                 "name": name,
@@ -697,10 +706,17 @@ def run_evaluate(options: EvaluateOptions, progress: ProgressFactory = no_progre
     }
     written: tuple[str, ...] = ()
     if output is not None:
-        import json
-
-        paths = output.write({EVALUATION_FILE: json.dumps(document, indent=2) + "\n"})
-        written = tuple(str(p) for p in paths)
+        files = {
+            EVALUATION_FILE: report.dumps(document),
+            **report.evaluation_report_files(
+                evaluations,
+                run=clock.finish(),
+                data=report.data_input(options.data_path, count, dataset.selection),
+                seed=options.seed,
+                settings=settings_json(options, exclude=("model_paths", "data_path", "output_dir", "as_json")),
+            ),
+        }
+        written = tuple(str(p) for p in output.write(files))
     return EvaluateResult(document, written)
 
 

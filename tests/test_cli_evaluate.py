@@ -50,6 +50,11 @@ def test_one_table_of_clean_and_adversarial_accuracy_per_model_and_eps(files, tm
         ("float.onnx", "pgd-3", "0.05"), ("float.onnx", "pgd-3", "0.1"),
     ]
     assert rows[5][:3] == ["two_bit.onnx", "2", "clean"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "evaluation.json", "report.html", "report.json", "report.md", "run.json"
+    ]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["command"] == "evaluate" and len(report["evaluations"]) == 2
     document = json.loads((tmp_path / "evaluation.json").read_text())
     assert document["format"] == "quanos-evaluation" and document["data"]["samples"] == SAMPLES
     assert [entry["kind"] for entry in document["models"]] == ["float", "compiled (uniform-2)"]

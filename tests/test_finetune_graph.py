@@ -80,7 +80,7 @@ def test_float_model_of_a_compiled_model_recompiles_to_the_same_integers(compile
     assert stored is not None and stored.by_name() == quantized.plan.by_name()
     recovered = float_model_of(quantized.model)
     assert not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in recovered.graph.node)
-    assert [layer.name for layer in list_layers(recovered)] == [layer.name for layer in layers]
+    assert [(layer.name, layer.weight) for layer in list_layers(recovered)] == [(layer.name, layer.weight) for layer in layers]
     again = quantize(recovered, stored, [train.x[:256]])
     integers = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.model.graph.initializer if t.name.endswith("weight_w3_quantized")}
     assert integers

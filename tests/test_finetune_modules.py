@@ -92,6 +92,8 @@ def test_every_layer_is_found_and_batchnorms_are_paired(compiled):
         assert all(plan.found_by.startswith("weight") for plan in planned.values())
     else:
         assert planned["conv3"].found_by == "legacy node name"
+    from_compiled_alone = planned_modules(apply_plan(copy.deepcopy(net), compiled=quantized.model))
+    assert from_compiled_alone == planned
 
 
 def test_export_of_a_planned_module_is_the_float_graph_with_the_same_names(compiled):

@@ -30,7 +30,7 @@ from onnx_ir.passes import common as common_passes
 
 from ..errors import ModelError, PlanError
 from ..layers import Layer
-from ..passes.qdq import PLAN_METADATA_KEY
+from ..passes.qdq import PLAN_METADATA_KEY, WEIGHT_SOURCE_KEY
 from ..plan import Plan, plan_from_json
 
 
@@ -247,12 +247,19 @@ class StripQuantizersPass(ir.passes.InPlacePass):
             output = node.outputs[0]
             source = node.inputs[0]
             if source is not None and source.const_value is not None:
-                replacement = _register(graph, output.name, _dequantized(node))
+                replacement = _register(graph, _float_name(graph, node), _dequantized(node))
             else:
                 replacement = _chain_input(node)
             output.replace_all_uses_with(replacement, replace_graph_outputs=True)
             modified = True
         return ir.passes.PassResult(model, modified)
+
+
+def _float_name(graph: ir.Graph, dequantize: ir.Node) -> str:
+    """The float model's name of a weight (recorded by passes.qdq), else the DQ output's."""
+    recorded = dequantize.metadata_props.get(WEIGHT_SOURCE_KEY)
+    taken = {value.name for node in graph for value in node.outputs} | set(graph.initializers)
+    return recorded if recorded and recorded not in taken else dequantize.outputs[0].name
 
 
 def _dequantized(node: ir.Node) -> np.ndarray:
@@ -300,6 +307,7 @@ def float_model_of(compiled: onnx.ModelProto) -> onnx.ModelProto:
 
     The original float weights are not stored in a QDQ model; the dequantized ones are the
     values the deployed model computes with, so fine-tuning starts where the artifact is.
+    Weights get back their float model's names where the compiler recorded them.
     """
     model = ir.serde.deserialize_model(compiled)
     ir.passes.Sequential(

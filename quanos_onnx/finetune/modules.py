@@ -54,6 +54,7 @@ from torch import nn
 
 from ..errors import PlanError, UsageError
 from ..passes.points import TRANSPARENT_OPS
+from ..passes.qdq import WEIGHT_SOURCE_KEY
 from ..plan import Plan, read_plan
 from .fakequant import ActivationGrid, fake_quant_bias, fake_quant_weight
 from .graph import compiled_plan
@@ -402,13 +403,16 @@ def _candidates(root: nn.Module, layer: str, node: onnx.NodeProto | None, model:
 
 
 def _weight_source(name: str, model: onnx.ModelProto) -> str | None:
-    """The initializer a weight input comes from, through Transpose/Cast/Identity/Reshape."""
+    """The initializer a weight input comes from, through Transpose/Cast/Identity/Reshape,
+    or, in a compiled model, the float weight its DequantizeLinear records."""
     initializers = {t.name for t in model.graph.initializer}
     producers = {output: node for node in model.graph.node for output in node.output}
     for _ in range(len(model.graph.node) + 1):
+        producer = producers.get(name)
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return next((entry.value for entry in producer.metadata_props if entry.key == WEIGHT_SOURCE_KEY), None)
         if name in initializers:
             return name
-        producer = producers.get(name)
         if producer is None or producer.op_type not in _PASS_THROUGH_OPS:
             return None
         name = producer.input[0]
