@@ -47,16 +47,19 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
         "energy": ("urn:quanos:quanos-energy", run_json("energy", str(model), "--plan", str(tmp / "quanos" / "plan.json"), "--hw", "all", "-o", str(tmp / "energy"))),
         "export-qonnx": ("urn:quanos:quanos-export", run_json("export", str(tmp / "quanos" / "model.quanos.onnx"), "--to", "qonnx", "-o", str(tmp / "q.onnx"))),
         "export-ort": ("urn:quanos:quanos-export", run_json("export", str(tmp / "bits" / "model.quanos.onnx"), "--to", "ort-overrides", "-o", str(tmp / "o.json"))),
+        "evaluate": ("urn:quanos:quanos-evaluation", run_json("evaluate", str(model), str(tmp / "bits" / "model.quanos.onnx"), *common, "--eps", "0.1", "--pgd-steps", "1", "-o", str(tmp / "evaluation"))),
+        "finetune": ("urn:quanos:quanos-finetune", run_json("finetune", str(tmp / "bits" / "model.quanos.onnx"), "--data", str(data), "--val-split", "0.25", "--epochs", "1", "--batch-size", "4", "-o", str(tmp / "tuned.onnx"))),
     }
     files = {
         "plan-bits": ("urn:quanos:quanos-plan", "bits/plan.json"),
         "plan-quanos": ("urn:quanos:quanos-plan", "quanos/plan.json"),
         "analysis-file": ("urn:quanos:quanos-analysis", "analysis/analysis.json"),
         "energy-file": ("urn:quanos:quanos-energy", "energy/energy.json"),
+        "evaluation-file": ("urn:quanos:quanos-evaluation", "evaluation/evaluation.json"),
     }
     for name, (schema, relative) in files.items():
         found[name] = (schema, json.loads((tmp / relative).read_text()))
-    for run in ("bits", "quanos", "analysis", "energy"):
+    for run in ("bits", "quanos", "analysis", "energy", "evaluation"):
         found[f"report-{run}"] = ("urn:quanos:quanos-report", json.loads((tmp / run / "report.json").read_text()))
         found[f"run-{run}"] = ("urn:quanos:quanos-run", json.loads((tmp / run / "run.json").read_text()))
     return found
@@ -64,8 +67,8 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
 
 DOCUMENT_NAMES = [
     "layers", "compile-bits", "compile-quanos", "analyze", "energy", "export-qonnx", "export-ort",
-    "plan-bits", "plan-quanos", "analysis-file", "energy-file",
-    *(f"{kind}-{run}" for run in ("bits", "quanos", "analysis", "energy") for kind in ("report", "run")),
+    "evaluate", "finetune", "plan-bits", "plan-quanos", "analysis-file", "energy-file", "evaluation-file",
+    *(f"{kind}-{run}" for run in ("bits", "quanos", "analysis", "energy", "evaluation") for kind in ("report", "run")),
 ]
 
 
@@ -98,7 +101,8 @@ def test_every_documented_format_is_checked() -> None:
     checked = {
         "urn:quanos:quanos-layers", "urn:quanos:quanos-compile", "urn:quanos:quanos-analysis",
         "urn:quanos:quanos-energy", "urn:quanos:quanos-export", "urn:quanos:quanos-plan",
-        "urn:quanos:quanos-report", "urn:quanos:quanos-run",
+        "urn:quanos:quanos-report", "urn:quanos:quanos-run", "urn:quanos:quanos-evaluation",
+        "urn:quanos:quanos-finetune",
     }
     assert documented == checked
 
