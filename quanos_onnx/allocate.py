@@ -9,8 +9,9 @@ the plan is quantized (pipeline.quantize), so the plan keeps what the method dec
 Budgeted mode scales every ANS by one factor s (found by bisection) so that the
 parameter-weighted average bits come as close to a target as integer bits allow; one
 factor keeps the layers' order of sensitivity intact. Iterative mode (Algorithm 1 repeated)
-re-measures ANS on the model quantized to the current bits and re-applies Eqn 3 from
-k_init, until the bits are a fixed point or the rounds run out.
+re-measures ANS on the model quantized to the current bits and applies Eqn 3 again with
+each layer's current bits as its starting precision, until no layer's bits change or the
+rounds run out (docs/method.md explains this reading of the paper).
 """
 
 from __future__ import annotations
@@ -63,13 +64,17 @@ def allocate(
     k_min: int = 2,
     quantize_output: bool = False,
     ans_scale: float = 1.0,
+    start_bits: Mapping[str, int] | None = None,
 ) -> Plan:
     """The Eqn-3 plan for these layers (in their order), each entry carrying its ANS.
 
     `ans_scale` multiplies every ANS before Eqn 3 (budgeted mode; 1 is the paper's method).
+    `start_bits` replaces k_init per layer (a later round of iterative mode starts each
+    layer from the bits it already has).
     """
     check_bit_range(k_init, k_min)
     by_layer = _ans_by_layer(layers, ans)
+    start_bits = start_bits or {}
     entries = []
     for layer in layers:
         result = by_layer[layer.name]
@@ -78,7 +83,7 @@ def allocate(
                 LayerPlan(layer.name, None, None, keep_float=True, ans_mean=result.mean, ans_std=result.std)
             )
             continue
-        bits = eqn3_bits(result.mean * ans_scale, k_init, k_min)
+        bits = eqn3_bits(result.mean * ans_scale, start_bits.get(layer.name, k_init), k_min)
         entries.append(LayerPlan(layer.name, bits, bits, ans_mean=result.mean, ans_std=result.std))
     return Plan(
         tuple(entries),
@@ -194,38 +199,63 @@ def allocate_iterative(
     """Iterative QUANOS: ANS -> bits -> quantize -> ANS on the quantized model -> bits ...
 
     Round 1 allocates from `first_ans` (the float model). Each later round quantizes the
-    previous round's plan, measures ANS on that model and applies Eqn 3 from k_init again
-    (budgeted when a target is given). It stops when a round's bits equal the previous
-    round's (a fixed point) or after `rounds` rounds; details record every round's bits.
+    previous round's plan (`quantize` may fine-tune too, as Algorithm 1 does), measures ANS
+    on that model and applies Eqn 3 with each layer's current bits as its k_init:
+    k <- k - round(ANS * k). Bits never rise, so the loop ends: when a round leaves every
+    layer's bits unchanged (converged), or after `rounds` rounds. With a target average,
+    every round instead re-allocates the budget from k_init on the new ANS (the target
+    fixes the level; the ANS of the quantized model redistributes it), which need not reach
+    a fixed point. A round whose ANS is zero in every quantized layer (the attack found no
+    gradient: a heavily quantized model can mask it) carries no information: the loop stops
+    there and keeps the previous plan. The details record every round's bits and ANS.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise UsageError(f"--rounds {rounds!r} must be a whole number of at least 1")
 
-    def allocate_round(ans: Sequence[AnsResult]) -> Plan:
-        if target_average_bits is None:
-            return allocate(layers, ans, k_init=k_init, k_min=k_min, quantize_output=quantize_output)
-        return allocate_budgeted(
-            layers, ans, target_average_bits, k_init=k_init, k_min=k_min, quantize_output=quantize_output
+    def allocate_round(ans: Sequence[AnsResult], previous: Plan | None) -> Plan:
+        if target_average_bits is not None:
+            return allocate_budgeted(
+                layers, ans, target_average_bits, k_init=k_init, k_min=k_min, quantize_output=quantize_output
+            )
+        start_bits = None
+        if previous is not None:
+            start_bits = {entry.name: entry.weight_bits for entry in previous.layers if entry.quantized}
+        return allocate(
+            layers, ans, k_init=k_init, k_min=k_min, quantize_output=quantize_output, start_bits=start_bits
         )
 
-    plan = allocate_round(first_ans)
+    plan = allocate_round(first_ans, None)
     history = [_round_record(1, plan)]
     converged = False
+    stopped = None
     for round_number in range(2, rounds + 1):
-        next_plan = allocate_round(measure(quantize(plan)))
+        ans = measure(quantize(plan))
+        if _no_signal(plan, ans):
+            stopped = f"round {round_number}: ANS is zero in every quantized layer (no gradient reached the input)"
+            log.warning("iterative QUANOS stops at %s; keeping round %d's bits", stopped, round_number - 1)
+            break
+        next_plan = allocate_round(ans, plan)
         history.append(_round_record(round_number, next_plan))
         converged = _bits(next_plan) == _bits(plan)
         plan = next_plan
         log.info("QUANOS round %d: bits %s", round_number, "unchanged" if converged else "changed")
         if converged:
             break
-    return plan.with_details(
-        mode="iterative" if target_average_bits is None else "iterative-budgeted",
-        rounds=history,
-        rounds_run=len(history),
-        max_rounds=rounds,
-        converged=converged,
-    )
+    details: dict[str, Any] = {
+        "mode": "iterative" if target_average_bits is None else "iterative-budgeted",
+        "rounds": history,
+        "rounds_run": len(history),
+        "max_rounds": rounds,
+        "converged": converged,
+    }
+    if stopped:
+        details["stopped"] = stopped
+    return plan.with_details(**details)
+
+
+def _no_signal(plan: Plan, ans: Sequence[AnsResult]) -> bool:
+    by_layer = {result.layer: result.mean for result in ans}
+    return all(by_layer.get(entry.name, 0.0) == 0.0 for entry in plan.layers if entry.quantized)
 
 
 def _bits(plan: Plan) -> tuple[int | None, ...]:

@@ -8,6 +8,7 @@ wrote are removed again, so a failed run leaves nothing half-written behind.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -28,10 +29,12 @@ class OutputDir:
                 raise OutputError(f"{self.path}: output directory is the input file")
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"{self.path}: output exists and is not a directory")
-        existing = self.path
+        existing = self.path.absolute()
         while not existing.exists():
             existing = existing.parent
-        if not os.access(existing, os.W_OK | os.X_OK):
+        if not existing.is_dir():
+            raise OutputError(f"{self.path}: output directory is not writable, '{existing}' is a file")
+        if not _can_create_files_in(existing):
             raise OutputError(f"{self.path}: output directory is not writable")
 
     def write(self, files: Mapping[str, bytes | str]) -> list[Path]:
@@ -52,3 +55,12 @@ class OutputDir:
                 self.path.rmdir()
             raise
         return written
+
+
+def _can_create_files_in(directory: Path) -> bool:
+    """Try it: permission bits do not tell for root, read-only mounts or full disks."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False

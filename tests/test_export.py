@@ -108,6 +108,25 @@ def test_qonnx_export_runs_in_qonnx_with_the_qdq_models_values(mixed):
         np.testing.assert_allclose(executed["y"], expected["y"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("fc_bits", [6, 8])
+def test_qonnx_export_of_a_relu_output_stored_as_part_of_a_signed_join_grid(fc_bits):
+    """'a' (a Relu output) is read by conv2 at 3 bits and by the join at the fc's bits; the
+    join grid is the finer one, so it is written from zero-point 0 with only its levels from
+    zero up. The export widens it back to the whole grid the join's other operand holds."""
+    pytest.importorskip("qonnx")
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    model = compiled({"conv1": 2, "conv2": 3, "conv3": 4, "fc": fc_bits}).model
+    exported = to_qonnx(model)
+    quantized = [n.output[0] for n in _quant_nodes(exported) if n.input[0] not in _initializers(exported)]
+    session = make_session(with_outputs(model, quantized))
+    x = inputs(1, 200)
+    executed = execute_onnx(ModelWrapper(exported), {"x": x}, return_full_exec_context=True)
+    for name, expected in zip(quantized, session.run(quantized, {"x": x})):
+        np.testing.assert_array_equal(executed[name], expected, err_msg=name)
+
+
 @pytest.mark.parametrize("storage", ["int4", "int2"])
 def test_qonnx_export_is_the_same_whatever_the_weight_container(storage):
     reference = to_qonnx(compiled(MIXED).model)

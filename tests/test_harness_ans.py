@@ -134,3 +134,14 @@ def test_labels_out_of_range_are_a_data_error(tiny):
     x = tiny_inputs(4)
     with pytest.raises(DataError, match="class 9"):
         measure_ans(proto, layers, _batches(x, np.array([0, 1, 9, 2]), 4), Attack.fgsm(0.1), twin=model)
+
+
+def test_samples_without_gradient_are_counted_as_unperturbed(tiny):
+    proto, layers, _ = tiny
+
+    def flat(x):
+        return x.reshape(len(x), -1)[:, :5] * 0.0  # no input gradient at all
+
+    result = measure_ans(proto, layers, _batches(tiny_inputs(6), None, 4), Attack.fgsm(0.1), twin=flat)
+    assert result.unperturbed == 6
+    assert all(entry.mean == 0.0 and entry.count == 6 for entry in result.layers)

@@ -262,8 +262,51 @@ def _dynamo_style_model() -> onnx.ModelProto:
 
 def test_dynamic_batch_frees_a_dynamo_style_static_reshape():
     model = _dynamo_style_model()
-    freed, batched = dynamic_batch(model)
-    assert batched
+    assert dynamic_batch(model)[1]
     x = np.random.default_rng(5).normal(size=(4, 3, 2, 2)).astype(np.float32)
     (got,) = Runner(model).run(x)
     np.testing.assert_allclose(got, _ort_outputs(model, x), rtol=1e-6)
+
+
+def test_a_fixed_batch_larger_than_one_is_freed():
+    from onnx import helper, numpy_helper
+
+    from quanos_onnx.model import Runner, normalize
+
+    weight = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["flat"], name="flatten"),
+            helper.make_node("MatMul", ["flat", "w"], ["y"], name="fc"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5])],
+        [numpy_helper.from_array(np.array([2, 12], dtype=np.int64), "shape"), numpy_helper.from_array(weight, "w")],
+    )
+    model = normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    x = np.random.default_rng(1).random((7, 3, 4), dtype=np.float32)
+    (out,) = Runner(model).run(x)
+    np.testing.assert_allclose(out, x.reshape(7, 12) @ weight, rtol=1e-5)
+
+
+def test_a_fixed_batch_that_cannot_be_freed_runs_in_padded_chunks():
+    from onnx import helper, numpy_helper
+
+    from quanos_onnx.model import Runner, normalize
+
+    offsets = np.arange(6, dtype=np.float32).reshape(2, 3)  # a per-position constant: batch 2 is baked in
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "offsets"], ["y"], name="add")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(offsets, "offsets")],
+    )
+    model = normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    runner = Runner(model)
+    assert not runner.batched
+    x = np.random.default_rng(1).random((5, 3), dtype=np.float32)
+    (out,) = runner.run(x)
+    expected = x + np.concatenate([offsets, offsets, offsets[:1]])
+    np.testing.assert_allclose(out, expected, rtol=1e-6)

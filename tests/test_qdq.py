@@ -197,25 +197,157 @@ def test_every_conv_at_8_bits_or_less_becomes_qlinearconv(models, tmp_path: Path
     assert ops["Conv"] == ops["FusedConv"] == 0
 
 
+@pytest.mark.parametrize(
+    ("bits", "integer_adds"),
+    [([8] * 7, 1), ([2, 3, 4, 5, 6, 7, 8], 2), ([8, 2, 8, 3, 8, 4, 8], 2)],
+    ids=["u8", "2-8", "alternating"],
+)
+def test_residual_blocks_fuse_into_qlinearconv_and_qlinearadd(models, tmp_path: Path, bits: list[int], integer_adds: int):
+    """The stem's Relu output feeds a signed join and the first join's output feeds both a
+    conv and the next join: still every conv and the inner join run as integer kernels.
+    With different bits for the conv and the next join, block1.add is computed once per
+    grid (two QLinearAdds) instead of requantizing in float; block2.add feeds the float
+    GlobalAveragePool and stays a float Add."""
+    model, layers = models["resnet"]
+    plan = Plan(tuple(LayerPlan(layer.name, b, b) for layer, b in zip(layers, bits)))
+    ops = _optimized_ops(_quantized(model, plan, random_inputs(model, 16)), tmp_path)
+    assert ops["QLinearConv"] == 6 and ops["Conv"] == ops["FusedConv"] == 0
+    assert (ops["QLinearAdd"], ops["Add"]) == (integer_adds, 1)
+
+
 def test_join_operands_share_one_quantizer_at_the_downstream_bits(models):
+    """One scale and one k-bit grid for all operands of each join. A Relu-produced operand of
+    a signed group stores the grid's non-negative half from zero-point 0 (same values)."""
     model, layers = models["resnet"]
     bits = {"stem": 3, "block1.conv1": 5, "block1.conv2": 4, "block2.conv1": 7,
             "block2.conv2": 2, "block2.shortcut": 8, "classifier": 6}
     plan = Plan(tuple(LayerPlan(name, b, b) for name, b in bits.items()))
     result = quantize(model, plan, [random_inputs(model, 16)])
-    constants = _initializers(result.model)
     producers = {out: node for node in result.model.graph.node for out in node.output}
     expected_bits = {"block1.add": bits["block2.conv1"], "block2.add": bits["classifier"]}
-    activations = _activation_values(result.model, random_inputs(model, 16, seed=5))
+    activations = _activation_values(result.model, 3.0 * random_inputs(model, 16, seed=5) - 1.0)
     for join_plan in result.plan.joins:
         assert join_plan.bits == expected_bits[join_plan.name]
         add = next(node for node in result.model.graph.node if node.name == join_plan.name)
-        quantizers = set()
-        for operand in add.input:
-            dq = producers[operand]
-            assert dq.op_type == "DequantizeLinear"
-            quantizers.add((float(constants[dq.input[1]]), int(constants[dq.input[2]])))
-            assert _grid_span(*activations[operand]) <= 2**join_plan.bits
-        assert len(quantizers) == 1, join_plan.name
+        assert all(producers[operand].op_type == "DequantizeLinear" for operand in add.input)
+        scales = {activations[operand][1] for operand in add.input}
+        assert len(scales) == 1, join_plan.name
+        (scale,) = scales
+        levels = np.concatenate([activations[operand][0].ravel() / scale for operand in add.input])
+        assert np.abs(levels - np.round(levels)).max() < 1e-2
+        assert np.round(levels).max() - np.round(levels).min() + 1 <= 2**join_plan.bits, join_plan.name
     shortcut = result.plan.by_name()["block2.shortcut"]
     assert (shortcut.weight_bits, shortcut.act_bits, shortcut.group) == (6, 6, "block2.add")
+
+
+def test_16_bit_layers_with_large_biases_run_the_same_under_onnxruntime_optimization():
+    """At 16 bits the bias would overflow int32 at input x weight scale; a coarser bias scale
+    keeps it integer, and onnxruntime's optimized session must agree with the plain one."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(scale=0.01, size=(8, 3, 3, 3)).astype(np.float32)
+    bias = rng.normal(scale=50.0, size=(8,)).astype(np.float32)
+    weight2 = rng.normal(scale=0.01, size=(4, 8, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"], name="relu"),
+            helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b"), numpy_helper.from_array(weight2, "w2")],
+    )
+    model = normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    layers = list_layers(model)
+    plan = Plan(tuple(LayerPlan(layer.name, 16, 16) for layer in layers))
+    x = rng.random((4, 3, 8, 8), dtype=np.float32)
+    quantized = quantize(model, plan, [x], layers=layers).model
+    outputs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"x": x})[0])
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(outputs[1], reference, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_non_negative_half_of_a_signed_grid_dequantizes_identically(bits: int):
+    signed = activation_quantizer(bits, Range(-3.0, 2.0))
+    half = signed.for_non_negative()
+    assert (half.scale, half.zero_point) == (signed.scale, 0)
+    x = np.linspace(0.0, 4.0, 1001)
+    def dequantized(q):
+        return (np.clip(np.round(x / q.scale) + q.zero_point, *q.levels) - q.zero_point) * q.scale
+    np.testing.assert_array_equal(dequantized(half), dequantized(signed))
+    assert activation_quantizer(bits, Range(0.0, 2.0)).for_non_negative() == activation_quantizer(bits, Range(0.0, 2.0))
+
+
+def test_a_tensor_with_two_grids_is_quantized_once(models):
+    """The stem output is read by a conv at 3 bits and by a join at 7: one QuantizeLinear on
+    the float tensor, the coarser grid requantized from the finer one."""
+    model, layers = models["resnet"]
+    bits = {"stem": 4, "block1.conv1": 3, "block1.conv2": 4, "block2.conv1": 7,
+            "block2.conv2": 5, "block2.shortcut": 6, "classifier": 6}
+    quantized = quantize(model, Plan(tuple(LayerPlan(n, b, b) for n, b in bits.items())), [random_inputs(model, 16)]).model
+    readers = [node for node in quantized.graph.node if "relu1_out" in node.input]
+    assert [node.op_type for node in readers] == ["QuantizeLinear"]
+    nodes = {node.name: node for node in quantized.graph.node}
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    chain = []
+    tensor = nodes["block1.conv1"].input[0]
+    while tensor != "relu1_out":
+        chain.append(producers[tensor].op_type)
+        tensor = producers[tensor].input[0]
+    assert chain == ["DequantizeLinear", "Clip", "QuantizeLinear", "DequantizeLinear", "Clip", "QuantizeLinear"]
+
+
+def test_a_transparent_op_reading_its_groups_grid_needs_no_second_clip(models):
+    """Relu -> Q -> Clip -> DQ -> MaxPool -> Q -> DQ -> Conv: the pooled values are already on
+    the grid and inside its levels, so only the first quantizer clips."""
+    model, layers = models["vgg"]
+    plan = Plan(tuple(LayerPlan(layer.name, 4, 4) for layer in layers[:-1]))
+    quantized = _quantized(model, plan, random_inputs(model, 16))
+    consumers: dict[str, list[str]] = collections.defaultdict(list)
+    for node in quantized.graph.node:
+        for name in node.input:
+            consumers[name].append(node.op_type)
+    pool = next(node for node in quantized.graph.node if node.op_type == "MaxPool")
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    assert producers[pool.input[0]].op_type == "DequantizeLinear"
+    assert producers[producers[pool.input[0]].input[0]].op_type == "Clip"
+    assert consumers[pool.output[0]] == ["QuantizeLinear"]
+    (after_pool,) = (node for node in quantized.graph.node if pool.output[0] in node.input)
+    assert consumers[after_pool.output[0]] == ["DequantizeLinear"]
+
+
+def test_a_join_needed_on_two_grids_is_added_once_per_grid(models):
+    """block1's output feeds block2.conv1 at 5 bits and the projection shortcut at the join's
+    7: block1.add (and its Relu) run twice, each quantized from the exact sum."""
+    model, layers = models["resnet"]
+    bits = {"stem": 4, "block1.conv1": 3, "block1.conv2": 4, "block2.conv1": 5,
+            "block2.conv2": 5, "block2.shortcut": 6, "classifier": 7}
+    quantized = quantize(model, Plan(tuple(LayerPlan(n, b, b) for n, b in bits.items())), [random_inputs(model, 16)]).model
+    adds = [node for node in quantized.graph.node if node.op_type == "Add" and node.name.startswith("block1.add")]
+    assert len(adds) == 2 and adds[0].input == adds[1].input
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    relus = [node for node in quantized.graph.node if node.op_type == "Relu" and producers[node.input[0]] in adds]
+    readers = [node for node in quantized.graph.node
+               if node.op_type == "QuantizeLinear" and producers.get(node.input[0]) in relus]
+    assert len(readers) == 2
+    nodes = {node.name: node for node in quantized.graph.node}
+    scales = set()
+    for layer in ("block2.conv1", "block2.shortcut"):
+        dequantize = producers[nodes[layer].input[0]]
+        quantize_node = producers[dequantize.input[0]]
+        while quantize_node.op_type != "QuantizeLinear":
+            quantize_node = producers[quantize_node.input[0]]
+        assert quantize_node in readers
+        scales.add(quantize_node.input[1])
+    assert len(scales) == 2

@@ -14,6 +14,7 @@ from .reading import (
     ConstantDequant,
     activation_bits,
     new_initializer,
+    read_model,
     read_quantizers,
     replace_with_initializer,
     set_standard_opset,
@@ -37,20 +38,22 @@ def to_qonnx(qdq_model: onnx.ModelProto, source: str = "<model>") -> onnx.ModelP
     """
     plan = stored_plan(qdq_model, source)
     bits_by_grid = activation_bits(qdq_model, plan)
-    model = ir.serde.deserialize_model(qdq_model)
+    model = read_model(qdq_model)
     graph = model.graph
     contents = read_quantizers(graph)
     weights = contents.weights(graph, plan)
+    current: dict[str, ir.Value] = {}
     for grid in contents.activations:
-        _replace_with_quant(
+        planned = grid.planned(bits_by_grid[grid.name])
+        current[grid.output.name] = _replace_with_quant(
             graph,
             grid.output,
-            grid.source,
+            current.get(grid.source.name, grid.source),
             grid.scale,
             bits_by_grid[grid.name],
-            signed=grid.signed,
+            signed=planned.signed,
             narrow=False,
-            zero_point=grid.zero_offset,
+            zero_point=planned.zero_offset,
         )
         graph.remove(grid.nodes, safe=True)
     for constant in contents.constants:
@@ -81,7 +84,7 @@ def _replace_with_quant(
     signed: bool,
     narrow: bool,
     zero_point: int = 0,
-) -> None:
+) -> ir.Value:
     name = replaced.name
     scale_array = np.asarray(scale, dtype=np.float32)
     inputs = [
@@ -103,6 +106,7 @@ def _replace_with_quant(
         graph.insert_after(producer, quant)
     else:
         graph.insert_before(graph.node(0), quant)
+    return output
 
 
 def _weight_name(graph: ir.Graph, constant: ConstantDequant) -> str:

@@ -10,17 +10,20 @@ node named rather than exported with wrong bits.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
 
 from ..errors import ModelError
 from ..layers import list_layers
 from ..model import TARGET_IR_VERSION, TARGET_OPSET
-from ..passes.points import plan_points
-from ..passes.qdq import PLAN_METADATA_KEY
+from ..passes.points import QuantPoint, plan_points
+from ..passes.qdq import PLAN_METADATA_KEY, non_negative_tensors
 from ..plan import LayerPlan, Plan, plan_from_json
 
 _CONTAINER_RANGES = {
@@ -69,6 +72,21 @@ class ActivationGrid:
 
     def edges(self) -> frozenset[tuple[str, int]]:
         return frozenset((use.node.name, use.idx) for use in self.output.uses())
+
+    def planned(self, bits: int) -> ActivationGrid | None:
+        """This quantizer as the full k-bit grid, or None when it is not part of one.
+
+        A non-negative tensor in a signed group is written from zero-point 0 with only the
+        group's levels from zero up (ActivationQuantizer.for_non_negative): its k-bit grid
+        is the 2^k levels that end at its top level. Only valid for a tensor that cannot be
+        negative and whose group holds that grid whole, which activation_bits checks.
+        """
+        if self.bits == bits:
+            return self
+        low, high = self.levels
+        if low == 0 and high < 2**bits - 1:
+            return replace(self, levels=(high - 2**bits + 1, high))
+        return None
 
 
 @dataclass(frozen=True)
@@ -144,11 +162,37 @@ def read_quantizers(graph: ir.Graph) -> QDQContents:
             constants.append(_constant_dequant(node))
         else:
             activations.append(_activation_grid(node))
+    activations = _inherit_transparent_levels(activations)
     claimed = {id(node) for grid in activations for node in grid.nodes}
     for node in graph:
         if node.op_type == "QuantizeLinear" and id(node) not in claimed:
             raise ModelError(f"node '{node.name}': QuantizeLinear that no DequantizeLinear reads back")
     return QDQContents(tuple(activations), tuple(constants))
+
+
+def _inherit_transparent_levels(grids: list[ActivationGrid]) -> list[ActivationGrid]:
+    """A quantizer right after a transparent op (MaxPool, Slice, ...) that reads the same
+    grid is written without a Clip, its values being on that grid already; it has the
+    levels of the grid in front of the op."""
+    from ..passes.points import TRANSPARENT_OPS
+
+    by_output: dict[str, ActivationGrid] = {}
+    result = []
+    for grid in grids:
+        producer = grid.source.producer()
+        upstream_value = producer.inputs[0] if producer is not None and producer.inputs else None
+        upstream = by_output.get(upstream_value.name) if upstream_value is not None else None
+        if (
+            producer is not None
+            and producer.op_type in TRANSPARENT_OPS
+            and upstream is not None
+            and upstream.scale == grid.scale
+            and grid.levels[0] <= upstream.levels[0] <= upstream.levels[1] <= grid.levels[1]
+        ):
+            grid = replace(grid, levels=upstream.levels)
+        by_output[grid.output.name] = grid
+        result.append(grid)
+    return result
 
 
 def _constant_dequant(node: ir.Node) -> ConstantDequant:
@@ -242,32 +286,66 @@ def activation_bits(proto: onnx.ModelProto, plan: Plan) -> dict[str, int]:
 
     The quantization points are recomputed from the plan on the model with its quantizers
     taken out, exactly as compilation placed them, and each grid in the graph must be the
-    full k-bit grid the plan gives it.
+    full k-bit grid the plan gives it, or for a non-negative tensor in a signed group the
+    part of its group's grid from zero up.
     """
-    model = ir.serde.deserialize_model(proto)
+    model = read_model(proto)
     contents = read_quantizers(model.graph)
     float_proto = _without_quantizers(proto)
     points = plan_points(float_proto, list_layers(float_proto), plan)
-    planned = {(p.tensor, frozenset(p.consumers)): p.bits for p in points.points}
+    planned = {(p.tensor, frozenset(p.consumers)): p for p in points.points}
+    non_negative = non_negative_tensors(ir.serde.deserialize_model(float_proto).graph)
     found: dict[str, int] = {}
+    whole_grids: dict[str, set[tuple[np.float32, tuple[int, int]]]] = defaultdict(set)
+    parts: list[tuple[ActivationGrid, QuantPoint, str]] = []
+    quantizer_nodes = {node.name for grid in contents.activations for node in grid.nodes}
     for grid in contents.activations:
-        bits = planned.get((grid.source.name, grid.edges()))
-        if bits is None:
+        readers = frozenset(edge for edge in grid.edges() if edge[0] not in quantizer_nodes)
+        tensor = float_source(grid, contents.activations)
+        point = planned.get((tensor, readers))
+        if point is None:
             raise ModelError(f"node '{grid.name}': activation quantizer of '{grid.source.name}' is not in the stored plan")
-        if grid.bits != bits:
+        if grid.bits == point.bits:
+            whole_grids[point.group].add((grid.scale, grid.levels))
+        else:
+            parts.append((grid, point, tensor))
+        found[grid.name] = point.bits
+    for grid, point, tensor in parts:
+        # Only the non-negative part of a grid that another member of its group holds whole.
+        whole = grid.planned(point.bits)
+        if whole is None or tensor not in non_negative or (grid.scale, whole.levels) not in whole_grids[point.group]:
             raise ModelError(
-                f"node '{grid.name}': levels {grid.levels} are not the {bits}-bit grid the stored plan gives "
+                f"node '{grid.name}': levels {grid.levels} are not the {point.bits}-bit grid the stored plan gives "
                 f"'{grid.source.name}'"
             )
-        found[grid.name] = bits
     return found
+
+
+def float_source(grid: ActivationGrid, grids: Sequence[ActivationGrid]) -> str:
+    """The float tensor a grid quantizes, also when it requantizes another grid's output."""
+    by_output = {other.output.name: other for other in grids}
+    name = grid.source.name
+    while name in by_output:
+        name = by_output[name].source.name
+    return name
+
+
+def read_model(proto: onnx.ModelProto) -> ir.Model:
+    """The QDQ model with each residual join that QDQ insertion added once per grid
+    (RecomputeJoinPerGridPass) merged back into one node, so every grid quantizes the
+    float tensor the plan names."""
+    model = ir.serde.deserialize_model(proto)
+    common_passes.CommonSubexpressionEliminationPass()(model)
+    return model
 
 
 def _without_quantizers(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The float graph the quantizers were inserted into (weights as their dequantized values)."""
-    model = ir.serde.deserialize_model(proto)
+    model = read_model(proto)
     contents = read_quantizers(model.graph)
-    for grid in contents.activations:
+    # Last first: a grid requantized from another grid's output hands its readers to that
+    # output before the other grid hands all of them to the float tensor.
+    for grid in reversed(contents.activations):
         grid.output.replace_all_uses_with(grid.source, replace_graph_outputs=True)
         model.graph.remove(grid.nodes, safe=True)
     for constant in contents.constants:

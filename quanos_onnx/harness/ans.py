@@ -62,7 +62,9 @@ class AnsMeasurement:
 
     `labels` says where the attacked labels came from ('data' or 'model': the model's own
     clean predictions, in which case clean accuracy is 1 and adversarial accuracy is the
-    share of predictions the attack did not change).
+    share of predictions the attack did not change). `unperturbed` counts samples the
+    attack left exactly as they were: their input gradient was zero (a heavily quantized
+    model can mask it), so they add a ratio of 0 to every layer.
     """
 
     layers: tuple[AnsResult, ...]
@@ -71,6 +73,7 @@ class AnsMeasurement:
     labels: str
     clean_accuracy: float
     adversarial_accuracy: float
+    unperturbed: int
 
     def by_layer(self) -> dict[str, AnsResult]:
         return {result.layer: result for result in self.layers}
@@ -82,6 +85,7 @@ class AnsMeasurement:
             "labels": self.labels,
             "clean_accuracy": self.clean_accuracy,
             "adversarial_accuracy": self.adversarial_accuracy,
+            "unperturbed": self.unperturbed,
             "layers": [result.to_json() for result in self.layers],
         }
 
@@ -148,7 +152,7 @@ def measure_ans(
     model = twin if twin is not None else twin_of(proto)
     moments = [RunningMoments() for _ in layers]
     undefined = [0 for _ in layers]
-    samples = clean_correct = adversarial_correct = 0
+    samples = clean_correct = adversarial_correct = unperturbed = 0
     labels_source = "data"
     for index, (x, y) in enumerate(batches):
         clean = dict(zip(fetch, runner.run(x, fetch)))
@@ -157,6 +161,7 @@ def measure_ans(
             labels_source = "model"
         rng = np.random.default_rng([seed, index])
         x_adv = perturb(model, x, labels, attack, rng=rng)
+        unperturbed += int(np.all((x_adv == x).reshape(len(x), -1), axis=1).sum())
         adversarial = dict(zip(fetch, runner.run(x_adv, fetch)))
         for position, tensor in enumerate(tensors):
             ratios = noise_ratios(clean[tensor], adversarial[tensor])
@@ -170,6 +175,11 @@ def measure_ans(
             progress(len(x))
     if samples == 0:
         raise DataError("no samples to measure ANS on (the data is empty)")
+    if unperturbed:
+        log.warning(
+            "the attack left %d of %d samples unchanged (zero input gradient); they count as ANS 0",
+            unperturbed, samples,
+        )
     for layer, skipped in zip(layers, undefined):
         if skipped:
             log.warning(
@@ -187,6 +197,7 @@ def measure_ans(
         labels=labels_source,
         clean_accuracy=clean_correct / samples,
         adversarial_accuracy=adversarial_correct / samples,
+        unperturbed=unperturbed,
     )
 
 
