@@ -8,7 +8,7 @@ figure of merit (target <= 1.2).
 Configurations: the legacy export (BatchNorm folded into the convs, as exporters do in
 eval mode), the dynamo export, and a legacy export with BatchNorm kept (the same ops as
 the module); each for an attack step (gradient w.r.t. the input only) and a fine-tuning
-step (input and weight gradients). A batch-1 row shows the per-node overhead.
+step (input and weight gradients).
 
 Usage: python bench/twin_speed.py [--iterations 3] [--output docs/benchmarks.md]
 Writes its section of docs/benchmarks.md (creating the file if needed).
@@ -82,9 +82,6 @@ def main() -> None:
             module_time, twin_time = measure(module, build_twin(model, trainable=trainable), images, args.iterations)
             rows.append((label, mode, args.batch, module_time, twin_time))
             print(f"{label:18s} {mode:22s} module {module_time:.3f}s twin {twin_time:.3f}s ratio {twin_time / module_time:.3f}")
-    module.requires_grad_(False)
-    module_time, twin_time = measure(module, build_twin(exports["legacy, BN folded"]), images[:1], 20)
-    rows.append(("legacy, BN folded", "input grad", 1, module_time, twin_time))
     write_section(args.output, SECTION, render(rows, args))
 
 
