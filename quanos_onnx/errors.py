@@ -9,9 +9,14 @@ from __future__ import annotations
 
 
 class QuanosError(Exception):
-    """A failure caused by the user's input, reported as one line."""
+    """A failure caused by the user's input, reported as one line.
+
+    `hint` says what to do about it; without one the class's `default_hint` is shown, so
+    every line a user sees ends with a next step.
+    """
 
     exit_code = 1
+    default_hint = "run with --debug for the traceback"
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -19,40 +24,54 @@ class QuanosError(Exception):
 
     def one_line(self) -> str:
         text = " ".join(str(self).split())
-        if self.hint:
-            text += f" (hint: {' '.join(self.hint.split())})"
-        return text
+        hint = self.hint or self.default_hint
+        return f"{text} (hint: {' '.join(hint.split())})"
 
 
 class ModelError(QuanosError):
     """The ONNX model cannot be read, normalized or run."""
 
+    default_hint = "quanos reads float ONNX classifiers (opset 7-25); re-export the model or check it with onnx.checker"
+
 
 class UnsupportedOpError(ModelError):
     """An op the tool (or the torch twin) has no implementation for."""
+
+    default_hint = "export the model with standard ONNX ops (default domain)"
 
 
 class ParityError(ModelError):
     """The torch twin does not reproduce onnxruntime on this model."""
 
+    default_hint = "a gap in quanos' torch twin, not in the model: please report it with the model"
+
 
 class DataError(QuanosError):
     """Input data cannot be read or does not fit the model."""
+
+    default_hint = "--help lists the --data formats and the --layout/--scale/--data-range options"
 
 
 class PlanError(QuanosError):
     """A bit plan is malformed or does not fit the model."""
 
+    default_hint = "start from a plan.json that quanos compile wrote (format in docs/json.md)"
+
 
 class ProfileError(QuanosError):
     """A hardware profile file is malformed."""
 
+    default_hint = "copy a built-in profile (docs/hardware.md) and change its numbers"
+
 
 class OutputError(QuanosError):
     """An output location cannot be written (or would overwrite the input)."""
+
+    default_hint = "choose another -o/--output location"
 
 
 class UsageError(QuanosError):
     """A command-line option is out of range or inconsistent."""
 
     exit_code = 2
+    default_hint = "--help gives each option's range"

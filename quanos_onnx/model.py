@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from .errors import ModelError, OutputError
+from .errors import ModelError, OutputError, UnsupportedOpError
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -54,6 +54,10 @@ _NO_FOLD = frozenset(
 )
 _FOLD_SIZE_LIMIT = 1 << 24
 
+_STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+_ONNXRUNTIME_DOMAINS = ("com.microsoft",)
+"""onnxruntime's contrib ops: not in the ONNX standard, but onnxruntime runs them."""
+
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read an ONNX file and return it in the project's normal form."""
@@ -70,6 +74,9 @@ def read_model(source: Path) -> onnx.ModelProto:
         raise ModelError(f"{source}: is a directory, not an ONNX model file")
     if source.stat().st_size == 0:
         raise ModelError(f"{source}: file is empty")
+    other_format = _other_format(source)
+    if other_format is not None:
+        raise ModelError(f"{source}: not an ONNX model but {other_format}")
     try:
         proto = onnx.load(str(source), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
@@ -80,6 +87,28 @@ def read_model(source: Path) -> onnx.ModelProto:
         raise ModelError(f"{source}: parsed as protobuf but holds no ONNX graph")
     _load_external_data(proto, source)
     return proto
+
+
+_OTHER_FORMATS = (
+    (0, b"PK\x03\x04", "a ZIP archive (PyTorch .pt/.pth checkpoints and .npz files are ZIPs)"),
+    (0, b"\x93NUMPY", "a NumPy .npy array"),
+    (0, b"\x89PNG", "a PNG image"),
+    (0, b"\xff\xd8\xff", "a JPEG image"),
+    (0, b"\x1f\x8b", "a gzip file (decompress it first)"),
+    (0, b"\x89HDF", "an HDF5 file (a Keras model? convert it with tf2onnx)"),
+    (4, b"TFL3", "a TensorFlow Lite model (convert it with tf2onnx)"),
+)
+"""File signatures of formats people hand to an ONNX tool by mistake. ONNX files have no
+signature of their own (they are bare protobuf), so only these can be named."""
+
+
+def _other_format(source: Path) -> str | None:
+    with open(source, "rb") as stream:
+        head = stream.read(8)
+    for offset, signature, description in _OTHER_FORMATS:
+        if head[offset:].startswith(signature):
+            return description
+    return None
 
 
 def _load_external_data(proto: onnx.ModelProto, source: Path) -> None:
@@ -108,6 +137,8 @@ def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProt
             hint="export the model at opset 17-21",
         )
     _check_signature(_strip_initializer_inputs(proto), source)
+    _check_ops(proto, source)
+    _check_references(proto, source)
     if opset != TARGET_OPSET:
         proto = _convert_opset(proto, opset, source)
     proto = _strip_initializer_inputs(proto)
@@ -117,12 +148,12 @@ def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProt
     model = ir.serde.deserialize_model(proto)
     passes = ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        UniqueNodeNamesPass(),
         FoldConstantsPass(),
         FoldBatchNormPass(),
         FuseBiasAddPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
-        UniqueNodeNamesPass(),
         common_passes.NameFixPass(),
     )
     try:
@@ -179,6 +210,41 @@ def _check_signature(proto: onnx.ModelProto, source: str) -> None:
         )
 
 
+def _check_ops(proto: onnx.ModelProto, source: str) -> None:
+    """Refuse ops nothing can run before the opset converter or shape inference trip on them."""
+    local_functions = {(function.domain, function.name) for function in proto.functions}
+    for index, node in enumerate(proto.graph.node):
+        domain = node.domain or ""
+        if (domain, node.op_type) in local_functions or domain in _ONNXRUNTIME_DOMAINS:
+            continue
+        schema_domain = "" if domain == "ai.onnx" else domain
+        if domain in _STANDARD_DOMAINS and onnx.defs.has(node.op_type, schema_domain):
+            continue
+        op = f"{domain}:{node.op_type}" if domain else node.op_type
+        raise UnsupportedOpError(
+            f"{source}: node '{node.name or f'#{index}'}' uses op '{op}', which is not a standard "
+            "ONNX op nor defined by a function in the model"
+        )
+
+
+def _check_references(proto: onnx.ModelProto, source: str) -> None:
+    """Every tensor a node reads must come from somewhere; name the first that does not."""
+    graph = proto.graph
+    produced = {""} | {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    produced.update(t.values.name for t in graph.sparse_initializer)
+    produced.update(name for node in graph.node for name in node.output)
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name not in produced:
+                raise ModelError(
+                    f"{source}: node '{node.name or f'#{index}'}' ({node.op_type}) reads tensor "
+                    f"'{name}', which no node, initializer or graph input produces"
+                )
+    for output in graph.output:
+        if output.name not in produced:
+            raise ModelError(f"{source}: graph output '{output.name}' is not produced by any node")
+
+
 def _convert_opset(proto: onnx.ModelProto, opset: int, source: str) -> onnx.ModelProto:
     from onnx import version_converter
 
@@ -209,15 +275,18 @@ class UniqueNodeNamesPass(ir.passes.InPlacePass):
     """Give every node a unique name that stays the same across runs.
 
     Plans, reports and fine-tuning refer to layers by node name, so nameless nodes get
-    '<OpType>_<index>' and a repeated name gets '_<index>' appended.
+    '<OpType>_<index>' and a repeated name gets '_<index>' appended (more '_<index>' while
+    that is taken too). It runs before the folding passes, which name the weights and
+    biases they create after the layer node.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        taken = {node.name for node in model.graph if node.name}
         seen: set[str] = set()
         modified = False
         for index, node in enumerate(model.graph):
             name = node.name or f"{node.op_type}_{index}"
-            if name in seen:
+            while name in seen or (name != node.name and name in taken):
                 name = f"{name}_{index}"
             if name != node.name:
                 node.name = name
@@ -323,12 +392,19 @@ def write_bytes_atomic(target: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        os.chmod(temp_name, 0o666 & ~_umask())
         os.replace(temp_name, target)
     except BaseException as exc:
         Path(temp_name).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -347,7 +423,9 @@ def input_spec(proto: onnx.ModelProto) -> InputSpec:
     """What data must look like to feed this model (data.py fits arrays to it)."""
     from .data import InputSpec
 
-    return InputSpec(input_value(proto).name, input_shape(proto))
+    elem_type = input_value(proto).type.tensor_type.elem_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type else "float32"
+    return InputSpec(input_value(proto).name, input_shape(proto), dtype)
 
 
 def num_classes(proto: onnx.ModelProto) -> int | None:
@@ -370,6 +448,19 @@ def input_shape(proto: onnx.ModelProto) -> tuple[int | None, ...]:
 
 def output_names(proto: onnx.ModelProto) -> list[str]:
     return [o.name for o in proto.graph.output]
+
+
+def check_finite_initializers(proto: onnx.ModelProto, names: Iterable[str], source: str = "<model>") -> None:
+    """A NaN or inf in a weight poisons every output; refuse the model naming the tensor."""
+    initializers = initializer_map(proto)
+    for name in names:
+        tensor = initializers.get(name)
+        if tensor is None:
+            continue
+        values = onnx.numpy_helper.to_array(tensor)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            count = int((~np.isfinite(values)).sum())
+            raise ModelError(f"{source}: initializer '{name}' holds {count} NaN/inf value(s)")
 
 
 def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -399,26 +490,24 @@ def dynamic_batch(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     batch into their first entry (from data-dependent tensors) copy it from their input
     instead. The rewrite is kept only if onnxruntime gives, for a random batch of 3, the
     same outputs as three batch-1 runs of the original; otherwise the original is returned
-    with False and callers fall back to per-sample runs.
+    with False and callers fall back to runs at the fixed batch.
     """
     shape = input_shape(proto)
     if not shape or shape[0] is None:
         return proto, True
-    if shape[0] != 1:
-        return proto, False
-    candidate = _rewrite_batch(proto)
-    if candidate is None or not _same_outputs(proto, candidate):
-        log.info("batch dimension cannot be freed safely; falling back to per-sample runs")
+    candidate = _rewrite_batch(proto, shape[0])
+    if candidate is None or not _same_outputs(proto, candidate, shape[0]):
+        log.info("batch dimension cannot be freed safely; falling back to fixed-batch runs")
         return proto, False
     return candidate, True
 
 
-def _rewrite_batch(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+def _rewrite_batch(proto: onnx.ModelProto, batch: int) -> onnx.ModelProto | None:
     model = _copy(proto)
     graph = model.graph
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
             dims[0].dim_param = "batch"
     del graph.value_info[:]
     initializers = initializer_map(model)
@@ -430,13 +519,16 @@ def _rewrite_batch(proto: onnx.ModelProto) -> onnx.ModelProto | None:
         if target is None:
             continue
         values = onnx.numpy_helper.to_array(target).copy()
-        if values.size == 0 or values[0] != 1:
+        if values.size == 0 or values[0] != batch:
             continue
-        values[0] = 0 if -1 in values[1:] else -1
-        if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+        copies_batch = -1 in values[1:]
+        values[0] = 0 if copies_batch else -1
+        if copies_batch and any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
             return None
         new_name = f"{node.input[1]}__batch_free"
-        graph.initializer.append(onnx.numpy_helper.from_array(values, new_name))
+        if new_name not in initializers:
+            initializers[new_name] = onnx.numpy_helper.from_array(values, new_name)
+            graph.initializer.append(initializers[new_name])
         node.input[1] = new_name
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -455,28 +547,46 @@ def data_dependent_tensors(proto: onnx.ModelProto) -> set[str]:
     return live
 
 
-def _same_outputs(original: onnx.ModelProto, candidate: onnx.ModelProto) -> bool:
+def _same_outputs(original: onnx.ModelProto, candidate: onnx.ModelProto, batch: int) -> bool:
+    """The freed model on three fixed batches at once equals the original on each of them."""
     rng = np.random.default_rng(0)
     dims = tuple(d if d is not None else 1 for d in input_shape(original))
-    samples = rng.random((3, *dims[1:]), dtype=np.float32)
+    samples = rng.random((3 * batch, *dims[1:]), dtype=np.float32)
     try:
-        single = make_session(original)
-        batched = make_session(candidate)
-        name = single.get_inputs()[0].name
-        expected = [single.run(None, {name: s[None]}) for s in samples]
-        got = batched.run(None, {name: samples})
+        fixed = make_session(original)
+        freed = make_session(candidate)
+        name = fixed.get_inputs()[0].name
+        got = freed.run(None, {name: samples})
+        expected = [fixed.run(None, {name: samples[i * batch : (i + 1) * batch]}) for i in range(3)]
     except Exception as exc:
         log.debug("batched run failed: %s", exc)
         return False
     for index, outputs in enumerate(expected):
         for want, have in zip(outputs, got):
-            if have.shape[0] != 3 or not np.allclose(have[index], want[0], rtol=1e-4, atol=1e-5):
+            part = have[index * batch : (index + 1) * batch]
+            if have.shape[0] != 3 * batch or not np.allclose(part, want, rtol=1e-4, atol=1e-5):
                 return False
     return True
 
 
 # ---------------------------------------------------------------------------------------
 # onnxruntime
+
+
+_SUB_BYTE_TYPES = frozenset({onnx.TensorProto.INT2, onnx.TensorProto.UINT2})
+
+
+def session_config(proto: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
+    """The session config entries onnxruntime needs to load this model at all.
+
+    onnxruntime 1.32 fuses DequantizeLinear(int2 weight) -> Conv into QLinearConv, which
+    has no int2 kernel, and refuses the session (INVALID_GRAPH); with the Q/DQ fusions
+    disabled it runs the graph as written (docs/interop.md). make_session applies these
+    entries itself; callers that build their own onnxruntime session pass them on.
+    """
+    if any(t.data_type in _SUB_BYTE_TYPES for t in proto.graph.initializer):
+        return (("session.disable_quant_qdq", "1"),)
+    return ()
 
 
 def make_session(
@@ -486,7 +596,11 @@ def make_session(
     config: Sequence[tuple[str, str]] = (),
     threads: int = 0,
 ) -> onnxruntime.InferenceSession:
-    """A CPU session for a model held in memory; a failure names onnxruntime's reason."""
+    """A CPU session for a model held in memory; a failure names onnxruntime's reason.
+
+    The entries the model needs (session_config) come first; `config` adds to or
+    overrides them.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -495,7 +609,7 @@ def make_session(
         options.intra_op_num_threads = threads
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
-    for key, value in config:
+    for key, value in {**dict(session_config(proto)), **dict(config)}.items():
         options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(
@@ -525,12 +639,14 @@ def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 class Runner:
     """Runs a model in onnxruntime at any batch, returning chosen tensors.
 
-    Models that bake batch 1 in are freed where provably safe (dynamic_batch); otherwise
-    samples run one at a time and are stacked, so callers always pass whole batches.
+    Models that bake a batch in are freed where provably safe (dynamic_batch); otherwise
+    samples run in chunks of the fixed batch (the last one padded by repeating its final
+    sample) and are stacked, so callers always pass whole batches of any size.
     """
 
     def __init__(self, proto: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> None:
         freed, self.batched = dynamic_batch(proto)
+        self.fixed_batch = input_shape(proto)[0] or 1
         model = with_outputs(freed, extra_outputs) if extra_outputs else freed
         self.session = make_session(model)
         self.input_name = self.session.get_inputs()[0].name
@@ -540,5 +656,10 @@ class Runner:
         names = list(outputs) if outputs is not None else self.output_names
         if self.batched:
             return self.session.run(names, {self.input_name: x})
-        parts = [self.session.run(names, {self.input_name: sample[None]}) for sample in x]
+        size = self.fixed_batch
+        parts = []
+        for start in range(0, len(x), size):
+            chunk = x[start : start + size]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+            parts.append([out[: len(chunk)] for out in self.session.run(names, {self.input_name: padded})])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]

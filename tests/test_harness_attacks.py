@@ -127,9 +127,9 @@ def test_eps_parses_fractions_and_rejects_text():
 def test_bad_attack_options_name_the_option():
     with pytest.raises(UsageError, match="--attack"):
         Attack("cw", 0.1)
-    with pytest.raises(UsageError, match="--steps"):
+    with pytest.raises(UsageError, match="--pgd-steps"):
         Attack.pgd(0.1, steps=0)
-    with pytest.raises(UsageError, match="--alpha"):
+    with pytest.raises(UsageError, match="--pgd-alpha"):
         Attack.pgd(0.1, alpha=0.0)
 
 

@@ -170,21 +170,34 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def make_model(name: str, seed: int = 0) -> nn.Module:
+def make_model(name: str, seed: int = 0, **options: int) -> nn.Module:
     """The named zoo model with seeded random weights and non-trivial BatchNorm statistics, in eval mode."""
     torch.manual_seed(seed)
-    model = MODELS[name]()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+    return randomize_batchnorm(MODELS[name](**options)).eval()
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics and affine parameters as after training (not the all-ones/zeros init,
+    which the legacy exporter would share between layers as one initializer)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model
 
 
 def export(
-    model: nn.Module, *, dynamo: bool, opset: int, batch: int = 2, dynamic_batch: bool = True, fold: bool | None = None
+    model: nn.Module,
+    *,
+    dynamo: bool,
+    opset: int,
+    batch: int = 2,
+    dynamic_batch: bool = True,
+    fold: bool | None = None,
+    image_shape: tuple[int, int, int] = IMAGE_SHAPE,
 ) -> onnx.ModelProto:
     """Export with the legacy TorchScript exporter or the dynamo exporter, optionally with a symbolic batch.
 
@@ -194,7 +207,7 @@ def export(
     """
     if fold is None:
         fold = not isinstance(model, Vgg)
-    example = torch.randn(batch, *IMAGE_SHAPE)
+    example = torch.randn(batch, *image_shape)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -230,22 +243,21 @@ def quantize_model(
     model = onnx.version_converter.convert_version(proto, 21) if _opset(proto) != 21 else _copy(proto)
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-    layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in weights]
+    layers = [i for i, n in enumerate(graph.node) if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in weights]
     if keep_last_float:
         layers = layers[:-1]
-    ranges = _activation_ranges(model, [layer.input[0] for layer in layers], calibration)
-    plan = {id(layer): bits[index % len(bits)] for index, layer in enumerate(layers)}
+    ranges = _activation_ranges(model, [graph.node[i].input[0] for i in layers], calibration)
+    plan = {position: bits[index % len(bits)] for index, position in enumerate(layers)}
     nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if id(node) in plan:
-            k = plan[id(node)]
-            tag = node.name or f"layer{len(nodes)}"
+    for position, node in enumerate(graph.node):
+        if position in plan:
+            k = plan[position]
+            tag = node.name or f"layer{position}"
             nodes += _activation_qdq(graph, node, tag, k, ranges[node.input[0]])
             nodes.append(_weight_dq(graph, node, tag, k, weights[node.input[1]]))
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    replaced = {layer.input[1] for layer in layers} | {name for layer in layers for name in [f"{layer.name}"]}
     still_read = {name for node in graph.node for name in node.input}
     kept = [t for t in graph.initializer if t.name in still_read]
     del graph.initializer[:]

@@ -114,11 +114,11 @@ class Attack:
             raise UsageError(f"--attack {self.method!r} is not one of {', '.join(METHODS)}")
         check_fraction(self.eps, "--eps")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise UsageError(f"--steps {self.steps!r} must be a whole number of at least 1")
+            raise UsageError(f"--pgd-steps {self.steps!r} must be a whole number of at least 1")
         if self.method == "fgsm" and (self.steps != 1 or self.alpha is not None or self.random_start):
-            raise UsageError("--attack fgsm takes one step of size eps: no --steps, --alpha or random start")
+            raise UsageError("--attack fgsm takes one step of size eps: no --pgd-steps, --pgd-alpha or random start")
         if self.alpha is not None:
-            check_fraction(self.alpha, "--alpha")
+            check_fraction(self.alpha, "--pgd-alpha")
 
     @classmethod
     def fgsm(cls, eps: float, input_range: InputRange | None = None) -> Attack:
@@ -177,8 +177,9 @@ def perturb(
     width = attack.input_range.width
     eps, step = attack.eps * width, attack.step_size * width
     low, high = attack.input_range.low, attack.input_range.high
-    clean = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    # copies: batches are read-only views of the dataset, which torch warns about on stderr
+    clean = torch.from_numpy(np.array(x, dtype=np.float32))
+    targets = torch.from_numpy(np.array(labels, dtype=np.int64))
     adversarial = clean
     if attack.random_start:
         if rng is None:

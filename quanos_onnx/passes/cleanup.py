@@ -26,6 +26,11 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
 
 
 def _set_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer; the name gets a counter when the model already uses it."""
+    base, counter = name, 1
+    while name in graph.initializers:
+        name = f"{base}_{counter}"
+        counter += 1
     value = ir.Value(
         name=name,
         shape=ir.Shape(array.shape),

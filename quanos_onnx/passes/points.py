@@ -27,14 +27,26 @@ quantizer after them may also sit before them, with the same scale, without chan
 value. That gives onnxruntime the Q right after each Conv that QLinearConv fusion needs."""
 
 Edge = tuple[str, int]
+Key = tuple[str, int, str]
+"""(tensor, bits, owner): owner is '' for layer quantizers and the join's name for the
+quantizer its operands share, so a tensor that is both a layer's input and a join operand
+(ResNet's post-Relu identity shortcut) keeps its own unsigned grid for the layer instead of
+inheriting the join's signed one."""
 
 
 @dataclass(frozen=True)
 class QuantPoint:
     tensor: str
     bits: int
+    owner: str
     group: str
     consumers: tuple[Edge, ...]
+
+    @property
+    def name(self) -> str:
+        """Prefix for the names of the nodes and initializers this quantizer adds."""
+        suffix = f"@{self.owner}" if self.owner else ""
+        return f"{self.tensor}_q{self.bits}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -55,31 +67,31 @@ class QuantPoints:
 
 class _UnionFind:
     def __init__(self) -> None:
-        self.parent: dict[tuple[str, int], tuple[str, int]] = {}
+        self.parent: dict[Key, Key] = {}
 
-    def find(self, key: tuple[str, int]) -> tuple[str, int]:
+    def find(self, key: Key) -> Key:
         self.parent.setdefault(key, key)
         while self.parent[key] != key:
             self.parent[key] = self.parent[self.parent[key]]
             key = self.parent[key]
         return key
 
-    def union(self, a: tuple[str, int], b: tuple[str, int]) -> None:
+    def union(self, a: Key, b: Key) -> None:
         root_a, root_b = self.find(a), self.find(b)
         if root_a != root_b:
             self.parent[max(root_a, root_b)] = min(root_a, root_b)
 
 
 def plan_points(proto: onnx.ModelProto, layers: Sequence[Layer], plan: Plan) -> QuantPoints:
-    """Assign every consumer edge that must read a quantized value to a (tensor, bits) point."""
+    """Assign every consumer edge that must read a quantized value to a quantizer point."""
     graph = _Edges(proto)
     entries = plan.by_name()
-    assigned: dict[Edge, tuple[str, int]] = {}
+    assigned: dict[Edge, Key] = {}
     groups = _UnionFind()
     for layer in layers:
         entry = entries.get(layer.name)
         if entry is not None and entry.quantized:
-            assigned[(layer.name, 0)] = (layer.input, entry.act_bits)
+            assigned[(layer.name, 0)] = (layer.input, entry.act_bits, "")
     for join in plan.joins:
         if join.bits is None:
             continue
@@ -87,8 +99,9 @@ def plan_points(proto: onnx.ModelProto, layers: Sequence[Layer], plan: Plan) -> 
         keys = []
         for index, name in enumerate(node.input):
             if name in join.operands:
-                assigned[(node.name, index)] = (name, join.bits)
-                keys.append((name, join.bits))
+                key = (name, join.bits, join.name)
+                assigned[(node.name, index)] = key
+                keys.append(key)
         for key in keys[1:]:
             groups.union(keys[0], key)
     _propagate(graph, assigned, groups)
@@ -97,7 +110,7 @@ def plan_points(proto: onnx.ModelProto, layers: Sequence[Layer], plan: Plan) -> 
         if entry is None or not entry.quantized or layer.block_output in graph.graph_outputs:
             continue
         for edge in graph.consumers[layer.block_output]:
-            assigned.setdefault(edge, (layer.block_output, entry.act_bits))
+            assigned.setdefault(edge, (layer.block_output, entry.act_bits, ""))
     _propagate(graph, assigned, groups)
     return _collect(assigned, groups)
 
@@ -134,9 +147,7 @@ class _Edges:
         return value is not None and not np.any(onnx.numpy_helper.to_array(value))
 
 
-def _propagate(
-    graph: _Edges, assigned: dict[Edge, tuple[str, int]], groups: _UnionFind
-) -> None:
+def _propagate(graph: _Edges, assigned: dict[Edge, Key], groups: _UnionFind) -> None:
     """Move quantizers up through transparent ops whose output is only read quantized."""
     changed = True
     while changed:
@@ -145,29 +156,29 @@ def _propagate(
             producer = graph.producer.get(tensor)
             if producer is None or not graph.transparent(producer) or tensor in graph.graph_outputs:
                 continue
-            edges = graph.consumers[tensor]
-            bits = {assigned.get(edge, (None, None))[1] for edge in edges}
-            if len(bits) != 1 or None in bits or any(assigned.get(e, ("",))[0] != tensor for e in edges):
+            keys = {assigned.get(edge) for edge in graph.consumers[tensor]}
+            if len(keys) != 1 or None in keys:
                 continue
-            upstream = (producer.input[0], bits.pop())
+            key = keys.pop()
+            upstream = (producer.input[0], key[1], key[2])
             edge = (producer.name, 0)
             if assigned.get(edge) == upstream:
                 continue
             assigned[edge] = upstream
-            groups.union((tensor, upstream[1]), upstream)
+            groups.union(key, upstream)
             changed = True
 
 
-def _collect(assigned: dict[Edge, tuple[str, int]], groups: _UnionFind) -> QuantPoints:
-    by_key: dict[tuple[str, int], list[Edge]] = defaultdict(list)
+def _collect(assigned: dict[Edge, Key], groups: _UnionFind) -> QuantPoints:
+    by_key: dict[Key, list[Edge]] = defaultdict(list)
     for edge, key in sorted(assigned.items()):
         by_key[key].append(edge)
-    members: dict[tuple[str, int], list[str]] = defaultdict(list)
+    members: dict[Key, list[str]] = defaultdict(list)
     points = []
     for key in sorted(by_key):
         root = groups.find(key)
         members[root].append(key[0])
-        points.append(QuantPoint(key[0], key[1], _group_name(root), tuple(by_key[key])))
+        points.append(QuantPoint(key[0], key[1], key[2], _group_name(root), tuple(by_key[key])))
     quant_groups = tuple(
         QuantGroup(_group_name(root), root[1], tuple(sorted(set(names))))
         for root, names in sorted(members.items())
@@ -175,5 +186,5 @@ def _collect(assigned: dict[Edge, tuple[str, int]], groups: _UnionFind) -> Quant
     return QuantPoints(tuple(points), quant_groups)
 
 
-def _group_name(key: tuple[str, int]) -> str:
-    return f"{key[0]}@{key[1]}"
+def _group_name(key: Key) -> str:
+    return f"{key[0]}@{key[1]}" + (f"@{key[2]}" if key[2] else "")

@@ -7,25 +7,41 @@ Activations: QuantizeLinear -> Clip(integer bounds) -> DequantizeLinear in a uin
 container (zero-point 0 for non-negative tensors, 128 for signed ones), because
 onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when that Clip is on uint8; for
 k = 9..16 an int16 container behind a float Clip (onnxruntime has no int16 Clip).
+Each float tensor gets one QuantizeLinear (its finest grid; other grids requantize from
+it, except a residual join's output, which is added again per grid), and a non-negative
+tensor in a signed group is stored as the grid's non-negative part from zero-point 0, so
+that onnxruntime also fuses residual joins into QLinearAdd.
+
+Storage modes trade speed for file size: `int4` keeps weights of k <= 4 in int4
+initializers (opset 21), `int2` also keeps k <= 2 in int2 (opset 25, so the model's opset
+is raised only when one is written); onnxruntime's limits with them are in docs/interop.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from ..errors import PlanError
-from ..layers import Layer
+from ..errors import PlanError, UsageError
+from ..layers import NON_NEGATIVE_OPS, Layer
 from ..plan import Plan
 from .calibrate import Range
-from .points import QuantPoint, QuantPoints
+from .points import TRANSPARENT_OPS, QuantPoint, QuantPoints
 
 PLAN_METADATA_KEY = "quanos.plan"
+WEIGHT_SOURCE_KEY = "quanos.weight"
+"""Node metadata on each weight DequantizeLinear: the float initializer it replaced, so
+exports can name the weight as the float model does (onnxruntime.quantization overrides)."""
+
+STORAGES = ("int8", "int4", "int2")
+INT2_OPSET = 25
+INT2_IR_VERSION = 13
+"""int2 tensors exist from opset 25 / IR version 13 on (onnx 1.20)."""
 
 
 @dataclass(frozen=True)
@@ -50,22 +66,45 @@ class ActivationQuantizer:
     def needs_clip(self) -> bool:
         return self.levels != self.container_range
 
+    def for_non_negative(self) -> ActivationQuantizer:
+        """The same grid for a tensor that cannot be negative (a Relu output in a signed group).
+
+        Only the signed grid's upper half can occur; stored from zero-point 0 it dequantizes
+        to identical values, and onnxruntime drops a Relu in front of a zero-point-0
+        quantizer, which is what lets it fuse DQ -> Add -> Relu -> Q into QLinearAdd and a
+        Conv -> Relu feeding a residual join into QLinearConv.
+        """
+        if not self.signed or self.wide:
+            return self
+        return replace(self, zero_point=0, levels=(0, self.levels[1] - self.zero_point))
+
 
 def activation_quantizer(bits: int, value_range: Range) -> ActivationQuantizer:
-    """Grid for a tensor with the calibrated range; unsigned when the range is >= 0."""
+    """Grid for a tensor with the calibrated range; unsigned when the range is >= 0.
+
+    Signed tensors up to 8 bits get an asymmetric grid: 2^k levels spread over exactly
+    [low, high], placed in the middle of the uint8 container with the zero point where
+    0.0 falls, so no level is wasted on a side the tensor never reaches.
+    """
     low, high = min(value_range.low, 0.0), max(value_range.high, 0.0)
     signed = low < 0.0
+    levels_count = 2**bits
+    if signed and bits <= 8:
+        scale = _positive_scale((high - low) / (levels_count - 1))
+        first = 128 - levels_count // 2
+        zero_point = first + int(round(-low / scale))
+        return ActivationQuantizer(bits, scale, zero_point, True, (first, first + levels_count - 1))
     if signed:
-        half = 2 ** (bits - 1)
-        scale = max(-low / half, high / (half - 1))
-        zero_point = 0 if bits > 8 else 128
-        levels = (zero_point - half, zero_point + half - 1)
-    else:
-        scale = high / (2**bits - 1)
-        zero_point = -32768 if bits > 8 else 0
-        levels = (zero_point, zero_point + 2**bits - 1)
-    scale = float(np.float32(scale)) if scale > 0 else 1.0
-    return ActivationQuantizer(bits, scale, zero_point, signed, levels)
+        half = levels_count // 2
+        scale = _positive_scale(max(-low / half, high / (half - 1)))
+        return ActivationQuantizer(bits, scale, 0, True, (-half, half - 1))
+    scale = _positive_scale(high / (levels_count - 1))
+    zero_point = -32768 if bits > 8 else 0
+    return ActivationQuantizer(bits, scale, zero_point, False, (zero_point, zero_point + levels_count - 1))
+
+
+def _positive_scale(scale: float) -> float:
+    return float(np.float32(scale)) if scale > 0 else 1.0
 
 
 def quantize_weight(weight: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -89,8 +128,30 @@ def quantize_weight(weight: np.ndarray, bits: int, axis: int | None) -> tuple[np
     return integers, scale
 
 
+def weight_container(bits: int, storage: str) -> np.dtype:
+    """The narrowest integer type the storage mode allows for k-bit weights."""
+    if storage == "int2" and bits <= 2:
+        return ir.DataType.INT2.numpy()
+    if storage in ("int4", "int2") and bits <= 4:
+        return ir.DataType.INT4.numpy()
+    return np.dtype(np.int8 if bits <= 8 else np.int16)
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGES:
+        raise UsageError(f"--storage: unknown container '{storage}' (use {', '.join(STORAGES)})")
+    return storage
+
+
 class QDQInsertionPass(ir.passes.InPlacePass):
-    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan."""
+    """Insert weight DQs, int32 biases and activation Q/Clip/DQ chains for one plan.
+
+    A float tensor with several grids (a block input read by its first conv at that conv's
+    bits and by the residual join at the join's) is quantized once, on its finest grid; the
+    other grids requantize that one (DQ -> Q -> Clip -> DQ). Every consumer still reads its
+    own exact grid, and the float tensor has a single QuantizeLinear: the shape onnxruntime
+    needs to fuse its producer into QLinearConv / QLinearAdd.
+    """
 
     def __init__(
         self,
@@ -98,12 +159,14 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         plan: Plan,
         points: QuantPoints,
         quantizers: Mapping[str, ActivationQuantizer],
+        storage: str = "int8",
     ) -> None:
         super().__init__()
         self.layers = layers
         self.plan = plan
         self.points = points
         self.quantizers = quantizers
+        self.storage = check_storage(storage)
 
     def requires(self, model: ir.Model) -> None:
         missing = {p.group for p in self.points.points} - set(self.quantizers)
@@ -115,13 +178,22 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         nodes = {node.name: node for node in graph}
         values = _values(graph)
         input_scale: dict[str, float] = {}
-        for point in self.points.points:
-            quantizer = self.quantizers[point.group]
-            dequantized = self._insert_activation(graph, values[point.tensor], point, quantizer)
-            for node_name, index in point.consumers:
-                nodes[node_name].replace_input_with(index, dequantized)
-                if index == 0:
-                    input_scale[node_name] = quantizer.scale
+        group_of_edge = {edge: p.group for p in self.points.points for edge in p.consumers}
+        non_negative = non_negative_tensors(graph)
+        for tensor, points in _points_by_tensor(self.points.points).items():
+            finest: ir.Value | None = None
+            for point in sorted(points, key=lambda p: (self.quantizers[p.group].scale, -p.bits, p.group)):
+                quantizer = self.quantizers[point.group]
+                source = values[tensor] if finest is None else finest
+                if tensor in non_negative:
+                    quantizer = quantizer.for_non_negative()
+                clip = not _already_on_grid(source, point.group, group_of_edge)
+                dequantized = self._insert_activation(graph, source, point, quantizer, clip=clip)
+                finest = finest or dequantized
+                for node_name, index in point.consumers:
+                    nodes[node_name].replace_input_with(index, dequantized)
+                    if index == 0:
+                        input_scale[node_name] = quantizer.scale
         entries = self.plan.by_name()
         for layer in self.layers:
             entry = entries.get(layer.name)
@@ -132,15 +204,21 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
     def _insert_activation(
-        self, graph: ir.Graph, value: ir.Value, point: QuantPoint, quantizer: ActivationQuantizer
+        self,
+        graph: ir.Graph,
+        value: ir.Value,
+        point: QuantPoint,
+        quantizer: ActivationQuantizer,
+        *,
+        clip: bool = True,
     ) -> ir.Value:
-        base = f"{point.tensor}_q{point.bits}"
+        base = point.name
         container = np.int16 if quantizer.wide else np.uint8
         scale = _initializer(graph, f"{base}_scale", np.asarray(quantizer.scale, dtype=np.float32))
         zero_point = _initializer(graph, f"{base}_zero_point", np.asarray(quantizer.zero_point, dtype=container))
         created: list[ir.Node] = []
         source = value
-        if quantizer.wide and quantizer.needs_clip:
+        if clip and quantizer.wide and quantizer.needs_clip:
             low, high = (
                 np.asarray((level - quantizer.zero_point) * quantizer.scale, dtype=np.float32)
                 for level in quantizer.levels
@@ -157,7 +235,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         created.append(ir.node("QuantizeLinear", [source, scale, zero_point], name=f"{base}/QuantizeLinear"))
         quantized = created[-1].outputs[0]
         quantized.name = f"{base}_quantized"
-        if not quantizer.wide and quantizer.needs_clip:
+        if clip and not quantizer.wide and quantizer.needs_clip:
             low, high = (np.asarray(level, dtype=container) for level in quantizer.levels)
             created.append(
                 ir.node(
@@ -186,8 +264,10 @@ class QDQInsertionPass(ir.passes.InPlacePass):
             raise PlanError(f"layer '{layer.name}': weight '{layer.weight}' is not a constant")
         weight = weight_value.const_value.numpy().astype(np.float32)
         integers, scale = quantize_weight(weight, bits, layer.weight_axis)
+        integers = integers.astype(weight_container(bits, self.storage))
         base = f"{layer.name}.weight_w{bits}"
         dequantized = _dequantize(graph, base, integers, scale, layer.weight_axis)
+        dequantized.producer().metadata_props[WEIGHT_SOURCE_KEY] = weight_value.name
         node.replace_input_with(1, dequantized)
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         if bias_value is None or bias_value.const_value is None or input_scale is None:
@@ -195,10 +275,68 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         bias = bias_value.const_value.numpy().astype(np.float64)
         bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32)
         bias_scale = np.where(bias_scale > 0, bias_scale, np.float32(1.0)).astype(np.float32)
-        limit = np.iinfo(np.int32)
-        bias_integers = np.clip(np.round(bias / bias_scale), limit.min, limit.max).astype(np.int32)
+        # Wide layers (int16 weights and activations) have scales so fine that the bias
+        # can overflow int32 at input scale x weight scale; those channels get a coarser
+        # bias scale (still far below one activation step). A float bias is no option:
+        # onnxruntime's optimizer then changes the results of int16 models.
+        limit = float(2**30)
+        bias_scale = np.maximum(bias_scale, (np.abs(bias) / limit).astype(np.float32)).astype(np.float32)
+        bias_integers = np.round(bias / bias_scale).astype(np.int32)
         bias_axis = 0 if bias_scale.ndim else None
         node.replace_input_with(2, _dequantize(graph, f"{layer.name}.bias_i32", bias_integers, bias_scale, bias_axis))
+
+
+class RecomputeJoinPerGridPass(ir.passes.InPlacePass):
+    """A residual join's output needed on a second grid is computed again for that grid.
+
+    The second grid of a tensor is normally requantized from the first (DQ -> Q -> Clip ->
+    DQ), which onnxruntime runs in float. When the tensor is a join, Add(DQ a, DQ b) with an
+    optional Relu after it, adding again for the second grid lets onnxruntime run both sums
+    as QLinearAdd, and quantizes each grid from the exact sum instead of from the other grid.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for quantize in [node for node in graph if node.op_type == "QuantizeLinear"]:
+            chain = _requantized_join(quantize)
+            if chain is None:
+                continue
+            source = chain[0].inputs
+            grid = quantize.name.rsplit("/", 1)[0]
+            clones = []
+            for node in chain:
+                clone = ir.node(node.op_type, list(source), dict(node.attributes), name=f"{node.name}/{grid}")
+                clone.outputs[0].name = f"{node.outputs[0].name}/{grid}"
+                clones.append(clone)
+                source = clone.outputs
+            graph.insert_after(chain[-1], clones)
+            quantize.replace_input_with(0, clones[-1].outputs[0])
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _requantized_join(quantize: ir.Node) -> list[ir.Node] | None:
+    """[Add] or [Add, Relu] when `quantize` requantizes a DQ'd join output, else None."""
+    dequantize = quantize.inputs[0].producer() if quantize.inputs[0] is not None else None
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return None
+    node = dequantize.inputs[0].producer()
+    while node is not None and node.op_type == "Clip":
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "QuantizeLinear":
+        return None
+    chain: list[ir.Node] = []
+    node = node.inputs[0].producer()
+    if node is not None and node.op_type == "Relu":
+        chain.append(node)
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+        return None
+    operands = [value.producer() if value is not None else None for value in node.inputs]
+    if any(producer is None or producer.op_type != "DequantizeLinear" for producer in operands):
+        return None
+    return [node, *chain]
 
 
 def _dequantize(
@@ -231,6 +369,47 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def _already_on_grid(value: ir.Value, group: str, group_of_edge: Mapping[tuple[str, int], str]) -> bool:
+    """True for the output of a transparent op (MaxPool, Slice, zero Pad, ...) whose input is
+    read through the same quantizer: its values are on the grid and within its levels
+    already, so its own Q -> DQ needs no Clip (and onnxruntime runs the op on uint8)."""
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.op_type in TRANSPARENT_OPS
+        and group_of_edge.get((producer.name, 0)) == group
+    )
+
+
+def non_negative_tensors(graph: ir.Graph) -> set[str]:
+    """Tensors that cannot be negative: outputs of Relu-like ops, and of data movement
+    (Slice, MaxPool, non-negative Pad, ...) applied to such a tensor. Found before any
+    insertion, so the answer does not depend on the order the quantizers go in."""
+    found: set[str] = set()
+    for node in graph:
+        if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+            continue
+        if node.op_type in NON_NEGATIVE_OPS or (
+            node.op_type in TRANSPARENT_OPS and node.inputs[0].name in found and _pads_non_negative(node)
+        ):
+            found.update(output.name for output in node.outputs)
+    return found
+
+
+def _pads_non_negative(node: ir.Node) -> bool:
+    if node.op_type != "Pad" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return True
+    value = node.inputs[2].const_value
+    return value is not None and bool(np.all(value.numpy() >= 0))
+
+
+def _points_by_tensor(points: Sequence[QuantPoint]) -> dict[str, list[QuantPoint]]:
+    grouped: dict[str, list[QuantPoint]] = {}
+    for point in points:
+        grouped.setdefault(point.tensor, []).append(point)
+    return grouped
+
+
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:
     found: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
     found.update(graph.initializers)
@@ -246,14 +425,20 @@ def insert_qdq(
     plan: Plan,
     points: QuantPoints,
     quantizers: Mapping[str, ActivationQuantizer],
+    *,
+    storage: str = "int8",
 ) -> onnx.ModelProto:
     """The QDQ model for an aligned, calibrated plan, cleaned up and with the plan attached."""
     model = ir.serde.deserialize_model(proto)
     ir.passes.Sequential(
-        QDQInsertionPass(layers, plan, points, quantizers),
+        QDQInsertionPass(layers, plan, points, quantizers, storage),
+        RecomputeJoinPerGridPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     )(model)
+    if any(v.dtype == ir.DataType.INT2 for v in model.graph.initializers.values()):
+        model.opset_imports[""] = INT2_OPSET
+        model.ir_version = max(model.ir_version, INT2_IR_VERSION)
     model.metadata_props[PLAN_METADATA_KEY] = plan.dumps()
     result = ir.serde.serialize_model(model)
     del result.graph.value_info[:]

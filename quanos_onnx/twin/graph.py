@@ -25,7 +25,6 @@ import onnx
 import torch
 
 from ..errors import ModelError, UnsupportedOpError
-from .fusion import with_integer_bias
 from .registry import MAX_OPSET, NotSupported, OpFunction, OpImpl, canonical_domain, lookup
 from .tensors import FLOAT_TYPES, tensor_from_proto, type_name
 
@@ -65,8 +64,9 @@ class Step:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     release: tuple[str, ...] = ()
-    integer_bias: bool = False
-    """Rounds its bias as onnxruntime's fused integer kernel does (see twin.fusion)."""
+    emulated: bool = False
+    """Computes what onnxruntime's fused integer kernel computes instead of the node's
+    plain semantics (see twin.fusion)."""
 
     def run(self, inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         return self.function(self.attributes, inputs)
@@ -162,14 +162,8 @@ def check_supported(model: onnx.ModelProto) -> list[_ResolvedNode]:
     return resolved
 
 
-def compile_graph(
-    model: onnx.ModelProto, *, trainable: bool, integer_bias: frozenset[str] = frozenset()
-) -> CompiledGraph:
-    """The execution plan, parameters and constants of a prepared, supported model.
-
-    `integer_bias` names Conv/Gemm nodes whose bias onnxruntime rounds to the int32 grid
-    when it fuses them into integer kernels (see twin.fusion); the twin does the same.
-    """
+def compile_graph(model: onnx.ModelProto, *, trainable: bool) -> CompiledGraph:
+    """The execution plan, parameters and constants of a prepared, supported model."""
     resolved = _topological(check_supported(model), model)
     initializers = {t.name: t for t in model.graph.initializer}
     if model.graph.sparse_initializer:
@@ -180,8 +174,7 @@ def compile_graph(
     inputs = tuple(value.name for value in model.graph.input)
     outputs = tuple(value.name for value in model.graph.output)
     runtime, folded = _fold(resolved, parameters, constants)
-    runtime = [_emulate_integer_bias(step, resolved, constants) if step.node_name in integer_bias else step for step in runtime]
-    steps = _with_releases(runtime, set(outputs))
+    steps = with_releases(runtime, set(outputs))
     names = set(inputs) | set(initializers) | {name for r in resolved for name in r.node.output if name}
     program = GraphProgram(inputs, outputs, tuple(steps), tuple(folded), frozenset(names))
     log.debug("twin plan: %d runtime steps, %d folded, %d parameters", len(steps), len(folded), len(parameters))
@@ -256,11 +249,7 @@ def _topological(resolved: list[_ResolvedNode], model: onnx.ModelProto) -> list[
 def _split_initializers(
     initializers: Mapping[str, onnx.TensorProto], resolved: Sequence[_ResolvedNode], *, trainable: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, torch.Tensor], set[str]]:
-    slots: dict[str, set[tuple[str, int]]] = {name: set() for name in initializers}
-    for item in resolved:
-        for index, name in enumerate(item.node.input):
-            if name in slots:
-                slots[name].add((item.node.op_type, index))
+    slots = _consumer_slots(initializers, resolved)
     parameters: dict[str, torch.Tensor] = {}
     parameter_types: dict[str, int] = {}
     constants: dict[str, torch.Tensor] = {}
@@ -269,7 +258,9 @@ def _split_initializers(
         try:
             tensor = tensor_from_proto(proto)
         except KeyError:
-            raise ModelError(f"initializer '{name}' has type {type_name(proto.data_type)}, which the twin cannot hold") from None
+            raise ModelError(
+                f"initializer '{name}' has type {type_name(proto.data_type)}, which the twin cannot hold"
+            ) from None
         used_in = slots[name]
         quantizer_only = bool(used_in) and all(op in QUANTIZER_OPS and index > 0 for op, index in used_in)
         if proto.data_type not in FLOAT_TYPES or quantizer_only:
@@ -280,6 +271,23 @@ def _split_initializers(
         if trainable and tensor.numel() > 1 and not used_in & _FIXED_SLOTS:
             trainable_names.add(name)
     return parameters, parameter_types, constants, trainable_names
+
+
+def _consumer_slots(
+    initializers: Mapping[str, onnx.TensorProto], resolved: Sequence[_ResolvedNode]
+) -> dict[str, set[tuple[str, int]]]:
+    """(op type, input index) of every reader of each initializer, looking through Identity
+    nodes (the legacy exporter shares equal initializers between layers through them)."""
+    aliases = {name: name for name in initializers}
+    for item in resolved:
+        if item.node.op_type == "Identity" and item.node.input[0] in aliases:
+            aliases[item.node.output[0]] = aliases[item.node.input[0]]
+    slots: dict[str, set[tuple[str, int]]] = {name: set() for name in initializers}
+    for item in resolved:
+        for index, name in enumerate(item.node.input):
+            if name in aliases and item.node.op_type != "Identity":
+                slots[aliases[name]].add((item.node.op_type, index))
+    return slots
 
 
 def _step(item: _ResolvedNode) -> Step:
@@ -326,22 +334,7 @@ def _fold(
     return runtime, folded
 
 
-def _emulate_integer_bias(step: Step, resolved: Sequence[_ResolvedNode], constants: dict[str, torch.Tensor]) -> Step:
-    """The step with its bias rounded to the grid of (input scale x weight scale)."""
-    producers = {name: item.node for item in resolved for name in item.node.output}
-    scales = []
-    for name in step.inputs[:2]:
-        producer = producers.get(name)
-        if producer is None or producer.op_type != "DequantizeLinear" or producer.input[1] not in constants:
-            log.warning("cannot emulate the integer bias of '%s': input '%s' is not dequantized", step.node_name, name)
-            return step
-        scales.append(constants[producer.input[1]].to(torch.float32))
-    scale_name = f"{step.node_name}::bias_scale"
-    constants[scale_name] = (scales[0] * scales[1]).reshape(-1)
-    return replace(step, function=with_integer_bias(step.function), inputs=(*step.inputs, scale_name), integer_bias=True)
-
-
-def _with_releases(steps: Sequence[Step], keep: set[str]) -> list[Step]:
+def with_releases(steps: Sequence[Step], keep: set[str]) -> list[Step]:
     """Attach to each step the intermediates whose last use it is (its own unread outputs
     included), so a forward pass holds only live tensors."""
     last_use: dict[str, int] = {}

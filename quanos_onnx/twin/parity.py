@@ -55,8 +55,15 @@ def check_parity(
     batch: Mapping[str, np.ndarray] | np.ndarray,
     *,
     rtol: float = 1e-4,
+    flip_allowance: float = 0.01,
 ) -> ParityReport:
-    """Compare the twin with onnxruntime on `batch`; raise ParityError naming the first diverging node."""
+    """Compare the twin with onnxruntime on `batch`; raise ParityError naming the first diverging node.
+
+    A fake-quant model whose argmaxes disagree fails when some op differs on onnxruntime's
+    own inputs, or when more than `flip_allowance` of the samples disagree; fewer flips with
+    every op exact are rounding ties in float kernels (see the module docstring) and are
+    logged as a warning. Pass flip_allowance=0 to fail on any disagreement.
+    """
     feeds = _feeds(twin, batch)
     expected = run_onnxruntime(model, feeds)
     with torch.no_grad():
@@ -70,11 +77,20 @@ def check_parity(
     )
     log.info("twin parity: %s", report)
     failed = report.argmax_agreement < 1.0 if report.is_fake_quant else report.max_rel_diff > rtol
-    if failed:
-        worst = _worst_sample(got[0], expected[0])
-        divergence = first_divergence(twin, model, {name: value[worst : worst + 1] for name, value in feeds.items()}, rtol)
-        raise ParityError(_failure_message(report, rtol, divergence))
-    return report
+    if not failed:
+        return report
+    worst = _worst_sample(got[0], expected[0])
+    divergence = first_divergence(twin, model, {name: value[worst : worst + 1] for name, value in feeds.items()}, rtol)
+    explained = divergence is None or not divergence.local
+    if report.is_fake_quant and explained and 1.0 - report.argmax_agreement <= flip_allowance:
+        log.warning(
+            "%.2f%% of argmaxes differ from onnxruntime, but no op differs on onnxruntime's own inputs: "
+            "rounding ties in float kernels (max abs difference %.3g)",
+            100 * (1.0 - report.argmax_agreement),
+            report.max_abs_diff,
+        )
+        return report
+    raise ParityError(_failure_message(report, rtol, divergence))
 
 
 def relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
@@ -96,7 +112,10 @@ def run_onnxruntime(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> 
     batch = next(iter(feeds.values())).shape[0]
     if not static_batch or static_batch[0] == batch:
         return session.run(None, dict(feeds))
-    runs = [session.run(None, {name: value[index : index + 1] for name, value in feeds.items()}) for index in range(batch)]
+    runs = [
+        session.run(None, {name: value[index : index + 1] for name, value in feeds.items()})
+        for index in range(batch)
+    ]
     return [np.concatenate([run[position] for run in runs]) for position in range(len(runs[0]))]
 
 
@@ -142,7 +161,7 @@ def _local_difference(
 
     Steps that emulate a fused integer kernel cannot be judged: exposing their output stops
     onnxruntime from fusing them, so its reference value is the unfused one."""
-    if step.integer_bias or not all(not name or name in known or name in static for name in step.inputs):
+    if step.emulated or not all(not name or name in known or name in static for name in step.inputs):
         return None
     arguments = [None if not name else known[name] if name in known else static[name] for name in step.inputs]
     try:

@@ -1,0 +1,26 @@
+"""Shared by the bench scripts: each owns one '## ' section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def machine() -> str:
+    """CPU model and core count (the machine is shared, so timings are indicative)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)"
+
+
+def write_section(path: Path, heading: str, section: str) -> None:
+    """Replace the section under `heading` (up to the next '## ' heading), keeping the rest."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(heading)
+    before = text if start < 0 else text[:start]
+    end = -1 if start < 0 else text.find("\n## ", start + len(heading))
+    after = text[end + 1 :] if end >= 0 else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(before.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + ("\n" + after if after else ""))

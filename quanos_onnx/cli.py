@@ -1,0 +1,449 @@
+"""Command line: `quanos` (a group of commands) and `quanos-compile`.
+
+The only module that imports click. Every failure a user can cause ends in one line on
+stderr that starts with "error:" and names the culprit, and an exit code (docs/cli.md):
+0 success, 1 bad model/data/plan/profile/output (QuanosError), 2 usage (a bad option,
+click's own usage errors included), 130 interrupted; an interrupted or failed run writes
+nothing. --debug shows the traceback instead. Heavy modules are imported inside commands
+so that `quanos --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import QuanosError
+
+EXIT_BAD_INPUT = 1
+EXIT_INTERRUPTED = 130
+INTERRUPTED = "error: interrupted; no output was written"
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """The command line as the user typed it, for the report's provenance (ctx.obj)."""
+
+    argv: tuple[str, ...]
+
+
+class OneLineErrors:
+    """main() for the group and the commands: click's usage errors in one line, exit 2.
+
+    click would print a usage block and "Error: ..." on several lines; scripts and humans
+    get the same single "error: ..." line as for every other failure instead.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        arguments = list(sys.argv[1:] if args is None else args)
+        program = (prog_name,) if prog_name else _program_name() if args is None else (getattr(self, "name", None) or "quanos",)
+        extra.setdefault("obj", Invocation((*program, *arguments)))
+        if not standalone_mode:
+            return super().main(arguments, prog_name, complete_var, False, **extra)  # type: ignore[misc]
+        try:
+            code = super().main(arguments, prog_name, complete_var, False, **extra)  # type: ignore[misc]
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            click.echo(f"error: {_click_error_line(error)}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo(INTERRUPTED, err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _program_name() -> tuple[str, ...]:
+    """How the user started us: `quanos-compile`, `quanos` or `python -m quanos_onnx.cli`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ("python", "-m", spec.name.removesuffix(".__main__"))
+    return (Path(sys.argv[0]).name,)
+
+
+def _click_error_line(error: click.ClickException) -> str:
+    message = " ".join(error.format_message().split())
+    context = getattr(error, "ctx", None)
+    if isinstance(error, click.UsageError) and context is not None:
+        message += f" (hint: run '{context.command_path} --help')"
+    return message
+
+
+class QuanosCommand(OneLineErrors, click.Command):
+    """A click command that reports user errors in one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except QuanosError as error:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {error.one_line()}", err=True)
+            ctx.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo(INTERRUPTED, err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except Exception as error:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {_internal_error_line(error)}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+
+
+def _internal_error_line(error: Exception) -> str:
+    """A failure the code did not foresee: still one line, marked as a bug to report."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = f": {lines[0]}" if lines else ""
+    return (
+        f"internal error, {type(error).__name__}{detail} "
+        "(hint: this is a bug in quanos-onnx; rerun with --debug and report the traceback)"
+    )
+
+
+class QuanosGroup(OneLineErrors, click.Group):
+    """The `quanos` group: its own usage errors (unknown command) in one line too."""
+
+
+def _command_line() -> tuple[str, ...]:
+    context = click.get_current_context()
+    invocation = context.find_object(Invocation)
+    return invocation.argv if invocation is not None else tuple(sys.argv)
+
+
+def common_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    function = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")(function)
+    function = click.option("-q", "--quiet", is_flag=True, help="Only errors: no warnings, notes or progress bars.")(function)
+    function = click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(function)
+    return function
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Log lines on stderr; Python warnings of the libraries underneath only with -v.
+
+    Third-party warnings (torch, onnx) are about their internals, not the user's input, so
+    they go through logging and stay out of the one-line contract of a normal run.
+    """
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose and not quiet else logging.ERROR)
+
+
+def data_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--data", "data_path", type=click.Path(dir_okay=True), help="Labelled inputs: .npz (x, y), .npy, idx(.gz), .csv(.gz) or an image folder."),
+        click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="Layout of the data's images."),
+        click.option("--scale", default=None, help="Multiply pixels by this (e.g. 1/255); uint8 data is scaled by 1/255 by default."),
+        click.option("--mean", default=None, help="Per-channel mean to subtract (comma-separated)."),
+        click.option("--std", default=None, help="Per-channel std to divide by (comma-separated)."),
+        click.option("--data-range", default=None, help="START:STOP slice of the data's samples (e.g. 932:)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and attacks."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@click.group(name="quanos", cls=QuanosGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quanos")
+def main() -> None:
+    """quanos-onnx: adversarial-noise-sensitivity driven mixed-precision quantization of ONNX classifiers (QUANOS)."""
+
+
+@main.command("layers", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@common_options
+def layers_command(model_path: str, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+    """List the quantizable layers of MODEL and the residual joins."""
+    _configure_logging(verbose, quiet)
+    from .layers import find_joins, layer_table, list_layers
+    from .model import load_model
+    from .report.text import format_table
+
+    model = load_model(model_path)
+    layers = list_layers(model)
+    joins = find_joins(model, layers)
+    if as_json:
+        document = {
+            "format": "quanos-layers",
+            "version": 1,
+            "model": model_path,
+            "layers": [layer.to_json() for layer in layers],
+            "joins": [join.to_json() for join in joins],
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
+    click.echo(format_table(layer_table(layers)))
+    if joins:
+        click.echo()
+        rows = [{"join": j.name, "op": j.op, "feeds": j.downstream_layers[0] if j.downstream_layers else None} for j in joins]
+        click.echo(format_table(rows))
+
+
+@main.command("energy", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--plan", "plan_path", type=click.Path(), default=None, help="Per-layer bits from a plan.json; without it the float model (32 bits everywhere).")
+@click.option("--hw", "hardware", multiple=True, default=("standard",), show_default=True, help="Hardware profile: standard, dg, dvafs, all (those three) or a profile JSON file; repeatable.")
+@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write energy.json and the report (report.html, report.md, report.json, run.json) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quanos-energy JSON document (docs/hardware.md).")
+@common_options
+def energy_command(model_path: str, plan_path: str | None, hardware: tuple[str, ...], output_dir: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+    """Memory accesses, MACs, energy and weight memory of MODEL per layer and in total (paper Eqns 4-5)."""
+    _configure_logging(verbose, quiet)
+    from .hwmodel import compare_to_uniform, describe_bits, estimate, summary_table
+    from .hwmodel import to_json as energy_json
+    from .layers import list_layers
+    from .model import load_model
+    from .outputs import OutputDir
+    from .pipeline import energy_outputs, load_profiles
+    from .plan import read_plan, validate_plan
+    from .report import RunClock
+
+    clock = RunClock.start(_command_line())
+    output = OutputDir(output_dir, inputs=[p for p in (model_path, plan_path) if p]) if output_dir else None
+    profiles = load_profiles(hardware)
+    layers = list_layers(load_model(model_path))
+    plan = None
+    if plan_path is not None:
+        given = read_plan(plan_path)
+        plan = validate_plan(given, layers, plan_path)
+        unplanned = [layer.name for layer in layers if layer.name not in given.by_name()]
+        if unplanned and not quiet:
+            click.echo(f"note: {len(unplanned)} layer(s) not in the plan count as float: {', '.join(unplanned)}", err=True)
+    written = []
+    if output is not None:
+        written = output.write(energy_outputs(model_path, plan_path, layers, plan, profiles, clock))
+    if as_json:
+        click.echo(json.dumps(energy_json(layers, plan, profiles), indent=2))
+        return
+    tables = [
+        summary_table(estimate(layers, plan, profile), compare_to_uniform(layers, plan, profile), describe_bits(plan))
+        for profile in profiles
+    ]
+    click.echo("\n\n".join(tables))
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("model_path", metavar="MODEL", type=click.Path()),
+        click.option("-o", "--output", "output_dir", default="quanos-out", show_default=True, type=click.Path(), help="Output directory."),
+        click.option("--bits", type=int, default=None, help="Uniform bits for every layer (a baseline) instead of QUANOS."),
+        click.option("--plan", "plan_path", type=click.Path(), default=None, help="Per-layer bits from a plan.json instead of QUANOS."),
+        click.option("--quantize-output", is_flag=True, help="Quantize the output layer too (kept float by default)."),
+        click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True, help="Activation range estimator."),
+        click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile."),
+        click.option("--calibration-samples", type=int, default=512, show_default=True, help="Samples used to calibrate activation ranges."),
+        click.option("--storage", type=click.Choice(["int8", "int4", "int2"]), default="int8", show_default=True, help="Weight containers: int4/int2 store layers of <= 4 / <= 2 bits packed (smaller file; see docs/interop.md)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        click.option("--k-init", type=int, default=16, show_default=True, help="Eqn 3's initial bits."),
+        click.option("--k-min", type=int, default=2, show_default=True, help="Fewest bits a layer may get."),
+        click.option("--rounds", type=int, default=1, show_default=True, help="Iterative QUANOS: re-measure ANS on the quantized model up to N rounds."),
+        click.option("--target-avg-bits", type=float, default=None, help="Scale ANS so the parameter-weighted average bits meet this budget."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return attack_options(data_options(function))
+
+
+def attack_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--attack", type=click.Choice(["fgsm", "pgd"]), default="fgsm", show_default=True, help="Attack used to measure ANS."),
+        click.option("--eps", default="0.05", show_default=True, help="Attack strength in [0,1]-input units (e.g. 0.05 or 8/255)."),
+        click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations."),
+        click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps)."),
+        click.option("--samples", type=int, default=None, help="Samples attacked for ANS (default: up to 1000)."),
+        click.option("--input-range", default="0,1", show_default=True, help="LO,HI of the model's input (e.g. 0,255 for raw pixels); eps scales with it."),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per attack/inference batch."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@contextmanager
+def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar on a terminal; silence when stderr is a pipe or a file, or with -q."""
+    if not sys.stderr.isatty() or not logging.getLogger().isEnabledFor(logging.WARNING):
+        yield lambda done: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+@main.command("compile", cls=QuanosCommand)
+@compile_options
+@common_options
+def compile_command(**options: Any) -> None:
+    """Compile MODEL into a mixed-precision QDQ ONNX model (QUANOS, or --bits/--plan baselines)."""
+    _configure_logging(options.pop("verbose"), options.pop("quiet"))
+    options.pop("debug")
+    from .pipeline import CompileOptions, run_compile
+
+    result = run_compile(CompileOptions(**options), command_line=_command_line(), progress=_progress_bar)
+    if options["as_json"]:
+        click.echo(json.dumps(result.summary_json(), indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
+@main.command("analyze", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write analysis.json and the report (report.html, report.md, report.json, run.json) here.")
+@click.option("--fgsm-eps", default="0.05,0.1,0.2", show_default=True, help="FGSM strengths for the accuracy table.")
+@click.option("--pgd-eps", default="2/255,8/255", show_default=True, help="PGD strengths for the accuracy table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+@attack_options
+@data_options
+@common_options
+def analyze_command(**options: Any) -> None:
+    """Audit MODEL without quantizing it: ANS per layer, clean/FGSM/PGD accuracy."""
+    _configure_logging(options.pop("verbose"), options.pop("quiet"))
+    options.pop("debug")
+    from .pipeline import AnalyzeOptions, run_analyze
+
+    result = run_analyze(AnalyzeOptions(**options), command_line=_command_line(), progress=_progress_bar)
+    if options["as_json"]:
+        click.echo(json.dumps(result.document, indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
+@main.command("export", cls=QuanosCommand)
+@click.argument("model_path", metavar="QMODEL", type=click.Path())
+@click.option("--to", "target", type=click.Choice(["qonnx", "ort-overrides"]), required=True, help="QONNX Quant nodes, or TensorQuantOverrides for onnxruntime.quantization.")
+@click.option("-o", "--output", "output_path", type=click.Path(), default=None, help="Output file (default: next to QMODEL, .qonnx.onnx or .ort_overrides.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON (docs/json.md).")
+@common_options
+def export_command(model_path: str, target: str, output_path: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+    """Export QMODEL (written by quanos-compile) for another toolchain, at its plan's bits."""
+    _configure_logging(verbose, quiet)
+    from .export import export_file
+
+    exported = export_file(model_path, target, output_path)
+    for warning in () if quiet else exported.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        document = {
+            "format": "quanos-export",
+            "version": 1,
+            "model": model_path,
+            "target": target,
+            "output": str(exported.path),
+            "warnings": list(exported.warnings),
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
+    click.echo(f"wrote {exported.path}")
+
+
+@main.command("evaluate", cls=QuanosCommand)
+@click.argument("model_paths", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write evaluation.json and the report (report.html, report.md, report.json, run.json) here.")
+@click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated (fgsm, pgd).")
+@click.option("--eps", default=None, help="Strengths in [0,1]-input units, comma-separated (e.g. 0.05,0.1 or 8/255,16/255).")
+@click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations.")
+@click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps).")
+@click.option("--paper", is_flag=True, help="The paper's grid: FGSM eps 0.05-0.3 by 0.05; PGD 7 steps of 2/255 at 8, 16, 32/255.")
+@click.option("--samples", type=int, default=None, help="Evaluate the first N samples (default: all).")
+@click.option("--input-range", default="0,1", show_default=True, help="LO,HI of the models' input; eps scales with it.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per attack/inference batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quanos-evaluation JSON document.")
+@data_options
+@common_options
+def evaluate_command(**options: Any) -> None:
+    """Clean and adversarial accuracy of one or more models (float or compiled), side by side."""
+    _configure_logging(options.pop("verbose"), options.pop("quiet"))
+    options.pop("debug")
+    from .pipeline import EvaluateOptions, run_evaluate
+
+    options["model_paths"] = tuple(options["model_paths"])
+    result = run_evaluate(EvaluateOptions(**options), command_line=_command_line(), progress=_progress_bar)
+    if options["as_json"]:
+        click.echo(json.dumps(result.document, indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
+@main.command("finetune", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(), help="The fine-tuned compiled model to write (.onnx).")
+@click.option("--plan", "plan_path", type=click.Path(), default=None, help="plan.json to train at (default: the plan stored in a compiled MODEL).")
+@click.option("--val", "val_path", type=click.Path(), default=None, help="Validation data: keep the best epoch on it.")
+@click.option("--val-split", type=float, default=None, help="Hold out this fraction of --data (after a seeded shuffle) for validation.")
+@click.option("--epochs", type=int, required=True, help="Passes over the training data.")
+@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-3 adam, 1e-2 sgd), decaying to 0 on a cosine.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True, help="Optimizer (sgd with momentum 0.9).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per training batch.")
+@click.option("--adv-train", type=click.Choice(["fgsm", "pgd"]), default=None, help="Adversarial fine-tuning: attack every batch with this.")
+@click.option("--adv-eps", default="8/255", show_default=True, help="Strength of the training attack in [0,1]-input units.")
+@click.option("--adv-steps", type=int, default=7, show_default=True, help="PGD iterations of the training attack.")
+@click.option("--adv-alpha", default=None, help="PGD step of the training attack (default 2.5*eps/steps).")
+@click.option("--adv-weight", type=float, default=0.5, show_default=True, help="Loss weight of the attacked batch (1: attacked only).")
+@click.option("--input-range", default="0,1", show_default=True, help="LO,HI of the model's input; eps scales with it.")
+@click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True, help="Activation range estimator.")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile.")
+@click.option("--calibration-samples", type=int, default=512, show_default=True, help="Samples used to calibrate activation ranges.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quanos-finetune JSON document.")
+@data_options
+@common_options
+def finetune_command(**options: Any) -> None:
+    """Fine-tune MODEL at a plan through its fake-quant twin and write the compiled result."""
+    verbose, quiet = options.pop("verbose"), options.pop("quiet")
+    _configure_logging(verbose, quiet)
+    options.pop("debug")
+    from .pipeline import FinetuneOptions, run_finetune
+
+    def report(record: Any) -> None:
+        if not quiet:
+            click.echo(_epoch_line(record, options["epochs"]), err=True)
+
+    result = run_finetune(FinetuneOptions(**options), progress=_progress_bar, on_epoch=report)
+    if options["as_json"]:
+        click.echo(json.dumps(result.document, indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
+def _epoch_line(record: Any, epochs: int) -> str:
+    parts = [f"epoch {record.epoch}/{epochs}" if record.epoch else "before fine-tuning"]
+    for label, value in (
+        ("loss", record.train_loss),
+        ("train acc", record.train_accuracy),
+        ("train adv acc", record.train_adversarial_accuracy),
+        ("val acc", record.val_accuracy),
+        ("val adv acc", record.val_adversarial_accuracy),
+    ):
+        if value is not None:
+            parts.append(f"{label} {value:.4f}")
+    return ", ".join(parts) + f" ({record.seconds:.1f} s)"
+
+
+def compile_main() -> None:
+    """Entry point of `quanos-compile` (the same command as `quanos compile`)."""
+    compile_command.main(prog_name="quanos-compile")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""What a report says, independent of how it is typeset: headline figures, tables, provenance.
+
+report.md and report.html both render this, so the two always carry the same numbers;
+the HTML adds the figures (plots.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .document import RunInfo
+
+
+@dataclass(frozen=True)
+class Table:
+    key: str
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Content:
+    title: str
+    subtitle: str
+    highlights: tuple[tuple[str, str], ...]
+    tables: tuple[Table, ...]
+    provenance: Table
+    settings: tuple[tuple[str, str], ...]
+    """The command's options as `--option value` pairs, part of the provenance."""
+
+
+COMMAND_TITLES = {
+    "compile": "compile report",
+    "analyze": "sensitivity analysis",
+    "energy": "energy estimate",
+    "evaluate": "robustness evaluation",
+}
+
+
+def build_content(document: Mapping[str, Any], run: RunInfo) -> Content:
+    names = ", ".join(model_labels([model["path"] for model in document["inputs"]["models"]]))
+    command = document["command"]
+    tables = [
+        table
+        for table in (
+            _layers_table(document),
+            _totals_table(document),
+            _accuracy_table(document),
+            _outputs_table(document),
+        )
+        if table is not None
+    ]
+    return Content(
+        title=f"{names}: {COMMAND_TITLES.get(command, command)}",
+        subtitle=f"quanos {command}, {document['tool']['name']} {document['tool']['version']}",
+        highlights=tuple(_highlights(document)),
+        tables=tuple(tables),
+        provenance=_provenance_table(document, run),
+        settings=tuple((f"--{key.replace('_', '-')}", _setting(value)) for key, value in document["settings"].items()),
+    )
+
+
+def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
+    items: list[tuple[str, str]] = []
+    summary = document.get("summary")
+    if summary:
+        items.append(("method", summary["method"]))
+        items.append(("average weight bits", f"{summary['average_weight_bits']:.2f} (parameter-weighted)"))
+        items.append(("layers", f"{summary['quantized_layers']} quantized, {summary['float_layers']} float"))
+    energy = document.get("energy")
+    if energy:
+        for name, profile in energy["profiles"].items():
+            ratios = ", ".join(f"{row['energy_ratio']:.2f}x of {row['bits']}-bit" for row in profile["vs_uniform"])
+            items.append((f"energy, {name}", f"{_uj(profile['totals']['energy_pj'])} ({ratios})"))
+        reference = next(iter(energy["profiles"].values()))
+        ratios = ", ".join(f"{row['memory_ratio']:.2f}x of {row['bits']}-bit" for row in reference["vs_uniform"])
+        items.append(("weight memory", f"{_kb(reference['totals']['weight_memory_bits'])} ({ratios})"))
+    ans = document.get("ans")
+    if ans:
+        attack = _attack_name(ans["attack"])
+        items.append(
+            (
+                "ANS attack",
+                f"{attack} on {ans['samples']} samples: accuracy {_percent(ans['clean_accuracy'])} clean, "
+                f"{_percent(ans['adversarial_accuracy'])} attacked (labels from {ans['labels']})",
+            )
+        )
+        ranked = [row for row in document["layers"] if row["ans_mean"] is not None]
+        if ranked:
+            top = max(ranked, key=lambda row: row["ans_mean"])
+            items.append(("most sensitive layer", f"{top['name']} (ANS {top['ans_mean']:.3f})"))
+    evaluations = document["evaluations"]
+    labels = model_labels([entry["model"]["path"] for entry in evaluations])
+    for label, entry in zip(labels, evaluations):
+        evaluation = entry["evaluation"]
+        worst = min((a["accuracy"] for a in evaluation["attacks"]), default=None)
+        text = f"{_percent(evaluation['clean_accuracy'])} clean on {evaluation['samples']} samples"
+        if worst is not None:
+            text += f", {_percent(worst)} under the strongest attack"
+        items.append((f"accuracy, {label}", text))
+    return items
+
+
+def _layers_table(document: Mapping[str, Any]) -> Table | None:
+    layers = document["layers"]
+    if not layers:
+        return None
+    planned = any(row["keep_float"] is not None for row in layers)
+    measured = any(row["ans_mean"] is not None for row in layers)
+    columns = ["layer", "op", "params", "MACs"]
+    columns += ["weight bits", "act bits"] if planned else []
+    columns += ["ANS mean", "ANS std"] if measured else []
+    rows = []
+    for row in layers:
+        cells = [row["name"], row["op"], f"{row['params']:,}", f"{row['macs']:,}"]
+        if planned:
+            cells += ["float", "float"] if row["keep_float"] else [str(row["weight_bits"]), str(row["act_bits"])]
+        if measured:
+            cells += [_number(row["ans_mean"]), _number(row["ans_std"])]
+        rows.append(tuple(cells))
+    return Table("layers", "Layers", tuple(columns), tuple(rows))
+
+
+def _totals_table(document: Mapping[str, Any]) -> Table | None:
+    energy = document.get("energy")
+    if not energy:
+        return None
+    rows = []
+    for name, profile in energy["profiles"].items():
+        totals = profile["totals"]
+        cells = [name, _uj(totals["energy_pj"])]
+        cells += [f"{_uj(row['energy_pj'])} ({row['energy_ratio']:.2f}x)" for row in profile["vs_uniform"]]
+        cells += [_kb(totals["weight_memory_bits"])]
+        cells += [f"{_kb(row['weight_memory_bits'])} ({row['memory_ratio']:.2f}x)" for row in profile["vs_uniform"]]
+        rows.append(tuple(cells))
+    bits = [row["bits"] for row in next(iter(energy["profiles"].values()))["vs_uniform"]]
+    columns = ["profile", "energy (plan)", *(f"energy {b}-bit" for b in bits), "memory (plan)", *(f"memory {b}-bit" for b in bits)]
+    note = f"Per image; bits from {energy['bits_from']}; (x) is the plan's figure relative to the uniform model."
+    return Table("totals", "Energy and memory in total", tuple(columns), tuple(rows), note)
+
+
+def _accuracy_table(document: Mapping[str, Any]) -> Table | None:
+    evaluations = document["evaluations"]
+    if not evaluations:
+        return None
+    rows = []
+    for model, entry in zip(model_labels([e["model"]["path"] for e in evaluations]), evaluations):
+        evaluation = entry["evaluation"]
+        rows.append((model, "clean", "-", _percent(evaluation["clean_accuracy"]), "-"))
+        for attack in evaluation["attacks"]:
+            rows.append(
+                (model, _attack_method(attack), f"{attack['eps']:.4g}", _percent(attack["accuracy"]), _percent(attack["adversarial_loss"]))
+            )
+    labels = sorted({entry["evaluation"]["labels"] for entry in evaluations})
+    note = f"Labels from {' and '.join(labels)}; adversarial loss = clean accuracy - attacked accuracy."
+    return Table("accuracy", "Accuracy under attack", ("model", "attack", "eps", "accuracy", "adversarial loss"), tuple(rows), note)
+
+
+def _outputs_table(document: Mapping[str, Any]) -> Table | None:
+    outputs = document["outputs"]
+    if not outputs:
+        return None
+    rows = tuple((entry["file"], entry["sha256"]) for entry in outputs)
+    return Table("outputs", "Outputs", ("file", "sha256"), rows)
+
+
+def _provenance_table(document: Mapping[str, Any], run: RunInfo) -> Table:
+    inputs = document["inputs"]
+    rows: list[tuple[str, str]] = [("tool", f"{document['tool']['name']} {document['tool']['version']}")]
+    rows.append(("command line", " ".join(run.command_line)))
+    for model in inputs["models"]:
+        rows.append(("model", f"{model['path']}{_digest(model)}"))
+    data = inputs.get("data")
+    if data:
+        digest = f", sha256 {data['sha256']}" if data["sha256"] else ""
+        rows.append(("data", f"{data['path']} ({data['samples']} samples, {data['selection']}{digest})"))
+    plan = inputs.get("plan")
+    if plan:
+        rows.append(("plan", f"{plan['path']}{_digest(plan)}"))
+    rows.append(("seed", "-" if document["seed"] is None else str(document["seed"])))
+    rows.append(("started", run.started_at))
+    rows.append(("wall time", f"{run.wall_time_s:.1f} s"))
+    return Table("provenance", "Provenance", ("", ""), tuple(rows))
+
+
+def _attack_method(attack: Mapping[str, Any]) -> str:
+    return f"PGD-{attack['steps']}" if attack["method"] == "pgd" else attack["method"].upper()
+
+
+def _attack_name(attack: Mapping[str, Any]) -> str:
+    return f"{_attack_method(attack)} eps={attack['eps']:.4g}"
+
+
+def _setting(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return ",".join(str(item) for item in value)
+    return "-" if value is None else str(value)
+
+
+def model_labels(paths: Sequence[str]) -> list[str]:
+    """File names, with as many parent folders as it takes to tell the models apart."""
+    parts = [path.replace("\\", "/").split("/") for path in paths]
+    deepest = max((len(p) for p in parts), default=1)
+    for depth in range(1, deepest + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return list(paths)
+
+
+def _digest(file: Mapping[str, Any]) -> str:
+    return f" (sha256 {file['sha256']})" if file["sha256"] else ""
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _uj(picojoules: float) -> str:
+    return f"{picojoules / 1e6:.4g} uJ"
+
+
+def _kb(bits: float) -> str:
+    return f"{bits / 8e3:.4g} kB"

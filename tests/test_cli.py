@@ -1,0 +1,140 @@
+"""The CLI's contract with users and scripts (docs/cli.md): exit codes, one-line errors,
+--debug tracebacks, Ctrl-C leaving no output, and a fast `quanos --help`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from tiny_models import vgg_chain
+
+from quanos_onnx import outputs, pipeline
+from quanos_onnx.cli import compile_command, main
+from quanos_onnx.errors import ModelError
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> tuple[str, str]:
+    model, data = tmp_path / "tiny.onnx", tmp_path / "data.npz"
+    onnx.save(vgg_chain(channels=(4, 8)), model)
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.random((8, 3, 8, 8), dtype=np.float32), y=np.arange(8))
+    return str(model), str(data)
+
+
+def compile_bits(inputs: tuple[str, str], out: Path, *extra: str) -> list[str]:
+    return ["compile", inputs[0], "--data", inputs[1], "--bits", "8", "-o", str(out), *extra]
+
+
+def interrupt(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+def test_success_exits_0_and_writes_model_plan_and_report(inputs: tuple[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, compile_bits(inputs, out))
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    written = sorted(path.name for path in out.iterdir())
+    assert written == ["model.quanos.onnx", "plan.json", "report.html", "report.json", "report.md", "run.json"]
+
+
+def test_ctrl_c_in_a_stage_exits_130_and_writes_nothing(inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "quantize", interrupt)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, compile_bits(inputs, out))
+    assert result.exit_code == 130
+    assert result.stderr.splitlines() == ["error: interrupted; no output was written"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("files_before_interrupt", [0, 1, 4])
+def test_ctrl_c_while_writing_removes_what_was_written(
+    inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files_before_interrupt: int
+) -> None:
+    real_write = outputs.write_bytes_atomic
+    calls = []
+
+    def write_then_interrupt(target: Path, data: bytes) -> None:
+        calls.append(target)
+        if len(calls) > files_before_interrupt:
+            raise KeyboardInterrupt
+        real_write(target, data)
+
+    monkeypatch.setattr(outputs, "write_bytes_atomic", write_then_interrupt)
+    out = tmp_path / "existing"
+    out.mkdir()
+    result = CliRunner().invoke(main, compile_bits(inputs, out))
+    assert result.exit_code == 130
+    assert list(out.iterdir()) == []
+
+
+def test_ctrl_c_in_analyze_and_energy_writes_nothing(inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outputs, "write_bytes_atomic", interrupt)
+    analyze = CliRunner().invoke(
+        main, ["analyze", inputs[0], "--data", inputs[1], "--samples", "4", "--pgd-eps", "0.1", "--pgd-steps", "1", "-o", str(tmp_path / "a")]
+    )
+    energy = CliRunner().invoke(main, ["energy", inputs[0], "-o", str(tmp_path / "e")])
+    assert (analyze.exit_code, energy.exit_code) == (130, 130)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "e").exists()
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.onnx")
+    plain = CliRunner().invoke(main, ["layers", missing])
+    debug = CliRunner().invoke(main, ["layers", missing, "--debug"])
+    assert plain.exit_code == 1 and isinstance(plain.exception, SystemExit)
+    assert debug.exit_code == 1 and isinstance(debug.exception, ModelError)
+
+
+def test_an_internal_error_is_one_line_marked_as_a_bug(inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("shape mismatch\n  deep detail")
+
+    monkeypatch.setattr(pipeline, "quantize", broken)
+    result = CliRunner().invoke(main, compile_bits(inputs, tmp_path / "out"))
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: internal error, RuntimeError: shape mismatch (hint: this is a bug")
+    debug = CliRunner().invoke(main, compile_bits(inputs, tmp_path / "out", "--debug"))
+    assert isinstance(debug.exception, RuntimeError)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quanos_compile_entry_point_reports_usage_errors_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        compile_command.main(["model.onnx", "--bits", "many"], prog_name="quanos-compile")
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: Invalid value for '--bits': 'many' is not a valid integer. (hint: run 'quanos-compile --help')"
+    ]
+
+
+def test_help_and_version_exit_0() -> None:
+    assert CliRunner().invoke(main, ["--help"]).exit_code == 0
+    assert CliRunner().invoke(main, ["compile", "--help"]).exit_code == 0
+    version = CliRunner().invoke(main, ["--version"])
+    assert version.exit_code == 0 and "quanos" in version.stdout
+
+
+def test_help_imports_no_heavy_module() -> None:
+    """`quanos --help` must stay fast: torch, matplotlib and onnxruntime load inside commands."""
+    code = (
+        "import sys; from click.testing import CliRunner; from quanos_onnx.cli import main; "
+        "CliRunner().invoke(main, ['--help']); "
+        "print(sorted(m for m in ('torch', 'matplotlib', 'onnxruntime', 'onnx') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert result.stdout.strip() == "[]"
+
+
+def test_command_line_of_the_run_is_recorded(inputs: tuple[str, str], tmp_path: Path) -> None:
+    args = compile_bits(inputs, tmp_path / "out")
+    assert CliRunner().invoke(main, args).exit_code == 0
+    run = (tmp_path / "out" / "run.json").read_text()
+    assert f'"argv": [\n    "quanos",\n    "compile",\n    "{inputs[0]}"' in run

@@ -1,0 +1,196 @@
+"""`quanos compile` / `quanos-compile` with --bits and --plan: outputs, determinism, and one
+clear line (and no file left behind) for each way the input can be wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from quanos_onnx.cli import compile_command, main
+from quanos_onnx.plan import read_plan
+
+from tiny_models import GraphBuilder, resnet_style, vgg_chain
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODEL_FILE = "model.quanos.onnx"
+PLAN_FILE = "plan.json"
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny VGG-style model, labelled npz data and a mixed plan, with cwd inside."""
+    onnx.save(vgg_chain(), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.random((40, 3, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 40))
+    plan = {"format": "quanos-plan", "version": 1, "layers": [
+        {"name": "conv0", "bits": 3}, {"name": "conv1", "weight_bits": 6, "act_bits": 5},
+        {"name": "conv2", "bits": 9}, {"name": "conv3", "bits": 2},
+    ]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _compile(args: list[str], *, via_group: bool = False):
+    if via_group:
+        return CliRunner().invoke(main, ["compile", *args])
+    return CliRunner().invoke(compile_command, args)
+
+
+@pytest.mark.parametrize("via_group", [False, True], ids=["quanos-compile", "quanos compile"])
+def test_uniform_bits_writes_a_runnable_model_and_its_plan(workdir: Path, via_group: bool):
+    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "8", "-o", "out"], via_group=via_group)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == sorted(
+        [MODEL_FILE, PLAN_FILE, "report.html", "report.json", "report.md", "run.json"]
+    )
+    for name in ("conv0", "conv3", "classifier"):
+        assert name in result.output
+    plan = read_plan(workdir / "out" / PLAN_FILE)
+    assert [(e.name, e.weight_bits) for e in plan.layers] == [
+        ("conv0", 8), ("conv1", 8), ("conv2", 8), ("conv3", 8), ("classifier", None),
+    ]
+    session = ort.InferenceSession(str(workdir / "out" / MODEL_FILE), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"x": np.load(workdir / "data.npz")["x"][:5]})
+    assert logits.shape == (5, 10)
+
+
+def test_plan_sets_per_layer_bits(workdir: Path):
+    result = _compile(["model.onnx", "--data", "data.npz", "--plan", "plan.json", "-o", "out"])
+    assert result.exit_code == 0, result.output
+    plan = read_plan(workdir / "out" / PLAN_FILE).by_name()
+    assert (plan["conv1"].weight_bits, plan["conv1"].act_bits) == (6, 5)
+    assert plan["conv2"].weight_bits == 9 and plan["classifier"].keep_float
+    model = onnx.load(workdir / "out" / MODEL_FILE)
+    weight_types = {t.name.split(".weight")[0]: t.data_type for t in model.graph.initializer if ".weight_w" in t.name}
+    assert weight_types == {"conv0": onnx.TensorProto.INT8, "conv1": onnx.TensorProto.INT8,
+                            "conv2": onnx.TensorProto.INT16, "conv3": onnx.TensorProto.INT8}
+
+
+def test_json_summary(workdir: Path):
+    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "6", "-o", "out", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert [row["weight_bits"] for row in summary["layers"]] == [6, 6, 6, 6, None]
+
+
+def test_same_inputs_give_byte_identical_outputs(workdir: Path):
+    """Two separate processes with different string-hash seeds (set and dict orders differ)."""
+    onnx.save(resnet_style(), workdir / "resnet.onnx")
+    bits = {"stem": 3, "block1.conv1": 9, "block1.conv2": 5, "block2.conv1": 4, "block2.conv2": 6, "block2.shortcut": 2}
+    plan = {"format": "quanos-plan", "version": 1, "layers": [{"name": n, "bits": b} for n, b in bits.items()]}
+    (workdir / "resnet_plan.json").write_text(json.dumps(plan))
+    for out, seed in (("first", "1"), ("second", "2")):
+        environment = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
+        command = [sys.executable, "-m", "quanos_onnx.cli", "compile", "resnet.onnx", "--data", "data.npz",
+                   "--plan", "resnet_plan.json", "-o", out, "-q"]
+        completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+        assert completed.returncode == 0, completed.stderr
+    for name in (MODEL_FILE, PLAN_FILE):
+        assert (workdir / "first" / name).read_bytes() == (workdir / "second" / name).read_bytes()
+
+
+def _no_quantizable_layer(path: Path) -> None:
+    builder = GraphBuilder()
+    onnx.save(builder.model(["N", 3, 8, 8], builder.relu("x")), path)
+
+
+def _truncated(path: Path) -> None:
+    data = vgg_chain().SerializeToString()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _bad_plan(path: Path, entry: dict) -> None:
+    path.write_text(json.dumps({"format": "quanos-plan", "version": 1, "layers": [entry]}))
+
+
+def _data(path: Path, x: np.ndarray) -> None:
+    np.savez(path, x=x)
+
+
+def _with_nan(path: Path) -> None:
+    x = np.random.default_rng(1).random((40, 3, 8, 8), dtype=np.float32)
+    x[7, 1, 2, 3] = np.nan
+    _data(path, x)
+
+
+# (name, what to create, arguments, expected exit code, words the one line must contain)
+BAD_INPUTS = [
+    ("path missing", None, ["absent.onnx", "--data", "data.npz", "--bits", "8"], 1, ["absent.onnx", "not found"]),
+    ("truncated protobuf", ("cut.onnx", _truncated), ["cut.onnx", "--data", "data.npz", "--bits", "8"], 1,
+     ["cut.onnx", "not an ONNX model"]),
+    ("not a model", ("notes.onnx", lambda p: p.write_text("these are my notes\n")),
+     ["notes.onnx", "--data", "data.npz", "--bits", "8"], 1, ["notes.onnx", "not an ONNX model"]),
+    ("no quantizable layer", ("relu.onnx", _no_quantizable_layer), ["relu.onnx", "--data", "data.npz", "--bits", "8"],
+     1, ["relu.onnx", "no quantizable layer"]),
+    ("plan names an unknown layer", ("typo.json", lambda p: _bad_plan(p, {"name": "conv9", "bits": 4})),
+     ["model.onnx", "--data", "data.npz", "--plan", "typo.json"], 1, ["typo.json", "'conv9'"]),
+    ("plan bits 17", ("wide.json", lambda p: _bad_plan(p, {"name": "conv1", "bits": 17})),
+     ["model.onnx", "--data", "data.npz", "--plan", "wide.json"], 1, ["wide.json", "conv1", "17 bits"]),
+    ("bits 1", None, ["model.onnx", "--data", "data.npz", "--bits", "1"], 2, ["--bits 1", "2..16"]),
+    ("bits 17", None, ["model.onnx", "--data", "data.npz", "--bits", "17"], 2, ["--bits 17", "2..16"]),
+    ("data shape does not match", ("big.npz", lambda p: _data(p, np.zeros((4, 3, 9, 9), np.float32))),
+     ["model.onnx", "--data", "big.npz", "--bits", "8"], 1, ["big.npz", "3x9x9", "[N,3,8,8]"]),
+    ("NaN in data", ("nan.npz", _with_nan), ["model.onnx", "--data", "nan.npz", "--bits", "8"], 1,
+     ["nan.npz", "NaN", "sample 7"]),
+]
+
+
+@pytest.mark.parametrize(("create", "args", "code", "words"), [case[1:] for case in BAD_INPUTS],
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_culprit_and_leaves_nothing(workdir: Path, create, args, code, words):
+    if create is not None:
+        name, make = create
+        make(workdir / name)
+    result = _compile([*args, "-o", "out"])
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for word in words:
+        assert word in lines[0]
+    assert not (workdir / "out").exists()
+
+
+def test_output_equal_to_the_input_path_is_refused(workdir: Path):
+    before = (workdir / "model.onnx").read_bytes()
+    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "8", "-o", "model.onnx"])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("error: model.onnx: output directory is the input file (hint: ")
+    assert (workdir / "model.onnx").read_bytes() == before
+
+
+def test_output_under_a_file_is_not_writable(workdir: Path):
+    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "8", "-o", "data.npz/out"])
+    assert result.exit_code == 1
+    assert "data.npz/out" in result.output and "not writable" in result.output
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write anywhere")
+def test_output_inside_a_read_only_directory_is_refused(workdir: Path):
+    locked = workdir / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = _compile(["model.onnx", "--data", "data.npz", "--bits", "8", "-o", "locked/out"])
+    finally:
+        locked.chmod(0o700)
+    assert result.exit_code == 1 and "not writable" in result.output
+    assert not any(locked.iterdir())
+
+
+def test_a_failed_write_removes_the_files_already_written(workdir: Path):
+    (workdir / "out" / PLAN_FILE).mkdir(parents=True)
+    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "8", "-o", "out"])
+    assert result.exit_code == 1
+    assert "plan.json" in result.output
+    assert [p.name for p in (workdir / "out").iterdir()] == [PLAN_FILE]

@@ -1,0 +1,549 @@
+"""data.py: every --data source, fitting to the model input, subsetting, one-line errors."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quanos_onnx.data import (
+    DataSpec,
+    IndexRange,
+    InputSpec,
+    dataset_from_arrays,
+    dataset_from_batches,
+    load_dataset,
+)
+from quanos_onnx.errors import DataError, ModelError, QuanosError, UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_NPZ = REPO / "examples" / "mnist" / "mnist_t10k_300.npz"
+EXAMPLE_MODEL = REPO / "examples" / "mnist" / "mnist-8.onnx"
+MNIST = InputSpec("Input3", (1, 1, 28, 28))  # mnist-8: batch fixed at 1
+CIFAR = InputSpec("input", ("N", 3, 32, 32))  # resnet20: dynamic batch
+
+
+def pixels(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def error_message(error_type: type[QuanosError], call, *culprits: str) -> str:
+    """The error's one-line message, checked to name every culprit."""
+    with pytest.raises(error_type) as caught:
+        call()
+    message = caught.value.one_line()
+    assert "\n" not in str(caught.value)
+    for culprit in culprits:
+        assert culprit in message, message
+    return message
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+    return path
+
+
+def write_csv(path: Path, values: np.ndarray, labels) -> Path:
+    rows = [",".join(str(v) for v in [*row, label]) for row, label in zip(values, labels)]
+    text = "\n".join(rows) + "\n"
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt") as handle:
+        handle.write(text)
+    return path
+
+
+# Model input spec ---------------------------------------------------------------------------
+
+
+def test_input_spec_makes_named_and_missing_dims_dynamic():
+    spec = InputSpec("x", ("N", np.int64(3), 0, 32))
+    assert spec.shape == (None, 3, None, 32)
+    assert spec.sample_shape == (3, None, 32)
+    assert str(spec) == "'x' [N,3,?,32]"
+
+
+def test_non_float_model_input_is_a_model_error():
+    spec = InputSpec("tokens", ("N", 16), dtype="int64")
+    call = lambda: dataset_from_arrays(np.zeros((2, 16)), None, spec)
+    error_message(ModelError, call, "'tokens'", "int64")
+
+
+# Sources ------------------------------------------------------------------------------------
+
+
+def test_npz_inputs_and_labels_are_read(tmp_path):
+    x, y = pixels(6, 1, 28, 28), np.arange(6) % 3
+    path = tmp_path / "set.npz"
+    np.savez(path, x=x, y=y, extra=np.zeros(2))
+    data = load_dataset(path, MNIST)
+    np.testing.assert_array_equal(data.x, x.astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(data.y, y)
+    assert data.y.dtype == np.int64 and data.source == str(path) and data.count == 6
+
+
+@pytest.mark.parametrize(
+    "arrays, labeled",
+    [
+        ({"images": 0, "labels": 1}, True),
+        ({"inputs": 0, "targets": 1}, True),
+        ({"arr_0": 0}, False),
+    ],
+)
+def test_npz_common_alternate_names(tmp_path, arrays, labeled):
+    x, y = pixels(4, 28, 28), np.array([0, 1, 2, 3])
+    path = tmp_path / "alt.npz"
+    np.savez(path, **{name: (x, y)[which] for name, which in arrays.items()})
+    data = load_dataset(path, MNIST)
+    assert data.x.shape == (4, 1, 28, 28)
+    assert (data.y is not None) == labeled
+
+
+@pytest.mark.parametrize(
+    "names, culprits",
+    [(("images", "inputs"), ("images", "inputs")), (("a", "b"), ("no array 'x'", "a, b"))],
+)
+def test_npz_without_a_clear_input_array(tmp_path, names, culprits):
+    path = tmp_path / "unclear.npz"
+    np.savez(path, **{name: pixels(2, 28, 28) for name in names})
+    error_message(DataError, lambda: load_dataset(path, MNIST), "unclear.npz", *culprits)
+
+
+def test_npy_float32_in_model_layout_is_memory_mapped(tmp_path):
+    x = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    data = load_dataset(path, CIFAR)
+    assert isinstance(data.x, np.memmap)  # no copy of the whole set
+    np.testing.assert_array_equal(data.x, x)
+    assert data.y is None
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_idx_images_with_labels_beside(tmp_path, suffix):
+    x, y = pixels(7, 28, 28), np.arange(7)
+    images = write_idx(tmp_path / f"t-images-idx3-ubyte{suffix}", x)
+    write_idx(tmp_path / f"t-labels-idx1-ubyte{suffix}", y)
+    data = load_dataset(images, MNIST)
+    np.testing.assert_array_equal(data.x[:, 0], x / np.float32(255))
+    np.testing.assert_array_equal(data.y, y)
+
+
+def test_idx_images_without_labels_file(tmp_path):
+    images = write_idx(tmp_path / "t-images-idx3-ubyte.gz", pixels(3, 28, 28))
+    assert load_dataset(images, MNIST).y is None
+
+
+def test_idx_labels_file_given_instead_of_images(tmp_path):
+    labels = write_idx(tmp_path / "t-labels-idx1-ubyte", np.arange(3))
+    call = lambda: load_dataset(labels, MNIST)
+    error_message(DataError, call, "t-labels-idx1-ubyte", "images file")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad magic"])
+def test_damaged_idx_file(tmp_path, damage):
+    images = write_idx(tmp_path / "t-images-idx3-ubyte", pixels(3, 28, 28))
+    content = images.read_bytes()
+    images.write_bytes(content[:-10] if damage == "truncated" else b"\x01\x02" + content[2:])
+    error_message(DataError, lambda: load_dataset(images, MNIST), "t-images-idx3-ubyte")
+
+
+@pytest.mark.parametrize("name", ["rows.csv", "rows.csv.gz"])
+def test_csv_pixels_then_label(tmp_path, name):
+    x, y = pixels(5, 784), np.array([3, 1, 4, 1, 5])
+    data = load_dataset(write_csv(tmp_path / name, x, y), MNIST)
+    np.testing.assert_array_equal(data.x.reshape(5, 784), x / np.float32(255))  # 0..255 ints: /255
+    np.testing.assert_array_equal(data.y, y)
+
+
+def test_csv_header_with_label_first(tmp_path):
+    x, y = pixels(3, 784), np.array([9, 8, 7])
+    table = np.column_stack([y, x])
+    header = "label," + ",".join(f"pixel{i}" for i in range(784))
+    path = tmp_path / "kaggle.csv"
+    path.write_text(header + "\n" + "\n".join(",".join(map(str, row)) for row in table) + "\n")
+    data = load_dataset(path, MNIST)
+    np.testing.assert_array_equal(data.y, y)
+    np.testing.assert_array_equal(data.x.reshape(3, 784), x / np.float32(255))
+
+
+def test_csv_of_float_values_is_not_rescaled(tmp_path):
+    x = np.random.default_rng(0).random((2, 784)).round(3)
+    data = load_dataset(write_csv(tmp_path / "floats.csv", x, [0, 1]), MNIST)
+    np.testing.assert_allclose(data.x.reshape(2, 784), x, rtol=1e-6)
+
+
+@pytest.mark.parametrize("row", ["1,2,x,4", "1,2"])
+def test_csv_that_does_not_parse(tmp_path, row):
+    path = tmp_path / "bad.csv"
+    path.write_text("1,2,3,4\n" + row + "\n")
+    error_message(DataError, lambda: load_dataset(path, InputSpec("x", ("N", 3))), "bad.csv")
+
+
+def save_images(folder: Path, arrays: dict[str, list[np.ndarray]]) -> None:
+    from PIL import Image
+
+    for class_name, images in arrays.items():
+        (folder / class_name).mkdir(parents=True, exist_ok=True)
+        for number, array in enumerate(images):
+            Image.fromarray(array).save(folder / class_name / f"{number}.png")
+
+
+def test_image_folder_classes_in_sorted_order(tmp_path):
+    pytest.importorskip("PIL")
+    shades = {"dog": 10, "ant": 20, "cat": 30}
+    flat = {name: [np.full((28, 28), shade, np.uint8)] * 2 for name, shade in shades.items()}
+    save_images(tmp_path, flat)
+    data = load_dataset(tmp_path, MNIST)
+    np.testing.assert_array_equal(data.y, [0, 0, 1, 1, 2, 2])  # ant, cat, dog
+    np.testing.assert_array_equal(data.x[::2, 0, 0, 0], np.float32([20, 30, 10]) / np.float32(255))
+
+
+def test_image_folder_rgb_into_nchw_model(tmp_path):
+    pytest.importorskip("PIL")
+    images = [pixels(32, 32, 3, seed=s) for s in range(3)]
+    save_images(tmp_path, {"only": images})
+    data = load_dataset(tmp_path, CIFAR)
+    np.testing.assert_array_equal(data.x, np.stack(images).transpose(0, 3, 1, 2) / np.float32(255))
+
+
+def test_image_folder_without_class_subfolders_is_unlabeled(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(pixels(28, 28)).save(tmp_path / "a.png")
+    data = load_dataset(tmp_path, MNIST)
+    assert data.count == 1 and data.y is None
+
+
+def test_image_folder_errors(tmp_path):
+    from PIL import Image
+
+    error_message(DataError, lambda: load_dataset(tmp_path, MNIST), str(tmp_path), "no images")
+    save_images(tmp_path, {"a": [pixels(28, 28)], "b": [pixels(30, 30)]})
+    error_message(DataError, lambda: load_dataset(tmp_path, MNIST), "b/0.png", "30x30", "28x28")
+    Image.fromarray(pixels(28, 28)).save(tmp_path / "b" / "0.png")
+    (tmp_path / "b" / "1.png").write_bytes(b"not a png")
+    error_message(DataError, lambda: load_dataset(tmp_path, MNIST), "b/1.png")
+    (tmp_path / "b" / "1.png").unlink()
+    call = lambda: load_dataset(tmp_path, MNIST, layout="nchw")
+    error_message(UsageError, call, "--layout nchw", "NHWC")
+
+
+def test_arrays_and_torch_style_batches():
+    x, y = pixels(10, 28, 28), np.arange(10) % 10
+    from_arrays = dataset_from_arrays(x, y.tolist(), MNIST)
+    batches = [(x[i : i + 4], y[i : i + 4, None]) for i in range(0, 10, 4)]
+    from_batches = dataset_from_batches(batches, MNIST)
+    np.testing.assert_array_equal(from_arrays.x, from_batches.x)
+    np.testing.assert_array_equal(from_batches.y, y)
+
+
+def test_batches_stop_once_the_samples_are_in():
+    consumed = []
+
+    def endless():
+        for number in range(10**6):
+            consumed.append(number)
+            yield pixels(4, 28, 28), None
+
+    data = dataset_from_batches(endless(), MNIST, samples=6)
+    assert data.count == 6 and len(consumed) == 2
+
+
+def test_batches_with_labels_in_some_only():
+    batches = [(pixels(2, 28, 28), [0, 1]), (pixels(2, 28, 28), None)]
+    error_message(DataError, lambda: dataset_from_batches(batches, MNIST), "batch 1", "labels")
+
+
+# Layout and shape ---------------------------------------------------------------------------
+
+
+def test_auto_layout_transposes_nhwc_data_for_an_nchw_model():
+    x = pixels(4, 32, 32, 3)  # CIFAR as stored
+    data = dataset_from_arrays(x, None, CIFAR)
+    np.testing.assert_array_equal(data.x, x.transpose(0, 3, 1, 2) / np.float32(255))
+
+
+def test_auto_layout_transposes_nchw_data_for_an_nhwc_model():
+    x = pixels(4, 3, 32, 32)
+    data = dataset_from_arrays(x, None, InputSpec("in", (None, 32, 32, 3)))
+    np.testing.assert_array_equal(data.x, x.transpose(0, 2, 3, 1) / np.float32(255))
+
+
+def test_auto_layout_on_dynamic_dims_takes_the_small_axis_as_channels():
+    dynamic = InputSpec("in", ("N", "C", "H", "W"))
+    assert dataset_from_arrays(pixels(2, 8, 8, 3), None, dynamic).x.shape == (2, 3, 8, 8)
+    assert dataset_from_arrays(pixels(2, 3, 8, 8), None, dynamic).x.shape == (2, 3, 8, 8)
+
+
+def test_explicit_layout_settles_what_the_shape_cannot():
+    x = pixels(2, 3, 3, 3)  # fits as NCHW and as NHWC
+    spec = InputSpec("in", (None, 3, 3, 3))
+    np.testing.assert_array_equal(dataset_from_arrays(x, None, spec).x, x / np.float32(255))
+    as_nhwc = dataset_from_arrays(x, None, spec, layout="nhwc").x
+    np.testing.assert_array_equal(as_nhwc, x.transpose(0, 3, 1, 2) / np.float32(255))
+
+
+def test_explicit_layout_that_does_not_fit():
+    error_message(
+        DataError, lambda: dataset_from_arrays(pixels(2, 32, 32, 3), None, CIFAR, layout="nchw"),
+        "x (array)", "32x32x3", "'input' [N,3,32,32]",
+    )
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [(MNIST, (3, 1, 28, 28)), (InputSpec("in", (1, 28, 28, 1)), (3, 28, 28, 1))],
+)
+def test_grayscale_gets_a_channel_axis(spec, expected):
+    x = pixels(3, 28, 28)
+    data = dataset_from_arrays(x, None, spec)
+    assert data.x.shape == expected
+    np.testing.assert_array_equal(data.x.reshape(3, 28, 28), x / np.float32(255))
+
+
+def test_flat_rows_are_reshaped_only_to_a_known_shape():
+    assert dataset_from_arrays(pixels(2, 784), None, MNIST).x.shape == (2, 1, 28, 28)
+    dynamic = InputSpec("in", ("N", 1, "H", "W"))
+    call = lambda: dataset_from_arrays(pixels(2, 784), None, dynamic)
+    error_message(DataError, call, "x (array)", "784")
+
+
+def test_non_image_input_takes_flattened_images():
+    mlp = InputSpec("features", ("N", 784))
+    assert dataset_from_arrays(pixels(2, 28, 28), None, mlp).x.shape == (2, 784)
+    call = lambda: dataset_from_arrays(pixels(2, 784), None, mlp, layout="nhwc")
+    error_message(UsageError, call, "--layout")
+
+
+# Scaling ------------------------------------------------------------------------------------
+
+
+def test_uint8_is_divided_by_255_by_default_and_float_is_left_alone():
+    x = np.arange(256, dtype=np.uint8).reshape(256, 1)
+    spec = InputSpec("in", ("N", 1))
+    divided = x.astype(np.float32) / np.float32(255)
+    assert np.array_equal(dataset_from_arrays(x, None, spec).x, divided)
+    assert np.array_equal(dataset_from_arrays(x, None, spec, scale="1/255").x, divided)
+    assert np.array_equal(dataset_from_arrays(x, None, spec, scale=1).x, x.astype(np.float32))
+    as_float = x.astype(np.float64)
+    assert np.array_equal(dataset_from_arrays(as_float, None, spec).x, x.astype(np.float32))
+    assert np.allclose(dataset_from_arrays(as_float, None, spec, scale=0.5).x, x / 2)
+
+
+@pytest.mark.parametrize("spec, axis", [(CIFAR, 1), (InputSpec("in", (None, 32, 32, 3)), 3)])
+def test_mean_and_std_per_channel(spec, axis):
+    x = pixels(2, 32, 32, 3)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+    data = dataset_from_arrays(x, None, spec, mean=mean, std=",".join(map(str, std)))
+    shape = [1, 1, 1, 1]
+    shape[axis] = 3
+    scaled = np.moveaxis(x, 3, axis) / np.float32(255)
+    expected = (scaled - np.float32(mean).reshape(shape)) / np.float32(std).reshape(shape)
+    np.testing.assert_allclose(data.x, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_mean_with_the_wrong_number_of_channels():
+    call = lambda: dataset_from_arrays(pixels(1, 3, 32, 32), None, CIFAR, mean="0.5,0.5")
+    error_message(UsageError, call, "--mean", "2 values", "3 channels")
+
+
+@pytest.mark.parametrize(
+    "option, culprit",
+    [({"scale": "1/0"}, "--scale"), ({"scale": -1}, "--scale"), ({"std": "0"}, "--std"),
+     ({"layout": "chw"}, "--layout"), ({"seed": -1}, "--seed"), ({"mean": "a,b"}, "--mean")],
+)
+def test_bad_preprocessing_options(option, culprit):
+    error_message(UsageError, lambda: DataSpec.from_options(**option), culprit)
+
+
+# Subsetting ---------------------------------------------------------------------------------
+
+
+def numbered(count: int) -> np.ndarray:
+    """Samples whose only value is their index, so a selection can be read back."""
+    return np.arange(count, dtype=np.float32).reshape(count, 1)
+
+
+@pytest.mark.parametrize(
+    "options, indices",
+    [({"data_range": "12:"}, range(12, 20)), ({"data_range": "-3:"}, range(17, 20)),
+     ({"data_range": ":4"}, range(4)), ({"data_range": slice(5, 8)}, range(5, 8)),
+     ({"samples": 3}, range(3)), ({"data_range": "10:", "samples": 2}, range(10, 12))],
+)
+def test_range_and_first_samples(options, indices):
+    data = dataset_from_arrays(numbered(20), np.arange(20), InputSpec("in", ("N", 1)), **options)
+    np.testing.assert_array_equal(data.x[:, 0], list(indices))
+    np.testing.assert_array_equal(data.y, list(indices))
+
+
+def test_random_samples_are_seeded_and_stay_in_range():
+    spec = InputSpec("in", ("N", 1))
+
+    def pick(seed: int) -> np.ndarray:
+        options = {"data_range": "60:", "samples": 10, "shuffle": True, "seed": seed}
+        return dataset_from_arrays(numbered(100), None, spec, **options).x[:, 0]
+
+    first, again, other = pick(0), pick(0), pick(1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert len(set(first)) == 10 and first.min() >= 60
+
+
+def test_shuffle_without_samples_permutes_everything():
+    data = dataset_from_arrays(numbered(50), None, InputSpec("in", ("N", 1)), shuffle=True)
+    assert sorted(data.x[:, 0]) == list(range(50))
+    assert data.selection == "50 of 50 shuffled with seed 0"
+
+
+@pytest.mark.parametrize(
+    "options, error_type, culprits",
+    [({"samples": 21}, DataError, ("--samples 21", "20 samples")),
+     ({"data_range": "15:", "samples": 6}, DataError, ("--samples 6", "5 samples", "[15:]")),
+     ({"samples": 0}, UsageError, ("--samples 0",)),
+     ({"samples": -3}, UsageError, ("--samples -3",)),
+     ({"data_range": "9x:"}, UsageError, ("--data-range '9x:'",)),
+     ({"data_range": "0:30"}, DataError, ("--data-range 0:30", "20 samples")),
+     ({"data_range": "5:5"}, DataError, ("--data-range 5:5", "none"))],
+)
+def test_bad_selection(options, error_type, culprits):
+    call = lambda: dataset_from_arrays(numbered(20), None, InputSpec("in", ("N", 1)), **options)
+    error_message(error_type, call, *culprits)
+
+
+def test_index_range_prints_as_parsed():
+    assert str(IndexRange.parse("932:")) == "932:" and str(IndexRange.parse(" -5 : -1 ")) == "-5:-1"
+
+
+# Batching -----------------------------------------------------------------------------------
+
+
+def test_batches_are_views_in_order():
+    data = dataset_from_arrays(numbered(10), np.arange(10), InputSpec("in", ("N", 1)))
+    batches = list(data.batches(4))
+    assert [len(x) for x, _ in batches] == [4, 4, 2]
+    assert all(np.shares_memory(x, data.x) for x, _ in batches)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.arange(10))
+    assert not data.x.flags.writeable
+    error_message(UsageError, lambda: data.batches(0), "--batch-size 0")
+
+
+# Bad data -----------------------------------------------------------------------------------
+
+
+THREE = pixels(3, 28, 28)
+
+
+def _nan_at(indices, value=np.nan) -> np.ndarray:
+    x = np.zeros((6, 1, 28, 28), np.float32)
+    for index in indices:
+        x[index, 0, 5, 5] = value
+    return x
+
+
+@pytest.mark.parametrize(
+    "arrays, num_classes, culprits",
+    [
+        ({"x": pixels(2, 3, 30, 30)}, None, ("'x' in", "3x30x30", "'Input3' [N,1,28,28]")),
+        ({"x": np.array([["a"] * 784] * 2)}, None, ("'x' in", "<U1")),
+        ({"x": _nan_at([3, 4])}, None, ("'x' in", "2 NaN/inf", "sample 3")),
+        ({"x": _nan_at([5], np.inf)}, None, ("'x' in", "1 NaN/inf value", "sample 5")),
+        ({"x": np.zeros((0, 1, 28, 28), np.uint8)}, None, ("'x' in", "empty")),
+        ({"x": pixels(4, 28, 28), "y": np.arange(3)}, None, ("'y' in", "3 labels", "4 samples")),
+        ({"x": THREE, "y": np.array([0, 1.5, 2])}, None, ("'y' in", "label 1.5", "sample 1")),
+        ({"x": pixels(2, 28, 28), "y": np.array(["a", "b"])}, None, ("'y' in", "<U1")),
+        ({"x": THREE, "y": np.array([0, -1, 2])}, None, ("'y' in", "label -1", "sample 1")),
+        ({"x": THREE, "y": np.array([0, 10, 2])}, 10, ("'y' in", "label 10", "sample 1", "10 out")),
+        ({"x": pixels(12, 28, 28), "y": np.arange(12) % 6}, 5, ("'y' in", "6 classes", "5")),
+        ({"x": pixels(2, 28, 28), "y": np.zeros((2, 10))}, None, ("'y' in", "2x10")),
+    ],
+    ids=["shape", "strings", "nan", "inf", "empty", "lengths", "fractional-label", "string-labels",
+         "negative-label", "label-out-of-range", "too-many-classes", "one-hot-labels"],
+)
+def test_bad_data_names_the_file_and_array(tmp_path, arrays, num_classes, culprits):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    call = lambda: load_dataset(path, MNIST, num_classes=num_classes)
+    error_message(DataError, call, "bad.npz", *culprits)
+
+
+def test_unreadable_paths(tmp_path):
+    call = lambda name: lambda: load_dataset(tmp_path / name, MNIST)
+    error_message(DataError, call("missing.npz"), "missing.npz", "does not exist")
+    (tmp_path / "data.txt").write_text("1,2,3")
+    error_message(DataError, call("data.txt"), "data.txt", "unknown data format")
+    (tmp_path / "noise.npz").write_bytes(np.random.default_rng(0).bytes(200))
+    error_message(DataError, lambda: load_dataset(tmp_path / "noise.npz", MNIST), "noise.npz")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}]), allow_pickle=True)
+    error_message(DataError, lambda: load_dataset(tmp_path / "objects.npy", MNIST), "objects.npy")
+    np.savez(tmp_path / "cut.npz", x=pixels(50, 28, 28))
+    content = (tmp_path / "cut.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(content[: len(content) // 2])
+    error_message(DataError, lambda: load_dataset(tmp_path / "cut.npz", MNIST), "cut.npz")
+
+
+# The bundled example and real data in ../shared ---------------------------------------------
+
+
+def test_bundled_example_fits_mnist8_and_is_classified_correctly():
+    import onnxruntime
+
+    data = load_dataset(EXAMPLE_NPZ, MNIST, num_classes=10)
+    assert data.x.shape == (300, 1, 28, 28) and 0 <= data.x.min() and data.x.max() <= 1
+    session = onnxruntime.InferenceSession(EXAMPLE_MODEL, providers=["CPUExecutionProvider"])
+    predicted = [int(session.run(None, {"Input3": x})[0].argmax()) for x, _ in data.batches(1)]
+    assert np.mean(np.array(predicted) == data.y) >= 0.97  # mnist-8 scores 98.9% on all of t10k
+
+
+@pytest.mark.shared
+def test_real_mnist_idx(shared_dir):
+    data = load_dataset(shared_dir / "data/mnist/t10k-images-idx3-ubyte.gz", MNIST, num_classes=10)
+    assert data.x.shape == (10000, 1, 28, 28) and data.x.max() == 1.0
+    np.testing.assert_array_equal(data.y[:5], [7, 2, 1, 0, 4])
+    per_digit = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # MNIST's published counts
+    np.testing.assert_array_equal(np.bincount(data.y), per_digit)
+
+
+@pytest.mark.shared
+def test_real_mnist_csv(shared_dir):
+    data = load_dataset(shared_dir / "data/mnist/mnist_5k.csv.gz", MNIST, num_classes=10)
+    assert data.x.shape == (5000, 1, 28, 28) and data.x.max() == 1.0
+    np.testing.assert_array_equal(np.bincount(data.y), [500] * 10)
+
+
+@pytest.mark.shared
+def test_real_cifar_calibration_split(shared_dir):
+    path = shared_dir / "data/cifar10/cifar10_test_jpeg_q75.npz"
+    data = load_dataset(path, CIFAR, data_range="932:", samples=1000, shuffle=True, num_classes=10)
+    assert data.x.shape == (1000, 3, 32, 32)
+    with np.load(path) as archive:
+        stored_x, stored_y = archive["x"], archive["y"]
+    row_of = {image.tobytes(): row for row, image in enumerate(stored_x)}
+    as_stored = np.round(data.x * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    rows = [row_of[image.tobytes()] for image in as_stored]
+    assert min(rows) >= 932 and len(set(rows)) == 1000
+    np.testing.assert_array_equal(data.y, stored_y[rows])
+
+
+@pytest.mark.shared
+def test_bundled_example_is_the_first_300_of_t10k(shared_dir):
+    example = load_dataset(EXAMPLE_NPZ, MNIST)
+    official = load_dataset(shared_dir / "data/mnist/t10k-images-idx3-ubyte.gz", MNIST, samples=300)
+    np.testing.assert_array_equal(example.x, official.x)
+    np.testing.assert_array_equal(example.y, official.y)
+
+
+@pytest.mark.shared
+def test_example_script_reproduces_the_committed_file(shared_dir):
+    script = REPO / "examples" / "make_mnist_example.py"
+    result = subprocess.run(
+        [sys.executable, script, "--check", "--mnist-dir", shared_dir / "data/mnist"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,131 @@
+"""plan.py: the versioned JSON plan, read back exactly, refused clearly when wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quanos_onnx.errors import PlanError
+from quanos_onnx.layers import list_layers
+from quanos_onnx.model import normalize
+from quanos_onnx.plan import PLAN_VERSION, JoinPlan, LayerPlan, Plan, plan_from_json, read_plan, validate_plan
+
+from tiny_models import resnet_style
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return list_layers(normalize(resnet_style()))
+
+
+def _plan() -> Plan:
+    return Plan(
+        (
+            LayerPlan("stem", 6, 7, group=None, ans_mean=0.25, ans_std=0.125),
+            LayerPlan("block1.conv1", 4, 4, group="block1.add"),
+            LayerPlan("classifier", None, None, keep_float=True),
+        ),
+        k_init=16,
+        k_min=3,
+        method="quanos",
+        details={"eps": 0.05, "rounds": 2},
+        joins=(JoinPlan("block1.add", 4, ("a", "b"), "block1.conv1"),),
+    )
+
+
+def _write(tmp_path: Path, document: object) -> Path:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_json_round_trip_is_exact(tmp_path: Path):
+    plan = _plan()
+    path = tmp_path / "plan.json"
+    path.write_text(plan.dumps())
+    assert read_plan(path) == plan
+
+
+def test_uniform_plan_keeps_the_output_layer_float(layers):
+    plan = Plan.uniform(layers, 5)
+    assert [(e.weight_bits, e.act_bits) for e in plan.layers[:-1]] == [(5, 5)] * (len(layers) - 1)
+    assert plan.layers[-1].keep_float and plan.layers[-1].name == "classifier"
+    assert Plan.uniform(layers, 5, keep_output_float=False).layers[-1].weight_bits == 5
+
+
+def test_short_form_bits_sets_weights_and_activations():
+    plan = plan_from_json({"format": "quanos-plan", "version": PLAN_VERSION, "layers": [{"name": "stem", "bits": 3}]})
+    assert (plan.layers[0].weight_bits, plan.layers[0].act_bits) == (3, 3)
+
+
+def test_validation_fills_unmentioned_layers_as_float(layers):
+    given = plan_from_json({"format": "quanos-plan", "version": PLAN_VERSION, "layers": [{"name": "block1.conv2", "bits": 4}]})
+    plan = validate_plan(given, layers)
+    assert [e.name for e in plan.layers] == [layer.name for layer in layers]
+    assert [e.name for e in plan.layers if e.quantized] == ["block1.conv2"]
+
+
+def test_version_mismatch_names_the_version(tmp_path: Path):
+    document = json.loads(_plan().dumps())
+    document["version"] = PLAN_VERSION + 1
+    with pytest.raises(PlanError, match=f"version {PLAN_VERSION + 1}") as caught:
+        read_plan(_write(tmp_path, document))
+    assert "plan.json" in str(caught.value)
+
+
+def test_unknown_layer_is_named(layers):
+    plan = plan_from_json({"format": "quanos-plan", "version": PLAN_VERSION, "layers": [{"name": "conv99", "bits": 4}]})
+    with pytest.raises(PlanError, match="'conv99'"):
+        validate_plan(plan, layers, "my_plan.json")
+
+
+@pytest.mark.parametrize("bits", [1, 17])
+@pytest.mark.parametrize("field", ["weight_bits", "act_bits"])
+def test_bits_outside_2_to_16_are_refused(tmp_path: Path, bits: int, field: str):
+    entry = {"name": "block1.conv1", "weight_bits": 4, "act_bits": 4, field: bits}
+    document = {"format": "quanos-plan", "version": PLAN_VERSION, "layers": [entry]}
+    with pytest.raises(PlanError) as caught:
+        read_plan(_write(tmp_path, document))
+    message = str(caught.value)
+    assert "block1.conv1" in message and field in message and f"{bits} bits" in message
+
+
+def test_uniform_bits_outside_range_are_refused(layers):
+    with pytest.raises(PlanError, match="17 bits"):
+        Plan.uniform(layers, 17)
+
+
+def test_malformed_json_names_file_and_line(tmp_path: Path):
+    path = tmp_path / "plan.json"
+    path.write_text('{\n  "format": "quanos-plan",\n  "layers": [\n')
+    with pytest.raises(PlanError, match=r"plan.json: malformed JSON at line \d"):
+        read_plan(path)
+
+
+def test_duplicate_layer_is_named(tmp_path: Path):
+    entries = [{"name": "stem", "bits": 4}, {"name": "block1.conv1", "bits": 4}, {"name": "stem", "bits": 5}]
+    document = {"format": "quanos-plan", "version": PLAN_VERSION, "layers": entries}
+    with pytest.raises(PlanError, match="layer 'stem' appears more than once"):
+        read_plan(_write(tmp_path, document))
+
+
+def test_a_json_file_that_is_not_a_plan_is_refused(tmp_path: Path):
+    with pytest.raises(PlanError, match="not a quanos plan"):
+        read_plan(_write(tmp_path, {"layers": []}))
+
+
+def test_missing_plan_file_is_named(tmp_path: Path):
+    with pytest.raises(PlanError, match="absent.json: plan file not found"):
+        read_plan(tmp_path / "absent.json")
+
+
+def test_parameter_weighted_average_bits(layers):
+    params = {layer.name: layer.params for layer in layers}
+    plan = Plan.uniform(layers, 8).with_layers(
+        [LayerPlan(layer.name, 4 if layer.name == "stem" else 8, 8) for layer in layers[:-1]]
+    )
+    quantized = sum(params[layer.name] for layer in layers[:-1])
+    expected = (4 * params["stem"] + 8 * (quantized - params["stem"])) / quantized
+    assert plan.average_weight_bits(params) == pytest.approx(expected)

@@ -1,0 +1,177 @@
+"""The twin reproduces onnxruntime's fused integer kernels (QLinearConv, QGemm) bit for bit."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from quanos_onnx.twin import build_twin
+from quanos_onnx.twin.fusion import FusedKernels, fused_kernels
+from quanos_onnx.twin.graph import compile_graph, prepare_model
+from quanos_onnx.twin.module import OnnxTwin
+
+RNG = np.random.default_rng(5)
+
+
+def quantized_conv(activation_scale: float = 0.1, weight_scale_range: tuple[float, float] = (0.05, 0.15)) -> onnx.ModelProto:
+    """Q -> DQ -> Conv(int8 weights, float bias) -> Relu -> Q -> DQ: ORT fuses it into QLinearConv."""
+    weight_scale = RNG.uniform(*weight_scale_range, 8).astype(np.float32)
+    initializers = [
+        numpy_helper.from_array(RNG.integers(-7, 8, (8, 4, 3, 3)).astype(np.int8), "w_q"),
+        numpy_helper.from_array(weight_scale, "w_scale"),
+        numpy_helper.from_array(np.zeros(8, np.int8), "w_zp"),
+        numpy_helper.from_array(np.array(activation_scale, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.uint8), "x_zp"),
+        numpy_helper.from_array(np.array(0.2, np.float32), "y_scale"),
+        numpy_helper.from_array(np.array(0, np.uint8), "y_zp"),
+        numpy_helper.from_array(RNG.uniform(-0.3, 0.3, 8).astype(np.float32), "bias"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"], name="x_Q"),
+        helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="x_DQ"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"], axis=0, name="w_DQ"),
+        helper.make_node("Conv", ["x_dq", "w_dq", "bias"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+        helper.make_node("QuantizeLinear", ["relu", "y_scale", "y_zp"], ["y_q"], name="y_Q"),
+        helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zp"], ["y"], name="y_DQ"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fused",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def onnxruntime_output(model: onnx.ModelProto, x: np.ndarray, *, optimized: bool) -> np.ndarray:
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_fused_conv_with_float_bias_is_detected_and_matched_exactly() -> None:
+    model = quantized_conv()
+    x = RNG.uniform(0, 0.8, (64, 4, 6, 6)).astype(np.float32)
+    assert fused_kernels(model) == FusedKernels(integer_layers=frozenset({"conv"}), integer_bias=frozenset({"conv"}))
+    np.testing.assert_array_equal(build_twin(model)(torch.from_numpy(x)).numpy(), onnxruntime_output(model, x, optimized=True))
+
+
+def test_without_emulation_the_deployed_model_differs() -> None:
+    """Why the emulation exists: plain graph semantics match only the unoptimized session."""
+    model = quantized_conv()
+    x = RNG.uniform(0, 0.8, (64, 4, 6, 6)).astype(np.float32)
+    plain = OnnxTwin(compile_graph(prepare_model(model), trainable=False))
+    got = plain(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got, onnxruntime_output(model, x, optimized=False))
+    assert not np.array_equal(got, onnxruntime_output(model, x, optimized=True))
+
+
+def test_bias_gradient_passes_straight_through_the_rounding() -> None:
+    twin = build_twin(quantized_conv(), trainable=True)
+    x = torch.from_numpy(RNG.uniform(0, 0.8, (8, 4, 6, 6)).astype(np.float32))
+    twin(x).sum().backward()
+    bias = twin.parameters_by_name()["bias"]
+    assert bias.grad is not None and torch.count_nonzero(bias.grad) > 0
+
+
+def test_int32_bias_overflow_in_onnxruntime_is_reported(caplog) -> None:
+    """With tiny scales round(bias / (s_x * s_w)) exceeds int32 and ORT stores INT_MIN."""
+    model = quantized_conv(activation_scale=1e-5, weight_scale_range=(1e-5, 2e-5))
+    with caplog.at_level(logging.WARNING, logger="quanos_onnx.twin.fusion"):
+        assert fused_kernels(model).integer_bias == {"conv"}
+    assert "'conv'" in caplog.text and "overflows" in caplog.text
+
+
+def test_float_models_skip_the_onnxruntime_probe() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")],
+        "float",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((3, 2, 1, 1), np.float32), "w"), numpy_helper.from_array(np.ones(3, np.float32), "b")],
+    )
+    assert fused_kernels(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])) == FusedKernels()
+
+
+def integer_layer(op_type: str, channels: int = 48, depth: int = 32) -> tuple[onnx.ModelProto, np.ndarray]:
+    """DQ(uint8 input) and DQ(int8 per-channel weights) with an int32 bias, as the compiler writes
+    them, feeding Conv or MatMul+Add, then Q(uint8): a large accumulator with many rounding ties."""
+    weight_shape = (channels, depth, 3, 3) if op_type == "Conv" else (depth * 9, channels)
+    axis = 0 if op_type == "Conv" else 1
+    weight_scale = RNG.uniform(0.001, 0.01, channels).astype(np.float32)
+    input_scale = np.float32(0.0123)
+    initializers = [
+        numpy_helper.from_array(RNG.integers(-127, 128, weight_shape).astype(np.int8), "w_q"),
+        numpy_helper.from_array(weight_scale, "w_scale"),
+        numpy_helper.from_array(np.zeros(channels, np.int8), "w_zp"),
+        numpy_helper.from_array(np.array(input_scale), "x_scale"),
+        numpy_helper.from_array(np.array(3, np.uint8), "x_zp"),
+        numpy_helper.from_array(np.array(0.0567, np.float32), "y_scale"),
+        numpy_helper.from_array(np.array(5, np.uint8), "y_zp"),
+        numpy_helper.from_array(RNG.integers(-3000, 3000, channels).astype(np.int32), "b_q"),
+        numpy_helper.from_array((input_scale * weight_scale).astype(np.float32), "b_scale"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="x_DQ"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"], axis=axis, name="w_DQ"),
+        helper.make_node("DequantizeLinear", ["b_q", "b_scale"], ["b_dq"], axis=0, name="b_DQ"),
+    ]
+    if op_type == "Conv":
+        nodes.append(helper.make_node("Conv", ["x_dq", "w_dq", "b_dq"], ["layer"], pads=[1, 1, 1, 1], name="layer"))
+        shape = ["n", depth, 10, 10]
+        x = RNG.integers(0, 256, (96, depth, 10, 10)).astype(np.uint8)
+    else:
+        nodes.append(helper.make_node("MatMul", ["x_dq", "w_dq"], ["product"], name="layer"))
+        nodes.append(helper.make_node("Add", ["product", "b_dq"], ["layer"], name="bias"))
+        shape = ["n", depth * 9]
+        x = RNG.integers(0, 256, (4096, depth * 9)).astype(np.uint8)
+    nodes += [
+        helper.make_node("QuantizeLinear", ["layer", "y_scale", "y_zp"], ["y_q"], name="y_Q"),
+        helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zp"], ["y"], name="y_DQ"),
+    ]
+    graph = helper.make_graph(
+        nodes, "layer", [helper.make_tensor_value_info("x_q", TensorProto.UINT8, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), x
+
+
+@pytest.mark.parametrize("op_type", ["Conv", "MatMul"])
+def test_integer_kernels_are_reproduced_bit_for_bit(op_type: str) -> None:
+    """The float path misses onnxruntime's requantization on a few ties; the emulation does not."""
+    model, x = integer_layer(op_type)
+    expected = onnxruntime_output_named(model, {"x_q": x})
+    assert fused_kernels(model).integer_layers == {"layer"}
+    twin = build_twin(model)
+    with torch.no_grad():
+        got = twin.run({"x_q": torch.from_numpy(x)})[0][0].numpy()
+        plain = OnnxTwin(compile_graph(prepare_model(model), trainable=False)).run({"x_q": torch.from_numpy(x)})[0][0].numpy()
+    np.testing.assert_array_equal(got, expected)
+    if op_type == "Conv":
+        assert np.count_nonzero(plain != expected) > 0
+
+
+def test_emulated_layer_keeps_the_float_paths_gradient() -> None:
+    model = quantized_conv()
+    x = RNG.uniform(0, 0.8, (16, 4, 6, 6)).astype(np.float32)
+    gradients = []
+    for twin in (build_twin(model), OnnxTwin(compile_graph(prepare_model(model), trainable=False))):
+        inputs = torch.from_numpy(x).requires_grad_()
+        (twin(inputs) * torch.linspace(-1, 1, 8).reshape(1, 8, 1, 1)).sum().backward()
+        gradients.append(inputs.grad.flatten())
+    assert torch.nn.functional.cosine_similarity(*gradients, dim=0) > 0.99
+
+
+def onnxruntime_output_named(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
