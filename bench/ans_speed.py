@@ -96,13 +96,16 @@ def load():
     return proto, list_layers(proto), twin_of(proto)
 
 
-def timed(function, repeats: int) -> tuple[float, list[float]]:
-    times, result = [], []
+def alternating(functions, repeats: int) -> list[tuple[float, list[float]]]:
+    """Median wall time and last result of each function, run in turn so both see the same load."""
+    times: list[list[float]] = [[] for _ in functions]
+    results: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for index, function in enumerate(functions):
+            start = time.perf_counter()
+            results[index] = function()
+            times[index].append(time.perf_counter() - start)
+    return [(statistics.median(spent), result) for spent, result in zip(times, results)]
 
 
 def rss_child(samples: int, threads: int) -> None:
@@ -167,13 +170,17 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(options.threads)
+    load_before = os.getloadavg()[0]
     proto, layers, twin = load()
     tool_ans(proto, layers, twin, BATCH)  # warm up both paths once
     torch_ans(twin, layers, BATCH)
-    tool_seconds, tool_means = timed(lambda: tool_ans(proto, layers, twin, options.samples), options.repeats)
-    torch_seconds, torch_means = timed(lambda: torch_ans(twin, layers, options.samples), options.repeats)
+    (tool_seconds, tool_means), (torch_seconds, torch_means) = alternating(
+        [lambda: tool_ans(proto, layers, twin, options.samples), lambda: torch_ans(twin, layers, options.samples)],
+        options.repeats,
+    )
     largest_difference = max(abs(a - b) for a, b in zip(tool_means, torch_means))
     rss = {samples: peak_rss(samples, options.threads) for samples in options.rss_samples}
+    load_after = os.getloadavg()[0]
 
     small, large = options.rss_samples
     text = f"""## ANS: wall time and peak memory (bench/ans_speed.py)
@@ -183,6 +190,8 @@ ResNet-20 ({MODEL.name}), {options.samples} images of {DATA.name} from index
 
 - Machine: {machine()}
 - Command: `PYTHONPATH=. python bench/ans_speed.py --threads {options.threads}` (median of {options.repeats} runs)
+- 1-minute load average {load_before:.1f} before and {load_after:.1f} after the run: absolute
+  times on a shared machine vary with it; the two implementations run in turn, so they share it.
 
 | implementation | wall time | per sample | ratio |
 |---|---:|---:|---:|

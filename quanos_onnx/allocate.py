@@ -142,10 +142,11 @@ def allocate_budgeted(
     if average(low_plan) <= target_average_bits:
         high, high_plan = low, low_plan
     elif average(high_plan) >= target_average_bits:
-        log.warning(
-            "no ANS scaling brings the average below %.4g bits; the closest is %.4g",
-            target_average_bits, average(high_plan),
-        )
+        if average(high_plan) > target_average_bits:
+            log.warning(
+                "no ANS scaling brings the average down to %.4g bits; the closest is %.4g",
+                target_average_bits, average(high_plan),
+            )
         low, low_plan = high, high_plan
     else:
         for _ in range(_BISECTION_STEPS):

@@ -247,3 +247,33 @@ def test_iterative_budgeted_mode_meets_the_budget_every_round():
 def test_rounds_must_be_a_positive_whole_number(rounds):
     with pytest.raises(UsageError, match="--rounds"):
         allocate_iterative([_layer("a")], _ans({"a": 0.1}), quantize=print, measure=print, rounds=rounds)
+
+
+def test_iterative_mode_wires_to_quantize_and_measure_ans():
+    """The composition the CLI uses: pipeline.quantize and measure_ans on the QDQ model."""
+    from harness_models import tiny_inputs, tiny_onnx, tiny_weights
+
+    from quanos_onnx.harness.ans import measure_ans
+    from quanos_onnx.harness.attacks import Attack
+    from quanos_onnx.layers import list_layers
+    from quanos_onnx.pipeline import quantize
+
+    proto = tiny_onnx(tiny_weights())
+    layers = list_layers(proto)
+    x = tiny_inputs(32)
+    attack = Attack.fgsm(0.05)
+
+    def measure(model):
+        return measure_ans(model, layers, [(x, None)], attack).layers
+
+    plan = allocate_iterative(
+        layers,
+        measure_ans(proto, layers, [(x, None)], attack).layers,
+        quantize=lambda candidate: quantize(proto, candidate, [x]).model,
+        measure=measure,
+        rounds=4,
+    )
+    rounds = plan.details["rounds"]
+    assert len(rounds) >= 2 and plan.layers[-1].keep_float
+    for before, after in itertools.pairwise(rounds):
+        assert all(after["bits"][n] <= before["bits"][n] for n in ("conv1", "conv2"))

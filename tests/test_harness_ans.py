@@ -145,3 +145,44 @@ def test_samples_without_gradient_are_counted_as_unperturbed(tiny):
     result = measure_ans(proto, layers, _batches(tiny_inputs(6), None, 4), Attack.fgsm(0.1), twin=flat)
     assert result.unperturbed == 6
     assert all(entry.mean == 0.0 and entry.count == 6 for entry in result.layers)
+
+
+def test_default_twin_is_built_from_the_measured_model(tiny):
+    proto, layers, model = tiny
+    x = tiny_inputs(8)
+    built = measure_ans(proto, layers, _batches(x, None, 8), Attack.fgsm(0.05))
+    given = measure_ans(proto, layers, _batches(x, None, 8), Attack.fgsm(0.05), twin=model)
+    for mine, theirs in zip(built.layers, given.layers):
+        assert mine.mean == pytest.approx(theirs.mean, rel=1e-6)
+
+
+def _cifar_batches(shared_dir, start: int, count: int, size: int = 32):
+    archive = np.load(shared_dir / "data/cifar10/cifar10_test_jpeg_q75.npz")
+    for first in range(start, start + count, size):
+        x = archive["x"][first : first + size].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        yield np.ascontiguousarray(x), archive["y"][first : first + size].astype(np.int64)
+
+
+@pytest.mark.slow
+def test_resnet20_ans_on_the_float_and_the_quantized_model(shared_dir):
+    from quanos_onnx.harness.attacks import twin_of
+    from quanos_onnx.model import load_model
+    from quanos_onnx.pipeline import quantize
+    from quanos_onnx.plan import Plan
+
+    proto = load_model(shared_dir / "models/cifar10/resnet20_cifar10_akamaster.onnx")
+    layers = list_layers(proto)
+    attack = Attack.fgsm(0.05)
+    measured = measure_ans(proto, layers, _cifar_batches(shared_dir, 932, 64), attack)
+    assert len(measured.layers) == 20 and measured.unperturbed == 0
+    assert all(entry.count == 64 and 0.05 < entry.mean < 3.0 for entry in measured.layers)
+    assert measured.adversarial_accuracy < measured.clean_accuracy - 0.3
+
+    calibration = [x for x, _ in _cifar_batches(shared_dir, 1100, 64)]
+    quantized = quantize(proto, Plan.uniform(layers, 8), calibration).model
+    on_quantized = measure_ans(
+        quantized, layers, _cifar_batches(shared_dir, 932, 64), attack, twin=twin_of(quantized)
+    )
+    assert on_quantized.unperturbed == 0
+    for mine, float_entry in zip(on_quantized.layers, measured.layers):
+        assert mine.mean == pytest.approx(float_entry.mean, rel=0.2)

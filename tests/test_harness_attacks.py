@@ -149,3 +149,16 @@ def test_labels_outside_the_model_classes_are_a_data_error(labels):
 def test_float_labels_are_a_data_error():
     with pytest.raises(DataError, match="integer"):
         attack_labels(np.array([0.0, 1.0]), np.zeros((2, 3), dtype=np.float32))
+
+
+def test_the_twin_of_the_onnx_model_gives_the_same_attack(model):
+    from harness_models import tiny_onnx
+
+    from quanos_onnx.harness.attacks import twin_of
+
+    twin = twin_of(tiny_onnx(tiny_weights()))
+    x = tiny_inputs(16)
+    y = _labels(model, x)
+    np.testing.assert_array_equal(
+        perturb(twin, x, y, Attack.fgsm(0.05)), perturb(model, x, y, Attack.fgsm(0.05))
+    )

@@ -74,3 +74,24 @@ def test_empty_data_is_a_data_error(tiny):
     proto, model = tiny
     with pytest.raises(DataError, match="no samples"):
         evaluate(proto, iter(()), [Attack.fgsm(0.1)], twin=model)
+
+
+@pytest.mark.slow
+def test_resnet20_falls_to_pgd_and_further_with_fgsm_eps(shared_dir):
+    from quanos_onnx.model import load_model
+
+    proto = load_model(shared_dir / "models/cifar10/resnet20_cifar10_akamaster.onnx")
+    archive = np.load(shared_dir / "data/cifar10/cifar10_test_first932.npz")
+    x = np.ascontiguousarray(archive["x"][:96].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    y = archive["y"][:96].astype(np.int64)
+    attacks = (
+        attack_grid(["pgd"], [2 / 255], steps=10)
+        + attack_grid(["fgsm"], [0.5 / 255, 1 / 255, 2 / 255, 4 / 255])
+    )
+    result = evaluate(proto, _batches(x, y, 48), attacks)
+    assert result.clean_accuracy > 0.85
+    pgd, *fgsm = result.attacks
+    assert pgd.accuracy < 0.1
+    accuracies = [entry.accuracy for entry in fgsm]
+    assert accuracies == sorted(accuracies, reverse=True) and accuracies[0] > accuracies[-1] + 0.2
+    assert pgd.accuracy <= fgsm[2].accuracy  # PGD at 2/255 beats FGSM at 2/255
