@@ -68,8 +68,7 @@ def main() -> None:
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    torch.manual_seed(0)
-    module = twin_zoo.ResNet18(width=64).eval()
+    module = twin_zoo.make_model("resnet18", width=64)
     exports = {
         "legacy, BN folded": twin_zoo.export(module, dynamo=False, opset=21, image_shape=IMAGE),
         "dynamo": twin_zoo.export(module, dynamo=True, opset=21, image_shape=IMAGE),

@@ -32,7 +32,7 @@ def ans_measurement(layers: tuple[Layer, ...], seed: int = 0) -> AnsMeasurement:
         AnsResult(layer.name, layer.block_output, float(rng.uniform(0.05, 0.6)), float(rng.uniform(0, 0.05)), 32)
         for layer in layers
     )
-    return AnsMeasurement(results, Attack.fgsm(0.05), 32, "data", 0.9375, 0.40625)
+    return AnsMeasurement(results, Attack.fgsm(0.05), 32, "data", 0.9375, 0.40625, unperturbed=0)
 
 
 def evaluation(clean: float, drop: float) -> Evaluation:

@@ -117,6 +117,30 @@ def test_only_weights_become_trainable() -> None:
     assert not any(p.requires_grad for p in build_twin(model).parameters())
 
 
+def test_initializers_shared_through_identity_keep_their_role() -> None:
+    """The legacy exporter shares equal initializers via Identity nodes; a running statistic
+    reached that way stays fixed and the twin still differentiates."""
+    model = model_of(
+        [
+            helper.make_node("Identity", ["shared_zeros"], ["running_mean"], name="alias"),
+            helper.make_node("BatchNormalization", ["x", "gamma", "beta", "running_mean", "var"], ["y"], name="bn"),
+        ],
+        [float_info("x", ["n", 3, 2, 2])],
+        [float_info("y", None)],
+        [
+            numpy_helper.from_array(np.zeros(3, np.float32), "shared_zeros"),
+            numpy_helper.from_array(np.full(3, 2.0, np.float32), "gamma"),
+            numpy_helper.from_array(np.full(3, 0.5, np.float32), "beta"),
+            numpy_helper.from_array(np.full(3, 4.0, np.float32), "var"),
+        ],
+    )
+    twin = build_twin(model, trainable=True)
+    assert {n for n, p in twin.parameters_by_name().items() if p.requires_grad} == {"gamma", "beta"}
+    x = torch.randn(2, 3, 2, 2, requires_grad=True)
+    twin(x).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 2.0 / (4.0 + 1e-5) ** 0.5))
+
+
 def test_nodes_out_of_order_are_sorted() -> None:
     model = model_of(
         [

@@ -170,17 +170,23 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def make_model(name: str, seed: int = 0) -> nn.Module:
+def make_model(name: str, seed: int = 0, **options: int) -> nn.Module:
     """The named zoo model with seeded random weights and non-trivial BatchNorm statistics, in eval mode."""
     torch.manual_seed(seed)
-    model = MODELS[name]()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+    return randomize_batchnorm(MODELS[name](**options)).eval()
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics and affine parameters as after training (not the all-ones/zeros init,
+    which the legacy exporter would share between layers as one initializer)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model
 
 
 def export(

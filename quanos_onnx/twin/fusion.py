@@ -82,7 +82,9 @@ def fused_kernels(model: onnx.ModelProto) -> FusedKernels:
         if op_types.get(name) in ("Conv", "Gemm", "MatMul")
     )
     quantized_bias = {
-        t.name[: -len(BIAS_INITIALIZER_SUFFIX)]: t for t in optimized.graph.initializer if t.name.endswith(BIAS_INITIALIZER_SUFFIX)
+        t.name[: -len(BIAS_INITIALIZER_SUFFIX)]: t
+        for t in optimized.graph.initializer
+        if t.name.endswith(BIAS_INITIALIZER_SUFFIX)
     }
     integer_bias = frozenset(name for name in quantized_bias if op_types.get(name) in _BIASED_OPS)
     for name in sorted(integer_bias):
@@ -175,17 +177,18 @@ class _Plan:
             return False
         unit_bias, quantizer = chain
         attrs = layer.attributes
-        if layer.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+        scaled = attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+        if layer.op_type == "Gemm" and (attrs.get("transA", 0) or scaled):
             return False
-        input_scale, weight_scale = self.constants[source.inputs[1]].float(), self.constants[weight_dq.inputs[1]].float()
+        input_scale = self.constants[source.inputs[1]].float()
+        weight_scale = self.constants[weight_dq.inputs[1]].float()
         if input_scale.numel() != 1 or weight_dq.attributes["block_size"]:
             return False
         weight = self.constants[layer.inputs[1]]
         weight_axis = weight_dq.attributes["axis"] % weight.dim()
         output_axis = 0 if layer.op_type == "Conv" or attrs.get("transB", 0) else weight.dim() - 1
-        centered = torch.round(
-            weight / broadcast_parameter(weight_scale, weight.dim(), weight_axis, weight_dq.attributes["block_size"], weight.shape[weight_axis])
-        )
+        per_channel = broadcast_parameter(weight_scale, weight.dim(), weight_axis, 0, weight.shape[weight_axis])
+        centered = torch.round(weight / per_channel)
         channel_axis = 1 if layer.op_type == "Conv" else -1
         output_rank = max(weight.dim(), 2)
         channel_scale = (input_scale.reshape(()) * weight_scale).reshape(-1)
@@ -208,7 +211,15 @@ class _Plan:
             layer,
             function=_integer_accumulation(layer.function, accumulate_dtype),
             attributes={**attrs, "channel_axis": channel_axis},
-            inputs=(layer.inputs[0], names["weight"], own_bias, unit_bias, names["input_scale"], names["output_scale"], names["bias_scale"]),
+            inputs=(
+                layer.inputs[0],
+                names["weight"],
+                own_bias,
+                unit_bias,
+                names["input_scale"],
+                names["output_scale"],
+                names["bias_scale"],
+            ),
             outputs=(layer.outputs[0], accumulator),
             emulated=True,
         )
@@ -255,7 +266,8 @@ def _accumulator_bound(
 ) -> float:
     """An upper bound on |accumulator| before the bias: max |x_q - zp_x| (8-bit input) times
     the largest output channel's sum of |w_q - zp_w|."""
-    zero_point = float(constants[source.inputs[2]].reshape(-1)[0]) if len(source.inputs) > 2 and source.inputs[2] else 0.0
+    has_zero_point = len(source.inputs) > 2 and bool(source.inputs[2])
+    zero_point = float(constants[source.inputs[2]].reshape(-1)[0]) if has_zero_point else 0.0
     largest_input = 255.0 + abs(zero_point)
     reduce = tuple(axis for axis in range(centered.dim()) if axis != output_axis) or (0,)
     return largest_input * float(centered.abs().sum(dim=reduce).max())
@@ -285,7 +297,7 @@ def _integer_accumulation(function: OpFunction, dtype: torch.dtype) -> OpFunctio
 
 def _on_grid(bias: torch.Tensor, scale: torch.Tensor, axis: int, like: torch.Tensor) -> torch.Tensor:
     """A bias as int32-grid integers (straight-through), shaped to add to `like`."""
-    integers = round_straight_through(bias.reshape(-1) / scale) if bias.numel() > 1 else round_straight_through(bias / scale)
+    integers = round_straight_through((bias.reshape(-1) if bias.numel() > 1 else bias) / scale)
     return _along(integers, axis, like.dim()) if integers.numel() > 1 else integers.reshape(())
 
 
@@ -297,9 +309,8 @@ def _exact_requantization(function: OpFunction) -> OpFunction:
         reference = function(attrs, operands)[0]
         zero_point = operands[2] if len(operands) > 2 and operands[2] is not None else torch.zeros(())
         container = attrs["container"]
-        exact = torch.clamp(
-            torch.round(accumulator * multiplier) + zero_point.to(accumulator.dtype), container.minimum, container.maximum
-        )
+        requantized = torch.round(accumulator * multiplier) + zero_point.to(accumulator.dtype)
+        exact = torch.clamp(requantized, container.minimum, container.maximum)
         return [reference + (exact - reference).detach()]
 
     return run

@@ -249,11 +249,7 @@ def _topological(resolved: list[_ResolvedNode], model: onnx.ModelProto) -> list[
 def _split_initializers(
     initializers: Mapping[str, onnx.TensorProto], resolved: Sequence[_ResolvedNode], *, trainable: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, torch.Tensor], set[str]]:
-    slots: dict[str, set[tuple[str, int]]] = {name: set() for name in initializers}
-    for item in resolved:
-        for index, name in enumerate(item.node.input):
-            if name in slots:
-                slots[name].add((item.node.op_type, index))
+    slots = _consumer_slots(initializers, resolved)
     parameters: dict[str, torch.Tensor] = {}
     parameter_types: dict[str, int] = {}
     constants: dict[str, torch.Tensor] = {}
@@ -262,7 +258,9 @@ def _split_initializers(
         try:
             tensor = tensor_from_proto(proto)
         except KeyError:
-            raise ModelError(f"initializer '{name}' has type {type_name(proto.data_type)}, which the twin cannot hold") from None
+            raise ModelError(
+                f"initializer '{name}' has type {type_name(proto.data_type)}, which the twin cannot hold"
+            ) from None
         used_in = slots[name]
         quantizer_only = bool(used_in) and all(op in QUANTIZER_OPS and index > 0 for op, index in used_in)
         if proto.data_type not in FLOAT_TYPES or quantizer_only:
@@ -273,6 +271,23 @@ def _split_initializers(
         if trainable and tensor.numel() > 1 and not used_in & _FIXED_SLOTS:
             trainable_names.add(name)
     return parameters, parameter_types, constants, trainable_names
+
+
+def _consumer_slots(
+    initializers: Mapping[str, onnx.TensorProto], resolved: Sequence[_ResolvedNode]
+) -> dict[str, set[tuple[str, int]]]:
+    """(op type, input index) of every reader of each initializer, looking through Identity
+    nodes (the legacy exporter shares equal initializers between layers through them)."""
+    aliases = {name: name for name in initializers}
+    for item in resolved:
+        if item.node.op_type == "Identity" and item.node.input[0] in aliases:
+            aliases[item.node.output[0]] = aliases[item.node.input[0]]
+    slots: dict[str, set[tuple[str, int]]] = {name: set() for name in initializers}
+    for item in resolved:
+        for index, name in enumerate(item.node.input):
+            if name in aliases and item.node.op_type != "Identity":
+                slots[aliases[name]].add((item.node.op_type, index))
+    return slots
 
 
 def _step(item: _ResolvedNode) -> Step:

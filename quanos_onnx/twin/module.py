@@ -106,7 +106,9 @@ class OnnxTwin(nn.Module):
         present = {tensor.name for tensor in updated.graph.initializer}
         foreign = sorted(set(parameters) - present)
         if foreign:
-            raise ModelError(f"cannot write back: the model has no initializer '{foreign[0]}' (built from another model?)")
+            raise ModelError(
+                f"cannot write back: the model has no initializer '{foreign[0]}' (built from another model?)"
+            )
         for tensor in updated.graph.initializer:
             parameter = parameters.get(tensor.name)
             if parameter is None or tensor.data_type != self._parameter_types[tensor.name]:
@@ -146,6 +148,13 @@ class OnnxTwin(nn.Module):
                     del values[name]
         return [values[name] for name in self.program.outputs], {name: values[name] for name in capture}
 
+    def _sample(self, inputs: Mapping[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        """Sample `index` of the batch-1 inputs; other inputs are passed whole."""
+        return {
+            name: value[index : index + 1] if name in self.batch_one_inputs else value
+            for name, value in inputs.items()
+        }
+
     def _execute_per_sample(
         self, inputs: Mapping[str, torch.Tensor], capture: frozenset[str]
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -156,13 +165,7 @@ class OnnxTwin(nn.Module):
         batch = sizes.pop()
         if batch == 1:
             return self._execute(inputs, capture)
-        runs = [
-            self._execute(
-                {name: value[index : index + 1] if name in self.batch_one_inputs else value for name, value in inputs.items()},
-                capture,
-            )
-            for index in range(batch)
-        ]
+        runs = [self._execute(self._sample(inputs, index), capture) for index in range(batch)]
         outputs = [torch.cat([run[0][position] for run in runs]) for position in range(len(self.program.outputs))]
         captured = {name: torch.cat([run[1][name] for run in runs]) for name in capture}
         return outputs, captured

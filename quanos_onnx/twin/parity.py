@@ -112,7 +112,10 @@ def run_onnxruntime(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> 
     batch = next(iter(feeds.values())).shape[0]
     if not static_batch or static_batch[0] == batch:
         return session.run(None, dict(feeds))
-    runs = [session.run(None, {name: value[index : index + 1] for name, value in feeds.items()}) for index in range(batch)]
+    runs = [
+        session.run(None, {name: value[index : index + 1] for name, value in feeds.items()})
+        for index in range(batch)
+    ]
     return [np.concatenate([run[position] for run in runs]) for position in range(len(runs[0]))]
 
 

@@ -176,8 +176,10 @@ def _prepare_batch_norm(node: onnx.NodeProto, attrs: dict[str, Any], types: Sequ
 
 @register("BatchNormalization", since=7, prepare=_prepare_batch_norm)
 def batch_norm(attrs: Attributes, inputs: Inputs) -> list[torch.Tensor]:
+    """Inference mode: the running statistics are constants (detached, as torch has no gradient for them)."""
     values, scale, bias, mean, variance = inputs[:5]
-    return [F.batch_norm(values, mean, variance, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))]
+    epsilon = attrs.get("epsilon", 1e-5)
+    return [F.batch_norm(values, mean.detach(), variance.detach(), scale, bias, False, 0.0, epsilon)]
 
 
 @register("LayerNormalization", since=17, prepare=_single_output("Mean and InvStdDev are not produced"))
