@@ -138,16 +138,19 @@ def _bias_through(
 
     Folding (running statistics): w' = w * g, b' = (b - mean) * g + beta with
     g = gamma / sqrt(var + eps). The compiled model adds round(b' / (s_x * s_w')) on that
-    grid; inverting the fold on that value gives the bias to add before the BatchNorm.
+    grid; inverting the fold on that value gives the bias to add before the BatchNorm (a
+    channel with g = 0 keeps its bias: the BatchNorm ignores it).
     """
     mean = norm.running_mean
-    gain = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    shift = norm.bias
+    scale = norm.weight if norm.weight is not None else torch.ones_like(mean)
+    shift = norm.bias if norm.bias is not None else torch.zeros_like(mean)
+    gain = scale / torch.sqrt(norm.running_var + norm.eps)
     raw = bias if bias is not None else torch.zeros_like(mean)
     folded = (raw - mean) * gain + shift
     shape = [-1] + [1] * (weight.dim() - 1)
     on_grid = fake_quant_bias(folded, weight * gain.reshape(shape), bits, 0, input_scale)
-    return (on_grid - shift) / gain + mean
+    safe_gain = torch.where(gain != 0, gain, torch.ones_like(gain))
+    return torch.where(gain != 0, (on_grid - shift) / safe_gain + mean, raw)
 
 
 class PlannedConv1d(_Planned, nn.Conv1d):
@@ -274,7 +277,11 @@ def _batch_norms_after(
     root: nn.Module, paths: Sequence[str], example: torch.Tensor | None
 ) -> dict[str, tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """Conv path -> (path, module) of the BatchNorm that reads exactly that conv's output."""
-    norms = [(name, child) for name, child in root.named_modules() if isinstance(child, nn.modules.batchnorm._BatchNorm)]
+    norms = [
+        (name, child)
+        for name, child in root.named_modules()
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.running_mean is not None
+    ]
     convs = [path for path in paths if isinstance(root.get_submodule(path), (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     if not norms or not convs:
         return {}
