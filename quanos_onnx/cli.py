@@ -233,6 +233,88 @@ def export_command(model_path: str, target: str, output_path: str | None, verbos
     click.echo(f"wrote {exported.path}")
 
 
+@main.command("evaluate", cls=QuanosCommand)
+@click.argument("model_paths", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write evaluation.json here.")
+@click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated (fgsm, pgd).")
+@click.option("--eps", default=None, help="Strengths in [0,1]-input units, comma-separated (e.g. 0.05,0.1 or 8/255,16/255).")
+@click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations.")
+@click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps).")
+@click.option("--paper", is_flag=True, help="The paper's grid: FGSM eps 0.05-0.3 by 0.05; PGD 7 steps of 2/255 at 8, 16, 32/255.")
+@click.option("--samples", type=int, default=None, help="Evaluate the first N samples (default: all).")
+@click.option("--input-range", default="0,1", show_default=True, help="LO,HI of the models' input; eps scales with it.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per attack/inference batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quanos-evaluation JSON document.")
+@data_options
+@common_options
+def evaluate_command(**options: Any) -> None:
+    """Clean and adversarial accuracy of one or more models (float or compiled), side by side."""
+    _configure_logging(options.pop("verbose"), options.pop("quiet"))
+    options.pop("debug")
+    from .pipeline import EvaluateOptions, run_evaluate
+
+    options["model_paths"] = tuple(options["model_paths"])
+    result = run_evaluate(EvaluateOptions(**options), progress=_progress_bar)
+    if options["as_json"]:
+        click.echo(json.dumps(result.document, indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
+@main.command("finetune", cls=QuanosCommand)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(), help="The fine-tuned compiled model to write (.onnx).")
+@click.option("--plan", "plan_path", type=click.Path(), default=None, help="plan.json to train at (default: the plan stored in a compiled MODEL).")
+@click.option("--val", "val_path", type=click.Path(), default=None, help="Validation data: keep the best epoch on it.")
+@click.option("--val-split", type=float, default=None, help="Hold out this fraction of --data (after a seeded shuffle) for validation.")
+@click.option("--epochs", type=int, required=True, help="Passes over the training data.")
+@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-3 adam, 1e-2 sgd), decaying to 0 on a cosine.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True, help="Optimizer (sgd with momentum 0.9).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per training batch.")
+@click.option("--adv-train", type=click.Choice(["fgsm", "pgd"]), default=None, help="Adversarial fine-tuning: attack every batch with this.")
+@click.option("--adv-eps", default="8/255", show_default=True, help="Strength of the training attack in [0,1]-input units.")
+@click.option("--adv-steps", type=int, default=7, show_default=True, help="PGD iterations of the training attack.")
+@click.option("--adv-alpha", default=None, help="PGD step of the training attack (default 2.5*eps/steps).")
+@click.option("--adv-weight", type=float, default=0.5, show_default=True, help="Loss weight of the attacked batch (1: attacked only).")
+@click.option("--input-range", default="0,1", show_default=True, help="LO,HI of the model's input; eps scales with it.")
+@click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True, help="Activation range estimator.")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile.")
+@click.option("--calibration-samples", type=int, default=512, show_default=True, help="Samples used to calibrate activation ranges.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quanos-finetune JSON document.")
+@data_options
+@common_options
+def finetune_command(**options: Any) -> None:
+    """Fine-tune MODEL at a plan through its fake-quant twin and write the compiled result."""
+    verbose, quiet = options.pop("verbose"), options.pop("quiet")
+    _configure_logging(verbose, quiet)
+    options.pop("debug")
+    from .pipeline import FinetuneOptions, run_finetune
+
+    def report(record: Any) -> None:
+        if not quiet:
+            click.echo(_epoch_line(record, options["epochs"]), err=True)
+
+    result = run_finetune(FinetuneOptions(**options), progress=_progress_bar, on_epoch=report)
+    if options["as_json"]:
+        click.echo(json.dumps(result.document, indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
+def _epoch_line(record: Any, epochs: int) -> str:
+    parts = [f"epoch {record.epoch}/{epochs}" if record.epoch else "before fine-tuning"]
+    for label, value in (
+        ("loss", record.train_loss),
+        ("train acc", record.train_accuracy),
+        ("train adv acc", record.train_adversarial_accuracy),
+        ("val acc", record.val_accuracy),
+        ("val adv acc", record.val_adversarial_accuracy),
+    ):
+        if value is not None:
+            parts.append(f"{label} {value:.4f}")
+    return ", ".join(parts) + f" ({record.seconds:.1f} s)"
+
+
 def compile_main() -> None:
     """Entry point of `quanos-compile` (the same command as `quanos compile`)."""
     compile_command.main(prog_name="quanos-compile")

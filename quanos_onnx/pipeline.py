@@ -446,3 +446,354 @@ def run_analyze(
 
 def _eps_list(text: str, option: str, parse: Callable[[str, str], float]) -> list[float]:
     return [parse(part, option) for part in text.split(",") if part.strip()]
+
+
+EVALUATION_FILE = "evaluation.json"
+PAPER_FGSM_EPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+PAPER_PGD_EPS = (8 / 255, 16 / 255, 32 / 255)
+PAPER_PGD_STEPS = 7
+PAPER_PGD_ALPHA = 2 / 255
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """`quanos evaluate`: models side by side under one attack grid on one data set."""
+
+    model_paths: tuple[str, ...]
+    data_path: str | None = None
+    output_dir: str | None = None
+    attack: str = "fgsm,pgd"
+    eps: str | None = None
+    pgd_steps: int = 10
+    pgd_alpha: str | None = None
+    paper: bool = False
+    samples: int | None = None
+    as_json: bool = False
+    layout: str = "auto"
+    scale: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    data_range: str | None = None
+    seed: int = 0
+    input_range: str = "0,1"
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    document: Mapping[str, Any]
+    written: tuple[str, ...]
+
+    def rows(self) -> list[dict[str, object]]:
+        """One row per model for clean inputs and one per model and attack."""
+        rows: list[dict[str, object]] = []
+        for entry in self.document["models"]:
+            evaluation = entry["evaluation"]
+            common = {"model": entry["name"], "bits": entry["average_weight_bits"]}
+            rows.append({**common, "attack": "clean", "eps": None, "accuracy": evaluation["clean_accuracy"], "adversarial_loss": None})
+            for result in evaluation["attacks"]:
+                attack = result["method"] if result["method"] == "fgsm" else f"pgd-{result['steps']}"
+                rows.append(
+                    {**common, "attack": attack, "eps": _eps_label(result["eps"]), "accuracy": result["accuracy"], "adversarial_loss": result["adversarial_loss"]}
+                )
+        return rows
+
+    def summary_text(self) -> str:
+        from .report.text import format_table
+
+        doc = self.document
+        lines = [
+            f"accuracy on {doc['data']['samples']} samples of {doc['data']['source']} (labels from {doc['data']['labels']}); "
+            "attacks white-box through each model's twin, accuracy counted by onnxruntime",
+            format_table(self.rows()),
+            *(f"{entry['name']}: {entry['path']} ({entry['kind']})" for entry in doc["models"]),
+            *(f"wrote {path}" for path in self.written),
+        ]
+        return "\n".join(lines)
+
+
+def _eps_label(eps: float) -> str:
+    """0.05 stays 0.05; multiples of 1/255 read as n/255, as the paper writes PGD strengths."""
+    steps = eps * 255
+    if abs(steps - round(steps)) < 1e-6 and abs(eps * 20 - round(eps * 20)) > 1e-6:
+        return f"{round(steps)}/255"
+    return f"{eps:g}"
+
+
+def evaluation_attacks(options: EvaluateOptions) -> tuple[Any, ...]:
+    """The attack grid: --attack x --eps, or the paper's (--paper)."""
+    from .errors import UsageError
+    from .harness.attacks import METHODS, InputRange, parse_eps
+    from .harness.evaluate import attack_grid
+
+    input_range = InputRange.parse(options.input_range)
+    methods = [part.strip().lower() for part in options.attack.split(",") if part.strip()]
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise UsageError(f"--attack {unknown[0]!r} is not one of {', '.join(METHODS)}")
+    if options.paper:
+        if options.eps is not None or options.pgd_alpha is not None:
+            raise UsageError("--paper sets eps and the PGD step itself: leave out --eps and --pgd-alpha")
+        grid: list[Any] = []
+        if "fgsm" in methods:
+            grid += attack_grid(["fgsm"], PAPER_FGSM_EPS, input_range=input_range)
+        if "pgd" in methods:
+            grid += attack_grid(["pgd"], PAPER_PGD_EPS, steps=PAPER_PGD_STEPS, alpha=PAPER_PGD_ALPHA, input_range=input_range)
+        return tuple(grid)
+    if options.eps is None:
+        raise UsageError("--eps is required (or --paper for the paper's grid)", hint="e.g. --eps 0.05,0.1 or --eps 8/255")
+    alpha = parse_eps(options.pgd_alpha, "--pgd-alpha") if options.pgd_alpha else None
+    return attack_grid(
+        methods, _eps_list(options.eps, "--eps", parse_eps), steps=options.pgd_steps, alpha=alpha, input_range=input_range
+    )
+
+
+def run_evaluate(options: EvaluateOptions, progress: ProgressFactory = no_progress) -> EvaluateResult:
+    """Clean and adversarial accuracy of every model on the same inputs and attacks.
+
+    A compiled (QDQ) model is attacked through its fake-quant twin; all accuracies are
+    counted by onnxruntime on the attacked inputs, so they describe the deployed files.
+    """
+    from pathlib import Path
+
+    from .errors import DataError, UsageError
+    from .finetune.graph import compiled_plan, float_model_of
+    from .harness.evaluate import evaluate
+    from .model import input_shape
+    from .outputs import OutputDir
+
+    if not options.model_paths:
+        raise UsageError("give at least one MODEL to evaluate")
+    inputs = [*options.model_paths, *([options.data_path] if options.data_path else [])]
+    output = OutputDir(options.output_dir, inputs=inputs) if options.output_dir else None
+    attacks = evaluation_attacks(options)
+    models = [(path, load_model(path)) for path in options.model_paths]
+    first_path, first_model = models[0]
+    dataset = _load_data(options, first_model)  # type: ignore[arg-type]
+    count = dataset.count if options.samples is None else _ans_samples(options, dataset)  # type: ignore[arg-type]
+    names = _short_names([path for path, _ in models])
+    entries = []
+    labels = "data"
+    for (path, model), name in zip(models, names):
+        if input_shape(model)[1:] != input_shape(first_model)[1:]:
+            raise DataError(
+                f"{path}: input shape {list(input_shape(model))} differs from {first_path}'s "
+                f"{list(input_shape(first_model))}; evaluate models of one input shape together"
+            )
+        plan = compiled_plan(model)
+        with progress(f"{name} ({len(attacks)} attacks)", count) as advance:
+            evaluation = evaluate(model, _first(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance)
+        labels = evaluation.labels
+        entries.append(
+            {
+                "name": name,
+                "path": str(Path(path)),
+                "kind": "float" if plan is None else f"compiled ({plan.method})",
+                "method": None if plan is None else plan.method,
+                "average_weight_bits": None if plan is None else _average_bits(plan, float_model_of(model)),
+                "evaluation": evaluation.to_json(),
+            }
+        )
+    document = {
+        "format": "quanos-evaluation",
+        "version": 1,
+        "data": {"source": dataset.source, "samples": count, "labels": labels},
+        "attacks": [attack.to_json() for attack in attacks],
+        "models": entries,
+    }
+    written: tuple[str, ...] = ()
+    if output is not None:
+        import json
+
+        paths = output.write({EVALUATION_FILE: json.dumps(document, indent=2) + "\n"})
+        written = tuple(str(p) for p in paths)
+    return EvaluateResult(document, written)
+
+
+def _average_bits(plan: Plan, float_model: onnx.ModelProto) -> float:
+    params = {layer.name: layer.params for layer in list_layers(float_model)}
+    return round(plan.average_weight_bits({name: params.get(name, 0) for name in (e.name for e in plan.layers)}), 2)
+
+
+def _short_names(paths: Sequence[str]) -> list[str]:
+    """File names, or parent/file where file names repeat (quanos-out/model.quanos.onnx)."""
+    from pathlib import Path
+
+    names = [Path(path).name for path in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [str(Path(Path(path).parent.name) / Path(path).name) for path in paths]
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """`quanos finetune`: fake-quant (and adversarial) fine-tuning at a plan; see finetune/."""
+
+    model_path: str
+    output_path: str
+    epochs: int
+    plan_path: str | None = None
+    data_path: str | None = None
+    val_path: str | None = None
+    val_split: float | None = None
+    lr: float | None = None
+    optimizer: str = "adam"
+    batch_size: int = 64
+    adv_train: str | None = None
+    adv_eps: str = "8/255"
+    adv_steps: int = 7
+    adv_alpha: str | None = None
+    adv_weight: float = 0.5
+    input_range: str = "0,1"
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    calibration_samples: int = 512
+    as_json: bool = False
+    layout: str = "auto"
+    scale: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    data_range: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneRunResult:
+    document: Mapping[str, Any]
+    written: tuple[str, ...]
+
+    def summary_text(self) -> str:
+        from .report.text import format_table
+
+        doc = self.document
+        rows = [
+            {key: record[key] for key in ("epoch", "train_loss", "train_accuracy", "train_adversarial_accuracy", "val_accuracy", "val_adversarial_accuracy")}
+            for record in doc["history"]
+        ]
+        trip = doc["round_trip"]
+        lines = [
+            format_table(rows),
+            "",
+            f"kept epoch {doc['best_epoch']} ({doc['selected_by']})",
+            f"round trip on {trip['samples']} samples: twin and onnxruntime agree on "
+            f"{trip['prediction_agreement']:.2%} of predictions, max |difference| {trip['max_abs_diff']:.3g}",
+            *(f"wrote {path}" for path in self.written),
+        ]
+        return "\n".join(lines)
+
+
+def run_finetune(
+    options: FinetuneOptions,
+    progress: ProgressFactory = no_progress,
+    on_epoch: Callable[[Any], None] | None = None,
+) -> FinetuneRunResult:
+    """Fine-tune MODEL at its plan and write the compiled model of the best epoch.
+
+    MODEL is a float model (then --plan is required) or a quanos-compile output, whose
+    float graph and plan are recovered from it (--plan overrides the stored plan).
+    """
+    from pathlib import Path
+
+    from .errors import ModelError, UsageError
+    from .finetune import FinetuneSettings, compiled_plan, finetune, float_model_of
+    from .model import guard_output, write_bytes_atomic
+    from .outputs import OutputDir
+    from .plan import read_plan, validate_plan
+
+    inputs = [p for p in (options.model_path, options.data_path, options.val_path, options.plan_path) if p]
+    target = Path(options.output_path)
+    if target.is_dir():
+        raise UsageError(f"-o {target}: is a directory; give the output model's file name (e.g. out.onnx)")
+    OutputDir(target.parent, inputs=inputs)
+    guard_output(target, [Path(p) for p in inputs])
+    if options.val_path is not None and options.val_split is not None:
+        raise UsageError("--val and --val-split exclude each other")
+    loaded = load_model(options.model_path)
+    stored_plan = compiled_plan(loaded)
+    float_model = loaded if stored_plan is None else float_model_of(loaded)
+    layers = list_layers(float_model)
+    if not layers:
+        raise ModelError(f"{options.model_path}: no quantizable layer to fine-tune")
+    if options.plan_path is not None:
+        plan = validate_plan(read_plan(options.plan_path), layers, options.plan_path)
+    elif stored_plan is not None:
+        plan = validate_plan(stored_plan, layers, f"{options.model_path} (stored plan)")
+    else:
+        raise UsageError(
+            "--plan is required for a float model",
+            hint="write one with `quanos-compile MODEL --data DATA` (or --bits K), or pass its compiled model",
+        )
+    train, val = _finetune_data(options, float_model)
+    settings = FinetuneSettings(
+        epochs=options.epochs,
+        learning_rate=options.lr,
+        optimizer=options.optimizer,
+        batch_size=options.batch_size,
+        adversarial=_training_attack(options),
+        adversarial_weight=options.adv_weight,
+        seed=options.seed,
+        calibration_samples=options.calibration_samples,
+        calibration_method=options.calibration,
+        percentile=options.percentile,
+    )
+    result = finetune(float_model, plan, train, settings, val=val, progress=progress, on_epoch=on_epoch)
+    write_bytes_atomic(target, result.model.SerializeToString())
+    document = {
+        "format": "quanos-finetune",
+        "version": 1,
+        "model": options.model_path,
+        "started_from": "float model" if stored_plan is None else "compiled model (dequantized weights)",
+        "plan_method": result.plan.method,
+        "data": {"train": f"{train.source} ({train.count} samples)", "val": None if val is None else f"{val.source} ({val.count} samples)"},
+        **result.to_json(),
+        "output": str(target),
+    }
+    return FinetuneRunResult(document, (str(target),))
+
+
+def _finetune_data(options: FinetuneOptions, model: onnx.ModelProto) -> tuple[Any, Any]:
+    """Training data in a seeded shuffled order (so the calibration samples are a fair mix
+    even for files sorted by class) and the validation data: --val, --val-split or none."""
+    from .data import Dataset, load_dataset
+    from .errors import DataError, UsageError
+    from .model import input_spec, num_classes
+
+    if options.data_path is None:
+        raise UsageError("--data is required: fine-tuning trains on it")
+    preprocessing = dict(layout=options.layout, scale=options.scale, mean=options.mean, std=options.std)
+    spec, classes = input_spec(model), num_classes(model)
+    train = load_dataset(
+        options.data_path, spec, data_range=options.data_range, seed=options.seed, shuffle=True,
+        num_classes=classes, **preprocessing,
+    )
+    if options.val_path is not None:
+        return train, load_dataset(options.val_path, spec, num_classes=classes, **preprocessing)
+    if options.val_split is None:
+        return train, None
+    if not 0.0 < options.val_split < 1.0:
+        raise UsageError(f"--val-split {options.val_split} must be a fraction between 0 and 1")
+    held_out = round(train.count * options.val_split)
+    if held_out < 1 or held_out >= train.count:
+        raise DataError(f"--val-split {options.val_split} of {train.count} samples leaves no training or no validation data")
+    kept = train.count - held_out
+    return (
+        Dataset(train.x[:kept], train.y[:kept], train.source, f"{train.selection}, first {kept}"),
+        Dataset(train.x[kept:], train.y[kept:], train.source, f"{train.selection}, last {held_out} (--val-split)"),
+    )
+
+
+def _training_attack(options: FinetuneOptions) -> Any:
+    """The attack of adversarial fine-tuning (PGD with a random start), or None."""
+    from .errors import UsageError
+    from .harness.attacks import Attack, InputRange, parse_eps
+
+    if options.adv_train is None:
+        return None
+    input_range = InputRange.parse(options.input_range)
+    eps = parse_eps(options.adv_eps, "--adv-eps")
+    if options.adv_train == "fgsm":
+        return Attack.fgsm(eps, input_range)
+    if options.adv_train == "pgd":
+        alpha = parse_eps(options.adv_alpha, "--adv-alpha") if options.adv_alpha else None
+        return Attack.pgd(eps, steps=options.adv_steps, alpha=alpha, random_start=True, input_range=input_range)
+    raise UsageError(f"--adv-train {options.adv_train!r} is not fgsm or pgd")

@@ -177,7 +177,7 @@ def perturb(
     width = attack.input_range.width
     eps, step = attack.eps * width, attack.step_size * width
     low, high = attack.input_range.low, attack.input_range.high
-    clean = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    clean = torch.from_numpy(np.array(x, dtype=np.float32))
     targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     adversarial = clean
     if attack.random_start:

@@ -1,0 +1,93 @@
+"""`quanos evaluate`: float and compiled models side by side under one attack grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from finetune_task import trained_task
+from harness_models import tiny_onnx, tiny_weights
+from quanos_onnx.cli import main
+from quanos_onnx.harness.attacks import Attack
+from quanos_onnx.harness.evaluate import evaluate
+from quanos_onnx.layers import list_layers
+from quanos_onnx.model import load_model
+from quanos_onnx.pipeline import EvaluateOptions, evaluation_attacks, quantize
+from quanos_onnx.plan import Plan
+
+SAMPLES = 96
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    model, train, val = trained_task()
+    folder = tmp_path_factory.mktemp("evaluate")
+    compiled = quantize(model, Plan.uniform(list_layers(model), 2, keep_output_float=False), [train.x[:256]]).model
+    paths = {"float": folder / "float.onnx", "compiled": folder / "two_bit.onnx", "data": folder / "val.npz"}
+    onnx.save(model, paths["float"])
+    onnx.save(compiled, paths["compiled"])
+    np.savez(paths["data"], x=np.array(val.x[:SAMPLES]), y=val.y[:SAMPLES])
+    return paths
+
+
+def _run(*arguments: object) -> object:
+    return CliRunner().invoke(main, ["evaluate", *map(str, arguments)])
+
+
+def test_one_table_of_clean_and_adversarial_accuracy_per_model_and_eps(files, tmp_path):
+    result = _run(files["float"], files["compiled"], "--data", files["data"], "--eps", "0.05,0.1", "--pgd-steps", 3, "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split() == ["model", "bits", "attack", "eps", "accuracy", "adversarial_loss"]
+    rows = [line.split() for line in lines[3:13]]
+    assert [(row[0], row[2], row[3]) for row in rows[:5]] == [
+        ("float.onnx", "clean", "-"), ("float.onnx", "fgsm", "0.05"), ("float.onnx", "fgsm", "0.1"),
+        ("float.onnx", "pgd-3", "0.05"), ("float.onnx", "pgd-3", "0.1"),
+    ]
+    assert rows[5][:3] == ["two_bit.onnx", "2", "clean"]
+    document = json.loads((tmp_path / "evaluation.json").read_text())
+    assert document["format"] == "quanos-evaluation" and document["data"]["samples"] == SAMPLES
+    assert [entry["kind"] for entry in document["models"]] == ["float", "compiled (uniform-2)"]
+
+
+def test_accuracies_are_those_of_the_deployed_models(files):
+    result = _run(files["float"], files["compiled"], "--data", files["data"], "--attack", "pgd", "--eps", "0.08", "--pgd-steps", 4, "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    data = np.load(files["data"])
+    for entry, path in zip(document["models"], (files["float"], files["compiled"])):
+        expected = evaluate(load_model(path), [(data["x"][:64], data["y"][:64]), (data["x"][64:], data["y"][64:])], [Attack.pgd(0.08, steps=4)])
+        got = entry["evaluation"]
+        assert got["clean_accuracy"] == pytest.approx(expected.clean_accuracy)
+        assert got["attacks"][0]["accuracy"] == pytest.approx(expected.attacks[0].accuracy)
+        assert got["attacks"][0]["adversarial_loss"] == pytest.approx(got["clean_accuracy"] - got["attacks"][0]["accuracy"])
+    clean = [entry["evaluation"]["clean_accuracy"] for entry in document["models"]]
+    assert clean[1] < clean[0]
+
+
+def test_paper_grid():
+    attacks = evaluation_attacks(EvaluateOptions(model_paths=("m.onnx",), paper=True))
+    assert [(a.method, round(a.eps, 4), a.steps) for a in attacks] == [
+        *[("fgsm", eps, 1) for eps in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)],
+        *[("pgd", round(eps / 255, 4), 7) for eps in (8, 16, 32)],
+    ]
+    assert all(a.step_size == pytest.approx(2 / 255) for a in attacks[6:])
+    assert len(evaluation_attacks(EvaluateOptions(model_paths=("m.onnx",), paper=True, attack="pgd"))) == 3
+
+
+def test_refusals(files, tmp_path):
+    no_eps = _run(files["float"], "--data", files["data"])
+    assert no_eps.exit_code == 2 and "--eps is required" in no_eps.output
+    both = _run(files["float"], "--data", files["data"], "--paper", "--eps", "0.1")
+    assert both.exit_code == 2 and "--paper" in both.output
+    unknown = _run(files["float"], "--data", files["data"], "--attack", "cw", "--eps", "0.1")
+    assert unknown.exit_code == 2 and "'cw'" in unknown.output
+    other = tmp_path / "other.onnx"
+    onnx.save(tiny_onnx(tiny_weights()), other)
+    mismatch = _run(files["float"], other, "--data", files["data"], "--eps", "0.1")
+    assert mismatch.exit_code == 1 and "other.onnx: input shape" in mismatch.output
