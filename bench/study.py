@@ -36,11 +36,17 @@ BATCH = 100
 FGSM_EPS = (2 / 255, 8 / 255, 16 / 255, 0.05, 0.1, 0.2, 0.3)
 PGD_EPS = (8 / 255, 16 / 255, 32 / 255)
 PGD_STEPS, PGD_ALPHA = 7, 2 / 255
-POSTHOC = ("float", "quanos", "uiso", "u8", "u16")
+POSTHOC = ("float", "quanos", "uiso", "qb5", "u5", "u8", "u16")
 """Post-hoc variants in run order (the iso-compression pair first)."""
-TUNED = ("uiso", "quanos", "u8", "u16")
+TUNED = ("uiso", "quanos", "u5", "qb5", "u8", "u16")
 """Fine-tuned variants in priority order (the iso-compression pair first)."""
-LABELS = {"float": "float", "u16": "uniform 16", "u8": "uniform 8", "uiso": "uniform iso", "quanos": "QUANOS"}
+LABELS = {
+    "float": "float", "u16": "uniform 16", "u8": "uniform 8", "uiso": "uniform iso", "quanos": "QUANOS",
+    "qb5": "QUANOS budget 5", "u5": "uniform 5",
+}
+BUDGET_BITS = 5.0
+"""Eqn 3 alone gives this ResNet-20 about 2 bits (useless post-hoc), so the ANS ranking is also
+compared with uniform at a usable size: allocate_budgeted to 5 bits against uniform 5."""
 
 
 def cached(path: Path, compute: Callable[[], Any]) -> Any:
@@ -96,7 +102,7 @@ class Study:
 
     def plans(self) -> dict[str, Any]:
         """Aligned plans (what the QDQ model gets) of every variant, as plan JSON."""
-        from quanos_onnx.allocate import allocate
+        from quanos_onnx.allocate import allocate, allocate_budgeted
         from quanos_onnx.harness.ans import AnsResult
         from quanos_onnx.layers import find_joins
         from quanos_onnx.passes.align import align_plan
@@ -110,7 +116,10 @@ class Study:
             joins = find_joins(self.proto, self.layers)
             quanos = align_plan(allocate(self.layers, ans, k_init=16, k_min=2), self.layers, joins)
             iso_bits = int(round(quanos.average_weight_bits(self.params)))
+            budgeted = align_plan(allocate_budgeted(self.layers, ans, BUDGET_BITS, k_init=16, k_min=2), self.layers, joins)
             plans = {
+                "qb5": budgeted,
+                "u5": Plan.uniform(self.layers, int(BUDGET_BITS)),
                 "u16": Plan.uniform(self.layers, 16),
                 "u8": Plan.uniform(self.layers, 8),
                 "uiso": Plan.uniform(self.layers, iso_bits),
@@ -118,7 +127,7 @@ class Study:
             }
             return {name: plan.to_json() for name, plan in plans.items()}
 
-        return cached(self.cache / "plans.json", compute)
+        return cached(self.cache / f"plans{self.options.ans_samples}.json", compute)
 
     def plan(self, variant: str) -> Any:
         from quanos_onnx.plan import plan_from_json
@@ -321,7 +330,7 @@ def report(
         quantized_cell = "-" if q is None else f"{q['ans_mean']:.4f}"
         ans_rows.append(
             f"| {index} | `{layer.name}` | {layer.params} | {r['ans_mean']:.4f} | "
-            f"{quantized_cell} | {'float' if quanos_bits_here is None else quanos_bits_here} |"
+            f"{quantized_cell} | {'float' if quanos_bits_here is None else quanos_bits_here} | {bits['qb5'][index] or 'float'} |"
         )
     plots = plot(study, results, ans, ans_quanos) if complete else []
     missing = [] if complete else ["(run in progress: more rows follow)"]
@@ -344,7 +353,8 @@ def report(
 - ANS: FGSM eps 0.05 on the first {ans['samples']} tune images ({_pct(ans['clean_accuracy'])}% clean,
   {_pct(ans['adversarial_accuracy'])}% under the attack); QUANOS: Eqn 3, k_init 16, k_min 2, classifier float,
   residual alignment applied; its parameter-weighted average is {quanos_bits:.2f} bits, so iso-compression
-  uniform is {iso_bits:.0f} bits. Calibration: min/max on the first {options.calibration_samples} tune images.
+  uniform is {iso_bits:.0f} bits. "QUANOS budget 5": the same ANS through allocate_budgeted to a
+  {BUDGET_BITS:g}-bit average ({study.plan('qb5').average_weight_bits(study.params):.2f} after alignment), against uniform 5. Calibration: min/max on the first {options.calibration_samples} tune images.
 - {tune_note}
 {chr(10).join('- ' + m for m in missing)}
 
@@ -363,8 +373,8 @@ Weight memory and energy per image (hwmodel, built-in profiles; float counts 32-
 ANS per layer, float model vs the QUANOS-quantized (post-hoc) model, same attack and images
 (the paper's Fig. 3a), and the QUANOS bits (aligned):
 
-| # | layer | params | ANS float | ANS quantized | QUANOS bits |
-|---:|---|---:|---:|---:|---:|
+| # | layer | params | ANS float | ANS quantized | QUANOS bits | budget-5 bits |
+|---:|---|---:|---:|---:|---:|---:|
 {chr(10).join(ans_rows)}
 
 {chr(10).join(plots)}
