@@ -203,8 +203,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep-samples", type=int, default=500)
-    parser.add_argument("--fgsm-samples", type=int, default=400)
-    parser.add_argument("--pgd-samples", type=int, default=200)
+    parser.add_argument("--fgsm-samples", type=int, default=200)
+    parser.add_argument("--pgd-samples", type=int, default=100)
     parser.add_argument("--ans-samples", type=int, default=1000, help="as bench/study.py (its cache is reused)")
     parser.add_argument("--calibration-samples", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)

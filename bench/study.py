@@ -38,6 +38,9 @@ PGD_EPS = (8 / 255, 16 / 255, 32 / 255)
 PGD_STEPS, PGD_ALPHA = 7, 2 / 255
 POSTHOC = ("float", "quanos", "uiso", "qb5", "u5", "u8", "u16")
 """Post-hoc variants in run order (the iso-compression pair first)."""
+PRIORITY_POSTHOC = 5
+"""Run order: the first five post-hoc rows, then fine-tuning, then uniform 8/16 (close to
+float), then adversarial fine-tuning, so a run cut short loses the least informative rows."""
 TUNED = ("uiso", "quanos", "u5", "qb5", "u8", "u16")
 """Fine-tuned variants in priority order (the iso-compression pair first)."""
 LABELS = {
@@ -257,10 +260,13 @@ def run(options: argparse.Namespace) -> str:
     stages = options.stages.split(",")
     names: list[str] = []
     if "posthoc" in stages:
-        names += list(POSTHOC)
-    for stage, prefix in (("finetune", "ft"), ("adv", "adv")):
-        if stage in stages:
-            names += [f"{prefix}-{variant}" for variant in TUNED[: options.tuned_variants]]
+        names += list(POSTHOC[:PRIORITY_POSTHOC])
+    if "finetune" in stages:
+        names += [f"ft-{variant}" for variant in TUNED[: options.tuned_variants]]
+    if "posthoc" in stages:
+        names += list(POSTHOC[PRIORITY_POSTHOC:])
+    if "adv" in stages:
+        names += [f"adv-{variant}" for variant in TUNED[: options.tuned_variants]]
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
@@ -423,8 +429,8 @@ def main() -> None:
     parser.add_argument("--stages", default="posthoc", help="comma-separated: posthoc, finetune, adv")
     parser.add_argument("--tuned-variants", type=int, default=2, help="fine-tune the first N of uiso, quanos, u8, u16")
     parser.add_argument("--test-samples", type=int, default=None, help="use the first N test images (default all)")
-    parser.add_argument("--fgsm-samples", type=int, default=400)
-    parser.add_argument("--pgd-samples", type=int, default=200)
+    parser.add_argument("--fgsm-samples", type=int, default=200)
+    parser.add_argument("--pgd-samples", type=int, default=100)
     parser.add_argument("--ans-samples", type=int, default=1000)
     parser.add_argument("--calibration-samples", type=int, default=512)
     parser.add_argument("--tune-samples", type=int, default=2000, help="fine-tuning images per epoch")
