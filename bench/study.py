@@ -188,9 +188,23 @@ class Study:
         return result.model, history
 
     # -- evaluation -----------------------------------------------------------------
+    def same_plan_as(self, name: str) -> str | None:
+        """An earlier post-hoc variant with exactly this plan (same model, so same numbers)."""
+        if name not in POSTHOC or name == "float":
+            return None
+        bits = [(e.get("weight_bits"), e.get("act_bits")) for e in self.plans()[name]["layers"]]
+        for other in POSTHOC[1 : POSTHOC.index(name)]:
+            if [(e.get("weight_bits"), e.get("act_bits")) for e in self.plans()[other]["layers"]] == bits:
+                return other
+        return None
+
     def evaluation(self, name: str) -> dict[str, Any]:
         from quanos_onnx.harness.attacks import twin_of
 
+        twin_variant = self.same_plan_as(name)
+        if twin_variant is not None:
+            print(f"[{self.setup.name}] {name} has the plan of {twin_variant}: its evaluation is reused", flush=True)
+            return self.evaluation(twin_variant)
         proto = self.model(name)
         holder: dict[str, Any] = {}
 
@@ -267,6 +281,8 @@ def run(options: argparse.Namespace) -> str:
         names += list(POSTHOC[PRIORITY_POSTHOC:])
     if "adv" in stages:
         names += [f"adv-{variant}" for variant in TUNED[: options.tuned_variants]]
+    if options.only:
+        names = [name for name in names if name in options.only.split(",")]
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
@@ -428,6 +444,7 @@ def main() -> None:
     parser.add_argument("--setup", choices=SETUP_NAMES, default="resnet20")
     parser.add_argument("--stages", default="posthoc", help="comma-separated: posthoc, finetune, adv")
     parser.add_argument("--tuned-variants", type=int, default=2, help="fine-tune the first N of uiso, quanos, u8, u16")
+    parser.add_argument("--only", default=None, help="comma-separated rows to run/report, e.g. float,quanos,ft-quanos")
     parser.add_argument("--test-samples", type=int, default=None, help="use the first N test images (default all)")
     parser.add_argument("--fgsm-samples", type=int, default=200)
     parser.add_argument("--pgd-samples", type=int, default=100)
