@@ -302,10 +302,10 @@ def _pct(value: float | None) -> str:
 
 
 def _eps_label(eps: float) -> str:
-    for denominator in (255,):
-        numerator = eps * denominator
-        if abs(numerator - round(numerator)) < 1e-6:
-            return f"{round(numerator)}/255"
+    """0.05 stays 0.05; 8/255 (an awkward decimal) is written as a fraction of 255."""
+    numerator = eps * 255
+    if len(f"{eps:g}") > 5 and abs(numerator - round(numerator)) < 1e-6:
+        return f"{round(numerator)}/255"
     return f"{eps:g}"
 
 
