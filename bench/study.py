@@ -7,7 +7,8 @@ Baseline-3) and QUANOS (k_init 16, FGSM eps 0.05 ANS); post-hoc, fine-tuned
 PGD-7 accuracy, adversarial loss, weight memory and Standard/DG/DVAFS energy, the per-layer
 ANS of the float and of the QUANOS-quantized model (paper Fig. 3a), and plots. Every cell
 (plan, model, evaluation) is cached under bench/cache/study/<setup>/, so a rerun skips
-what is done and an interrupted run resumes. Writes the '## <setup>' section of
+what is done and an interrupted run resumes (evaluations are keyed by their sample counts,
+ANS and plans by --ans-samples; delete the folder after changing anything else). Writes the '## <setup>' section of
 docs/results.md and PNGs under docs/img/.
 
     PYTHONPATH=. python bench/study.py --setup resnet20 --stages posthoc,finetune,adv
@@ -213,7 +214,7 @@ class Study:
                 holder["twin"] = twin_of(proto)
             return holder["twin"]
 
-        setup, options = self.setup, self.options
+        options = self.options
         clean = cached(self.cache / "eval" / f"{name}.clean.json", lambda: self._clean(proto))
         fgsm = cached(
             self.cache / "eval" / f"{name}.fgsm{options.fgsm_samples}.json",
@@ -223,7 +224,6 @@ class Study:
             self.cache / "eval" / f"{name}.pgd{options.pgd_samples}.json",
             self.timed(f"PGD {name}", lambda: self._attacks(proto, twin(), "pgd", options.pgd_samples)),
         )
-        del setup
         return {"clean": clean, "fgsm": fgsm, "pgd": pgd}
 
     def _clean(self, proto: onnx.ModelProto) -> float:
