@@ -300,34 +300,30 @@ def _block_stage(user: onnx.NodeProto, tensor: str, graph: _Graph) -> str | None
 
 def _mark_output_layer(layers: list[Layer], graph: _Graph) -> list[Layer]:
     """The layers whose block reaches a graph output without passing through another layer."""
-    layer_nodes = {layer.name for layer in layers}
-    marked = []
-    for layer in layers:
-        reaches = _reaches_output(layer.block_output, graph, layer_nodes)
-        marked.append(replace(layer, is_output=reaches))
-    return marked
+    reaching = _tensors_reaching_output(graph, {layer.name for layer in layers})
+    return [replace(layer, is_output=layer.block_output in reaching) for layer in layers]
 
 
-def _reaches_output(tensor: str, graph: _Graph, stop_nodes: set[str]) -> bool:
-    pending, seen = [tensor], set()
-    while pending:
-        current = pending.pop()
-        if current in graph.graph_outputs:
-            return True
-        if current in seen:
+def _tensors_reaching_output(graph: _Graph, stop_nodes: set[str]) -> set[str]:
+    """Tensors from which a graph output is reached through non-layer nodes only.
+
+    One pass over the nodes in reverse graph order (linear; a search per layer was
+    quadratic on deep residual graphs, docs/benchmarks.md).
+    """
+    reaching = set(graph.graph_outputs)
+    for node in reversed(graph.nodes):
+        if node.name in stop_nodes or not any(out in reaching for out in node.output):
             continue
-        seen.add(current)
-        for user in graph.consumers.get(current, []):
-            if user.name not in stop_nodes:
-                pending.extend(user.output)
-    return False
+        reaching.update(name for name in node.input if name)
+    return reaching
 
 
 def find_joins(proto: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[Join, ...]:
     """Add/Concat nodes merging two or more computed tensors, with the layers they feed.
 
-    The downstream layers are the first quantized layers reached from the join's output
-    through non-layer nodes, in graph order; the first of them sets the join's bits.
+    The downstream layers are the layers reached from the join's output through nodes
+    that are neither layers nor joins, in graph order; the first quantized one sets the
+    join's bits.
     """
     graph = _Graph(proto)
     live = data_dependent_tensors(proto)
@@ -337,14 +333,16 @@ def find_joins(proto: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[Join, .
     layer_nodes = {layer.name for layer in layers}
     depth = _layer_depths(graph, layer_nodes)
     by_block_output = {layer.block_output: layer.name for layer in layers}
+    join_nodes = [
+        node
+        for node in graph.nodes
+        if node.op_type in ("Add", "Concat") and sum(name in live for name in node.input) >= 2
+    ]
+    stop_nodes = layer_nodes | {node.name for node in join_nodes}
     joins = []
-    for node in graph.nodes:
-        if node.op_type not in ("Add", "Concat"):
-            continue
+    for node in join_nodes:
         computed = [name for name in node.input if name in live]
-        if len(computed) < 2:
-            continue
-        downstream = _downstream_layers(node.output[0], graph, by_input, layer_nodes)
+        downstream = _downstream_layers(node.output[0], graph, by_input, stop_nodes)
         feeding = [by_block_output[t] for t in computed if t in by_block_output]
         deepest = max((depth[name] for name in feeding), default=0)
         only_for_join = {
@@ -386,8 +384,13 @@ def _downstream_layers(
     tensor: str,
     graph: _Graph,
     by_input: Mapping[str, list[Layer]],
-    layer_nodes: set[str],
+    stop_nodes: set[str],
 ) -> list[str]:
+    """Layers reached from `tensor` through nodes that are neither layers nor joins.
+
+    The search stops at the next join as well: what lies beyond it is that join's own
+    downstream, and stopping keeps the total work linear in the graph's size.
+    """
     found: set[str] = set()
     pending, seen = [tensor], set()
     while pending:
@@ -397,7 +400,7 @@ def _downstream_layers(
         seen.add(current)
         found.update(layer.name for layer in by_input.get(current, []))
         for user in graph.consumers.get(current, []):
-            if user.name not in layer_nodes:
+            if user.name not in stop_nodes:
                 pending.extend(user.output)
     return sorted(found, key=lambda name: graph.order[name])
 
