@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,8 @@ from .plan import MAX_BITS, MIN_BITS, Plan
 if TYPE_CHECKING:
     from .hwmodel import HardwareProfile
     from .report import RunClock
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def quantize(
     check_storage(storage)
     layers = list_layers(model) if layers is None else layers
     joins = find_joins(model, layers) if joins is None else joins
-    aligned = align_plan(plan, layers, joins)
+    aligned = align_plan(float_above_containers(plan), layers, joins)
     points = plan_points(model, layers, aligned)
     tensors = sorted({t for group in points.groups for t in group.tensors})
     ranges = collect_ranges(model, tensors, calibration, method=method, percentile=percentile)
@@ -56,6 +59,22 @@ def quantize(
         for group in points.groups
     }
     return Quantized(insert_qdq(model, layers, aligned, points, quantizers, storage=storage), aligned)
+
+
+def float_above_containers(plan: Plan) -> Plan:
+    """Layers given more than 16 bits (Eqn 3 from --k-init 32) stay float.
+
+    The widest QDQ container is int16; a 32-bit start in the paper is the float model, and
+    the hardware model counts float layers at 32 bits, so this is the same layer either way.
+    """
+    wide = [e.name for e in plan.layers if e.quantized and max(e.weight_bits, e.act_bits) > MAX_BITS]
+    if not wide:
+        return plan
+    log.info("%d layer(s) above %d bits stay float: %s", len(wide), MAX_BITS, ", ".join(wide))
+    return plan.with_layers(
+        replace(e, weight_bits=None, act_bits=None, keep_float=True) if e.name in wide else e
+        for e in plan.layers
+    )
 
 
 def _union(ranges: Iterable[Range]) -> Range:

@@ -218,3 +218,16 @@ def test_real_model_compiles_at_a_mixed_plan_with_bits_2_to_9(request, dataset: 
         assert accuracy > 0.85
     else:  # 2- and 3-bit layers take ResNet-20 to chance; the point is that it compiles and runs
         assert accuracy > 0.0
+
+
+def test_layers_above_16_bits_stay_float():
+    """Eqn 3 from --k-init 32 can give 17..32 bits; no QDQ container holds them, so those
+    layers stay float instead of overflowing int16."""
+    from quanos_onnx.pipeline import float_above_containers
+    from quanos_onnx.plan import LayerPlan, Plan
+
+    plan = Plan((LayerPlan("a", 26, 26), LayerPlan("b", 12, 12), LayerPlan("c", None, None, keep_float=True)))
+    result = float_above_containers(plan).by_name()
+    assert result["a"].keep_float and result["a"].weight_bits is None
+    assert (result["b"].weight_bits, result["b"].keep_float) == (12, False)
+    assert result["c"].keep_float
