@@ -405,6 +405,7 @@ def evaluate_command(**options: Any) -> None:
 @click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True, help="Activation range estimator.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile.")
 @click.option("--calibration-samples", type=int, default=512, show_default=True, help="Samples used to calibrate activation ranges.")
+@click.option("--storage", type=click.Choice(["int8", "int4", "int2"]), default="int8", show_default=True, help="Weight containers of the written model, as for compile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the quanos-finetune JSON document.")
 @data_options
 @common_options

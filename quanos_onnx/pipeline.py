@@ -777,6 +777,7 @@ class FinetuneOptions:
     calibration: str = "minmax"
     percentile: float = 99.99
     calibration_samples: int = 512
+    storage: str = "int8"
     as_json: bool = False
     layout: str = "auto"
     scale: str | None = None
@@ -864,6 +865,7 @@ def run_finetune(
         calibration_samples=options.calibration_samples,
         calibration_method=options.calibration,
         percentile=options.percentile,
+        storage=options.storage,
     )
     result = finetune(float_model, plan, train, settings, val=val, progress=progress, on_epoch=on_epoch)
     write_bytes_atomic(target, result.model.SerializeToString())

@@ -81,3 +81,18 @@ def test_refusals(files, tmp_path):
     folder = _run(files["compiled"], "--data", files["train"], "--epochs", 1, "-o", tmp_path)
     assert folder.exit_code == 2 and "is a directory" in folder.output
     assert not list(tmp_path.iterdir())
+
+
+def test_storage_int2_packs_the_written_weights(files, tmp_path):
+    output = tmp_path / "packed.onnx"
+    result = _run(
+        files["float"], "--plan", files["plan"], "--data", files["train"], "--epochs", 1,
+        "--storage", "int2", "-o", output, "--json",
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output[result.output.index("{") :])
+    assert document["settings"]["storage"] == "int2"
+    written = onnx.load(output)
+    dequantized = {node.input[0] for node in written.graph.node if node.op_type == "DequantizeLinear"}
+    packed = [t for t in written.graph.initializer if t.name in dequantized and t.data_type == onnx.TensorProto.INT2]
+    assert packed, "2-bit weights should be stored as INT2 initializers"

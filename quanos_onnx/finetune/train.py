@@ -62,6 +62,7 @@ class FinetuneSettings:
     calibration_samples: int = 512
     calibration_method: str = "minmax"
     percentile: float = 99.99
+    storage: str = "int8"
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -95,6 +96,7 @@ class FinetuneSettings:
                 "method": self.calibration_method,
                 "percentile": self.percentile,
             },
+            "storage": self.storage,
         }
 
 
@@ -269,6 +271,7 @@ class _Trainer:
             layers=self.layers,
             method=settings.calibration_method,
             percentile=settings.percentile,
+            storage=settings.storage,
         )
 
     def _twin(self, float_model: onnx.ModelProto) -> OnnxTwin:
