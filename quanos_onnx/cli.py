@@ -393,7 +393,7 @@ def evaluate_command(**options: Any) -> None:
 @click.option("--val", "val_path", type=click.Path(), default=None, help="Validation data: keep the best epoch on it.")
 @click.option("--val-split", type=float, default=None, help="Hold out this fraction of --data (after a seeded shuffle) for validation.")
 @click.option("--epochs", type=int, required=True, help="Passes over the training data.")
-@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-3 adam, 1e-2 sgd), decaying to 0 on a cosine.")
+@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-4 adam, 1e-3 sgd), decaying to 0 on a cosine.")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True, help="Optimizer (sgd with momentum 0.9).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per training batch.")
 @click.option("--adv-train", type=click.Choice(["fgsm", "pgd"]), default=None, help="Adversarial fine-tuning: attack every batch with this.")
