@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_section import machine, write_section  # noqa: E402
 from study_data import CACHE, REPO, SETUP_NAMES, Setup, load_setup  # noqa: E402
 
+from quanos_onnx.finetune.train import DEFAULT_LEARNING_RATES  # noqa: E402
+
 RESULTS = REPO / "docs/results.md"
 IMAGES = REPO / "docs/img"
 BATCH = 100
@@ -359,7 +361,7 @@ def report(
     command = " ".join(["PYTHONPATH=. python bench/study.py", *sys.argv[1:]])
     tune_note = (
         f"fine-tuning: {options.epochs} epoch(s) on the first {min(options.tune_samples, len(setup.tune_x) - options.val_samples)} "
-        f"tune images, Adam lr {options.lr or 1e-3}, best epoch (0 = post-hoc included) on the last "
+        f"tune images, Adam lr {options.lr or DEFAULT_LEARNING_RATES['adam']}, best epoch (0 = post-hoc included) on the last "
         f"{options.val_samples} tune images; adversarial fine-tuning: FGSM eps {_eps_label(options.adv_eps)}, "
         "loss 0.5 clean + 0.5 attacked, best epoch by FGSM accuracy on the validation images"
     )
