@@ -29,14 +29,16 @@ CACHE = REPO / "bench" / "cache" / "finetune_mnist"
 MODEL = SHARED / "models" / "mnist" / "mnist-8.onnx"
 TRAIN_CSV = SHARED / "data" / "mnist" / "mnist_5k.csv.gz"
 TEST = SHARED / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
-THREADS = "1"
+THREADS = os.environ.get("QUANOS_BENCH_THREADS", "1")
+"""Threads per quanos process; set QUANOS_BENCH_THREADS on a machine with idle cores."""
 
 
 def quanos(*arguments: object) -> str:
     command = ["quanos", *map(str, arguments)]
     print("$ " + " ".join(_shown(part) for part in command), flush=True)
     started = time.perf_counter()
-    environment = {**os.environ, "OMP_NUM_THREADS": THREADS, "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "OMP_NUM_THREADS": THREADS, "PYTHONPATH": path}
     done = subprocess.run(
         [sys.executable, "-m", "quanos_onnx.cli", *command[1:]], env=environment, capture_output=True, text=True, check=False
     )
