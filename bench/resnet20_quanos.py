@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--output", type=Path, default=REPO / "docs/results-resnet20.md")
     parser.add_argument(
         "--evaluate-quantized", action="store_true",
@@ -173,9 +173,10 @@ Eqn-3 average: {plan.average_weight_bits(params):.3f} bits (aligned: {aligned.av
 ## Iterative QUANOS
 
 Each round quantizes the previous round's plan (pipeline.quantize, 500 calibration images),
-measures ANS on that QDQ model (attack on its fake-quant twin) and applies Eqn 3 again with
-each layer's current bits as its k_init; with the budget, it re-allocates 5.0 average bits
-from k_init 16 on the new ANS. Eqn 3: {_outcome(iterative.details)}. Budget 5.0:
+measures ANS on that QDQ model (attack on its fake-quant twin) and applies Eqn 3 from
+k_init 16 to the mean of every ANS measured so far (the float model's included; see
+docs/method.md); with the budget, it re-allocates 5.0 average bits on that mean.
+`--rounds {options.rounds}`. Eqn 3: {_outcome(iterative.details)}. Budget 5.0:
 {_outcome(iterative_budgeted.details)}.
 
 | mode | round | bits per layer | average bits |

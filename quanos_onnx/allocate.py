@@ -9,9 +9,9 @@ the plan is quantized (pipeline.quantize), so the plan keeps what the method dec
 Budgeted mode scales every ANS by one factor s (found by bisection) so that the
 parameter-weighted average bits come as close to a target as integer bits allow; one
 factor keeps the layers' order of sensitivity intact. Iterative mode (Algorithm 1 repeated)
-re-measures ANS on the model quantized to the current bits and applies Eqn 3 again with
-each layer's current bits as its starting precision, until no layer's bits change or the
-rounds run out (docs/method.md explains this reading of the paper).
+re-measures ANS on the model quantized to the current bits and applies Eqn 3 from k_init
+to the mean of every ANS measured so far, until no layer's bits change or the rounds run
+out (docs/method.md explains this reading of the paper and why the mean).
 """
 
 from __future__ import annotations
@@ -64,17 +64,13 @@ def allocate(
     k_min: int = 2,
     quantize_output: bool = False,
     ans_scale: float = 1.0,
-    start_bits: Mapping[str, int] | None = None,
 ) -> Plan:
     """The Eqn-3 plan for these layers (in their order), each entry carrying its ANS.
 
     `ans_scale` multiplies every ANS before Eqn 3 (budgeted mode; 1 is the paper's method).
-    `start_bits` replaces k_init per layer (a later round of iterative mode starts each
-    layer from the bits it already has).
     """
     check_bit_range(k_init, k_min)
     by_layer = _ans_by_layer(layers, ans)
-    start_bits = start_bits or {}
     entries = []
     for layer in layers:
         result = by_layer[layer.name]
@@ -83,7 +79,7 @@ def allocate(
                 LayerPlan(layer.name, None, None, keep_float=True, ans_mean=result.mean, ans_std=result.std)
             )
             continue
-        bits = eqn3_bits(result.mean * ans_scale, start_bits.get(layer.name, k_init), k_min)
+        bits = eqn3_bits(result.mean * ans_scale, k_init, k_min)
         entries.append(LayerPlan(layer.name, bits, bits, ans_mean=result.mean, ans_std=result.std))
     return Plan(
         tuple(entries),
@@ -201,42 +197,41 @@ def allocate_iterative(
 
     Round 1 allocates from `first_ans` (the float model). Each later round quantizes the
     previous round's plan (`quantize` may fine-tune too, as Algorithm 1 does), measures ANS
-    on that model and applies Eqn 3 with each layer's current bits as its k_init:
-    k <- k - round(ANS * k). Bits never rise, so the loop ends: when a round leaves every
-    layer's bits unchanged (converged), or after `rounds` rounds. With a target average,
-    every round instead re-allocates the budget from k_init on the new ANS (the target
-    fixes the level; the ANS of the quantized model redistributes it), which need not reach
-    a fixed point. A round whose ANS is zero in every quantized layer (the attack found no
-    gradient: a heavily quantized model can mask it) carries no information: the loop stops
-    there and keeps the previous plan. The details record every round's bits and ANS.
+    on that model, and allocates from k_init again (Eqn 3, or the budget when
+    `target_average_bits` is given) on the running mean of every ANS measured so far, the
+    float model's included. The plain fixed-point reading (each round's ANS alone) cycles:
+    a 2-bit model has low ANS, so the next round raises its bits, whose model has high ANS
+    again. The mean damps that: it moves by 1/r of a measurement in round r, so the bits
+    settle. The loop ends when a round leaves every layer's bits unchanged (converged) or
+    after `rounds` rounds. A round whose ANS is zero in every quantized layer (the attack
+    found no gradient: a heavily quantized model can mask it) carries no information: the
+    loop stops there and keeps the previous plan. The details record every round's
+    measured and averaged ANS and its bits.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise UsageError(f"--rounds {rounds!r} must be a whole number of at least 1")
 
-    def allocate_round(ans: Sequence[AnsResult], previous: Plan | None) -> Plan:
+    def allocate_round(ans: Sequence[AnsResult]) -> Plan:
         if target_average_bits is not None:
             return allocate_budgeted(
                 layers, ans, target_average_bits, k_init=k_init, k_min=k_min, quantize_output=quantize_output
             )
-        start_bits = None
-        if previous is not None:
-            start_bits = {entry.name: entry.weight_bits for entry in previous.layers if entry.quantized}
-        return allocate(
-            layers, ans, k_init=k_init, k_min=k_min, quantize_output=quantize_output, start_bits=start_bits
-        )
+        return allocate(layers, ans, k_init=k_init, k_min=k_min, quantize_output=quantize_output)
 
-    plan = allocate_round(first_ans, None)
-    history = [_round_record(1, plan)]
+    measurements = [_ans_by_layer(layers, first_ans)]
+    plan = allocate_round(first_ans)
+    history = [_round_record(1, plan, measurements[-1])]
     converged = False
     stopped = None
     for round_number in range(2, rounds + 1):
-        ans = measure(quantize(plan))
-        if _no_signal(plan, ans):
+        measured = measure(quantize(plan))
+        if _no_signal(plan, measured):
             stopped = f"round {round_number}: ANS is zero in every quantized layer (no gradient reached the input)"
             log.warning("iterative QUANOS stops at %s; keeping round %d's bits", stopped, round_number - 1)
             break
-        next_plan = allocate_round(ans, plan)
-        history.append(_round_record(round_number, next_plan))
+        measurements.append(_ans_by_layer(layers, measured))
+        next_plan = allocate_round(_mean_ans(layers, measurements))
+        history.append(_round_record(round_number, next_plan, measurements[-1]))
         converged = _bits(next_plan) == _bits(plan)
         plan = next_plan
         log.info("QUANOS round %d: bits %s", round_number, "unchanged" if converged else "changed")
@@ -254,6 +249,23 @@ def allocate_iterative(
     return plan.with_details(**details)
 
 
+def _mean_ans(layers: Sequence[Layer], measurements: Sequence[Mapping[str, AnsResult]]) -> list[AnsResult]:
+    """Per layer, the mean over rounds of the measured ANS mean and std (counts add up)."""
+    averaged = []
+    for layer in layers:
+        results = [measured[layer.name] for measured in measurements]
+        averaged.append(
+            AnsResult(
+                layer.name,
+                results[0].tensor,
+                math.fsum(result.mean for result in results) / len(results),
+                math.fsum(result.std for result in results) / len(results),
+                sum(result.count for result in results),
+            )
+        )
+    return averaged
+
+
 def _no_signal(plan: Plan, ans: Sequence[AnsResult]) -> bool:
     by_layer = {result.layer: result.mean for result in ans}
     return all(by_layer.get(entry.name, 0.0) == 0.0 for entry in plan.layers if entry.quantized)
@@ -263,11 +275,13 @@ def _bits(plan: Plan) -> tuple[int | None, ...]:
     return tuple(entry.weight_bits for entry in plan.layers)
 
 
-def _round_record(round_number: int, plan: Plan) -> dict[str, Any]:
+def _round_record(round_number: int, plan: Plan, measured: Mapping[str, AnsResult]) -> dict[str, Any]:
+    """The bits, the ANS they came from (averaged over rounds) and this round's measurement."""
     record: dict[str, Any] = {
         "round": round_number,
         "bits": {entry.name: entry.weight_bits for entry in plan.layers},
         "ans_mean": {entry.name: entry.ans_mean for entry in plan.layers},
+        "measured_ans_mean": {entry.name: measured[entry.name].mean for entry in plan.layers},
     }
     if "achieved_average_bits" in plan.details:
         record["ans_scale"] = plan.details["ans_scale"]

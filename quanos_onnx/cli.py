@@ -259,7 +259,7 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
         click.option("--k-init", type=int, default=16, show_default=True, help="Eqn 3's initial bits."),
         click.option("--k-min", type=int, default=2, show_default=True, help="Fewest bits a layer may get."),
-        click.option("--rounds", type=int, default=1, show_default=True, help="Iterative QUANOS: re-measure ANS on the quantized model up to N rounds."),
+        click.option("--rounds", type=int, default=1, show_default=True, help="Iterative QUANOS: re-measure ANS on the quantized model and allocate from the mean of all measurements, until the bits stop changing or N rounds."),
         click.option("--target-avg-bits", type=float, default=None, help="Scale ANS so the parameter-weighted average bits meet this budget."),
     ]
     for option in reversed(options):
