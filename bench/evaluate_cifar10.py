@@ -8,8 +8,9 @@ calibration on the first 512 of them) and compared with uniform 5-bit at the sam
 (the paper's iso-compression baseline) and uniform 8-bit; QUANOS and uniform 5-bit are
 also fine-tuned (3 epochs on the 9068 JPEG images with index >= 932, a tenth held out for
 validation). Prints the commands and a Markdown table; steps whose outputs are in
-bench/cache are not run again. One thread, about 15 minutes on an idle core:
-    PYTHONPATH=. python bench/evaluate_cifar10.py
+bench/cache are not run again. 8.5 minutes on 16 cores (QUANOS_BENCH_THREADS=8); on one
+thread expect an hour or more:
+    QUANOS_BENCH_THREADS=8 PYTHONPATH=. python bench/evaluate_cifar10.py
 """
 
 from __future__ import annotations

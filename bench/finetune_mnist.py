@@ -6,7 +6,7 @@ seeded shuffle to bench/cache, since the file is sorted by class and quanos-comp
 calibrates on the first samples of --data), t10k to test. Prints the commands and the
 Markdown tables. Steps whose outputs are in bench/cache are not run again. One thread: on
 a busy two-core machine two OpenMP threads spend most of their time waiting for each other
-on a model this small. About 15 minutes on an idle core:
+on a model this small. About 8 minutes on a shared core:
     PYTHONPATH=. python bench/finetune_mnist.py
 """
 
