@@ -358,7 +358,8 @@ def report(
         )
     plots = plot(study, results, ans, ans_quanos) if complete else []
     missing = [] if complete else ["(run in progress: more rows follow)"]
-    command = " ".join(["PYTHONPATH=. python bench/study.py", *sys.argv[1:]])
+    shown = [part for index, part in enumerate(sys.argv[1:]) if "--machine" not in (part, sys.argv[index])]
+    command = " ".join(["PYTHONPATH=. python bench/study.py", *shown])
     tune_note = (
         f"fine-tuning: {options.epochs} epoch(s) on the first {min(options.tune_samples, len(setup.tune_x) - options.val_samples)} "
         f"tune images, Adam lr {options.lr or DEFAULT_LEARNING_RATES['adam']}, best epoch (0 = post-hoc included) on the last "
@@ -368,7 +369,7 @@ def report(
     return f"""## {setup.name}
 
 - command: `{command}`
-- machine: {machine()}, {options.threads} torch threads
+- machine: {options.machine or f'{machine()}, {options.threads} torch threads'}
 - data: {setup.description}
 - test: clean accuracy on {len(setup.test_x)} test images; FGSM on the first {min(options.fgsm_samples, len(setup.test_x))};
   PGD-{PGD_STEPS} (steps of 2/255, no random start) on the first {min(options.pgd_samples, len(setup.test_x))}.
@@ -458,6 +459,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--adv-eps", type=float, default=8 / 255)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--machine", default=None,
+        help="where the cached cells were computed, when not (only) here; default: this machine",
+    )
     print(run(parser.parse_args()))
 
 
