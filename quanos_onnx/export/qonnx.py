@@ -9,11 +9,11 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from ..passes.initializers import new_initializer
 from ..passes.qdq import WEIGHT_SOURCE_KEY
 from .reading import (
     ConstantDequant,
     activation_bits,
-    new_initializer,
     read_model,
     read_quantizers,
     replace_with_initializer,

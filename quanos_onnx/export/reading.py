@@ -22,6 +22,7 @@ from onnx_ir.passes import common as common_passes
 from ..errors import ModelError
 from ..layers import list_layers
 from ..model import TARGET_IR_VERSION, TARGET_OPSET
+from ..passes.initializers import new_initializer
 from ..passes.points import QuantPoint, plan_points
 from ..passes.qdq import PLAN_METADATA_KEY, non_negative_tensors
 from ..plan import LayerPlan, Plan, plan_from_json
@@ -361,17 +362,6 @@ def replace_with_initializer(graph: ir.Graph, constant: ConstantDequant, name: s
     value = new_initializer(graph, name, constant.values)
     output.replace_all_uses_with(value, replace_graph_outputs=True)
     graph.remove(constant.node, safe=True)
-    return value
-
-
-def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
     return value
 
 

@@ -30,6 +30,7 @@ from onnx_ir.passes import common as common_passes
 
 from ..errors import ModelError, PlanError
 from ..layers import Layer
+from ..passes.initializers import shared_initializer
 from ..passes.qdq import PLAN_METADATA_KEY, WEIGHT_SOURCE_KEY
 from ..plan import Plan, plan_from_json
 
@@ -76,7 +77,7 @@ class TrainableWeightsPass(ir.passes.InPlacePass):
         proto = self.float_initializers.get(name)
         if proto is None:
             raise ModelError(f"the float model has no initializer '{name}'")
-        return _register(graph, name, onnx.numpy_helper.to_array(proto))
+        return shared_initializer(graph, name, onnx.numpy_helper.to_array(proto))
 
 
 def _weight_on_grid(
@@ -89,15 +90,15 @@ def _weight_on_grid(
     axis = None if layer.weight_axis is None else layer.weight_axis % rank
     channels = () if axis is None else (layer.weight_shape[axis],)
     container = np.int8 if bits <= 8 else np.int16
-    limit = _register(graph, f"{base}_limit", np.asarray(2 ** (bits - 1) - 1, dtype=np.float32))
-    zero = _register(graph, f"{base}_zero", np.asarray(0.0, dtype=np.float32))
-    one = _register(graph, f"{base}_one", np.asarray(1.0, dtype=np.float32))
-    zero_point = _register(graph, f"{base}_zero_point", np.zeros(channels, dtype=container))
+    limit = shared_initializer(graph, f"{base}_limit", np.asarray(2 ** (bits - 1) - 1, dtype=np.float32))
+    zero = shared_initializer(graph, f"{base}_zero", np.asarray(0.0, dtype=np.float32))
+    one = shared_initializer(graph, f"{base}_one", np.asarray(1.0, dtype=np.float32))
+    zero_point = shared_initializer(graph, f"{base}_zero_point", np.zeros(channels, dtype=container))
     magnitude = ir.node("Abs", [weight], name=f"{base}/Abs")
     reduce_inputs = [magnitude.outputs[0]]
     if axis is not None:
         others = [dim for dim in range(rank) if dim != axis]
-        reduce_inputs.append(_register(graph, f"{base}_axes", np.asarray(others, dtype=np.int64)))
+        reduce_inputs.append(shared_initializer(graph, f"{base}_axes", np.asarray(others, dtype=np.int64)))
     absmax = ir.node("ReduceMax", reduce_inputs, {"keepdims": 0}, name=f"{base}/ReduceMax")
     step = ir.node("Div", [absmax.outputs[0], limit], name=f"{base}/Div")
     positive = ir.node("Greater", [step.outputs[0], zero], name=f"{base}/Greater")
@@ -131,10 +132,10 @@ def _bias_on_grid(
     per_channel = layer.weight_axis is not None
     channels = (layer.out_features,) if per_channel else ()
     attributes = {"axis": 0} if per_channel else None
-    zero_point = _register(graph, f"{base}_zero_point", np.zeros(channels, dtype=np.int16))
-    zero = _register(graph, f"{base}_zero", np.asarray(0.0, dtype=np.float32))
-    one = _register(graph, f"{base}_one", np.asarray(1.0, dtype=np.float32))
-    coarse_steps = _register(graph, f"{base}_coarse_steps", np.asarray(BIAS_COARSE_STEPS, dtype=np.float32))
+    zero_point = shared_initializer(graph, f"{base}_zero_point", np.zeros(channels, dtype=np.int16))
+    zero = shared_initializer(graph, f"{base}_zero", np.asarray(0.0, dtype=np.float32))
+    one = shared_initializer(graph, f"{base}_one", np.asarray(1.0, dtype=np.float32))
+    coarse_steps = shared_initializer(graph, f"{base}_coarse_steps", np.asarray(BIAS_COARSE_STEPS, dtype=np.float32))
     created: list[ir.Node] = []
 
     def add(op: str, inputs: list[ir.Value], suffix: str, node_attributes: dict[str, int] | None = None) -> ir.Value:
@@ -153,7 +154,7 @@ def _bias_on_grid(
     rounded = add("Add", [coarse, fine], "rounded")
     if layer.op in ("Conv", "ConvTranspose") and per_channel:
         shape = np.asarray([layer.out_features] + [1] * (len(layer.weight_shape) - 2), dtype=np.int64)
-        rounded = add("Reshape", [rounded, _register(graph, f"{base}_shape", shape)], "shaped")
+        rounded = add("Reshape", [rounded, shared_initializer(graph, f"{base}_shape", shape)], "shaped")
     graph.insert_before(layer_node, created)
     return rounded
 
@@ -181,20 +182,6 @@ def _activation_scale(value: ir.Value | None) -> ir.Value | None:
         return None
     scale = producer.inputs[1]
     return scale if scale is not None and scale.const_value is not None else None
-
-
-def _register(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    existing = graph.initializers.get(name)
-    if existing is not None:
-        return existing
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
 
 
 def _is_dequantized_constant(value: ir.Value) -> bool:
@@ -247,7 +234,7 @@ class StripQuantizersPass(ir.passes.InPlacePass):
             output = node.outputs[0]
             source = node.inputs[0]
             if source is not None and source.const_value is not None:
-                replacement = _register(graph, _float_name(graph, node), _dequantized(node))
+                replacement = shared_initializer(graph, _float_name(graph, node), _dequantized(node))
             else:
                 replacement = _chain_input(node)
             output.replace_all_uses_with(replacement, replace_graph_outputs=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .initializers import unique_initializer
+
 
 def _sole_user(value: ir.Value) -> ir.Node | None:
     uses = list(value.uses())
@@ -23,22 +25,6 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
         return None
     return value.const_value.numpy()
-
-
-def _set_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """A new initializer; the name gets a counter when the model already uses it."""
-    base, counter = name, 1
-    while name in graph.initializers:
-        name = f"{base}_{counter}"
-        counter += 1
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
 
 
 def _take_over_output(graph: ir.Graph, layer: ir.Node, absorbed: ir.Node) -> None:
@@ -83,7 +69,7 @@ class FuseBiasAddPass(ir.passes.InPlacePass):
             vector = _channel_vector(constant, channels, rank, axis)
             if vector is None:
                 continue
-            bias = _set_initializer(graph, f"{node.name}.bias", vector.astype(weight.dtype))
+            bias = unique_initializer(graph, f"{node.name}.bias", vector.astype(weight.dtype))
             node.resize_inputs(3)
             node.replace_input_with(2, bias)
             _take_over_output(graph, node, user)
@@ -125,9 +111,9 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             bias = (old_bias.astype(np.float64) if old_bias is not None else 0.0) - mean
             new_weight = weight.astype(np.float64) * factor.reshape(-1, *([1] * (weight.ndim - 1)))
             new_bias = bias * factor + shift
-            node.replace_input_with(1, _set_initializer(graph, f"{node.name}.weight_bn", new_weight.astype(weight.dtype)))
+            node.replace_input_with(1, unique_initializer(graph, f"{node.name}.weight_bn", new_weight.astype(weight.dtype)))
             node.resize_inputs(3)
-            node.replace_input_with(2, _set_initializer(graph, f"{node.name}.bias_bn", new_bias.astype(weight.dtype)))
+            node.replace_input_with(2, unique_initializer(graph, f"{node.name}.bias_bn", new_bias.astype(weight.dtype)))
             _take_over_output(graph, node, user)
             modified = True
         return ir.passes.PassResult(model, modified)

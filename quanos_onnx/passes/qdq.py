@@ -31,6 +31,7 @@ from ..errors import PlanError, UsageError
 from ..layers import NON_NEGATIVE_OPS, Layer
 from ..plan import Plan
 from .calibrate import Range
+from .initializers import shared_initializer
 from .points import TRANSPARENT_OPS, QuantPoint, QuantPoints
 
 PLAN_METADATA_KEY = "quanos.plan"
@@ -214,8 +215,8 @@ class QDQInsertionPass(ir.passes.InPlacePass):
     ) -> ir.Value:
         base = point.name
         container = np.int16 if quantizer.wide else np.uint8
-        scale = _initializer(graph, f"{base}_scale", np.asarray(quantizer.scale, dtype=np.float32))
-        zero_point = _initializer(graph, f"{base}_zero_point", np.asarray(quantizer.zero_point, dtype=container))
+        scale = shared_initializer(graph, f"{base}_scale", np.asarray(quantizer.scale, dtype=np.float32))
+        zero_point = shared_initializer(graph, f"{base}_zero_point", np.asarray(quantizer.zero_point, dtype=container))
         created: list[ir.Node] = []
         source = value
         if clip and quantizer.wide and quantizer.needs_clip:
@@ -226,7 +227,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
             created.append(
                 ir.node(
                     "Clip",
-                    [source, _initializer(graph, f"{base}_min", low), _initializer(graph, f"{base}_max", high)],
+                    [source, shared_initializer(graph, f"{base}_min", low), shared_initializer(graph, f"{base}_max", high)],
                     name=f"{base}/Clip",
                 )
             )
@@ -240,7 +241,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
             created.append(
                 ir.node(
                     "Clip",
-                    [quantized, _initializer(graph, f"{base}_qmin", low), _initializer(graph, f"{base}_qmax", high)],
+                    [quantized, shared_initializer(graph, f"{base}_qmin", low), shared_initializer(graph, f"{base}_qmax", high)],
                     name=f"{base}/Clip",
                 )
             )
@@ -344,29 +345,15 @@ def _dequantize(
 ) -> ir.Value:
     zero = np.zeros(scale.shape, dtype=integers.dtype)
     inputs = [
-        _initializer(graph, f"{base}_quantized", integers),
-        _initializer(graph, f"{base}_scale", scale),
-        _initializer(graph, f"{base}_zero_point", zero),
+        shared_initializer(graph, f"{base}_quantized", integers),
+        shared_initializer(graph, f"{base}_scale", scale),
+        shared_initializer(graph, f"{base}_zero_point", zero),
     ]
     attributes = {"axis": axis} if axis is not None and scale.ndim == 1 else None
     node = ir.node("DequantizeLinear", inputs, attributes, name=f"{base}/DequantizeLinear")
     graph.insert_before(graph.node(0), node)
     node.outputs[0].name = f"{base}_dequantized"
     return node.outputs[0]
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    existing = graph.initializers.get(name)
-    if existing is not None:
-        return existing
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
 
 
 def _already_on_grid(value: ir.Value, group: str, group_of_edge: Mapping[tuple[str, int], str]) -> bool:
