@@ -446,7 +446,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", choices=SETUP_NAMES, default="resnet20")
     parser.add_argument("--stages", default="posthoc", help="comma-separated: posthoc, finetune, adv")
-    parser.add_argument("--tuned-variants", type=int, default=2, help="fine-tune the first N of uiso, quanos, u8, u16")
+    parser.add_argument("--tuned-variants", type=int, default=2, help="fine-tune the first N of uiso, quanos, u5, qb5, u8, u16")
     parser.add_argument("--only", default=None, help="comma-separated rows to run/report, e.g. float,quanos,ft-quanos")
     parser.add_argument("--test-samples", type=int, default=None, help="use the first N test images (default all)")
     parser.add_argument("--fgsm-samples", type=int, default=200)
