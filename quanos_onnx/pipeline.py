@@ -88,8 +88,21 @@ ENERGY_FILE = "energy.json"
 DEFAULT_ANS_SAMPLES = 1000
 
 
+@dataclass(frozen=True, kw_only=True)
+class DataOptions:
+    """How every command reads and slices its data (cli.data_options); keyword-only, so
+    each command's own options keep their positions."""
+
+    layout: str = "auto"
+    scale: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    data_range: str | None = None
+    seed: int = 0
+
+
 @dataclass(frozen=True)
-class CompileOptions:
+class CompileOptions(DataOptions):
     """Everything `quanos-compile` takes; the CLI maps its options onto these fields."""
 
     model_path: str
@@ -102,12 +115,6 @@ class CompileOptions:
     percentile: float = 99.99
     calibration_samples: int = 512
     as_json: bool = False
-    layout: str = "auto"
-    scale: str | None = None
-    mean: str | None = None
-    std: str | None = None
-    data_range: str | None = None
-    seed: int = 0
     k_init: int = 16
     k_min: int = 2
     eps: str = "0.05"
@@ -444,7 +451,7 @@ ANALYSIS_FILE = "analysis.json"
 
 
 @dataclass(frozen=True)
-class AnalyzeOptions:
+class AnalyzeOptions(DataOptions):
     """`quanos analyze`: the ANS attack and data options of compile, plus accuracy grids."""
 
     model_path: str
@@ -453,12 +460,6 @@ class AnalyzeOptions:
     fgsm_eps: str = "0.05,0.1,0.2"
     pgd_eps: str = "2/255,8/255"
     as_json: bool = False
-    layout: str = "auto"
-    scale: str | None = None
-    mean: str | None = None
-    std: str | None = None
-    data_range: str | None = None
-    seed: int = 0
     eps: str = "0.05"
     samples: int | None = None
     attack: str = "fgsm"
@@ -569,7 +570,7 @@ PAPER_PGD_ALPHA = 2 / 255
 
 
 @dataclass(frozen=True)
-class EvaluateOptions:
+class EvaluateOptions(DataOptions):
     """`quanos evaluate`: models side by side under one attack grid on one data set."""
 
     model_paths: tuple[str, ...]
@@ -582,12 +583,6 @@ class EvaluateOptions:
     paper: bool = False
     samples: int | None = None
     as_json: bool = False
-    layout: str = "auto"
-    scale: str | None = None
-    mean: str | None = None
-    std: str | None = None
-    data_range: str | None = None
-    seed: int = 0
     input_range: str = "0,1"
     batch_size: int = 64
 
@@ -755,7 +750,7 @@ def _short_names(paths: Sequence[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class FinetuneOptions:
+class FinetuneOptions(DataOptions):
     """`quanos finetune`: fake-quant (and adversarial) fine-tuning at a plan; see finetune/."""
 
     model_path: str
@@ -779,12 +774,6 @@ class FinetuneOptions:
     calibration_samples: int = 512
     storage: str = "int8"
     as_json: bool = False
-    layout: str = "auto"
-    scale: str | None = None
-    mean: str | None = None
-    std: str | None = None
-    data_range: str | None = None
-    seed: int = 0
 
 
 @dataclass(frozen=True)
