@@ -153,31 +153,27 @@ def _bias_through(
     return torch.where(gain != 0, (on_grid - shift) / safe_gain + mean, raw)
 
 
-class PlannedConv1d(_Planned, nn.Conv1d):
+class _PlannedConv(_Planned):
+    """Conv1d/2d/3d: the module's own convolution on the fake-quant input and parameters."""
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            return super().forward(input)
+            return super().forward(input)  # type: ignore[misc]
         quantized = self.quantized_input(input)
         weight, bias = self.quantized_parameters()
-        return self._conv_forward(quantized, weight, bias)
+        return self._conv_forward(quantized, weight, bias)  # type: ignore[attr-defined]
 
 
-class PlannedConv2d(_Planned, nn.Conv2d):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return super().forward(input)
-        quantized = self.quantized_input(input)
-        weight, bias = self.quantized_parameters()
-        return self._conv_forward(quantized, weight, bias)
+class PlannedConv1d(_PlannedConv, nn.Conv1d):
+    pass
 
 
-class PlannedConv3d(_Planned, nn.Conv3d):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return super().forward(input)
-        quantized = self.quantized_input(input)
-        weight, bias = self.quantized_parameters()
-        return self._conv_forward(quantized, weight, bias)
+class PlannedConv2d(_PlannedConv, nn.Conv2d):
+    pass
+
+
+class PlannedConv3d(_PlannedConv, nn.Conv3d):
+    pass
 
 
 class PlannedLinear(_Planned, nn.Linear):
