@@ -237,6 +237,11 @@ def allocate_iterative(
         log.info("QUANOS round %d: bits %s", round_number, "unchanged" if converged else "changed")
         if converged:
             break
+    if not converged and stopped is None and rounds > 1:
+        log.warning(
+            "iterative QUANOS: the bits still changed in round %d of %d; writing that round's plan "
+            "(more --rounds may settle it; plan.json details list every round)", len(history), rounds
+        )
     details: dict[str, Any] = {
         "mode": "iterative" if target_average_bits is None else "iterative-budgeted",
         "rounds": history,

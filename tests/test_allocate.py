@@ -223,13 +223,15 @@ def test_the_mean_settles_what_each_round_alone_would_cycle_through():
     _assert_rounds_use_the_mean_of_every_measurement(rounds)
 
 
-def test_iterative_mode_stops_after_the_rounds():
+def test_iterative_mode_stops_after_the_rounds_and_says_so(caplog):
     quantize, _, calls = _fake_loop({"a": 0.9})
-    plan = allocate_iterative(
-        [_layer("a")], _ans({"a": 0.9}), quantize=quantize, measure=_flipping_measure, rounds=3, k_init=16
-    )
+    with caplog.at_level("WARNING", logger="quanos_onnx.allocate"):
+        plan = allocate_iterative(
+            [_layer("a")], _ans({"a": 0.9}), quantize=quantize, measure=_flipping_measure, rounds=3, k_init=16
+        )
     assert plan.details["converged"] is False and plan.details["rounds_run"] == 3 == len(calls) + 1
     assert _bits(plan) == [5]
+    assert "still changed in round 3 of 3" in caplog.text
 
 
 def test_a_model_whose_ans_does_not_change_converges_in_two_rounds():
