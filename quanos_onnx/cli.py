@@ -302,10 +302,7 @@ def compile_command(**options: Any) -> None:
     from .pipeline import CompileOptions, run_compile
 
     result = run_compile(CompileOptions(**options), command_line=_command_line(), progress=_progress_bar)
-    if options["as_json"]:
-        click.echo(json.dumps(result.summary_json(), indent=2))
-    else:
-        click.echo(result.summary_text())
+    _echo_result(result.summary_json(), result.summary_text, as_json=options["as_json"])
 
 
 @main.command("analyze", cls=QuanosCommand)
@@ -324,11 +321,13 @@ def analyze_command(**options: Any) -> None:
     from .pipeline import AnalyzeOptions, run_analyze
 
     result = run_analyze(AnalyzeOptions(**options), command_line=_command_line(), progress=_progress_bar)
-    if options["as_json"]:
-        click.echo(json.dumps(result.document, indent=2))
-    else:
-        click.echo(result.summary_text())
+    _echo_result(result.document, result.summary_text, as_json=options["as_json"])
 
+
+
+def _echo_result(document: Any, summary: Callable[[], str], *, as_json: bool) -> None:
+    """A command's result on stdout: its JSON document with --json, else the summary table."""
+    click.echo(json.dumps(document, indent=2) if as_json else summary())
 
 @main.command("export", cls=QuanosCommand)
 @click.argument("model_path", metavar="QMODEL", type=click.Path())
@@ -380,10 +379,7 @@ def evaluate_command(**options: Any) -> None:
 
     options["model_paths"] = tuple(options["model_paths"])
     result = run_evaluate(EvaluateOptions(**options), command_line=_command_line(), progress=_progress_bar)
-    if options["as_json"]:
-        click.echo(json.dumps(result.document, indent=2))
-    else:
-        click.echo(result.summary_text())
+    _echo_result(result.document, result.summary_text, as_json=options["as_json"])
 
 
 @main.command("finetune", cls=QuanosCommand)
@@ -421,10 +417,7 @@ def finetune_command(**options: Any) -> None:
             click.echo(_epoch_line(record, options["epochs"]), err=True)
 
     result = run_finetune(FinetuneOptions(**options), progress=_progress_bar, on_epoch=report)
-    if options["as_json"]:
-        click.echo(json.dumps(result.document, indent=2))
-    else:
-        click.echo(result.summary_text())
+    _echo_result(result.document, result.summary_text, as_json=options["as_json"])
 
 
 def _epoch_line(record: Any, epochs: int) -> str:
