@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from storage_sizes import CALIBRATION, MODEL, TEST, images
 
-from quanos_onnx import pipeline
+from quanos_onnx import quantize as quantize_stage
 from quanos_onnx.export import ort_quantize_options, to_ort_overrides
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import load_model, make_session, save_model
@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         float_path = save_model(model, Path(directory) / "float.onnx")
         for bits in (8, 4):
-            quantized = pipeline.quantize(model, Plan.uniform(list_layers(model), bits), [calibration])
+            quantized = quantize_stage.quantize(model, Plan.uniform(list_layers(model), bits), [calibration])
             document, warnings = to_ort_overrides(quantized.model)
             target = Path(directory) / f"ort{bits}.onnx"
             quantize_static(str(float_path), str(target), Reader(), **ort_quantize_options(document))

@@ -67,7 +67,7 @@ class Peers:
     def sweep(self) -> dict[str, Any]:
         """Per layer: relative logit error and accuracy with only that layer at SWEEP_BITS."""
         from quanos_onnx.model import Runner, output_names
-        from quanos_onnx.pipeline import quantize
+        from quanos_onnx.quantize import quantize
         from quanos_onnx.plan import LayerPlan, Plan
 
         study = self.study
@@ -119,7 +119,7 @@ class Peers:
         """Every peer model with its parameter-weighted average weight bits."""
         from quanos_onnx.export import ort_quantize_options, to_ort_overrides
         from quanos_onnx.model import save_model
-        from quanos_onnx.pipeline import quantize
+        from quanos_onnx.quantize import quantize
 
         study = self.study
         float_path = save_model(study.proto, workdir / "float.onnx")

@@ -31,7 +31,7 @@ sys.path[:0] = [str(REPO)]
 
 from quanos_onnx.layers import list_layers  # noqa: E402
 from quanos_onnx.model import load_model  # noqa: E402
-from quanos_onnx.pipeline import quantize  # noqa: E402
+from quanos_onnx.quantize import quantize  # noqa: E402
 from quanos_onnx.plan import LayerPlan, Plan  # noqa: E402
 from report_section import machine, write_section  # noqa: E402
 

@@ -55,7 +55,7 @@ def main() -> None:
     from quanos_onnx.layers import find_joins, list_layers
     from quanos_onnx.model import load_model
     from quanos_onnx.passes.align import align_plan
-    from quanos_onnx.pipeline import quantize
+    from quanos_onnx.quantize import quantize
     from quanos_onnx.plan import Plan
 
     torch.set_num_threads(options.threads)

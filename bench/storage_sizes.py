@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from quanos_onnx import pipeline
+from quanos_onnx import quantize as quantize_stage
 from quanos_onnx.export import to_qonnx
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import load_model, make_session
@@ -92,7 +92,7 @@ def main() -> None:
         sizes = {}
         reference = None
         for storage in STORAGES:
-            quantized = pipeline.quantize(model, plan, [calibration[:100], calibration[100:]], storage=storage)
+            quantized = quantize_stage.quantize(model, plan, [calibration[:100], calibration[100:]], storage=storage)
             sizes[storage] = serialized_size(quantized.model)
             ms, fused, outputs = run_profile(quantized.model, test_x)
             reference = outputs if reference is None else reference

@@ -150,7 +150,7 @@ class Study:
             return onnx.load(str(path))
         started = time.perf_counter()
         if name in POSTHOC:
-            from quanos_onnx.pipeline import quantize
+            from quanos_onnx.quantize import quantize
 
             proto = quantize(self.proto, self.plan(name), self.calibration, layers=self.layers).model
             history = None

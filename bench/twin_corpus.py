@@ -109,7 +109,7 @@ def shared_rows(shared: Path) -> list[str]:
 def compiled_rows(shared: Path) -> list[str]:
     """ResNet-20 compiled by the project's own QDQ pass (pipeline.quantize) at several plans."""
     from quanos_onnx.layers import list_layers
-    from quanos_onnx.pipeline import quantize
+    from quanos_onnx.quantize import quantize
     from quanos_onnx.plan import LayerPlan, Plan
 
     model = load_model(shared / "models/cifar10/resnet20_cifar10_akamaster.onnx")

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 
 from quanos_onnx import model as onnx_model  # noqa: E402
 from quanos_onnx.layers import list_layers  # noqa: E402
-from quanos_onnx.pipeline import quantize  # noqa: E402
+from quanos_onnx.quantize import quantize  # noqa: E402
 from quanos_onnx.plan import Plan  # noqa: E402
 
 SHARED = REPO.parent / "shared"

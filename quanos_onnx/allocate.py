@@ -4,7 +4,7 @@ k_l = k_init - round(ANS_l * k_init), rounded half away from zero and clamped to
 [k_min, k_init]; weights and the layer's input activation both get k_l. The layers whose
 block reaches the model output stay float unless asked (the paper keeps the classifier
 at full precision). The result is the raw Eqn-3 plan: residual alignment is applied when
-the plan is quantized (pipeline.quantize), so the plan keeps what the method decided.
+the plan is quantized (quantize.quantize), so the plan keeps what the method decided.
 
 Budgeted mode scales every ANS by one factor s (found by bisection) so that the
 parameter-weighted average bits come as close to a target as integer bits allow; one

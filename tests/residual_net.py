@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quanos_onnx import pipeline
+from quanos_onnx import quantize as quantize_stage
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import normalize
 from quanos_onnx.plan import LayerPlan, Plan
@@ -78,8 +78,8 @@ def plan(bits: Mapping[str, int | None]) -> Plan:
     )
 
 
-def compiled(bits: Mapping[str, int | None], storage: str = "int8") -> pipeline.Quantized:
+def compiled(bits: Mapping[str, int | None], storage: str = "int8") -> quantize_stage.Quantized:
     model = float_model()
     assert [layer.name for layer in list_layers(model)] == list(LAYERS)
     calibration = [inputs(8, seed) for seed in range(2)]
-    return pipeline.quantize(model, plan(bits), calibration, storage=storage)
+    return quantize_stage.quantize(model, plan(bits), calibration, storage=storage)

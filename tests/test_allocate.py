@@ -291,7 +291,7 @@ def test_iterative_mode_wires_to_quantize_and_measure_ans():
     from quanos_onnx.harness.ans import measure_ans
     from quanos_onnx.harness.attacks import Attack
     from quanos_onnx.layers import list_layers
-    from quanos_onnx.pipeline import quantize
+    from quanos_onnx.quantize import quantize
 
     proto = tiny_onnx(tiny_weights())
     layers = list_layers(proto)

@@ -17,7 +17,8 @@ from quanos_onnx.harness.attacks import Attack
 from quanos_onnx.harness.evaluate import evaluate
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import load_model
-from quanos_onnx.pipeline import EvaluateOptions, evaluation_attacks, quantize
+from quanos_onnx.pipeline import EvaluateOptions, evaluation_attacks
+from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import Plan
 
 SAMPLES = 96

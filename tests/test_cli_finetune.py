@@ -15,7 +15,7 @@ from quanos_onnx.cli import main
 from quanos_onnx.finetune import compiled_plan
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import Runner
-from quanos_onnx.pipeline import quantize
+from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import Plan
 
 

@@ -11,7 +11,7 @@ from finetune_task import trained_task
 from quanos_onnx.finetune import compiled_plan, float_model_of, training_graph
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import Runner
-from quanos_onnx.pipeline import quantize
+from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import LayerPlan, Plan
 from quanos_onnx.twin import build_twin
 

@@ -14,7 +14,7 @@ from quanos_onnx.errors import PlanError, UsageError
 from quanos_onnx.finetune import apply_plan, planned_modules, remove_plan
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import Runner, normalize
-from quanos_onnx.pipeline import quantize
+from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import LayerPlan, Plan
 
 

@@ -99,7 +99,7 @@ def test_running_moments_match_numpy_over_uneven_batches():
 
 
 def test_ans_on_the_quantized_model_uses_the_float_layer_names(tiny):
-    from quanos_onnx.pipeline import quantize
+    from quanos_onnx.quantize import quantize
     from quanos_onnx.plan import Plan
 
     proto, layers, model = tiny
@@ -167,7 +167,7 @@ def _cifar_batches(shared_dir, start: int, count: int, size: int = 32):
 def test_resnet20_ans_on_the_float_and_the_quantized_model(shared_dir):
     from quanos_onnx.harness.attacks import twin_of
     from quanos_onnx.model import load_model
-    from quanos_onnx.pipeline import quantize
+    from quanos_onnx.quantize import quantize
     from quanos_onnx.plan import Plan
 
     proto = load_model(shared_dir / "models/cifar10/resnet20_cifar10_akamaster.onnx")

@@ -12,7 +12,7 @@ import pytest
 
 from quanos_onnx.layers import find_joins, list_layers
 from quanos_onnx.model import Runner, load_model
-from quanos_onnx.pipeline import quantize
+from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import LayerPlan, Plan
 
 
@@ -223,7 +223,7 @@ def test_real_model_compiles_at_a_mixed_plan_with_bits_2_to_9(request, dataset: 
 def test_layers_above_16_bits_stay_float():
     """Eqn 3 from --k-init 32 can give 17..32 bits; no QDQ container holds them, so those
     layers stay float instead of overflowing int16."""
-    from quanos_onnx.pipeline import float_above_containers
+    from quanos_onnx.quantize import float_above_containers
     from quanos_onnx.plan import LayerPlan, Plan
 
     plan = Plan((LayerPlan("a", 26, 26), LayerPlan("b", 12, 12), LayerPlan("c", None, None, keep_float=True)))

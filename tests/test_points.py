@@ -10,7 +10,7 @@ from quanos_onnx.layers import find_joins, list_layers
 from quanos_onnx.model import normalize
 from quanos_onnx.passes.align import align_plan
 from quanos_onnx.passes.points import plan_points
-from quanos_onnx.pipeline import quantize
+from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import LayerPlan, Plan
 
 from tiny_models import GraphBuilder, resnet_style, vgg_chain

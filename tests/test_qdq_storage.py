@@ -7,7 +7,7 @@ import onnx
 import pytest
 from residual_net import compiled, float_model, inputs, plan
 
-from quanos_onnx import pipeline
+from quanos_onnx import quantize as quantize_stage
 from quanos_onnx.errors import UsageError
 from quanos_onnx.model import make_session, session_config
 
@@ -71,4 +71,4 @@ def test_unknown_storage_is_refused_before_calibration():
         yield
 
     with pytest.raises(UsageError, match="--storage: unknown container 'int3'"):
-        pipeline.quantize(float_model(), plan(LOW), never_read(), storage="int3")
+        quantize_stage.quantize(float_model(), plan(LOW), never_read(), storage="int3")

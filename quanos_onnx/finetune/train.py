@@ -36,7 +36,8 @@ from ..harness.attacks import Attack, perturb, predictions
 from ..harness.evaluate import evaluate
 from ..layers import Layer, list_layers
 from ..model import Runner, dynamic_batch
-from ..pipeline import ProgressFactory, Quantized, no_progress, quantize
+from ..progress import ProgressFactory, no_progress
+from ..quantize import Quantized, quantize
 from ..plan import Plan
 from ..twin import OnnxTwin, build_twin
 from .graph import training_graph
