@@ -6,7 +6,7 @@ It sits below every command and below finetune/, which both materialize plans.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -16,7 +16,7 @@ from .layers import Join, Layer, find_joins, list_layers
 from .passes.align import align_plan
 from .passes.calibrate import Range, collect_ranges
 from .passes.points import plan_points
-from .passes.qdq import activation_quantizer, check_storage, insert_qdq
+from .passes.qdq import WeightGrid, activation_quantizer, check_storage, insert_qdq
 from .plan import MAX_BITS, Plan
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,13 @@ def quantize(
     method: str = "minmax",
     percentile: float = 99.99,
     storage: str = "int8",
+    weight_grids: Mapping[str, WeightGrid] | None = None,
 ) -> Quantized:
     """Align the plan, calibrate its quantizers in onnxruntime, and write the QDQ model.
 
     `storage` picks the weight containers (passes.qdq.STORAGES); values are the same in all.
+    `weight_grids` (layer name -> passes.qdq.WeightGrid) are weights a PTQ stage put on the
+    plan's grid; the other layers get absmax round-to-nearest.
     """
     check_storage(storage)
     layers = list_layers(model) if layers is None else layers
@@ -54,7 +57,9 @@ def quantize(
         group.name: activation_quantizer(group.bits, _union(ranges[t] for t in group.tensors))
         for group in points.groups
     }
-    return Quantized(insert_qdq(model, layers, aligned, points, quantizers, storage=storage), aligned)
+    return Quantized(
+        insert_qdq(model, layers, aligned, points, quantizers, storage=storage, weight_grids=weight_grids), aligned
+    )
 
 
 def float_above_containers(plan: Plan) -> Plan:

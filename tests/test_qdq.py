@@ -15,7 +15,8 @@ from onnx import numpy_helper
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import make_session, normalize, with_outputs
 from quanos_onnx.passes.calibrate import Range
-from quanos_onnx.passes.qdq import PLAN_METADATA_KEY, activation_quantizer, quantize_weight
+from quanos_onnx.errors import PlanError
+from quanos_onnx.passes.qdq import PLAN_METADATA_KEY, WeightGrid, activation_quantizer, quantize_weight
 from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import LayerPlan, Plan, plan_from_json
 
@@ -351,3 +352,35 @@ def test_a_join_needed_on_two_grids_is_added_once_per_grid(models):
         assert quantize_node in readers
         scales.add(quantize_node.input[1])
     assert len(scales) == 2
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def test_a_ptq_weight_grid_replaces_round_to_nearest_for_its_layer(models):
+    model, layers = models["vgg"]
+    x = random_inputs(model, 16, seed=1)
+    first = layers[0]
+    weight = _initializer(model, first.weight)
+    integers, scale = quantize_weight(weight * 0.5, 4, first.weight_axis)
+    bias = np.full(weight.shape[0], 0.25, np.float32)
+    grid = WeightGrid(integers, scale * 2, bias)
+    written = quantize(model, Plan.uniform(layers, 4), [x], weight_grids={first.name: grid}).model
+    np.testing.assert_array_equal(_initializer(written, f"{first.name}.weight_w4_quantized"), integers)
+    np.testing.assert_array_equal(_initializer(written, f"{first.name}.weight_w4_scale"), scale * 2)
+    bias_q = _initializer(written, f"{first.name}.bias_i32_quantized")
+    bias_scale = _initializer(written, f"{first.name}.bias_i32_scale")
+    np.testing.assert_allclose(bias_q * bias_scale, bias, atol=float(bias_scale.max()))
+    untouched = quantize(model, Plan.uniform(layers, 4), [x]).model
+    second = f"{layers[1].name}.weight_w4_quantized"
+    np.testing.assert_array_equal(_initializer(written, second), _initializer(untouched, second))
+
+
+def test_a_weight_grid_off_the_k_bit_integers_is_refused(models):
+    model, layers = models["vgg"]
+    first = layers[0]
+    weight = _initializer(model, first.weight)
+    integers, scale = quantize_weight(weight, 8, first.weight_axis)
+    with pytest.raises(PlanError, match=f"layer '{first.name}': weight grid is not on the 4-bit integers"):
+        quantize(model, Plan.uniform(layers, 4), [random_inputs(model, 4)], weight_grids={first.name: WeightGrid(integers, scale)})

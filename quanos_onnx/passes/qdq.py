@@ -27,7 +27,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from ..errors import PlanError, UsageError
+from ..errors import PlanError, QuanosError, UsageError
 from ..layers import NON_NEGATIVE_OPS, Layer
 from ..plan import Plan
 from .calibrate import Range
@@ -104,6 +104,17 @@ def activation_quantizer(bits: int, value_range: Range) -> ActivationQuantizer:
     return ActivationQuantizer(bits, scale, zero_point, False, (zero_point, zero_point + levels_count - 1))
 
 
+@dataclass(frozen=True)
+class WeightGrid:
+    """A layer's weights already on its k-bit grid, chosen by a PTQ stage (clipping search,
+    rounding optimization) instead of absmax round-to-nearest; `bias`, when given, replaces
+    the float bias (bias correction) before it is quantized to int32."""
+
+    integers: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray | None = None
+
+
 def _positive_scale(scale: float) -> float:
     return float(np.float32(scale)) if scale > 0 else 1.0
 
@@ -161,6 +172,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         points: QuantPoints,
         quantizers: Mapping[str, ActivationQuantizer],
         storage: str = "int8",
+        weight_grids: Mapping[str, WeightGrid] | None = None,
     ) -> None:
         super().__init__()
         self.layers = layers
@@ -168,6 +180,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         self.points = points
         self.quantizers = quantizers
         self.storage = check_storage(storage)
+        self.weight_grids = dict(weight_grids or {})
 
     def requires(self, model: ir.Model) -> None:
         missing = {p.group for p in self.points.points} - set(self.quantizers)
@@ -264,7 +277,11 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         if weight_value is None or weight_value.const_value is None:
             raise PlanError(f"layer '{layer.name}': weight '{layer.weight}' is not a constant")
         weight = weight_value.const_value.numpy().astype(np.float32)
-        integers, scale = quantize_weight(weight, bits, layer.weight_axis)
+        grid = self.weight_grids.get(layer.name)
+        if grid is None:
+            integers, scale = quantize_weight(weight, bits, layer.weight_axis)
+        else:
+            integers, scale = _checked_grid(layer, grid, weight.shape, bits)
         integers = integers.astype(weight_container(bits, self.storage))
         base = f"{layer.name}.weight_w{bits}"
         dequantized = _dequantize(graph, base, integers, scale, layer.weight_axis)
@@ -274,6 +291,8 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         if bias_value is None or bias_value.const_value is None or input_scale is None:
             return
         bias = bias_value.const_value.numpy().astype(np.float64)
+        if grid is not None and grid.bias is not None:
+            bias = np.asarray(grid.bias, dtype=np.float64).reshape(bias.shape)
         bias_scale = (input_scale * scale.astype(np.float64)).astype(np.float32)
         bias_scale = np.where(bias_scale > 0, bias_scale, np.float32(1.0)).astype(np.float32)
         # Wide layers (int16 weights and activations) have scales so fine that the bias
@@ -285,6 +304,20 @@ class QDQInsertionPass(ir.passes.InPlacePass):
         bias_integers = np.round(bias / bias_scale).astype(np.int32)
         bias_axis = 0 if bias_scale.ndim else None
         node.replace_input_with(2, _dequantize(graph, f"{layer.name}.bias_i32", bias_integers, bias_scale, bias_axis))
+
+
+def _checked_grid(layer: Layer, grid: WeightGrid, shape: tuple[int, ...], bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A PTQ stage's grid, refused unless it is the exact k-bit grid of this weight."""
+    limit = 2 ** (bits - 1) - 1
+    integers = np.asarray(grid.integers)
+    if integers.shape != shape:
+        raise PlanError(f"layer '{layer.name}': weight grid of shape {list(integers.shape)}, weight is {list(shape)}")
+    if not np.array_equal(integers, np.round(integers)) or np.abs(integers).max(initial=0) > limit:
+        raise PlanError(f"layer '{layer.name}': weight grid is not on the {bits}-bit integers -{limit}..{limit}")
+    scale = np.asarray(grid.scale, dtype=np.float32)
+    if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+        raise PlanError(f"layer '{layer.name}': weight grid scale must be finite and positive")
+    return integers.astype(np.int8 if bits <= 8 else np.int16), scale
 
 
 class RecomputeJoinPerGridPass(ir.passes.InPlacePass):
@@ -414,15 +447,27 @@ def insert_qdq(
     quantizers: Mapping[str, ActivationQuantizer],
     *,
     storage: str = "int8",
+    weight_grids: Mapping[str, WeightGrid] | None = None,
 ) -> onnx.ModelProto:
-    """The QDQ model for an aligned, calibrated plan, cleaned up and with the plan attached."""
+    """The QDQ model for an aligned, calibrated plan, cleaned up and with the plan attached.
+
+    `weight_grids` (layer name -> grid) overrides absmax round-to-nearest for those layers.
+    """
     model = ir.serde.deserialize_model(proto)
-    ir.passes.Sequential(
-        QDQInsertionPass(layers, plan, points, quantizers, storage),
+    passes = ir.passes.Sequential(
+        QDQInsertionPass(layers, plan, points, quantizers, storage, weight_grids),
         RecomputeJoinPerGridPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
-    )(model)
+    )
+    try:
+        passes(model)
+    except ir.passes.PassError as error:
+        # onnx_ir wraps what a pass raised in a message naming pass objects; the user's
+        # error is the one the pass raised.
+        if isinstance(error.__cause__, QuanosError):
+            raise error.__cause__ from None
+        raise
     if any(v.dtype == ir.DataType.INT2 for v in model.graph.initializers.values()):
         model.opset_imports[""] = INT2_OPSET
         model.ir_version = max(model.ir_version, INT2_IR_VERSION)
