@@ -22,7 +22,8 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import QuanosError
+from .errors import Naming, QuanosError
+from .threads import DEFAULT_THREADS
 
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
@@ -97,7 +98,7 @@ class QuanosCommand(OneLineErrors, click.Command):
         except QuanosError as error:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {error.one_line()}", err=True)
+            click.echo(f"error: {error.one_line(flag_naming(self))}", err=True)
             ctx.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo(INTERRUPTED, err=True)
@@ -107,6 +108,21 @@ class QuanosCommand(OneLineErrors, click.Command):
                 raise
             click.echo(f"error: {_internal_error_line(error)}", err=True)
             ctx.exit(EXIT_BAD_INPUT)
+
+
+def flag_naming(command: click.Command) -> Naming:
+    """The CLI's names for the API arguments an error names: the option's long flag
+    (`input_range` -> `--input-range`) or the argument's metavar (`model` -> MODEL). The
+    commands' parameter names are the API's argument names, so this is a lookup."""
+    names: dict[str, str] = {}
+    for param in command.params:
+        if param.name is None:
+            continue
+        if isinstance(param, click.Option):
+            names[param.name] = max(param.opts, key=len)
+        else:
+            names[param.name] = param.metavar or param.name.upper()
+    return lambda name: names.get(name, "--" + name.replace("_", "-"))
 
 
 def _internal_error_line(error: Exception) -> str:
@@ -150,17 +166,49 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 def data_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--data", "data_path", type=click.Path(dir_okay=True), help="Labelled inputs: .npz (x, y), .npy, idx(.gz), .csv(.gz) or an image folder."),
+        click.option("--data", "data", type=click.Path(dir_okay=True), help="Labelled inputs: .npz (x, y), .npy, idx(.gz), .csv(.gz) or an image folder."),
         click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="Layout of the data's images."),
         click.option("--scale", default=None, help="Multiply pixels by this (e.g. 1/255); uint8 data is scaled by 1/255 by default."),
         click.option("--mean", default=None, help="Per-channel mean to subtract (comma-separated)."),
         click.option("--std", default=None, help="Per-channel std to divide by (comma-separated)."),
         click.option("--data-range", default=None, help="START:STOP slice of the data's samples (e.g. 932:)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and attacks."),
+        click.option("--threads", type=int, default=DEFAULT_THREADS or 0, show_default=True, help="Threads of torch and of onnxruntime (intra-op), set together; 0 keeps the libraries' defaults (docs/benchmarks.md)."),
     ]
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _typed(options: dict[str, Any], *, eps_lists: Sequence[str] = ()) -> dict[str, Any]:
+    """The API's typed values for the options the command line gives as text: eps values
+    ('8/255'), ranges ('0,1', '932:'), scales ('1/255') and per-channel lists."""
+    from .commands import options as text
+
+    converters: dict[str, Callable[[str], Any]] = {
+        "eps": lambda value: text.eps_from_text(value, "eps"),
+        "pgd_alpha": lambda value: text.eps_from_text(value, "pgd_alpha"),
+        "adv_eps": lambda value: text.eps_from_text(value, "adv_eps"),
+        "adv_alpha": lambda value: text.eps_from_text(value, "adv_alpha"),
+        "input_range": text.input_range_from_text,
+        "data_range": text.data_range_from_text,
+        "scale": text.scale_from_text,
+        "mean": lambda value: text.floats_from_text(value, "mean"),
+        "std": lambda value: text.floats_from_text(value, "std"),
+    }
+    for name in eps_lists:
+        converters[name] = lambda value, name=name: text.eps_list_from_text(value, name)
+    typed = {name: converters[name](value) if name in converters and value is not None else value for name, value in options.items()}
+    if "threads" in typed:
+        typed["threads"] = typed["threads"] or None
+    return typed
+
+
+def _command_options(options_class: type[Any], values: dict[str, Any]) -> Any:
+    """The command's options dataclass from the parsed command line (fields by name)."""
+    from dataclasses import fields
+
+    return options_class(**{field.name: values[field.name] for field in fields(options_class) if field.name in values})
 
 
 @click.group(name="quanos", cls=QuanosGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -170,87 +218,42 @@ def main() -> None:
 
 
 @main.command("layers", cls=QuanosCommand)
-@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("model", metavar="MODEL", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @common_options
-def layers_command(model_path: str, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+def layers_command(model: str, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
     """List the quantizable layers of MODEL and the residual joins."""
     _configure_logging(verbose, quiet)
-    from .layers import find_joins, layer_table, list_layers
-    from .model import load_model
-    from .report.text import format_table
+    from .commands.layers import run_layers
 
-    model = load_model(model_path)
-    layers = list_layers(model)
-    joins = find_joins(model, layers)
-    if as_json:
-        document = {
-            "format": "quanos-layers",
-            "version": 1,
-            "model": model_path,
-            "layers": [layer.to_json() for layer in layers],
-            "joins": [join.to_json() for join in joins],
-        }
-        click.echo(json.dumps(document, indent=2))
-        return
-    click.echo(format_table(layer_table(layers)))
-    if joins:
-        click.echo()
-        rows = [{"join": j.name, "op": j.op, "feeds": j.downstream_layers[0] if j.downstream_layers else None} for j in joins]
-        click.echo(format_table(rows))
+    result = run_layers(model)
+    _echo_result(result.document(), result.summary_text, as_json=as_json)
 
 
 @main.command("energy", cls=QuanosCommand)
-@click.argument("model_path", metavar="MODEL", type=click.Path())
-@click.option("--plan", "plan_path", type=click.Path(), default=None, help="Per-layer bits from a plan.json; without it the float model (32 bits everywhere).")
-@click.option("--hw", "hardware", multiple=True, default=("standard",), show_default=True, help="Hardware profile: standard, dg, dvafs, all (those three) or a profile JSON file; repeatable.")
-@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write energy.json and the report (report.html, report.md, report.json, run.json) here.")
+@click.argument("model", metavar="MODEL", type=click.Path())
+@click.option("--plan", "plan", type=click.Path(), default=None, help="Per-layer bits from a plan.json; without it the float model (32 bits everywhere).")
+@click.option("--hw", "hw", multiple=True, default=("standard",), show_default=True, help="Hardware profile: standard, dg, dvafs, all (those three) or a profile JSON file; repeatable.")
+@click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write energy.json and the report (report.html, report.md, report.json, run.json) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the quanos-energy JSON document (docs/hardware.md).")
 @common_options
-def energy_command(model_path: str, plan_path: str | None, hardware: tuple[str, ...], output_dir: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+def energy_command(model: str, plan: str | None, hw: tuple[str, ...], output: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
     """Memory accesses, MACs, energy and weight memory of MODEL per layer and in total (paper Eqns 4-5)."""
     _configure_logging(verbose, quiet)
-    from .hwmodel import compare_to_uniform, describe_bits, estimate, summary_table
-    from .hwmodel import to_json as energy_json
-    from .layers import list_layers
-    from .model import load_model
-    from .outputs import OutputDir
-    from .commands.energy import energy_outputs, load_profiles
-    from .plan import read_plan, validate_plan
-    from .report import RunClock
+    from .commands.energy import EnergyOptions, run_energy
 
-    clock = RunClock.start(_command_line())
-    output = OutputDir(output_dir, inputs=[p for p in (model_path, plan_path) if p]) if output_dir else None
-    profiles = load_profiles(hardware)
-    layers = list_layers(load_model(model_path))
-    plan = None
-    if plan_path is not None:
-        given = read_plan(plan_path)
-        plan = validate_plan(given, layers, plan_path)
-        unplanned = [layer.name for layer in layers if layer.name not in given.by_name()]
-        if unplanned and not quiet:
-            click.echo(f"note: {len(unplanned)} layer(s) not in the plan count as float: {', '.join(unplanned)}", err=True)
-    written = []
-    if output is not None:
-        written = output.write(energy_outputs(model_path, plan_path, layers, plan, profiles, clock))
-    if as_json:
-        click.echo(json.dumps(energy_json(layers, plan, profiles), indent=2))
-        return
-    tables = [
-        summary_table(estimate(layers, plan, profile), compare_to_uniform(layers, plan, profile), describe_bits(plan))
-        for profile in profiles
-    ]
-    click.echo("\n\n".join(tables))
-    for path in written:
-        click.echo(f"wrote {path}")
+    result = run_energy(model, EnergyOptions(hw=hw), plan=plan, save_to=output, command_line=_command_line())
+    if result.unplanned and not quiet:
+        click.echo(f"note: {len(result.unplanned)} layer(s) not in the plan count as float: {', '.join(result.unplanned)}", err=True)
+    _echo_result(result.energy, result.summary_text, as_json=as_json)
 
 
 def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.argument("model_path", metavar="MODEL", type=click.Path()),
-        click.option("-o", "--output", "output_dir", default="quanos-out", show_default=True, type=click.Path(), help="Output directory."),
+        click.argument("model", metavar="MODEL", type=click.Path()),
+        click.option("-o", "--output", "output", default="quanos-out", show_default=True, type=click.Path(), help="Output directory."),
         click.option("--bits", type=int, default=None, help="Uniform bits for every layer (a baseline) instead of QUANOS."),
-        click.option("--plan", "plan_path", type=click.Path(), default=None, help="Per-layer bits from a plan.json instead of QUANOS."),
+        click.option("--plan", "plan", type=click.Path(), default=None, help="Per-layer bits from a plan.json instead of QUANOS."),
         click.option("--quantize-output", is_flag=True, help="Quantize the output layer too (kept float by default)."),
         click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True, help="Activation range estimator."),
         click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile."),
@@ -298,16 +301,24 @@ def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
 def compile_command(**options: Any) -> None:
     """Compile MODEL into a mixed-precision QDQ ONNX model (QUANOS, or --bits/--plan baselines)."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
-    options.pop("debug")
     from .commands.compile import CompileOptions, run_compile
 
-    result = run_compile(CompileOptions(**options), command_line=_command_line(), progress=_progress_bar)
+    typed = _typed(options)
+    result = run_compile(
+        typed["model"],
+        typed["data"],
+        _command_options(CompileOptions, typed),
+        plan=typed["plan"],
+        save_to=typed["output"],
+        command_line=_command_line(),
+        progress=_progress_bar,
+    )
     _echo_result(result.summary_json(), result.summary_text, as_json=options["as_json"])
 
 
 @main.command("analyze", cls=QuanosCommand)
-@click.argument("model_path", metavar="MODEL", type=click.Path())
-@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write analysis.json and the report (report.html, report.md, report.json, run.json) here.")
+@click.argument("model", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write analysis.json and the report (report.html, report.md, report.json, run.json) here.")
 @click.option("--fgsm-eps", default="0.05,0.1,0.2", show_default=True, help="FGSM strengths for the accuracy table.")
 @click.option("--pgd-eps", default="2/255,8/255", show_default=True, help="PGD strengths for the accuracy table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
@@ -317,49 +328,46 @@ def compile_command(**options: Any) -> None:
 def analyze_command(**options: Any) -> None:
     """Audit MODEL without quantizing it: ANS per layer, clean/FGSM/PGD accuracy."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
-    options.pop("debug")
     from .commands.analyze import AnalyzeOptions, run_analyze
 
-    result = run_analyze(AnalyzeOptions(**options), command_line=_command_line(), progress=_progress_bar)
+    typed = _typed(options, eps_lists=("fgsm_eps", "pgd_eps"))
+    result = run_analyze(
+        typed["model"],
+        typed["data"],
+        _command_options(AnalyzeOptions, typed),
+        save_to=typed["output"],
+        command_line=_command_line(),
+        progress=_progress_bar,
+    )
     _echo_result(result.document, result.summary_text, as_json=options["as_json"])
-
 
 
 def _echo_result(document: Any, summary: Callable[[], str], *, as_json: bool) -> None:
     """A command's result on stdout: its JSON document with --json, else the summary table."""
     click.echo(json.dumps(document, indent=2) if as_json else summary())
 
+
 @main.command("export", cls=QuanosCommand)
-@click.argument("model_path", metavar="QMODEL", type=click.Path())
-@click.option("--to", "target", type=click.Choice(["qonnx", "ort-overrides"]), required=True, help="QONNX Quant nodes, or TensorQuantOverrides for onnxruntime.quantization.")
-@click.option("-o", "--output", "output_path", type=click.Path(), default=None, help="Output file (default: next to QMODEL, .qonnx.onnx or .ort_overrides.json).")
+@click.argument("model", metavar="QMODEL", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["qonnx", "ort-overrides"]), required=True, help="QONNX Quant nodes, or TensorQuantOverrides for onnxruntime.quantization.")
+@click.option("-o", "--output", "output", type=click.Path(), default=None, help="Output file (default: next to QMODEL, .qonnx.onnx or .ort_overrides.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON (docs/json.md).")
 @common_options
-def export_command(model_path: str, target: str, output_path: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+def export_command(model: str, to: str, output: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
     """Export QMODEL (written by quanos-compile) for another toolchain, at its plan's bits."""
     _configure_logging(verbose, quiet)
-    from .export import export_file
+    from .commands.export import ExportOptions, run_export
+    from .export import default_output
 
-    exported = export_file(model_path, target, output_path)
-    for warning in () if quiet else exported.warnings:
+    result = run_export(model, ExportOptions(to=to), save_to=output if output is not None else default_output(model, to))  # type: ignore[arg-type]
+    for warning in () if quiet else result.warnings:
         click.echo(f"warning: {warning}", err=True)
-    if as_json:
-        document = {
-            "format": "quanos-export",
-            "version": 1,
-            "model": model_path,
-            "target": target,
-            "output": str(exported.path),
-            "warnings": list(exported.warnings),
-        }
-        click.echo(json.dumps(document, indent=2))
-        return
-    click.echo(f"wrote {exported.path}")
+    _echo_result(result.summary_json(), lambda: "\n".join(f"wrote {path}" for path in result.written), as_json=as_json)
 
 
 @main.command("evaluate", cls=QuanosCommand)
-@click.argument("model_paths", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write evaluation.json and the report (report.html, report.md, report.json, run.json) here.")
+@click.argument("models", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write evaluation.json and the report (report.html, report.md, report.json, run.json) here.")
 @click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated (fgsm, pgd).")
 @click.option("--eps", default=None, help="Strengths in [0,1]-input units, comma-separated (e.g. 0.05,0.1 or 8/255,16/255).")
 @click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations.")
@@ -374,19 +382,26 @@ def export_command(model_path: str, target: str, output_path: str | None, as_jso
 def evaluate_command(**options: Any) -> None:
     """Clean and adversarial accuracy of one or more models (float or compiled), side by side."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
-    options.pop("debug")
     from .commands.evaluate import EvaluateOptions, run_evaluate
+    from .commands.options import methods_from_text
 
-    options["model_paths"] = tuple(options["model_paths"])
-    result = run_evaluate(EvaluateOptions(**options), command_line=_command_line(), progress=_progress_bar)
+    typed = _typed({**options, "attack": methods_from_text(options["attack"])}, eps_lists=("eps",))
+    result = run_evaluate(
+        list(typed["models"]),
+        typed["data"],
+        _command_options(EvaluateOptions, typed),
+        save_to=typed["output"],
+        command_line=_command_line(),
+        progress=_progress_bar,
+    )
     _echo_result(result.document, result.summary_text, as_json=options["as_json"])
 
 
 @main.command("finetune", cls=QuanosCommand)
-@click.argument("model_path", metavar="MODEL", type=click.Path())
-@click.option("-o", "--output", "output_path", required=True, type=click.Path(), help="The fine-tuned compiled model to write (.onnx).")
-@click.option("--plan", "plan_path", type=click.Path(), default=None, help="plan.json to train at (default: the plan stored in a compiled MODEL).")
-@click.option("--val", "val_path", type=click.Path(), default=None, help="Validation data: keep the best epoch on it.")
+@click.argument("model", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="The fine-tuned compiled model to write (.onnx).")
+@click.option("--plan", "plan", type=click.Path(), default=None, help="plan.json to train at (default: the plan stored in a compiled MODEL).")
+@click.option("--val", "val", type=click.Path(), default=None, help="Validation data: keep the best epoch on it.")
 @click.option("--val-split", type=float, default=None, help="Hold out this fraction of --data (after a seeded shuffle) for validation.")
 @click.option("--epochs", type=int, required=True, help="Passes over the training data.")
 @click.option("--lr", type=float, default=None, help="Learning rate (default 1e-4 adam, 1e-3 sgd), decaying to 0 on a cosine.")
@@ -409,15 +424,24 @@ def finetune_command(**options: Any) -> None:
     """Fine-tune MODEL at a plan through its fake-quant twin and write the compiled result."""
     verbose, quiet = options.pop("verbose"), options.pop("quiet")
     _configure_logging(verbose, quiet)
-    options.pop("debug")
     from .commands.finetune import FinetuneOptions, run_finetune
 
     def report(record: Any) -> None:
         if not quiet:
             click.echo(_epoch_line(record, options["epochs"]), err=True)
 
-    result = run_finetune(FinetuneOptions(**options), progress=_progress_bar, on_epoch=report)
-    _echo_result(result.document, result.summary_text, as_json=options["as_json"])
+    typed = _typed(options)
+    result = run_finetune(
+        typed["model"],
+        typed["data"],
+        _command_options(FinetuneOptions, typed),
+        plan=typed["plan"],
+        val=typed["val"],
+        save_to=typed["output"],
+        progress=_progress_bar,
+        on_epoch=report,
+    )
+    _echo_result(result.summary_json(), result.summary_text, as_json=options["as_json"])
 
 
 def _epoch_line(record: Any, epochs: int) -> str:

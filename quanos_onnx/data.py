@@ -46,18 +46,19 @@ import gzip
 import itertools
 import logging
 import math
+import os
 import re
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quanos_onnx.errors import DataError, ModelError, UsageError
+from quanos_onnx.errors import DataError, ModelError, UsageError, arg
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class IndexRange:
         match = re.fullmatch(r"\s*(-?\d+)?\s*:\s*(-?\d+)?\s*", text)
         if match is None:
             raise UsageError(
-                f"--data-range {text!r} is not START:STOP", hint="e.g. 932: or 0:1000"
+                f"{arg('data_range')} {text!r} is not START:STOP", hint="e.g. 932: or 0:1000"
             )
         start, stop = (None if group is None else int(group) for group in match.groups())
         return cls(start, stop)
@@ -133,9 +134,9 @@ class IndexRange:
         start = _absolute_index(self.start, count, default=0)
         stop = _absolute_index(self.stop, count, default=count)
         if not (0 <= start <= count and 0 <= stop <= count):
-            raise DataError(f"--data-range {self} reaches outside the {count} samples of {culprit}")
+            raise DataError(f"{arg('data_range')} {self} reaches outside the {count} samples of {culprit}")
         if start >= stop:
-            raise DataError(f"--data-range {self} selects none of the {count} samples of {culprit}")
+            raise DataError(f"{arg('data_range')} {self} selects none of the {count} samples of {culprit}")
         return range(start, stop)
 
     def __str__(self) -> str:
@@ -165,19 +166,19 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
-            raise UsageError(f"--layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+            raise UsageError(f"{arg('layout')} {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
-            raise UsageError(f"--scale {self.scale} must be a positive number, e.g. 1/255")
+            raise UsageError(f"{arg('scale')} {self.scale} must be a positive number, e.g. 1/255")
         if self.mean is not None and not all(math.isfinite(value) for value in self.mean):
-            raise UsageError(f"--mean {_join(self.mean)} must be finite numbers")
+            raise UsageError(f"{arg('mean')} {_join(self.mean)} must be finite numbers")
         if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
-            raise UsageError(f"--std {_join(self.std)} must be positive numbers")
+            raise UsageError(f"{arg('std')} {_join(self.std)} must be positive numbers")
         if self.samples is not None and (
             not isinstance(self.samples, (int, np.integer)) or self.samples < 1
         ):
-            raise UsageError(f"--samples {self.samples} must be a whole number of at least 1")
+            raise UsageError(f"{arg('samples')} {self.samples} must be a whole number of at least 1")
         if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise UsageError(f"--seed {self.seed} must be a non-negative whole number")
+            raise UsageError(f"{arg('seed')} {self.seed} must be a non-negative whole number")
 
     @classmethod
     def from_options(
@@ -196,8 +197,8 @@ class DataSpec:
         return cls(
             layout=str(layout).lower(),
             scale=_parse_scale(scale),
-            mean=_parse_floats(mean, "--mean"),
-            std=_parse_floats(std, "--std"),
+            mean=_parse_floats(mean, "mean"),
+            std=_parse_floats(std, "std"),
             samples=samples,
             data_range=_parse_range(data_range),
             seed=seed,
@@ -212,7 +213,7 @@ def _parse_scale(value: float | str | None) -> float | None:
     try:
         return float(numerator) / float(denominator) if denominator else float(numerator)
     except (ValueError, ZeroDivisionError):
-        raise UsageError(f"--scale {value!r} is not a number or a fraction like 1/255") from None
+        raise UsageError(f"{arg('scale')} {value!r} is not a number or a fraction like 1/255") from None
 
 
 def _parse_floats(
@@ -224,9 +225,9 @@ def _parse_floats(
     try:
         parsed = tuple(float(item) for item in items)
     except (TypeError, ValueError):
-        raise UsageError(f"{option} {value!r} is not a number or a comma-separated list") from None
+        raise UsageError(f"{arg(option)} {value!r} is not a number or a comma-separated list") from None
     if not parsed:
-        raise UsageError(f"{option} is empty; give one value or one per channel")
+        raise UsageError(f"{arg(option)} is empty; give one value or one per channel")
     return parsed
 
 
@@ -235,7 +236,7 @@ def _parse_range(value: IndexRange | slice | str | None) -> IndexRange | None:
         return value
     if isinstance(value, slice):
         if value.step not in (None, 1):
-            raise UsageError(f"--data-range {value} has a step; only START:STOP is supported")
+            raise UsageError(f"{arg('data_range')} {value} has a step; only START:STOP is supported")
         return IndexRange(value.start, value.stop)
     return IndexRange.parse(str(value))
 
@@ -264,7 +265,7 @@ class Dataset:
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Consecutive (x, y) batches as views, the last maybe shorter; y is None without labels."""
         if batch_size < 1:
-            raise UsageError(f"--batch-size {batch_size} must be at least 1")
+            raise UsageError(f"{arg('batch_size')} {batch_size} must be at least 1")
         return (
             (np.asarray(self.x[start : start + batch_size]),
              None if self.y is None else self.y[start : start + batch_size])
@@ -352,6 +353,65 @@ def dataset_from_batches(
     _check_model_input(input_spec)
     raw = _collect_batches(batches, _samples_needed(spec))
     return _prepare(raw, input_spec, spec, num_classes)
+
+
+def dataset_from(
+    data: Any,
+    input_spec: InputSpec,
+    *,
+    num_classes: int | None = None,
+    argument: str = "data",
+    **options: Any,
+) -> Dataset:
+    """Any data the Python API takes, fitted to the model: a path (load_dataset), numpy
+    arrays `(x, y)` or `x` alone (dataset_from_arrays), an onnxruntime.quantization
+    CalibrationDataReader (unlabeled; its dicts give the model's input), or an iterable of
+    `(x, y)` batches such as a torch DataLoader (dataset_from_batches).
+
+    ``options`` are load_dataset's; ``argument`` names the data in errors.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        return load_dataset(data, input_spec, num_classes=num_classes, **options)
+    if _is_array(data):
+        return dataset_from_arrays(data, None, input_spec, num_classes=num_classes, **options)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and _is_array(data[0]) and (data[1] is None or _is_array(data[1])):
+        return dataset_from_arrays(data[0], data[1], input_spec, num_classes=num_classes, **options)
+    if callable(getattr(data, "get_next", None)):
+        return dataset_from_batches(_reader_batches(data, input_spec), input_spec, num_classes=num_classes, **options)
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+        return dataset_from_batches(data, input_spec, num_classes=num_classes, **options)
+    raise UsageError(
+        f"{arg(argument)}: a {type(data).__name__} is not data",
+        hint="give a path, numpy arrays (x, y) or x, an iterable of (x, y) batches or a CalibrationDataReader",
+    )
+
+
+def describe_source(data: Any) -> str:
+    """What in-memory data was, for reports: '<arrays>', '<CalibrationDataReader>', '<DataLoader>'."""
+    if _is_array(data) or (isinstance(data, (tuple, list)) and data and _is_array(data[0])):
+        return "<arrays>"
+    return f"<{type(data).__name__}>"
+
+
+def _is_array(value: Any) -> bool:
+    """A numpy array or anything numpy views as one without iterating it (a torch tensor)."""
+    return isinstance(value, np.ndarray) or (hasattr(value, "__array__") and hasattr(value, "shape"))
+
+
+def _reader_batches(reader: Any, input_spec: InputSpec) -> Iterator[tuple[Any, None]]:
+    """(x, None) batches from a CalibrationDataReader's {input name: array} dicts."""
+    for number, feed in enumerate(iter(reader.get_next, None)):
+        if not isinstance(feed, Mapping) or not feed:
+            raise DataError(f"CalibrationDataReader batch {number}: not a dict of input name -> array")
+        if input_spec.name in feed:
+            yield feed[input_spec.name], None
+        elif len(feed) == 1:
+            yield next(iter(feed.values())), None
+        else:
+            raise DataError(
+                f"CalibrationDataReader batch {number}: no array for model input '{input_spec.name}' "
+                f"(it has {', '.join(map(str, feed))})"
+            )
 
 
 def _samples_needed(spec: DataSpec) -> int | None:
@@ -714,7 +774,7 @@ def _select(count: int, spec: DataSpec, culprit: str) -> tuple[range | np.ndarra
     where = culprit if spec.data_range is None else f"{culprit} [{spec.data_range}]"
     if spec.samples is not None and spec.samples > len(window):
         raise DataError(
-            f"--samples {spec.samples} is more than the {len(window)} samples of {where}"
+            f"{arg('samples')} {spec.samples} is more than the {len(window)} samples of {where}"
         )
     taken = len(window) if spec.samples is None else spec.samples
     described = [] if spec.data_range is None else [f"[{spec.data_range}]"]
@@ -769,7 +829,7 @@ def _storage_layout(raw: _RawData, spec: DataSpec) -> str:
         return spec.layout
     if spec.layout not in ("auto", raw.layout):
         raise UsageError(
-            f"--layout {spec.layout} does not apply to {raw.x_name}: "
+            f"{arg('layout')} {spec.layout} does not apply to {raw.x_name}: "
             f"they are read as {raw.layout.upper()}"
         )
     return raw.layout
@@ -811,7 +871,7 @@ def _fit_shape(x: np.ndarray, spec: InputSpec, layout: str, culprit: str) -> np.
     if len(target) != 3:
         if layout != "auto":
             raise UsageError(
-                f"--layout {layout} applies to image inputs; model input {spec} is not one"
+                f"{arg('layout')} {layout} applies to image inputs; model input {spec} is not one"
             )
         return _fit_non_image(x, spec, culprit)
     model = _model_layout(spec)
@@ -896,9 +956,9 @@ def _to_float32(x: np.ndarray, spec: DataSpec, input_spec: InputSpec) -> np.ndar
         else:
             out *= np.float32(scale)
     if spec.mean is not None:
-        out -= _per_channel(spec.mean, "--mean", out, input_spec)
+        out -= _per_channel(spec.mean, "mean", out, input_spec)
     if spec.std is not None:
-        out /= _per_channel(spec.std, "--std", out, input_spec)
+        out /= _per_channel(spec.std, "std", out, input_spec)
     return out
 
 
@@ -910,12 +970,12 @@ def _per_channel(
     axis = _channel_axis(spec)
     if axis is None:
         raise UsageError(
-            f"{option} {_join(values)}: one value per channel needs an image input; "
+            f"{arg(option)} {_join(values)}: one value per channel needs an image input; "
             f"model input {spec} is not one"
         )
     if len(values) != x.shape[axis]:
         raise UsageError(
-            f"{option} {_join(values)}: {len(values)} values, "
+            f"{arg(option)} {_join(values)}: {len(values)} values, "
             f"but model input {spec} has {x.shape[axis]} channel{'s' if x.shape[axis] > 1 else ''}"
         )
     shape = [1] * x.ndim

@@ -375,6 +375,22 @@ def save_model(
     return target
 
 
+PRODUCER_NAME = "quanos-onnx"
+SOURCE_PRODUCER_KEYS = ("quanos.source_producer_name", "quanos.source_producer_version")
+
+
+def stamp_producer(proto: onnx.ModelProto, version: str) -> onnx.ModelProto:
+    """Name quanos-onnx as the producer of a model it wrote (in place); the producer of the
+    model it was made from moves to metadata (kept as it is when already recorded there)."""
+    present = {entry.key for entry in proto.metadata_props}
+    if not any(key in present for key in SOURCE_PRODUCER_KEYS):
+        for key, value in zip(SOURCE_PRODUCER_KEYS, (proto.producer_name, proto.producer_version)):
+            proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = PRODUCER_NAME
+    proto.producer_version = version
+    return proto
+
+
 def guard_output(target: Path, protect: Iterable[Path]) -> None:
     for original in protect:
         if target.resolve() == Path(original).resolve():
@@ -599,14 +615,21 @@ def make_session(
     """A CPU session for a model held in memory; a failure names onnxruntime's reason.
 
     The entries the model needs (session_config) come first; `config` adds to or
-    overrides them.
+    overrides them. `threads` (else threads.session_threads(), else onnxruntime's
+    default) sets the intra-op threads.
     """
     import onnxruntime as ort
 
+    from .threads import session_threads
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    threads = threads or session_threads() or 0
     if threads:
         options.intra_op_num_threads = threads
+    # Worker threads sleep between runs instead of spinning: the tool's sessions alternate
+    # with torch, which would otherwise compete with them for the same cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
     for key, value in {**dict(session_config(proto)), **dict(config)}.items():

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, arg
 from ..model import guard_output, read_model, save_model, write_bytes_atomic
 from .ort import ORT_BITS, ort_quantize_options, read_ort_overrides, to_ort_overrides
 from .qonnx import QONNX_DOMAIN, QONNX_DOMAIN_VERSION, to_qonnx
@@ -62,7 +62,7 @@ def export_file(
 ) -> Exported:
     """Read a quanos-compile model, export it to `target`, write it atomically next to it."""
     if target not in TARGETS:
-        raise UsageError(f"--to: unknown target '{target}' (use {' or '.join(TARGETS)})")
+        raise UsageError(f"{arg('to')}: unknown target '{target}' (use {' or '.join(TARGETS)})")
     source = Path(model_path)
     destination = Path(output) if output is not None else default_output(source, target)
     guard_output(destination, [source])
