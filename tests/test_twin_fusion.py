@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from quanos_onnx.twin import build_twin
-from quanos_onnx.twin.fusion import FusedKernels, fused_kernels
+from quanos_onnx.twin.fusion import FusedKernels, fused_kernels, pair_saturation
 from quanos_onnx.twin.graph import compile_graph, prepare_model
 from quanos_onnx.twin.module import OnnxTwin
 
@@ -62,7 +62,8 @@ def onnxruntime_output(model: onnx.ModelProto, x: np.ndarray, *, optimized: bool
 def test_fused_conv_with_float_bias_is_detected_and_matched_exactly() -> None:
     model = quantized_conv()
     x = RNG.uniform(0, 0.8, (64, 4, 6, 6)).astype(np.float32)
-    assert fused_kernels(model) == FusedKernels(integer_layers=frozenset({"conv"}), integer_bias=frozenset({"conv"}))
+    saturating = frozenset({"conv"}) if pair_saturation().conv else frozenset()
+    assert fused_kernels(model) == FusedKernels(frozenset({"conv"}), frozenset({"conv"}), saturating)
     np.testing.assert_array_equal(build_twin(model)(torch.from_numpy(x)).numpy(), onnxruntime_output(model, x, optimized=True))
 
 
