@@ -11,8 +11,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from quanos_onnx.twin import build_twin
-from quanos_onnx.twin.fusion import FusedKernels, fused_kernels, pair_saturation
+from quanos_onnx.twin import build_twin, fusion
+from quanos_onnx.twin.fusion import FusedKernels, PairSaturation, fused_kernels, pair_saturation
 from quanos_onnx.twin.graph import compile_graph, prepare_model
 from quanos_onnx.twin.module import OnnxTwin
 
@@ -104,10 +104,12 @@ def test_float_models_skip_the_onnxruntime_probe() -> None:
     assert fused_kernels(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])) == FusedKernels()
 
 
-def integer_layer(op_type: str, channels: int = 48, depth: int = 32) -> tuple[onnx.ModelProto, np.ndarray]:
+def integer_layer(
+    op_type: str, channels: int = 48, depth: int = 32, *, group: int = 1, batch: int | None = None
+) -> tuple[onnx.ModelProto, np.ndarray]:
     """DQ(uint8 input) and DQ(int8 per-channel weights) with an int32 bias, as the compiler writes
     them, feeding Conv or MatMul+Add, then Q(uint8): a large accumulator with many rounding ties."""
-    weight_shape = (channels, depth, 3, 3) if op_type == "Conv" else (depth * 9, channels)
+    weight_shape = (channels, depth // group, 3, 3) if op_type == "Conv" else (depth * 9, channels)
     axis = 0 if op_type == "Conv" else 1
     weight_scale = RNG.uniform(0.001, 0.01, channels).astype(np.float32)
     input_scale = np.float32(0.0123)
@@ -128,14 +130,16 @@ def integer_layer(op_type: str, channels: int = 48, depth: int = 32) -> tuple[on
         helper.make_node("DequantizeLinear", ["b_q", "b_scale"], ["b_dq"], axis=0, name="b_DQ"),
     ]
     if op_type == "Conv":
-        nodes.append(helper.make_node("Conv", ["x_dq", "w_dq", "b_dq"], ["layer"], pads=[1, 1, 1, 1], name="layer"))
+        nodes.append(
+            helper.make_node("Conv", ["x_dq", "w_dq", "b_dq"], ["layer"], pads=[1, 1, 1, 1], group=group, name="layer")
+        )
         shape = ["n", depth, 10, 10]
-        x = RNG.integers(0, 256, (96, depth, 10, 10)).astype(np.uint8)
+        x = RNG.integers(0, 256, (batch or 96, depth, 10, 10)).astype(np.uint8)
     else:
         nodes.append(helper.make_node("MatMul", ["x_dq", "w_dq"], ["product"], name="layer"))
         nodes.append(helper.make_node("Add", ["product", "b_dq"], ["layer"], name="bias"))
         shape = ["n", depth * 9]
-        x = RNG.integers(0, 256, (4096, depth * 9)).astype(np.uint8)
+        x = RNG.integers(0, 256, (batch or 4096, depth * 9)).astype(np.uint8)
     nodes += [
         helper.make_node("QuantizeLinear", ["layer", "y_scale", "y_zp"], ["y_q"], name="y_Q"),
         helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zp"], ["y"], name="y_DQ"),
@@ -160,6 +164,82 @@ def test_integer_kernels_are_reproduced_bit_for_bit(op_type: str) -> None:
     np.testing.assert_array_equal(got, expected)
     if op_type == "Conv":
         assert np.count_nonzero(plain != expected) > 0
+
+
+def integer_reference(model: onnx.ModelProto, x: np.ndarray, *, saturating: bool) -> np.ndarray:
+    """integer_layer's output computed in numpy as onnxruntime's integer kernel does: raw uint8
+    inputs times int8 weights summed in int32, or with `saturating`, adjacent pairs along K summed
+    in int16 with saturation first (VPMADDUBSW). A conv's K is (kernel position, channel) per
+    group; the depthwise kernel (one input and one output channel per group) is always exact."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weight, zero_point = values["w_q"].astype(np.int64), int(values["x_zp"])
+    raw = x.astype(np.int64)
+    if weight.ndim == 4:
+        group = next(helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group")
+        saturating = saturating and not (weight.shape[1] == 1 and weight.shape[0] == group)
+        padded = np.pad(raw, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=zero_point)
+        height, width = raw.shape[2:]
+        patches = np.stack([padded[:, :, i : i + height, j : j + width] for i in range(3) for j in range(3)], axis=1)
+        per_group, outputs = weight.shape[1], weight.shape[0] // group
+        accumulators = []
+        for index in range(group):
+            columns = patches[:, :, index * per_group : (index + 1) * per_group].reshape(len(raw), 9 * per_group, -1)
+            rows = weight[index * outputs : (index + 1) * outputs].transpose(0, 2, 3, 1).reshape(outputs, -1)
+            accumulators.append(_sum_products(columns, rows, saturating) - zero_point * rows.sum(1)[None, :, None])
+        accumulator = np.concatenate(accumulators, axis=1).reshape(len(raw), -1, height, width)
+        channel_shape = (1, -1, 1, 1)
+    else:
+        accumulator = _sum_products(raw[:, :, None], weight.T, saturating)[:, :, 0] - zero_point * weight.sum(0)
+        channel_shape = (1, -1)
+    accumulator = accumulator + values["b_q"].reshape(channel_shape)
+    multiplier = (values["x_scale"] * values["w_scale"]).astype(np.float32) / values["y_scale"]
+    requantized = np.round(accumulator.astype(np.float32) * multiplier.reshape(channel_shape)) + int(values["y_zp"])
+    return ((np.clip(requantized, 0, 255) - int(values["y_zp"])) * values["y_scale"]).astype(np.float32)
+
+
+def _sum_products(columns: np.ndarray, rows: np.ndarray, saturating: bool) -> np.ndarray:
+    """(N, K, L) inputs times (O, K) weights -> (N, O, L), pairs (2j, 2j + 1) clamped to int16 if `saturating`."""
+    if not saturating:
+        return np.einsum("nkl,ok->nol", columns, rows)
+    if columns.shape[1] % 2:
+        columns, rows = np.pad(columns, ((0, 0), (0, 1), (0, 0))), np.pad(rows, ((0, 0), (0, 1)))
+    sums = [
+        np.clip(columns[:, 0::2] * row[None, 0::2, None] + columns[:, 1::2] * row[None, 1::2, None], -32768, 32767).sum(1)
+        for row in rows
+    ]
+    return np.stack(sums, axis=1)
+
+
+@pytest.mark.parametrize("op_type", ["Conv", "MatMul"])
+def test_the_probe_says_what_onnxruntime_computes(op_type: str) -> None:
+    """Against an independent reference: onnxruntime's fused kernel saturates pairs exactly when the probe says so."""
+    model, x = integer_layer(op_type, 16, 12, batch=64)
+    probe = pair_saturation()
+    saturating = probe.conv if op_type == "Conv" else probe.gemm
+    deployed = onnxruntime_output_named(model, {"x_q": x})
+    assert not np.array_equal(integer_reference(model, x, saturating=True), integer_reference(model, x, saturating=False))
+    np.testing.assert_array_equal(deployed, integer_reference(model, x, saturating=saturating))
+
+
+@pytest.mark.parametrize("saturating", [False, True], ids=["exact-cpu", "saturating-cpu"])
+@pytest.mark.parametrize(("op_type", "group"), [("Conv", 1), ("Conv", 4), ("Conv", 12), ("MatMul", 1)])
+def test_the_emulation_follows_the_probe_on_either_kind_of_cpu(monkeypatch, op_type: str, group: int, saturating: bool) -> None:
+    """Whatever this machine's CPU does, the twin computes what the probe reports (the depthwise conv is always exact)."""
+    monkeypatch.setattr(fusion, "pair_saturation", lambda: PairSaturation(conv=saturating, gemm=saturating))
+    model, x = integer_layer(op_type, 12, 12, group=group, batch=16)
+    depthwise = group == 12
+    assert fused_kernels(model).saturating_pairs == (frozenset({"layer"}) if saturating and not depthwise else frozenset())
+    with torch.no_grad():
+        got = build_twin(model).run({"x_q": torch.from_numpy(x)})[0][0].numpy()
+    np.testing.assert_array_equal(got, integer_reference(model, x, saturating=saturating))
+
+
+def test_the_depthwise_kernel_is_exact_on_this_cpu() -> None:
+    model, x = integer_layer("Conv", 12, 12, group=12, batch=16)
+    assert fused_kernels(model).integer_layers == {"layer"} and not fused_kernels(model).saturating_pairs
+    with torch.no_grad():
+        got = build_twin(model).run({"x_q": torch.from_numpy(x)})[0][0].numpy()
+    np.testing.assert_array_equal(got, onnxruntime_output_named(model, {"x_q": x}))
 
 
 def test_emulated_layer_keeps_the_float_paths_gradient() -> None:
