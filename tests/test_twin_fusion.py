@@ -175,7 +175,8 @@ def integer_reference(model: onnx.ModelProto, x: np.ndarray, *, saturating: bool
     weight, zero_point = values["w_q"].astype(np.int64), int(values["x_zp"])
     raw = x.astype(np.int64)
     if weight.ndim == 4:
-        group = next(helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group")
+        conv = next(node for node in model.graph.node if node.op_type == "Conv")
+        group = next(helper.get_attribute_value(a) for a in conv.attribute if a.name == "group")
         saturating = saturating and not (weight.shape[1] == 1 and weight.shape[0] == group)
         padded = np.pad(raw, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=zero_point)
         height, width = raw.shape[2:]
@@ -203,10 +204,8 @@ def _sum_products(columns: np.ndarray, rows: np.ndarray, saturating: bool) -> np
         return np.einsum("nkl,ok->nol", columns, rows)
     if columns.shape[1] % 2:
         columns, rows = np.pad(columns, ((0, 0), (0, 1), (0, 0))), np.pad(rows, ((0, 0), (0, 1)))
-    sums = [
-        np.clip(columns[:, 0::2] * row[None, 0::2, None] + columns[:, 1::2] * row[None, 1::2, None], -32768, 32767).sum(1)
-        for row in rows
-    ]
+    pairs = [columns[:, 0::2] * row[None, 0::2, None] + columns[:, 1::2] * row[None, 1::2, None] for row in rows]
+    sums = [np.clip(pair, -32768, 32767).sum(1) for pair in pairs]
     return np.stack(sums, axis=1)
 
 
@@ -217,18 +216,22 @@ def test_the_probe_says_what_onnxruntime_computes(op_type: str) -> None:
     probe = pair_saturation()
     saturating = probe.conv if op_type == "Conv" else probe.gemm
     deployed = onnxruntime_output_named(model, {"x_q": x})
-    assert not np.array_equal(integer_reference(model, x, saturating=True), integer_reference(model, x, saturating=False))
-    np.testing.assert_array_equal(deployed, integer_reference(model, x, saturating=saturating))
+    exact, saturated = (integer_reference(model, x, saturating=mode) for mode in (False, True))
+    assert not np.array_equal(exact, saturated)
+    np.testing.assert_array_equal(deployed, saturated if saturating else exact)
 
 
 @pytest.mark.parametrize("saturating", [False, True], ids=["exact-cpu", "saturating-cpu"])
 @pytest.mark.parametrize(("op_type", "group"), [("Conv", 1), ("Conv", 4), ("Conv", 12), ("MatMul", 1)])
-def test_the_emulation_follows_the_probe_on_either_kind_of_cpu(monkeypatch, op_type: str, group: int, saturating: bool) -> None:
-    """Whatever this machine's CPU does, the twin computes what the probe reports (the depthwise conv is always exact)."""
+def test_the_emulation_follows_the_probe_on_either_kind_of_cpu(
+    monkeypatch, op_type: str, group: int, saturating: bool
+) -> None:
+    """Whatever this machine's CPU does, the twin computes what the probe reports (depthwise convs are exact)."""
     monkeypatch.setattr(fusion, "pair_saturation", lambda: PairSaturation(conv=saturating, gemm=saturating))
     model, x = integer_layer(op_type, 12, 12, group=group, batch=16)
     depthwise = group == 12
-    assert fused_kernels(model).saturating_pairs == (frozenset({"layer"}) if saturating and not depthwise else frozenset())
+    expected = frozenset({"layer"}) if saturating and not depthwise else frozenset()
+    assert fused_kernels(model).saturating_pairs == expected
     with torch.no_grad():
         got = build_twin(model).run({"x_q": torch.from_numpy(x)})[0][0].numpy()
     np.testing.assert_array_equal(got, integer_reference(model, x, saturating=saturating))

@@ -194,7 +194,9 @@ def fused_kernels(model: onnx.ModelProto) -> FusedKernels:
                 name,
             )
     initializers = {t.name: t for t in optimized.graph.initializer}
-    pairwise = {name: node.op_type for name, node in layer_kernels.items() if _multiplies_u8_by_s8_in_pairs(node, initializers)}
+    pairwise = {
+        name: node.op_type for name, node in layer_kernels.items() if _multiplies_u8_by_s8_in_pairs(node, initializers)
+    }
     saturation = pair_saturation() if pairwise else PairSaturation()
     saturating_pairs = frozenset(
         name for name, op_type in pairwise.items() if (saturation.conv if op_type == "QLinearConv" else saturation.gemm)
