@@ -105,11 +105,19 @@ def test_float_models_skip_the_onnxruntime_probe() -> None:
 
 
 def integer_layer(
-    op_type: str, channels: int = 48, depth: int = 32, *, group: int = 1, batch: int | None = None
+    op_type: str,
+    channels: int = 48,
+    depth: int = 32,
+    *,
+    group: int = 1,
+    batch: int | None = None,
+    kernel: tuple[int, ...] = (3, 3),
+    geometry: dict | None = None,
 ) -> tuple[onnx.ModelProto, np.ndarray]:
     """DQ(uint8 input) and DQ(int8 per-channel weights) with an int32 bias, as the compiler writes
-    them, feeding Conv or MatMul+Add, then Q(uint8): a large accumulator with many rounding ties."""
-    weight_shape = (channels, depth // group, 3, 3) if op_type == "Conv" else (depth * 9, channels)
+    them, feeding Conv (pads 1 unless `geometry` gives other attributes) or MatMul+Add, then
+    Q(uint8): a large accumulator with many rounding ties."""
+    weight_shape = (channels, depth // group, *kernel) if op_type == "Conv" else (depth * 9, channels)
     axis = 0 if op_type == "Conv" else 1
     weight_scale = RNG.uniform(0.001, 0.01, channels).astype(np.float32)
     input_scale = np.float32(0.0123)
@@ -130,11 +138,10 @@ def integer_layer(
         helper.make_node("DequantizeLinear", ["b_q", "b_scale"], ["b_dq"], axis=0, name="b_DQ"),
     ]
     if op_type == "Conv":
-        nodes.append(
-            helper.make_node("Conv", ["x_dq", "w_dq", "b_dq"], ["layer"], pads=[1, 1, 1, 1], group=group, name="layer")
-        )
-        shape = ["n", depth, 10, 10]
-        x = RNG.integers(0, 256, (batch or 96, depth, 10, 10)).astype(np.uint8)
+        attributes = geometry or {"pads": [1] * 2 * len(kernel)}
+        nodes.append(helper.make_node("Conv", ["x_dq", "w_dq", "b_dq"], ["layer"], group=group, name="layer", **attributes))
+        shape = ["n", depth, *[10] * len(kernel)]
+        x = RNG.integers(0, 256, (batch or 96, depth, *[10] * len(kernel))).astype(np.uint8)
     else:
         nodes.append(helper.make_node("MatMul", ["x_dq", "w_dq"], ["product"], name="layer"))
         nodes.append(helper.make_node("Add", ["product", "b_dq"], ["layer"], name="bias"))
@@ -235,6 +242,25 @@ def test_the_emulation_follows_the_probe_on_either_kind_of_cpu(
     with torch.no_grad():
         got = build_twin(model).run({"x_q": torch.from_numpy(x)})[0][0].numpy()
     np.testing.assert_array_equal(got, integer_reference(model, x, saturating=saturating))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "geometry"),
+    [
+        ((3, 3), {"strides": [2, 2], "pads": [0, 1, 2, 1]}),
+        ((3, 2), {"dilations": [2, 1], "pads": [2, 0, 2, 1]}),
+        ((2, 3), {"auto_pad": "SAME_UPPER", "strides": [2, 1]}),
+        ((5,), {"strides": [2], "pads": [2, 1]}),
+    ],
+    ids=["strided-asymmetric", "dilated", "same-upper", "conv1d"],
+)
+def test_conv_geometry_is_reproduced_bit_for_bit(kernel: tuple[int, ...], geometry: dict) -> None:
+    """Strides, dilations, asymmetric and automatic padding, 1-D: the pairs are gathered where the conv reads."""
+    model, x = integer_layer("Conv", 16, 10, batch=32, kernel=kernel, geometry=geometry)
+    assert fused_kernels(model).integer_layers == {"layer"}
+    with torch.no_grad():
+        got = build_twin(model).run({"x_q": torch.from_numpy(x)})[0][0].numpy()
+    np.testing.assert_array_equal(got, onnxruntime_output_named(model, {"x_q": x}))
 
 
 def test_the_depthwise_kernel_is_exact_on_this_cpu() -> None:

@@ -44,7 +44,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ import torch
 from ..model import make_session
 from .fakequant import CONTAINERS, broadcast_parameter, round_straight_through
 from .graph import QUANTIZER_OPS, CompiledGraph, Step, with_releases
+from .ops.nn import spatial_pads, strides_and_dilations, torch_pads
 from .registry import OpFunction
 
 log = logging.getLogger(__name__)
@@ -342,14 +343,12 @@ class _Plan:
         bound = _accumulator_bound(source, centered, output_axis, self.constants)
         accumulate_dtype = torch.float32 if bound < _EXACT_FLOAT32 else torch.float64
         own_bias = layer.inputs[2] if len(layer.inputs) > 2 else ""
-        pair_inputs = ("", "", "", "")
+        pair_inputs: tuple[str, ...] = ("",)
         pairs = _saturable_pairs(layer, centered) if saturating else None
         if pairs is not None:
             pair_inputs = (
                 self.add_constant(prefix + "input_zero_point", _zero_point(source, self.constants)),
-                self.add_constant(prefix + "pair_weight", pairs.weight),
-                self.add_constant(prefix + "pair_weight_sums", _along(pairs.weight_sums, channel_axis, output_rank)),
-                self.add_constant(prefix + "pair_channels", pairs.channels),
+                *(self.add_constant(f"{prefix}pair_{field.name}", getattr(pairs, field.name)) for field in fields(pairs)),
             )
             log.debug("'%s': %d pair(s) of products can saturate int16", layer.node_name, pairs.channels.numel())
         new_layer = replace(
@@ -415,12 +414,14 @@ def _zero_point(source: Step, constants: Mapping[str, torch.Tensor]) -> torch.Te
 
 @dataclass(frozen=True)
 class _Pairs:
-    """The pairs of adjacent K entries whose u8 x s8 product sum can leave int16, as a weight of the
-    layer's own op: one output channel per pair, holding just the pair's two centered weights."""
+    """The (output channel, pair of adjacent K entries) whose u8 x s8 product sum can leave int16."""
 
+    sources: torch.Tensor
+    """Input channel (Conv) or K index (Gemm/MatMul) of each pair's two entries, interleaved (2 * pairs, int64)."""
+    offsets: torch.Tensor
+    """Kernel position of each entry of a Conv, one column per spatial axis (2 * pairs, spatial); no columns otherwise."""
     weight: torch.Tensor
-    weight_sums: torch.Tensor
-    """w_a + w_b per pair: the zero point's share of the pair sum, zp * (w_a + w_b)."""
+    """The two centered weights of each pair (pairs, 2)."""
     channels: torch.Tensor
     """The layer's output channel each pair belongs to (int64)."""
 
@@ -448,18 +449,71 @@ def _saturable_pairs(layer: Step, centered: torch.Tensor) -> _Pairs | None:
     channels, pairs = torch.nonzero((highest > _INT16.maximum) | (lowest < _INT16.minimum), as_tuple=True)
     if channels.numel() == 0:
         return None
-    rows = torch.arange(channels.numel())
-    by_pair = torch.zeros(channels.numel(), even.shape[1], dtype=centered.dtype)
-    by_pair[rows, 2 * pairs] = first[channels, pairs]
-    by_pair[rows, 2 * pairs + 1] = second[channels, pairs]
-    by_pair = by_pair[:, :depth]
-    weight_sums = first[channels, pairs] + second[channels, pairs]
+    entries = torch.stack([2 * pairs, (2 * pairs + 1).clamp(max=depth - 1)], dim=1).reshape(-1)
+    weight = torch.stack([first[channels, pairs], second[channels, pairs]], dim=1)
     if layer.op_type != "Conv":
-        return _Pairs(by_pair if layer.op_type == "Gemm" else by_pair.t(), weight_sums, channels)
-    groups = layer.attributes.get("group", 1)
-    weight = torch.zeros(channels.numel(), groups, group_channels, *kernel, dtype=centered.dtype)
-    weight[rows, channels // (outputs // groups)] = by_pair.reshape(-1, *kernel, group_channels).movedim(-1, 1)
-    return _Pairs(weight.reshape(channels.numel(), groups * group_channels, *kernel), weight_sums, channels)
+        return _Pairs(entries, torch.zeros(entries.numel(), 0, dtype=torch.int64), weight, channels)
+    group = (channels // (outputs // layer.attributes.get("group", 1))).repeat_interleave(2)
+    positions = torch.stack(torch.unravel_index(entries // group_channels, tuple(kernel)), dim=1)
+    return _Pairs(group * group_channels + entries % group_channels, positions, weight, channels)
+
+
+def _pair_saturation(
+    attrs: Mapping[str, Any],
+    integers: torch.Tensor,
+    kernel: Sequence[int],
+    zero_point: torch.Tensor,
+    pairs: _Pairs,
+    accumulator: torch.Tensor,
+) -> torch.Tensor:
+    """What clamping each pair's sum of raw uint8 x int8 products to int16 changes in the exact accumulator.
+
+    The raw input is the centered one plus the zero point (padding included), so a pair's raw
+    sum is its centered sum plus zp * (w_a + w_b)."""
+    axis = attrs["channel_axis"] % accumulator.dim()
+    weight = pairs.weight.to(integers.dtype)
+    sums = _pair_sums(attrs, integers, kernel, pairs.sources, pairs.offsets, weight)
+    sums += zero_point.to(integers.dtype) * _along(weight.sum(dim=1), axis, accumulator.dim())
+    excess = sums - torch.clamp(sums, _INT16.minimum, _INT16.maximum)
+    where = list(torch.nonzero(excess, as_tuple=True))
+    change = excess[tuple(where)].neg_()
+    where[axis] = pairs.channels[where[axis]]
+    return torch.zeros_like(accumulator).index_put_(tuple(where), change, accumulate=True)
+
+
+def _pair_sums(
+    attrs: Mapping[str, Any],
+    integers: torch.Tensor,
+    kernel: Sequence[int],
+    sources: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+) -> torch.Tensor:
+    """Each pair's sum of its two centered products, with the pairs along the layer's channel axis.
+
+    For a Conv the two inputs of each pair at every output position are gathered from the
+    padded input (padding, strides and dilations resolved as the Conv op does)."""
+    if offsets.shape[1] == 0:
+        gathered = integers.index_select(-1, sources).unflatten(-1, weight.shape)
+        return torch.addcmul(gathered[..., 0] * weight[:, 0], gathered[..., 1], weight[:, 1])
+    spatial = integers.dim() - 2
+    strides, dilations = strides_and_dilations(attrs, spatial)
+    pads = spatial_pads(attrs, integers.shape[2:], kernel, strides, dilations)
+    padded = torch.nn.functional.pad(integers, torch_pads(pads)).contiguous()
+    sizes = [
+        (size - dilation * (extent - 1) - 1) // stride + 1
+        for size, extent, stride, dilation in zip(padded.shape[2:], kernel, strides, dilations)
+    ]
+    start = sources * padded.stride(1)
+    window = torch.zeros((), dtype=torch.int64)
+    for axis in range(spatial):
+        step = padded.stride(2 + axis)
+        start = start + offsets[:, axis] * dilations[axis] * step
+        window = window.unsqueeze(-1) + torch.arange(sizes[axis]) * strides[axis] * step
+    index = (start.reshape(-1, *[1] * spatial) + window).reshape(-1)
+    gathered = padded.flatten(1).index_select(1, index).reshape(len(integers), *weight.shape, *sizes)
+    first, second = (weight[:, entry].reshape(-1, *[1] * spatial) for entry in (0, 1))
+    return torch.addcmul(gathered[:, :, 0] * first, gathered[:, :, 1], second)
 
 
 def _accumulator_bound(
@@ -485,14 +539,12 @@ def _integer_accumulation(function: OpFunction, dtype: torch.dtype) -> OpFunctio
         values, weight, own_bias, unit_bias, input_scale, output_scale, bias_scale, *pairs = inputs
         integers = round_straight_through(values / input_scale)
         accumulator = function(attrs, [integers.to(dtype), weight.to(dtype)])[0]
-        zero_point, pair_weight, pair_weight_sums, pair_channels = pairs
-        if pair_weight is not None:
-            pair_attrs = {**attrs, "group": 1} if "group" in attrs else attrs
-            raw_sums = function(pair_attrs, [integers.detach().to(dtype), pair_weight.to(dtype)])[0]
-            raw_sums = raw_sums + zero_point.to(dtype) * pair_weight_sums.to(dtype)
-            clamped = torch.clamp(raw_sums, _INT16.minimum, _INT16.maximum) - raw_sums
-            axis = attrs["channel_axis"] % accumulator.dim()
-            accumulator = accumulator + torch.zeros_like(accumulator).index_add_(axis, pair_channels, clamped)
+        zero_point, *pair_fields = pairs
+        if zero_point is not None:
+            pair_integers = integers.detach().to(dtype)
+            accumulator = accumulator + _pair_saturation(
+                attrs, pair_integers, weight.shape[2:], zero_point, _Pairs(*pair_fields), accumulator
+            )
         if own_bias is not None:
             accumulator = accumulator + _on_grid(own_bias, bias_scale, attrs["channel_axis"], accumulator).to(dtype)
         output = accumulator.to(values.dtype) * output_scale
