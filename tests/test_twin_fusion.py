@@ -263,6 +263,24 @@ def test_conv_geometry_is_reproduced_bit_for_bit(kernel: tuple[int, ...], geomet
     np.testing.assert_array_equal(got, onnxruntime_output_named(model, {"x_q": x}))
 
 
+@pytest.mark.parametrize(
+    ("requantized", "saturating"),
+    [([127, 127, 127], False), ([64, 64, 127], True), ([64, 127, 127], None)],
+    ids=["exact", "pairs", "unknown"],
+)
+def test_the_probe_reads_onnxruntime_answer(monkeypatch, caplog, requantized: list[int], saturating: bool | None) -> None:
+    """Probe outputs: exact sums, the pairs the twin emulates, or another pattern (warned about, treated as exact)."""
+
+    class Answer:
+        def run(self, outputs, feeds):
+            return [np.array(requantized, np.uint8)]
+
+    monkeypatch.setattr(fusion, "make_session", lambda model: Answer())
+    with caplog.at_level(logging.WARNING, logger="quanos_onnx.twin.fusion"):
+        assert fusion._probe_pairs("Conv") is bool(saturating)
+    assert ("in a way the twin does not know" in caplog.text) == (saturating is None)
+
+
 def test_the_depthwise_kernel_is_exact_on_this_cpu() -> None:
     model, x = integer_layer("Conv", 12, 12, group=12, batch=16)
     assert fused_kernels(model).integer_layers == {"layer"} and not fused_kernels(model).saturating_pairs
