@@ -215,12 +215,12 @@ def energy_command(model_path: str, plan_path: str | None, hardware: tuple[str, 
     from .layers import list_layers
     from .model import load_model
     from .outputs import OutputDir
-    from .pipeline import energy_outputs, load_profiles
+    from .pipeline import ENERGY_FILE, energy_outputs, load_profiles
     from .plan import read_plan, validate_plan
-    from .report import RunClock
+    from .report import REPORT_FILES, RunClock
 
     clock = RunClock.start(_command_line())
-    output = OutputDir(output_dir, inputs=[p for p in (model_path, plan_path) if p]) if output_dir else None
+    output = OutputDir(output_dir, inputs=[p for p in (model_path, plan_path) if p], names=(ENERGY_FILE, *REPORT_FILES)) if output_dir else None
     profiles = load_profiles(hardware)
     layers = list_layers(load_model(model_path))
     plan = None

@@ -157,7 +157,7 @@ def run_compile(
 
     clock = report.RunClock.start(command_line)
     inputs = [p for p in (options.model_path, options.data_path, options.plan_path) if p]
-    output = OutputDir(options.output_dir, inputs=inputs)
+    output = OutputDir(options.output_dir, inputs=inputs, names=(MODEL_FILE, PLAN_FILE, *report.REPORT_FILES))
     if options.bits is not None and options.plan_path is not None:
         raise UsageError("--bits and --plan exclude each other")
     if options.bits is not None and not MIN_BITS <= options.bits <= MAX_BITS:
@@ -447,7 +447,7 @@ def run_analyze(
 
     clock = report.RunClock.start(command_line)
     inputs = [p for p in (options.model_path, options.data_path) if p]
-    output = OutputDir(options.output_dir, inputs=inputs) if options.output_dir else None
+    output = OutputDir(options.output_dir, inputs=inputs, names=(ANALYSIS_FILE, *report.REPORT_FILES)) if options.output_dir else None
     model = load_model(options.model_path)
     layers = list_layers(model)
     if not layers:
@@ -613,7 +613,7 @@ def run_evaluate(
     if not options.model_paths:
         raise UsageError("give at least one MODEL to evaluate")
     inputs = [*options.model_paths, *([options.data_path] if options.data_path else [])]
-    output = OutputDir(options.output_dir, inputs=inputs) if options.output_dir else None
+    output = OutputDir(options.output_dir, inputs=inputs, names=(EVALUATION_FILE, *report.REPORT_FILES)) if options.output_dir else None
     attacks = evaluation_attacks(options)
     models = [(path, load_model(path)) for path in options.model_paths]
     first_path, first_model = models[0]
@@ -748,16 +748,14 @@ def run_finetune(
 
     from .errors import ModelError, UsageError
     from .finetune import FinetuneSettings, compiled_plan, finetune, float_model_of
-    from .model import guard_output, write_bytes_atomic
-    from .outputs import OutputDir
+    from .outputs import check_output_file, write_file
     from .plan import read_plan, validate_plan
 
     inputs = [p for p in (options.model_path, options.data_path, options.val_path, options.plan_path) if p]
     target = Path(options.output_path)
     if target.is_dir():
         raise UsageError(f"-o {target}: is a directory; give the output model's file name (e.g. out.onnx)")
-    OutputDir(target.parent, inputs=inputs)
-    guard_output(target, [Path(p) for p in inputs])
+    check_output_file(target, inputs)
     if options.val_path is not None and options.val_split is not None:
         raise UsageError("--val and --val-split exclude each other")
     loaded = load_model(options.model_path)
@@ -790,7 +788,7 @@ def run_finetune(
         storage=options.storage,
     )
     result = finetune(float_model, plan, train, settings, val=val, progress=progress, on_epoch=on_epoch)
-    write_bytes_atomic(target, result.model.SerializeToString())
+    write_file(target, result.model.SerializeToString(), inputs)
     document = {
         "format": "quanos-finetune",
         "version": 1,
