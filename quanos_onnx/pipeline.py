@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from .layers import Join, Layer, find_joins, list_layers
-from .model import check_finite_initializers, load_model
+from .data import check_input_range
+from .harness.attacks import InputRange
+from .model import check_finite_initializers, check_finite_outputs, load_model, refuse_quantized
 from .plan import MAX_BITS, MIN_BITS, Plan
 from .progress import ProgressFactory, no_progress
 from .quantize import quantize
@@ -165,6 +167,7 @@ def run_compile(
     if options.calibration_samples < 1:
         raise UsageError(f"--calibration-samples {options.calibration_samples} must be at least 1")
     model = load_model(options.model_path)
+    refuse_quantized(model, options.model_path)
     layers = list_layers(model)
     if not layers:
         raise ModelError(
@@ -172,7 +175,9 @@ def run_compile(
         )
     check_finite_initializers(model, _weights_and_biases(layers), options.model_path)
     dataset = _load_data(options, model)
+    check_input_range(dataset, *astuple(InputRange.parse(options.input_range)), attacked=options.bits is None and options.plan_path is None)
     calibration = [x for x, _ in _first(dataset, options.calibration_samples, options.batch_size)]
+    check_finite_outputs(model, calibration[0], options.model_path)
     if options.bits is not None:
         plan = Plan.uniform(layers, options.bits, keep_output_float=not options.quantize_output)
     elif options.plan_path is not None:
@@ -264,7 +269,7 @@ def _weights_and_biases(layers: Sequence[Layer]) -> list[str]:
     return [name for layer in layers for name in (layer.weight, layer.bias) if name]
 
 
-def _load_data(options: CompileOptions, model: onnx.ModelProto) -> Any:
+def _load_data(options: CompileOptions, model: onnx.ModelProto, model_path: str | None = None) -> Any:
     from .data import load_dataset
     from .errors import UsageError
     from .model import input_spec, num_classes
@@ -280,7 +285,7 @@ def _load_data(options: CompileOptions, model: onnx.ModelProto) -> Any:
         std=options.std,
         data_range=options.data_range,
         seed=options.seed,
-        num_classes=num_classes(model),
+        num_classes=num_classes(model, model_path or options.model_path),
     )
 
 
@@ -454,6 +459,8 @@ def run_analyze(
         raise ModelError(f"{options.model_path}: no quantizable layer to analyze")
     check_finite_initializers(model, _weights_and_biases(layers), options.model_path)
     dataset = _load_data(options, model)  # type: ignore[arg-type]
+    check_input_range(dataset, *astuple(InputRange.parse(options.input_range)), attacked=True)
+    check_finite_outputs(model, dataset.x[: options.batch_size], options.model_path)
     attack = make_attack(options)  # type: ignore[arg-type]
     count = _ans_samples(options, dataset)  # type: ignore[arg-type]
     input_range = InputRange.parse(options.input_range)
@@ -617,7 +624,8 @@ def run_evaluate(
     attacks = evaluation_attacks(options)
     models = [(path, load_model(path)) for path in options.model_paths]
     first_path, first_model = models[0]
-    dataset = _load_data(options, first_model)  # type: ignore[arg-type]
+    dataset = _load_data(options, first_model, first_path)  # type: ignore[arg-type]
+    check_input_range(dataset, *astuple(InputRange.parse(options.input_range)), attacked=bool(attacks))
     count = dataset.count if options.samples is None else _ans_samples(options, dataset)  # type: ignore[arg-type]
     names = _short_names([path for path, _ in models])
     entries = []
@@ -774,6 +782,7 @@ def run_finetune(
             hint="write one with `quanos-compile MODEL --data DATA` (or --bits K), or pass its compiled model",
         )
     train, val = _finetune_data(options, float_model)
+    check_input_range(train, *astuple(InputRange.parse(options.input_range)), attacked=options.adv_train is not None)
     settings = FinetuneSettings(
         epochs=options.epochs,
         learning_rate=options.lr,
@@ -812,7 +821,7 @@ def _finetune_data(options: FinetuneOptions, model: onnx.ModelProto) -> tuple[An
     if options.data_path is None:
         raise UsageError("--data is required: fine-tuning trains on it")
     preprocessing = dict(layout=options.layout, scale=options.scale, mean=options.mean, std=options.std)
-    spec, classes = input_spec(model), num_classes(model)
+    spec, classes = input_spec(model), num_classes(model, options.model_path)
     train = load_dataset(
         options.data_path, spec, data_range=options.data_range, seed=options.seed, shuffle=True,
         num_classes=classes, **preprocessing,
