@@ -3,8 +3,9 @@
 The only module that imports click. Every failure a user can cause ends in one line on
 stderr that starts with "error:" and names the culprit, and an exit code (docs/cli.md):
 0 success, 1 bad model/data/plan/profile/output (QuanosError), 2 usage (a bad option,
-click's own usage errors included), 130 interrupted; an interrupted or failed run writes
-nothing. --debug shows the traceback instead. Heavy modules are imported inside commands
+click's own usage errors included), 3 outputs complete but stdout failed or Ctrl-C came
+after writing them, 130 interrupted with nothing written; a failed run leaves the output
+folder as it was. --debug shows the traceback instead. Heavy modules are imported inside commands
 so that `quanos --help` stays fast.
 """
 
