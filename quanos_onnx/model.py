@@ -117,7 +117,7 @@ def _load_external_data(proto: onnx.ModelProto, source: Path) -> None:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        if not _inside(base, location):
+        if not _inside(location):
             raise ModelError(
                 f"{source}: initializer '{tensor.name}' refers to external data "
                 f"'{location}', outside the model's folder (only files beside the model are read)"
@@ -133,11 +133,13 @@ def _load_external_data(proto: onnx.ModelProto, source: Path) -> None:
         raise ModelError(f"{source}: cannot read external data: {_first_line(exc)}") from exc
 
 
-def _inside(base: Path, location: str) -> bool:
+def _inside(location: str) -> bool:
     """Whether external data `location` names a file in the model's folder or below it,
     decided from the text alone, so the answer never depends on what exists outside."""
+    if "\x00" in location:
+        return False
     relative = Path(location)
-    if not location or relative.is_absolute() or relative.drive:
+    if relative.is_absolute() or relative.drive:
         return False
     return ".." not in relative.parts
 
