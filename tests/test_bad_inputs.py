@@ -28,7 +28,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from quanos_onnx import data as data_module
-from quanos_onnx import outputs, pipeline
+from quanos_onnx import outputs
+from quanos_onnx.commands import compile as compile_room
 from quanos_onnx import inputs as inputs_module
 from quanos_onnx.cli import main
 from tiny_models import GraphBuilder, vgg_chain
@@ -647,7 +648,7 @@ def test_a_plan_inside_the_output_folder_is_refused_before_any_work(
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(pipeline, "load_model", no_work)
+    monkeypatch.setattr(compile_room, "load_model", no_work)
     result = CliRunner().invoke(main, ["compile", model, "--data", data, "--plan", str(out / "plan.json"), "-o", str(out)])
     assert result.exit_code == BAD_INPUT
     assert "plan.json: refusing to overwrite an input file" in result.stderr
@@ -707,7 +708,7 @@ def test_ctrl_c_after_the_outputs_are_written_says_they_exist(
     def interrupted(self: object) -> str:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.CompileResult, "summary_text", interrupted)
+    monkeypatch.setattr(compile_room.CompileResult, "summary_text", interrupted)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "8", "-o", str(out)])
     assert result.exit_code == WRITTEN
