@@ -3,29 +3,48 @@
 The only module that imports click. Every failure a user can cause ends in one line on
 stderr that starts with "error:" and names the culprit, and an exit code (docs/cli.md):
 0 success, 1 bad model/data/plan/profile/output (QuanosError), 2 usage (a bad option,
-click's own usage errors included), 130 interrupted; an interrupted or failed run writes
-nothing. --debug shows the traceback instead. Heavy modules are imported inside commands
+click's own usage errors included), 3 outputs complete but stdout failed or Ctrl-C came
+after writing them, 130 interrupted with nothing written; a failed run leaves the output
+folder as it was. --debug shows the traceback instead. Heavy modules are imported inside commands
 so that `quanos --help` stays fast.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import os
+import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import click
 
-from . import __version__
-from .errors import Naming, QuanosError
-from .threads import DEFAULT_THREADS
+def _exit_on_early_interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C while the program is still importing: nothing can have been written yet."""
+    os.write(2, b"error: interrupted; no output was written\n")
+    os._exit(130)
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) in ("quanos", "quanos-compile"):
+    signal.signal(signal.SIGINT, _exit_on_early_interrupt)  # main() installs the real handler
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .errors import Naming, QuanosError, printable  # noqa: E402
+from .outputs import forget_written, written_files  # noqa: E402
+from .threads import DEFAULT_THREADS  # noqa: E402
 
 EXIT_BAD_INPUT = 1
+EXIT_WRITTEN = 3
+"""The outputs are complete on disk, but the command was cut short after writing them
+(stdout refused the result, or Ctrl-C came after the files were in place)."""
 EXIT_INTERRUPTED = 130
 INTERRUPTED = "error: interrupted; no output was written"
 
@@ -57,18 +76,102 @@ class OneLineErrors:
         extra.setdefault("obj", Invocation((*program, *arguments)))
         if not standalone_mode:
             return super().main(arguments, prog_name, complete_var, False, **extra)  # type: ignore[misc]
+        forget_written()
+        previous = _interrupt_once()
+        # Called with args (a script, click's CliRunner): give the caller its handler back.
+        after = previous if args is not None else signal.SIG_IGN
         try:
             code = super().main(arguments, prog_name, complete_var, False, **extra)  # type: ignore[misc]
+            sys.stdout.flush()
         except click.exceptions.NoArgsIsHelpError as error:
             error.show()
-            sys.exit(error.exit_code)
+            _exit(error.exit_code, after)
         except click.ClickException as error:
             click.echo(f"error: {_click_error_line(error)}", err=True)
-            sys.exit(error.exit_code)
-        except click.Abort:
-            click.echo(INTERRUPTED, err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        sys.exit(code if isinstance(code, int) else 0)
+            _exit(error.exit_code, after)
+        except (click.Abort, KeyboardInterrupt):
+            line, code = _interrupted()
+            click.echo(line, err=True)
+            _exit(code, after)
+        except OSError as error:
+            line, code = _stdout_lost(error)
+            click.echo(line, err=True)
+            _exit(code, after)
+        _exit(code if isinstance(code, int) else 0, after)
+
+
+def _interrupt_once() -> Any:
+    """The first Ctrl-C raises KeyboardInterrupt; later ones are ignored, so a second
+    Ctrl-C cannot cut short the cleanup that puts the output folder back as it was, nor
+    the one line that says so. Returns the handler it replaced."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGINT, interrupt)
+    except ValueError:  # not the main thread: keep Python's handler
+        return None
+
+
+def _exit(code: int, handler: Any) -> None:
+    """Exit with `code`, which already says what is on disk. A program ignores Ctrl-C from
+    here on (while the interpreter shuts down) rather than change that answer; a caller
+    that passed args gets its own handler back."""
+    if handler is not None:
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:
+            pass
+    sys.exit(code)
+
+
+def _interrupted() -> tuple[str, int]:
+    """The line and exit code of a Ctrl-C: 130 only when this command wrote nothing."""
+    written = written_files()
+    if not written:
+        return INTERRUPTED, EXIT_INTERRUPTED
+    return f"error: interrupted after the outputs were written; {_describe(written)} complete", EXIT_WRITTEN
+
+
+def _stdout_lost(error: OSError) -> tuple[str, int]:
+    """stdout refused the result (a closed pipe, a full disk): say so, and whether the
+    outputs exist (exit 3) or nothing was written (exit 1)."""
+    _silence_stdout()
+    reason = printable(error.strerror or str(error) or type(error).__name__)
+    written = written_files()
+    if not written:
+        return f"error: stdout: cannot write the result ({reason}) (hint: check the pipe or disk that stdout goes to)", EXIT_BAD_INPUT
+    return f"error: stdout: cannot write the result ({reason}); {_describe(written)} complete", EXIT_WRITTEN
+
+
+def _describe(paths: Sequence[Path]) -> str:
+    folders = sorted({str(path.parent) for path in paths})
+    if len(folders) == 1:
+        names = ", ".join(path.name for path in paths)
+        return printable(f"the outputs in {folders[0]} ({names}) are")
+    return printable(f"the outputs {', '.join(str(path) for path in paths)} are")
+
+
+def _silence_stdout() -> None:
+    """Point a broken stdout at /dev/null, so the interpreter's final flush cannot print a
+    second error (the recipe of Python's signal documentation for EPIPE)."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+
+
+def _from_stdout(error: BaseException) -> bool:
+    """Whether an OSError was raised writing the command's result (click.echo to stdout)."""
+    if not isinstance(error, OSError):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(frame.name == "echo" and Path(frame.filename).match("click/utils.py") for frame in frames)
 
 
 def _program_name() -> tuple[str, ...]:
@@ -80,7 +183,7 @@ def _program_name() -> tuple[str, ...]:
 
 
 def _click_error_line(error: click.ClickException) -> str:
-    message = " ".join(error.format_message().split())
+    message = printable(error.format_message())
     context = getattr(error, "ctx", None)
     if isinstance(error, click.UsageError) and context is not None:
         message += f" (hint: run '{context.command_path} --help')"
@@ -101,9 +204,14 @@ class QuanosCommand(OneLineErrors, click.Command):
             click.echo(f"error: {error.one_line(flag_naming(self))}", err=True)
             ctx.exit(error.exit_code)
         except KeyboardInterrupt:
-            click.echo(INTERRUPTED, err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            line, code = _interrupted()
+            click.echo(line, err=True)
+            ctx.exit(code)
         except Exception as error:
+            if _from_stdout(error):
+                line, code = _stdout_lost(error)  # type: ignore[arg-type]
+                click.echo(line, err=True)
+                ctx.exit(code)
             if ctx.params.get("debug"):
                 raise
             click.echo(f"error: {_internal_error_line(error)}", err=True)
@@ -128,7 +236,7 @@ def flag_naming(command: click.Command) -> Naming:
 def _internal_error_line(error: Exception) -> str:
     """A failure the code did not foresee: still one line, marked as a bug to report."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = f": {lines[0]}" if lines else ""
+    detail = f": {printable(lines[0])}" if lines else ""
     return (
         f"internal error, {type(error).__name__}{detail} "
         "(hint: this is a bug in quanos-onnx; rerun with --debug and report the traceback)"
@@ -159,9 +267,18 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     they go through logging and stay out of the one-line contract of a normal run.
     """
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose and not quiet else logging.ERROR)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped: warnings quote names from the user's files."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
 
 
 def data_options(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -361,7 +478,7 @@ def export_command(model: str, to: str, output: str | None, as_json: bool, verbo
 
     result = run_export(model, ExportOptions(to=to), save_to=output if output is not None else default_output(model, to))  # type: ignore[arg-type]
     for warning in () if quiet else result.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {printable(warning)}", err=True)
     _echo_result(result.summary_json(), lambda: "\n".join(f"wrote {path}" for path in result.written), as_json=as_json)
 
 

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from quanos_onnx.errors import DataError, ModelError, UsageError, arg
+from quanos_onnx.inputs import check_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,15 @@ _IMAGE_SUFFIXES = (
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 # Batch-axis permutations between the two image layouts.
 _PERMUTATIONS = {("nhwc", "nchw"): (0, 3, 1, 2), ("nchw", "nhwc"): (0, 2, 3, 1)}
+MAX_SEED = 2**32 - 1
+"""Largest --seed: numpy and torch generators are seeded with it (torch takes 64 bits,
+numpy's legacy API 32), so one range serves every command."""
+MAX_ARRAY_BYTES = 4 << 30
+"""Largest array an .npz may declare (4 GiB uncompressed; the archive is read into memory,
+so a small zip declaring more is refused before loading). Larger data: an .npy file
+(memory-mapped) or an image folder."""
+MAX_IMAGE_PIXELS = 89_478_485
+"""Largest image read from an image folder (Pillow's decompression-bomb limit)."""
 # Samples per step when scanning for NaN/inf: bounded memory on memory-mapped inputs.
 _SCAN_CHUNK = 1024
 
@@ -177,8 +187,8 @@ class DataSpec:
             not isinstance(self.samples, (int, np.integer)) or self.samples < 1
         ):
             raise UsageError(f"{arg('samples')} {self.samples} must be a whole number of at least 1")
-        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise UsageError(f"{arg('seed')} {self.seed} must be a non-negative whole number")
+        if not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"{arg('seed')} {self.seed} must be a whole number in 0..{MAX_SEED}")
 
     @classmethod
     def from_options(
@@ -457,6 +467,7 @@ def _read_source(path: Path, input_spec: InputSpec) -> _RawData:
         raise DataError(f"data path {path} does not exist")
     if path.is_dir():
         return _read_image_folder(path, _channels(input_spec))
+    check_regular_file(path, DataError, "data file")
     name = path.name.lower()
     if name.endswith((".npz", ".npy")):
         return _read_numpy(path)
@@ -485,6 +496,7 @@ def _read_numpy(path: Path) -> _RawData:
         with loaded as archive:
             x_key = _pick_inputs(archive.files, path)
             y_key = _pick_array(archive.files, "y", _Y_ALTERNATES, path, "the labels")
+            _check_member_sizes(archive.zip, [key for key in (x_key, y_key) if key is not None], path)
             x = archive[x_key]
             y = None if y_key is None else archive[y_key]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
@@ -492,6 +504,19 @@ def _read_numpy(path: Path) -> _RawData:
     return _RawData(
         x, y, x_name=f"'{x_key}' in {path}", y_name=f"'{y_key}' in {path}", source=str(path)
     )
+
+
+def _check_member_sizes(archive: zipfile.ZipFile, keys: list[str], path: Path) -> None:
+    """Refuse, before reading, an array whose declared uncompressed size is over the limit
+    (zipfile never inflates a member past its declared size, so the check bounds memory)."""
+    for key in keys:
+        info = archive.getinfo(f"{key}.npy")
+        if info.file_size > MAX_ARRAY_BYTES:
+            raise DataError(
+                f"'{key}' in {path}: declares {info.file_size} bytes, over the "
+                f"{MAX_ARRAY_BYTES >> 30} GiB limit for an .npz array",
+                hint="save large data as an .npy file (memory-mapped) or an image folder",
+            )
 
 
 def _pick_inputs(names: list[str], path: Path) -> str:
@@ -524,7 +549,7 @@ def _pick_array(
 def _read_csv(path: Path) -> _RawData:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
             first = handle.readline()
             header = None if _is_numeric_row(first) else first.split(",")
             rows = handle if header is not None else itertools.chain([first], handle)
@@ -610,8 +635,14 @@ def _read_idx(path: Path) -> np.ndarray:
             dims = tuple(int(dim) for dim in np.frombuffer(dims_bytes, ">u4"))
             offset = 4 + len(dims_bytes)
             expected = math.prod(dims) * dtype.itemsize
+            if compressed and expected > MAX_ARRAY_BYTES:
+                raise DataError(
+                    f"{path}: declares {expected} bytes, over the {MAX_ARRAY_BYTES >> 30} GiB "
+                    "limit for compressed data",
+                    hint="decompress it first (uncompressed idx files are memory-mapped)",
+                )
             if compressed:
-                payload = handle.read()
+                payload = handle.read(expected + 1)
                 found = len(payload)
             else:
                 found = path.stat().st_size - offset
@@ -645,9 +676,15 @@ def _read_image_folder(folder: Path, channels: int | None) -> _RawData:
     for index, (file, _) in enumerate(files):
         try:
             with Image.open(file) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{file}: {image.width}x{image.height} pixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS} (a decompression bomb?)",
+                        hint="resize the images to the model's input size first",
+                    )
                 mode = mode or ("L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
                 array = np.asarray(image.convert(mode))
-        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # PIL.UnidentifiedImageError is an OSError
             raise DataError(f"{file}: cannot be read as an image ({_first_line(err)})") from err
         if pixels is None:
             pixels = np.empty((len(files), *array.shape), np.uint8)
@@ -981,6 +1018,43 @@ def _per_channel(
     shape = [1] * x.ndim
     shape[axis] = len(values)
     return np.asarray(values, np.float32).reshape(shape)
+
+
+def check_input_range(dataset: Dataset, low: float, high: float, *, attacked: bool) -> None:
+    """Refuse data outside the model's declared input range (--input-range) when it will
+    be attacked, warn otherwise.
+
+    Float pixels stored 0..255 fed to a [0,1] model run without any error and give
+    near-chance accuracy, so the mismatch is named here. Attacks clip every input into
+    the range, so under attack such data would be changed before the model sees it: that
+    is refused. Without an attack (compile --bits/--plan) the range is not used, so the
+    mismatch is only a warning. Values within 1% of the range's width outside it pass
+    (rounding of normalized data).
+    """
+    lowest, highest = _extremes(dataset.x)
+    slack = 0.01 * (high - low)
+    if low - slack <= lowest and highest <= high + slack:
+        return
+    message = (
+        f"{dataset.source}: inputs span {lowest:g}..{highest:g} after preprocessing, "
+        f"outside --input-range {low:g},{high:g}"
+    )
+    hint = (
+        "pixels stored 0..255 as floats need --scale 1/255; "
+        "for a model that takes another range pass --input-range LO,HI"
+    )
+    if attacked:
+        raise DataError(f"{message}; attacks clip every input into that range", hint=hint)
+    logger.warning("%s (hint: %s)", message, hint)
+
+
+def _extremes(x: np.ndarray) -> tuple[float, float]:
+    """Smallest and largest value, in chunks (bounded memory on memory-mapped inputs)."""
+    lowest, highest = math.inf, -math.inf
+    for start in range(0, len(x), _SCAN_CHUNK):
+        chunk = x[start : start + _SCAN_CHUNK]
+        lowest, highest = min(lowest, float(chunk.min())), max(highest, float(chunk.max()))
+    return lowest, highest
 
 
 def _check_finite(x: np.ndarray, culprit: str, picked: range | np.ndarray) -> None:

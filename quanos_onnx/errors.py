@@ -59,9 +59,24 @@ class QuanosError(Exception):
         return self.message()
 
     def one_line(self, naming: Naming = api_name) -> str:
-        text = " ".join(self.message(naming).split())
-        hint = _render(self.hint or self.default_hint, naming)
-        return f"{text} (hint: {' '.join(hint.split())})"
+        text = printable(self.message(naming))
+        hint = printable(_render(self.hint or self.default_hint, naming))
+        return f"{text} (hint: {hint})"
+
+
+def printable(text: str) -> str:
+    """One line that cannot drive a terminal: whitespace runs become one space and every
+    other control or format character (ESC, bidi overrides) is written as an escape.
+
+    Node, tensor and file names come from the user's files; a name holding ESC [31m
+    would otherwise recolour (or rewrite) the user's terminal.
+    """
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in " ".join(text.split()))
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _render(text: str, naming: Naming) -> str:

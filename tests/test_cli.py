@@ -58,7 +58,7 @@ def test_ctrl_c_in_a_stage_exits_130_and_writes_nothing(inputs: tuple[str, str],
 def test_ctrl_c_while_writing_removes_what_was_written(
     inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files_before_interrupt: int
 ) -> None:
-    real_write = outputs.write_bytes_atomic
+    real_write = outputs.write_file_bytes
     calls = []
 
     def write_then_interrupt(target: Path, data: bytes) -> None:
@@ -67,7 +67,7 @@ def test_ctrl_c_while_writing_removes_what_was_written(
             raise KeyboardInterrupt
         real_write(target, data)
 
-    monkeypatch.setattr(outputs, "write_bytes_atomic", write_then_interrupt)
+    monkeypatch.setattr(outputs, "write_file_bytes", write_then_interrupt)
     out = tmp_path / "existing"
     out.mkdir()
     result = CliRunner().invoke(main, compile_bits(inputs, out))
@@ -76,7 +76,7 @@ def test_ctrl_c_while_writing_removes_what_was_written(
 
 
 def test_ctrl_c_in_analyze_and_energy_writes_nothing(inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(outputs, "write_bytes_atomic", interrupt)
+    monkeypatch.setattr(outputs, "write_file_bytes", interrupt)
     analyze = CliRunner().invoke(
         main, ["analyze", inputs[0], "--data", inputs[1], "--samples", "4", "--pgd-eps", "0.1", "--pgd-steps", "1", "-o", str(tmp_path / "a")]
     )

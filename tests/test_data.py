@@ -15,6 +15,7 @@ from quanos_onnx.data import (
     IndexRange,
     InputSpec,
     dataset_from,
+    check_input_range,
     dataset_from_arrays,
     dataset_from_batches,
     describe_source,
@@ -593,3 +594,30 @@ def test_example_script_reproduces_the_committed_file(shared_dir):
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_data_outside_the_input_range_is_refused_under_attack_and_warned_about_otherwise(caplog: pytest.LogCaptureFixture) -> None:
+    x = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    spec = InputSpec("x", (None, 3, 8, 8))
+    check_input_range(dataset_from_arrays(x * 1.005, None, spec), 0.0, 1.0, attacked=True)
+    raw = dataset_from_arrays(x * 255, None, spec)
+    with pytest.raises(DataError, match=r"inputs span .*\.\.25\d.* outside --input-range 0,1; attacks clip"):
+        check_input_range(raw, 0.0, 1.0, attacked=True)
+    check_input_range(raw, 0.0, 1.0, attacked=False)
+    assert "outside --input-range 0,1" in caplog.text
+    check_input_range(raw, 0.0, 255.0, attacked=True)
+
+
+def test_an_npz_array_declaring_more_than_the_limit_is_refused_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from quanos_onnx import data
+
+    np.savez_compressed(tmp_path / "zeros.npz", x=np.zeros((64, 3, 8, 8), np.float32))
+    monkeypatch.setattr(data, "MAX_ARRAY_BYTES", 1000)
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda self, key: pytest.fail("loaded"))
+    with pytest.raises(DataError, match="'x' in .*zeros.npz: declares 49280 bytes, over the"):
+        load_dataset(tmp_path / "zeros.npz", InputSpec("x", (None, 3, 8, 8)))
+
+
+def test_a_seed_beyond_32_bits_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match=r"seed 18446744073709551616 must be a whole number in 0\.\.4294967295"):
+        DataSpec(seed=2**64)

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..layers import Layer, list_layers
-from ..model import check_finite_initializers
+from ..model import check_finite_initializers, check_finite_outputs
 from ..progress import ProgressFactory, no_progress
 from .options import (
+    check_data_range,
     AttackOptions,
     DataSource,
     ModelSource,
@@ -122,7 +123,7 @@ def run_analyze(
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
     inputs = input_paths(model, data)
-    check_output_dir(save_to, inputs)
+    check_output_dir(save_to, inputs, names=(ANALYSIS_FILE, *report.REPORT_FILES))
     source = read_model(model)
     layers = list_layers(source.proto)
     if not layers:
@@ -131,7 +132,9 @@ def run_analyze(
     attack = options.ans_attack()
     attacks = options.accuracy_attacks()
     with using_threads(options.threads):
-        dataset = load_data(data, options, source.proto)
+        dataset = load_data(data, options, source.proto, model_name=source.name)
+        check_data_range(options.input_range, dataset, attacked=True)
+        check_finite_outputs(source.proto, dataset.x[: options.batch_size], source.name)
         count = ans_samples(options.samples, dataset)
         with progress(f"ANS ({attack.describe()})", count) as advance:
             ans = measure_ans(

@@ -14,11 +14,12 @@ import onnx
 
 from ..errors import UsageError, arg
 from ..layers import Layer, list_layers
-from ..model import check_finite_initializers
+from ..model import check_finite_initializers, check_finite_outputs, refuse_quantized
 from ..plan import MAX_BITS, MIN_BITS, Plan
 from ..progress import ProgressFactory, no_progress
 from ..quantize import quantize
 from .options import (
+    check_data_range,
     AttackOptions,
     Calibration,
     DataSource,
@@ -199,10 +200,11 @@ def run_compile(
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
     inputs = input_paths(model, data, plan)
-    check_output_dir(save_to, inputs)
+    check_output_dir(save_to, inputs, names=(MODEL_FILE, PLAN_FILE, *report.REPORT_FILES))
     if options.bits is not None and plan is not None:
         raise UsageError(f"{arg('bits')} and {arg('plan')} exclude each other")
     source = read_model(model)
+    refuse_quantized(source.proto, source.name)
     layers = list_layers(source.proto)
     if not layers:
         raise ModelError(
@@ -211,8 +213,10 @@ def run_compile(
     check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
     given_plan = None if plan is None else read_plan_input(plan)
     with using_threads(options.threads, torch=options.bits is None and given_plan is None):
-        dataset = load_data(data, options, source.proto)
+        dataset = load_data(data, options, source.proto, model_name=source.name)
+        check_data_range(options.input_range, dataset, attacked=options.bits is None and given_plan is None)
         calibration = [x for x, _ in first_samples(dataset, options.calibration_samples, options.batch_size)]
+        check_finite_outputs(source.proto, calibration[0], source.name)
         if options.bits is not None:
             chosen = Plan.uniform(layers, options.bits, keep_output_float=not options.quantize_output)
         elif given_plan is not None:

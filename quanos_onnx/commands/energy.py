@@ -92,7 +92,7 @@ def run_energy(
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
     inputs = input_paths(model, plan)
-    check_output_dir(save_to, inputs)
+    check_output_dir(save_to, inputs, names=(ENERGY_FILE, *report.REPORT_FILES))
     profiles = load_profiles(options.hw)
     source = read_model(model)
     layers = list_layers(source.proto)

@@ -15,6 +15,7 @@ from ..layers import list_layers
 from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
 from .options import (
+    check_data_range,
     AttackMethod,
     DataOptions,
     DataSource,
@@ -165,7 +166,7 @@ def run_evaluate(
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
     given = _model_list(models)
     inputs = input_paths(*given, data)
-    check_output_dir(save_to, inputs)
+    check_output_dir(save_to, inputs, names=(EVALUATION_FILE, *report.REPORT_FILES))
     attacks = options.attacks()
     sources = [read_model(model, "models", f"<onnx.ModelProto #{index}>") for index, model in enumerate(given)]
     first = sources[0]
@@ -174,7 +175,8 @@ def run_evaluate(
     evaluations = []
     labels = "data"
     with using_threads(options.threads):
-        dataset = load_data(data, options, first.proto)
+        dataset = load_data(data, options, first.proto, model_name=first.name)
+        check_data_range(options.input_range, dataset, attacked=bool(attacks))
         count = ans_samples(options.samples, dataset, default=None)
         for source, name in zip(sources, names):
             if input_shape(source.proto)[1:] != input_shape(first.proto)[1:]:

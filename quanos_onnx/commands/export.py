@@ -42,12 +42,9 @@ class ExportResult:
 
     def save(self, path: str | os.PathLike[str]) -> tuple[Path, ...]:
         """Write the export to the file `path` atomically, never over an input file."""
-        from ..model import guard_output, write_bytes_atomic
+        from ..outputs import write_file
 
-        target = Path(path)
-        guard_output(target, self.inputs)
-        write_bytes_atomic(target, self.content())
-        return (target,)
+        return (write_file(path, self.content(), self.inputs),)
 
     def summary_json(self) -> dict[str, Any]:
         """The quanos-export document (docs/json.md)."""
@@ -68,11 +65,12 @@ def run_export(
     when that is a file and -o is left out: export.default_output) write it there."""
     from ..errors import UsageError, arg
     from ..export import to_ort_overrides, to_qonnx
-    from ..model import guard_output, read_model
+    from ..model import read_model
+    from ..outputs import check_output_file
 
     inputs = input_paths(model)
     if save_to is not None:
-        guard_output(Path(save_to), inputs)
+        check_output_file(save_to, inputs)
     if isinstance(model, onnx.ModelProto):
         proto, source = model, "<onnx.ModelProto>"
     elif isinstance(model, (str, os.PathLike)):

@@ -15,6 +15,7 @@ from ..layers import list_layers
 from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
 from .options import (
+    check_data_range,
     AttackMethod,
     Calibration,
     DataOptions,
@@ -109,11 +110,9 @@ class FinetuneResult:
 
     def save(self, path: str | os.PathLike[str]) -> tuple[Path, ...]:
         """Write the model to the file `path` (atomically; never over an input file)."""
-        from ..model import write_bytes_atomic
+        from ..outputs import write_file
 
-        target = check_model_output(path, self.inputs)
-        write_bytes_atomic(target, self.model.SerializeToString())
-        return (target,)
+        return (write_file(check_model_output(path, self.inputs), self.model.SerializeToString(), self.inputs),)
 
     def summary_json(self) -> dict[str, Any]:
         """The quanos-finetune document with the written file as `output`."""
@@ -185,6 +184,7 @@ def run_finetune(
         )
     with using_threads(options.threads):
         train, held_out = _finetune_data(data, val, options, float_model)
+        check_data_range(options.input_range, train, attacked=options.adv_train is not None)
         result = finetune(float_model, chosen, train, options.training(), val=held_out, progress=progress, on_epoch=on_epoch)
     compiled = stamp_producer(result.model, __version__)
     document = {
@@ -206,15 +206,12 @@ def run_finetune(
 
 def check_model_output(path: str | os.PathLike[str], inputs: Sequence[Path]) -> Path:
     """The output model file: not a folder, in a writable place, not an input."""
-    from ..model import guard_output
-    from .results import check_output_dir
+    from ..outputs import check_output_file
 
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"{arg('output')} {target}: is a directory; give the output model's file name (e.g. out.onnx)")
-    check_output_dir(target.parent, inputs)
-    guard_output(target, inputs)
-    return target
+    return check_output_file(target, inputs)
 
 
 def _finetune_data(

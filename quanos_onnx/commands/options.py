@@ -278,7 +278,15 @@ def input_paths(*sources: Any) -> list[Path]:
     return [Path(source) for source in sources if isinstance(source, (str, os.PathLike))]
 
 
-def load_data(data: DataSource, options: DataOptions, model: onnx.ModelProto, argument: str = "data", **extra: Any) -> Dataset:
+def load_data(
+    data: DataSource,
+    options: DataOptions,
+    model: onnx.ModelProto,
+    argument: str = "data",
+    *,
+    model_name: str = "<model>",
+    **extra: Any,
+) -> Dataset:
     """The command's data, fitted to the model's input."""
     from ..data import dataset_from
     from ..model import input_spec, num_classes
@@ -286,8 +294,17 @@ def load_data(data: DataSource, options: DataOptions, model: onnx.ModelProto, ar
     if data is None:
         raise UsageError(f"{arg(argument)} is required: attacks and calibration run on it")
     return dataset_from(
-        data, input_spec(model), num_classes=num_classes(model), argument=argument, **options.read_options(), **extra
+        data, input_spec(model), num_classes=num_classes(model, model_name), argument=argument, **options.read_options(), **extra
     )
+
+
+def check_data_range(input_range: tuple[float, float], dataset: Dataset, *, attacked: bool) -> None:
+    """The data against the model's declared input range (data.check_input_range): refused
+    when it will be attacked (attacks clip into the range), a warning otherwise."""
+    from ..data import check_input_range
+
+    low, high = input_range
+    check_input_range(dataset, low, high, attacked=attacked)
 
 
 def weights_and_biases(layers: Sequence[Layer]) -> list[str]:

@@ -17,12 +17,15 @@ def save_files(
     """
     from ..outputs import OutputDir
 
-    return tuple(OutputDir(directory, inputs=inputs).write(files))
+    return tuple(OutputDir(directory, inputs=inputs, names=files).write(files))
 
 
-def check_output_dir(directory: str | os.PathLike[str] | None, inputs: Sequence[Path]) -> None:
-    """Fail before any work when `directory` cannot take the outputs (the CLI's -o)."""
+def check_output_dir(
+    directory: str | os.PathLike[str] | None, inputs: Sequence[Path], names: Sequence[str] = ()
+) -> None:
+    """Fail before any work when `directory` cannot take the outputs (the CLI's -o), or
+    when an input is one of the files `names` the command will write there."""
     from ..outputs import OutputDir
 
     if directory is not None:
-        OutputDir(directory, inputs=inputs)
+        OutputDir(directory, inputs=inputs, names=names)

@@ -72,8 +72,8 @@ class FinetuneSettings:
             raise UsageError(f"{arg('epochs')} {self.epochs!r} must be a whole number of at least 1")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"{arg('optimizer')} {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise UsageError(f"{arg('lr')} {self.learning_rate} must be positive")
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UsageError(f"{arg('lr')} {self.learning_rate} must be a positive finite number")
         if self.batch_size < 1:
             raise UsageError(f"{arg('batch_size')} {self.batch_size} must be at least 1")
         if not 0.0 < self.adversarial_weight <= 1.0:
@@ -206,6 +206,11 @@ def finetune(
             totals = trainer.train_epoch(epoch, train, rng, advance)
         trainer.recompile()
         record = trainer.validate(epoch, val, started, totals)
+        if record.train_loss is not None and not math.isfinite(record.train_loss):
+            raise UsageError(
+                f"--lr {settings.rate:g}: training diverged (loss {record.train_loss} in epoch {epoch})",
+                hint="lower --lr; nothing was written",
+            )
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)

@@ -38,6 +38,8 @@ REPORT_JSON = "report.json"
 RUN_JSON = "run.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+REPORT_FILES = (REPORT_JSON, RUN_JSON, REPORT_MD, REPORT_HTML)
+"""The names report_files writes, for OutputDir's up-front check of the inputs."""
 
 
 def report_files(document: Mapping[str, Any], run: RunInfo) -> dict[str, str]:
