@@ -11,15 +11,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from .data import DEFAULT_EVAL_FRACTION
 from .layers import Join, Layer, find_joins, list_layers
 from .model import check_finite_initializers, load_model
 from .plan import MAX_BITS, MIN_BITS, Plan
 from .progress import ProgressFactory, no_progress
 from .quantize import quantize
+from .verify import DEFAULT_EVAL_ATTACKS, DEFAULT_MAX_ACCURACY_DROP, DEFAULT_ROBUST_SAMPLES
 
 if TYPE_CHECKING:
+    from .data import Dataset
     from .hwmodel import HardwareProfile
     from .report import RunClock
+    from .verify import Verification, VerifySettings
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,12 @@ class CompileOptions(DataOptions):
     input_range: str = "0,1"
     batch_size: int = 64
     storage: str = "int8"
+    eval_data: str | None = None
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
+    eval_attacks: str = DEFAULT_EVAL_ATTACKS
+    eval_samples: int = DEFAULT_ROBUST_SAMPLES
+    no_eval: bool = False
+    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,19 @@ class CompileResult:
     layers: tuple[Layer, ...]
     plan: Plan
     written: tuple[str, ...]
+    verification: Verification | None = None
+    """The artifact against float and uniform (verify.py); None with --no-eval."""
+
+    @property
+    def passed(self) -> bool:
+        """False when the compiled model broke the accuracy guard (its outputs are written)."""
+        return self.verification is None or self.verification.passed
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        from .verify import kernel_warnings
+
+        return self.verification.warnings if self.verification else tuple(kernel_warnings(self.plan))
 
     def rows(self) -> list[dict[str, object]]:
         entries = self.plan.by_name()
@@ -102,14 +125,19 @@ class CompileResult:
             "average_weight_bits": round(self.plan.average_weight_bits(params), 4),
             "method": self.plan.method,
             "energy": self.plan.details.get("energy"),
+            "verification": None if self.verification is None else self.verification.to_json(),
             "outputs": list(self.written),
         }
 
     def summary_text(self) -> str:
         from .report.text import format_table
 
+        from .report.content import guard_text
+
         params = {layer.name: layer.params for layer in self.layers}
+        verified = self.verification
         lines = [
+            *([verified.headline(), f"accuracy guard: {guard_text(verified.to_json())}", ""] if verified else []),
             format_table(self.rows()),
             "",
             f"method {self.plan.method}; parameter-weighted average weight bits "
@@ -156,7 +184,7 @@ def run_compile(
     from .plan import read_plan, validate_plan
 
     clock = report.RunClock.start(command_line)
-    inputs = [p for p in (options.model_path, options.data_path, options.plan_path) if p]
+    inputs = [p for p in (options.model_path, options.data_path, options.plan_path, options.eval_data) if p]
     output = OutputDir(options.output_dir, inputs=inputs)
     if options.bits is not None and options.plan_path is not None:
         raise UsageError("--bits and --plan exclude each other")
@@ -171,7 +199,8 @@ def run_compile(
             f"{options.model_path}: no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
         )
     check_finite_initializers(model, _weights_and_biases(layers), options.model_path)
-    dataset = _load_data(options, model)
+    checks = None if options.no_eval else _verify_settings(options)
+    dataset, evaluation = _split_data(options, model, _load_data(options, model))
     calibration = [x for x, _ in _first(dataset, options.calibration_samples, options.batch_size)]
     if options.bits is not None:
         plan = Plan.uniform(layers, options.bits, keep_output_float=not options.quantize_output)
@@ -179,18 +208,29 @@ def run_compile(
         plan = validate_plan(read_plan(options.plan_path), layers, options.plan_path)
     else:
         plan = _quanos_plan(options, model, layers, dataset, calibration, progress)
-    quantized = quantize(
-        model,
-        plan,
-        calibration,
-        layers=layers,
-        method=options.calibration,
-        percentile=options.percentile,
-        storage=options.storage,
-    )
+    def quantize_plan(chosen: Plan) -> Any:
+        return quantize(
+            model,
+            chosen,
+            calibration,
+            layers=layers,
+            method=options.calibration,
+            percentile=options.percentile,
+            storage=options.storage,
+        )
+
+    quantized = quantize_plan(plan)
     energy, baselines = report.energy_sections(layers, quantized.plan)
     final_plan = quantized.plan.with_details(energy=energy)
     model_bytes = _with_plan(quantized.model, final_plan).SerializeToString()
+    verification = None
+    if checks is not None and evaluation is not None:
+        from .verify import verify
+
+        verification = verify(
+            model, quantized.model, final_plan, lambda chosen: quantize_plan(chosen).model, evaluation, checks,
+            layers=layers, progress=progress,
+        )
     files: dict[str, bytes | str] = {MODEL_FILE: model_bytes, PLAN_FILE: final_plan.dumps()}
     document = report.report_document(
         "compile",
@@ -204,11 +244,54 @@ def run_compile(
         ans=final_plan.details.get("ans"),
         energy=energy,
         baselines=baselines,
+        verification=None if verification is None else verification.to_json(),
         outputs=[report.output_entry(name, content) for name, content in files.items()],
     )
-    files.update(report.report_files(document, clock.finish()))
+    guard = None if verification is None else verification.guard.to_json()
+    files.update(report.report_files(document, replace(clock.finish(), accuracy_guard=guard)))
     written = output.write(files)
-    return CompileResult(tuple(layers), final_plan, tuple(str(p) for p in written))
+    return CompileResult(tuple(layers), final_plan, tuple(str(p) for p in written), verification)
+
+
+def _verify_settings(options: CompileOptions) -> VerifySettings:
+    """The checks of the compiled model, validated before any work is done."""
+    from .harness.attacks import InputRange, parse_eps
+    from .verify import VerifySettings, evaluation_attacks
+
+    attacks = evaluation_attacks(options.eval_attacks, parse_eps(options.eps), InputRange.parse(options.input_range))
+    return VerifySettings(
+        attacks,
+        robust_samples=options.eval_samples,
+        max_accuracy_drop=options.max_accuracy_drop,
+        batch_size=options.batch_size,
+        seed=options.seed,
+    )
+
+
+def _split_data(options: CompileOptions, model: onnx.ModelProto, dataset: Dataset) -> tuple[Dataset, Dataset | None]:
+    """(what the compiler may see, what only verification sees): --eval-data, else a held-out
+    part of --data (data.split_held_out); with --no-eval all of --data and nothing."""
+    from .data import load_dataset, split_held_out
+    from .errors import UsageError
+    from .model import input_spec, num_classes
+
+    if options.no_eval:
+        if options.eval_data is not None:
+            raise UsageError("--eval-data and --no-eval exclude each other")
+        return dataset, None
+    if options.eval_data is None:
+        split = split_held_out(dataset, options.eval_fraction, seed=options.seed)
+        return split.calibration, split.evaluation
+    evaluation = load_dataset(
+        options.eval_data,
+        input_spec(model),
+        layout=options.layout,
+        scale=options.scale,
+        mean=options.mean,
+        std=options.std,
+        num_classes=num_classes(model),
+    )
+    return dataset, evaluation
 
 
 def settings_json(options: Any, *, exclude: Sequence[str]) -> dict[str, Any]:
@@ -569,6 +652,10 @@ def evaluation_attacks(options: EvaluateOptions) -> tuple[Any, ...]:
 
     input_range = InputRange.parse(options.input_range)
     methods = [part.strip().lower() for part in options.attack.split(",") if part.strip()]
+    if methods == ["none"]:
+        if options.eps is not None or options.paper:
+            raise UsageError("--attack none measures clean accuracy alone: leave out --eps and --paper")
+        return ()
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
         raise UsageError(f"--attack {unknown[0]!r} is not one of {', '.join(METHODS)}")
