@@ -88,12 +88,14 @@ def main() -> None:
             errors = [line for line in stderr.splitlines() if line.startswith("error:")]
             rows.append((label, seconds, code, errors[0] if errors else ""))
             print(rows[-1], flush=True)
-        seconds, code, stderr = compile_run(out / "bits8", "--bits", "8", threads=arguments.threads)
-        rows.append(("--bits 8 (verification on)", seconds, code, ""))
-        print(rows[-1], flush=True)
-        seconds, code, stderr = compile_run(out / "exact", "--eval-data", str(EXACT), threads=arguments.threads)
-        rows.append((f"default, --eval-data {EXACT.name}", seconds, code, ""))
-        print(rows[-1], flush=True)
+        for folder, label, extra in (
+            ("bits8", "--bits 8 (verification on)", ["--bits", "8"]),
+            ("exact", f"default, --eval-data {EXACT.name}", ["--eval-data", str(EXACT)]),
+        ):
+            seconds, code, stderr = compile_run(out / folder, *extra, threads=arguments.threads)
+            errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+            rows.append((label, seconds, code, errors[0] if errors else ""))
+            print(rows[-1], flush=True)
 
         jpeg = np.load(JPEG)
         x_all, y_all = jpeg["x"][932:], jpeg["y"][932:].astype(np.int64)

@@ -78,15 +78,19 @@ def verification_plot(verification: Mapping[str, Any]) -> Plot:
     )
     attacks = [_describe_attack(attack) for attack in verification["attacks"]]
     for axes, (label, cost) in zip(panels, costs):
-        for model in models:
+        names: dict[tuple[float, float], list[str]] = {}
+        for model in reversed(models):  # the compiled model last, on top
             color = VERIFY_COLORS.get(model["kind"], "#9ca3af")
             x = cost(model)
             axes.scatter([x], [100 * model["clean_accuracy"]], s=60 if model["kind"] == "compiled" else 40, color=color, zorder=3)
-            axes.annotate(model["name"], (x, 100 * model["clean_accuracy"]), xytext=(5, 4), textcoords="offset points", fontsize=8, color=color)
+            names.setdefault((x, 100 * model["clean_accuracy"]), []).insert(0, model["name"])
             for index, result in enumerate(model["attacks"]):
                 axes.scatter([x], [100 * result["accuracy"]], s=36, facecolors="none", edgecolors=color,
                              marker=ATTACK_MARKERS[index % len(ATTACK_MARKERS)], zorder=3)
-        axes.set_xscale("log")
+        for index, (point, same) in enumerate(sorted(names.items())):  # models at one point share a label
+            offset = (4, 6) if index % 2 == 0 else (4, -14)  # neighbours alternate above and below
+            axes.annotate(" = ".join(same), point, xytext=offset, textcoords="offset points", fontsize=8, color="#374151")
+        axes.set_xlim(left=0, right=1.15 * max(cost(model) for model in models))
         axes.set_xlabel(label)
         axes.set_ylim(-2, 102)
         _style(axes, grid_x=True)
