@@ -173,10 +173,11 @@ class Verification:
 
     def guard_line(self) -> str:
         """One line for a guard that broke: the drop, the limit, and what to try."""
+        metric = "agreement with the float model" if self.labels == LABELS_FROM_FLOAT else "clean accuracy"
         return (
-            f"accuracy guard: the compiled model's clean accuracy is {_percent(self.compiled.clean_accuracy)}, "
+            f"accuracy guard: the compiled model's {metric} is {_percent(self.compiled.clean_accuracy)}, "
             f"{self.guard.accuracy_drop:.1f} points below float ({_percent(self.float_row.clean_accuracy)}) on "
-            f"{self.samples} held-out samples; --max-accuracy-drop is {self.guard.max_accuracy_drop:g}. "
+            f"{self.samples} evaluation samples; --max-accuracy-drop is {self.guard.max_accuracy_drop:g}. "
             "The outputs were written for inspection and marked as failing the guard "
             "(hint: give more bits, e.g. --target-avg-bits 8 or --bits 8, or --max-accuracy-drop none to accept it)"
         )

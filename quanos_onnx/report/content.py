@@ -126,7 +126,7 @@ def verification_highlights(verification: Mapping[str, Any] | None) -> list[tupl
 def guard_text(verification: Mapping[str, Any]) -> str:
     guard = verification["guard"]
     metric = "agreement" if verification["labels"] == "float model" else "clean accuracy"
-    drop = f"{metric} {guard['accuracy_drop']:.1f} points below float on {verification['data']['samples']} held-out samples"
+    drop = f"{metric} {guard['accuracy_drop']:.1f} points below float on {verification['data']['samples']} evaluation samples"
     if guard["max_accuracy_drop"] is None:
         return f"off (--max-accuracy-drop none); {drop}"
     verdict = "passed" if guard["passed"] else "FAILED"
