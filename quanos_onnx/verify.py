@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from .errors import UsageError
+from .errors import UsageError, arg
 from .harness.attacks import METHODS, Attack, InputRange
 from .harness.evaluate import AttackAccuracy, evaluate
 from .layers import Layer, list_layers
@@ -73,12 +73,12 @@ class VerifySettings:
 
     def __post_init__(self) -> None:
         if self.robust_samples < 1:
-            raise UsageError(f"--eval-samples {self.robust_samples} must be at least 1")
+            raise UsageError(f"{arg('eval_samples')} {self.robust_samples} must be at least 1")
         if self.max_accuracy_drop is not None and not (
             math.isfinite(self.max_accuracy_drop) and self.max_accuracy_drop >= 0
         ):
             raise UsageError(
-                f"--max-accuracy-drop {self.max_accuracy_drop} must be a non-negative number of points, or none"
+                f"{arg('max_accuracy_drop')} {self.max_accuracy_drop} must be a non-negative number of points, or none"
             )
 
 
@@ -205,7 +205,7 @@ def evaluation_attacks(methods: str, eps: float, input_range: InputRange | None 
         return ()
     unknown = [name for name in names if name not in METHODS]
     if unknown or not names:
-        raise UsageError(f"--eval-attacks {methods!r} is not a list of {', '.join(METHODS)}, or none")
+        raise UsageError(f"{arg('eval_attacks')} {methods!r} is not a list of {', '.join(METHODS)}, or none")
     input_range = input_range or InputRange()
     return tuple(
         Attack.fgsm(eps, input_range) if name == "fgsm" else Attack.pgd(eps, steps=EVAL_PGD_STEPS, input_range=input_range)
@@ -220,9 +220,9 @@ def parse_max_accuracy_drop(text: str | float | None) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise UsageError(f"--max-accuracy-drop {text!r} is not a number of points or 'none'") from None
+        raise UsageError(f"{arg('max_accuracy_drop')} {text!r} is not a number of points or 'none'") from None
     if not (math.isfinite(value) and value >= 0):
-        raise UsageError(f"--max-accuracy-drop {text} must be a non-negative number of points, or none")
+        raise UsageError(f"{arg('max_accuracy_drop')} {text} must be a non-negative number of points, or none")
     return value
 
 
