@@ -123,6 +123,7 @@ def analyze(
     *,
     fgsm_eps: tuple[float, ...] = (0.05, 0.1, 0.2),
     pgd_eps: tuple[float, ...] = (2 / 255, 8 / 255),
+    lipschitz: bool = False,
     attack: AttackMethod = "fgsm",
     eps: float = 0.05,
     pgd_steps: int = 10,
@@ -140,7 +141,8 @@ def analyze(
     progress: ProgressFactory = no_progress,
 ) -> AnalyzeResult:
     """Audit `model` without quantizing it: ANS per layer (`attack` at `eps`) and clean,
-    FGSM (`fgsm_eps`) and PGD (`pgd_eps`) accuracy on `data`."""
+    FGSM (`fgsm_eps`) and PGD (`pgd_eps`) accuracy on `data`; `lipschitz` adds each layer
+    block's Lipschitz bound and local ratios measured on the ANS samples."""
     from .commands.analyze import AnalyzeOptions, run_analyze
 
     return run_analyze(model, data, _options(AnalyzeOptions, locals()), progress=progress)
@@ -236,11 +238,12 @@ def export(model: ModelSource, *, to: ExportTarget) -> ExportResult:
     return run_export(model, _options(ExportOptions, locals()))
 
 
-def layers(model: ModelSource) -> LayersResult:
-    """The quantizable layers of `model` and its residual joins."""
+def layers(model: ModelSource, *, lipschitz: bool = False) -> LayersResult:
+    """The quantizable layers of `model` and its residual joins; `lipschitz` adds each
+    block's operator-norm Lipschitz bound (imports torch)."""
     from .commands.layers import run_layers
 
-    return run_layers(model)
+    return run_layers(model, lipschitz=lipschitz)
 
 
 def _options(options_class: type[Any], arguments: dict[str, Any]) -> Any:

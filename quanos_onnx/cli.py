@@ -339,13 +339,14 @@ def main() -> None:
 @main.command("layers", cls=QuanosCommand)
 @click.argument("model", metavar="MODEL", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--lipschitz", is_flag=True, help="Add each layer block's Lipschitz upper bound (operator norm, BatchNorm folded; imports torch).")
 @common_options
-def layers_command(model: str, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+def layers_command(model: str, as_json: bool, lipschitz: bool, verbose: int, quiet: bool, debug: bool) -> None:
     """List the quantizable layers of MODEL and the residual joins."""
     _configure_logging(verbose, quiet)
     from .commands.layers import run_layers
 
-    result = run_layers(model)
+    result = run_layers(model, lipschitz=lipschitz)
     _echo_result(result.document(), result.summary_text, as_json=as_json)
 
 
@@ -458,6 +459,7 @@ def compile_command(**options: Any) -> None:
 @click.option("--fgsm-eps", default="0.05,0.1,0.2", show_default=True, help="FGSM strengths for the accuracy table.")
 @click.option("--pgd-eps", default="2/255,8/255", show_default=True, help="PGD strengths for the accuracy table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+@click.option("--lipschitz", is_flag=True, help="Also each layer block's Lipschitz bound and the local ratios measured on the ANS samples (docs/method.md).")
 @attack_options
 @data_options
 @common_options

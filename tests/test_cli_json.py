@@ -48,6 +48,8 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
         "compile-bits": ("urn:quanos:quanos-compile", run_json("compile", str(model), "--data", str(data), "--bits", "6", *unguarded, "-o", str(tmp / "bits"))),
         "compile-quanos": ("urn:quanos:quanos-compile", run_json("compile", str(model), *common, "--eval-data", str(data), *unguarded, "-o", str(tmp / "quanos"))),
         "analyze": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--pgd-eps", "8/255", "-o", str(tmp / "analysis"))),
+        "layers-lipschitz": ("urn:quanos:quanos-layers", run_json("layers", str(model), "--lipschitz")),
+        "analyze-lipschitz": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--pgd-eps", "", "--fgsm-eps", "0.1", "--lipschitz")),
         "energy": ("urn:quanos:quanos-energy", run_json("energy", str(model), "--plan", str(tmp / "quanos" / "plan.json"), "--hw", "all", "-o", str(tmp / "energy"))),
         "export-qonnx": ("urn:quanos:quanos-export", run_json("export", str(tmp / "quanos" / "model.quanos.onnx"), "--to", "qonnx", "-o", str(tmp / "q.onnx"))),
         "export-ort": ("urn:quanos:quanos-export", run_json("export", str(tmp / "bits" / "model.quanos.onnx"), "--to", "ort-overrides", "-o", str(tmp / "o.json"))),
@@ -70,7 +72,7 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
 
 
 DOCUMENT_NAMES = [
-    "layers", "compile-bits", "compile-quanos", "analyze", "energy", "export-qonnx", "export-ort",
+    "layers", "layers-lipschitz", "compile-bits", "compile-quanos", "analyze", "analyze-lipschitz", "energy", "export-qonnx", "export-ort",
     "evaluate", "finetune", "plan-bits", "plan-quanos", "analysis-file", "energy-file", "evaluation-file",
     *(f"{kind}-{run}" for run in ("bits", "quanos", "analysis", "energy", "evaluation") for kind in ("report", "run")),
 ]

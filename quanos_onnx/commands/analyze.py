@@ -40,6 +40,8 @@ class AnalyzeOptions(AttackOptions):
 
     fgsm_eps: tuple[float, ...] = (0.05, 0.1, 0.2)
     pgd_eps: tuple[float, ...] = (2 / 255, 8 / 255)
+    lipschitz: bool = False
+    """Also each layer block's Lipschitz bound and local ratios on the ANS samples."""
 
     def __post_init__(self) -> None:
         from ..harness.attacks import check_fraction
@@ -88,6 +90,8 @@ class AnalyzeResult:
             {"layer": r["layer"], "ans_mean": rounded(r["ans_mean"]), "ans_std": rounded(r["ans_std"])}
             for r in doc["ans"]["layers"]
         ]
+        if doc.get("lipschitz") is not None:
+            _add_lipschitz_columns(ans_rows, doc["lipschitz"])
         evaluation = doc["evaluation"]
         accuracy_rows = [{"attack": "clean", "eps": None, "accuracy": evaluation["clean_accuracy"]}] + [
             {"attack": a["method"], "eps": round(a["eps"], 5), "accuracy": a["accuracy"]}
@@ -103,6 +107,17 @@ class AnalyzeResult:
             *(f"wrote {path}" for path in self.written),
         ]
         return "\n".join(lines)
+
+
+def _add_lipschitz_columns(rows: Sequence[dict[str, Any]], lipschitz: Mapping[str, Any]) -> None:
+    """The bound and the measured local ratio beside each layer's ANS."""
+    bounds = {row["layer"]: row for row in lipschitz["bounds"]}
+    local = {row["layer"]: row for row in (lipschitz["local"] or {}).get("layers", [])}
+    for row in rows:
+        row["lipschitz_bound"] = rounded(bounds[row["layer"]]["bound"])
+        if row["layer"] in local:
+            row["local_mean"] = rounded(local[row["layer"]]["local_mean"])
+            row["local_max"] = rounded(local[row["layer"]]["local_max"])
 
 
 def run_analyze(
@@ -144,6 +159,14 @@ def run_analyze(
             evaluation = evaluate(
                 source.proto, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance
             )
+        lipschitz = None
+        if options.lipschitz:
+            from ..harness.lipschitz import estimate_lipschitz
+
+            with progress("Lipschitz constants", count) as advance:
+                lipschitz = estimate_lipschitz(
+                    source.proto, layers, first_samples(dataset, count, options.batch_size), seed=options.seed, progress=advance
+                )
     document = {
         "format": "quanos-analysis",
         "version": 1,
@@ -152,6 +175,8 @@ def run_analyze(
         "ans": ans.to_json(),
         "evaluation": evaluation.to_json(),
     }
+    if lipschitz is not None:
+        document["lipschitz"] = lipschitz.to_json()
     model_entry = source.report_entry()
     report_document = report.report_document(
         "analyze",
