@@ -6,7 +6,7 @@ import pytest
 from harness_models import tiny_inputs
 from masked_models import smooth_model, stepped_model
 from quanos_onnx.harness.attacks import InputRange, twin_of
-from quanos_onnx.harness.masking import OVERESTIMATED, diagnose, eps_text
+from quanos_onnx.harness.masking import OVERESTIMATED, diagnose
 from quanos_onnx.harness.robustness import AttackSuite, GradientStats, RobustnessAudit, audit_robustness, audit_suite
 from quanos_onnx.harness.attacks import Attack
 
@@ -84,7 +84,3 @@ def test_more_effort_breaking_survivors_is_flagged_as_not_converged():
     (check,) = [c for c in diagnose(audit).checks if c.name.startswith("more steps")]
     assert check.flagged and check.samples == 1
     assert audit.worst_case(0.03).tolist() == [False, True, False, False]
-
-
-def test_eps_reads_as_the_paper_writes_it():
-    assert eps_text(8 / 255) == "8/255" and eps_text(0.05) == "0.05" and eps_text(0.5) == "0.5"

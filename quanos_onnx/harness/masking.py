@@ -22,12 +22,12 @@ samples it points at are at least `MATERIAL` of all samples (and at least one).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .attacks import eps_text
 from .robustness import RobustnessAudit, attack_name, is_iterative, is_white_box
 
 MATERIAL = 0.01
@@ -196,15 +196,3 @@ def _gradient_check(audit: RobustnessAudit, threshold: int) -> Check:
         stats.zero_samples,
     )
 
-
-def eps_text(eps: float) -> str:
-    """0.05 stays 0.05; multiples of 1/255 read as n/255."""
-    steps = eps * 255
-    if abs(steps - round(steps)) < 1e-6 and abs(eps * 20 - round(eps * 20)) > 1e-6:
-        return f"{round(steps)}/255"
-    return f"{eps:g}"
-
-
-def summarize(checks: Sequence[Check]) -> str:
-    """The flagged checks' evidence, joined for the verdict paragraph."""
-    return "; ".join(f"{check.name}: {check.evidence}" for check in checks if check.flagged)

@@ -197,6 +197,7 @@ def report_document(
     energy: Mapping[str, Any] | None = None,
     baselines: Sequence[Mapping[str, Any]] = (),
     evaluations: Sequence[Mapping[str, Any]] = (),
+    audits: Sequence[Mapping[str, Any]] = (),
     outputs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The quanos-report document (docs/json.md); sections a command lacks are null or empty."""
@@ -218,6 +219,7 @@ def report_document(
         "energy": None if energy is None else dict(energy),
         "baselines": [dict(baseline) for baseline in baselines],
         "evaluations": [dict(entry) for entry in evaluations],
+        "audits": [dict(entry) for entry in audits],
         "outputs": [dict(entry) for entry in outputs],
     }
 
