@@ -273,9 +273,21 @@ def attack_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--eps", default="0.05", show_default=True, help="Attack strength in [0,1]-input units (e.g. 0.05 or 8/255)."),
         click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations."),
         click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps)."),
-        click.option("--samples", type=int, default=None, help="Samples attacked for ANS (default: up to 1000)."),
+        click.option("--samples", type=int, default=None, help="Samples attacked for ANS (default: up to 1000; analyze: up to 200, for ANS and the audit)."),
         click.option("--input-range", default="0,1", show_default=True, help="LO,HI of the model's input (e.g. 0,255 for raw pixels); eps scales with it."),
         click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per attack/inference batch."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def audit_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The APGD settings and the large-eps probe of the robustness audit (analyze, evaluate)."""
+    options = [
+        click.option("--apgd-steps", type=int, default=50, show_default=True, help="APGD iterations per restart (the effort check doubles them)."),
+        click.option("--apgd-restarts", type=int, default=1, show_default=True, help="APGD random restarts (the effort check adds two)."),
+        click.option("--large-eps", default="0.5", show_default=True, help="Strength of the probe that should break every sample (masking check)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -308,14 +320,16 @@ def compile_command(**options: Any) -> None:
 @main.command("analyze", cls=QuanosCommand)
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write analysis.json and the report (report.html, report.md, report.json, run.json) here.")
-@click.option("--fgsm-eps", default="0.05,0.1,0.2", show_default=True, help="FGSM strengths for the accuracy table.")
-@click.option("--pgd-eps", default="2/255,8/255", show_default=True, help="PGD strengths for the accuracy table.")
+@click.option("--audit-attacks", default="fgsm,pgd,apgd-ce,apgd-dlr,transfer", show_default=True, help="Attacks of the robustness audit (transfer: compiled models only).")
+@click.option("--audit-eps", default="2/255,8/255", show_default=True, help="Strengths of the robustness audit; every attack runs at each.")
+@audit_options
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
 @attack_options
 @data_options
 @common_options
 def analyze_command(**options: Any) -> None:
-    """Audit MODEL without quantizing it: ANS per layer, clean/FGSM/PGD accuracy."""
+    """Audit MODEL (float or compiled): robust accuracy as the worst case over FGSM, PGD, APGD-CE/DLR
+    and transfer attacks, gradient-masking checks and a verdict, ANS per layer and its Eqn-3 bits."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
     options.pop("debug")
     from .commands.analyze import AnalyzeOptions, run_analyze
@@ -360,7 +374,9 @@ def export_command(model_path: str, target: str, output_path: str | None, as_jso
 @main.command("evaluate", cls=QuanosCommand)
 @click.argument("model_paths", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write evaluation.json and the report (report.html, report.md, report.json, run.json) here.")
-@click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated (fgsm, pgd).")
+@click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated: fgsm, pgd, apgd-ce, apgd-dlr, transfer (the last three run the robustness audit).")
+@click.option("--audit", is_flag=True, help="Run the robustness audit (worst case per sample, masking checks, verdict) for FGSM/PGD alone too.")
+@audit_options
 @click.option("--eps", default=None, help="Strengths in [0,1]-input units, comma-separated (e.g. 0.05,0.1 or 8/255,16/255).")
 @click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations.")
 @click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps).")

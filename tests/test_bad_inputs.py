@@ -348,7 +348,7 @@ OPTION_CASES = [
     Case("option-not-an-int", lambda tmp: compile_args("{model}", "{data}", "--samples", "many"), "--samples", USAGE),
     Case("option-missing-argument", lambda tmp: ["compile", "--data", "{data}", "-o", "{out}"], "MODEL", USAGE),
     Case("option-unknown-command", lambda tmp: ["compiel", "{model}"], "compiel", USAGE),
-    Case("option-analyze-fgsm-eps", lambda tmp: ["analyze", "{model}", "--data", "{data}", "--fgsm-eps", "0.1,3", "-o", "{out}"], "--fgsm-eps", USAGE),
+    Case("option-analyze-audit-eps", lambda tmp: ["analyze", "{model}", "--data", "{data}", "--audit-eps", "0.1,3", "-o", "{out}"], "--audit-eps", USAGE),
     Case("option-energy-plan-unknown-layer", lambda tmp: ["energy", "{model}", "--plan", plan_file(tmp, plan_document(layers=[{"name": "fc", "bits": 4}])), "-o", "{out}"], "fc"),
 ]
 

@@ -12,7 +12,7 @@ from ..layers import list_layers
 from ..model import load_model
 from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
-from .options import DataOptions, ans_samples, eps_list, first_samples, load_data, settings_json
+from .options import AuditSettings, DataOptions, ans_samples, audit_model, eps_list, first_samples, load_data, settings_json
 
 
 EVALUATION_FILE = "evaluation.json"
@@ -38,6 +38,23 @@ class EvaluateOptions(DataOptions):
     as_json: bool = False
     input_range: str = "0,1"
     batch_size: int = 64
+    audit: bool = False
+    apgd_steps: int = 50
+    apgd_restarts: int = 1
+    large_eps: str = "0.5"
+
+    def methods(self) -> list[str]:
+        return [part.strip().lower() for part in self.attack.split(",") if part.strip()]
+
+    def audits(self) -> bool:
+        """The robustness audit runs with --audit or when an APGD or transfer attack is asked for."""
+        return self.audit or any(method not in ("fgsm", "pgd") for method in self.methods())
+
+    def audit_settings(self) -> AuditSettings:
+        return AuditSettings(
+            ",".join(self.methods()), self.eps or "", self.apgd_steps, self.apgd_restarts, self.large_eps,
+            self.input_range, pgd_steps=self.pgd_steps, pgd_alpha=self.pgd_alpha,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,9 +85,27 @@ class EvaluateResult:
             "attacks white-box through each model's twin, accuracy counted by onnxruntime",
             format_table(self.rows()),
             *(f"{entry['name']}: {entry['path']} ({entry['kind']})" for entry in doc["models"]),
-            *(f"wrote {path}" for path in self.written),
         ]
+        for entry in doc["models"]:
+            if "audit" in entry:
+                lines += ["", *_audit_lines(entry["audit"])]
+        lines += [f"wrote {path}" for path in self.written]
         return "\n".join(lines)
+
+
+def _audit_lines(audit: Mapping[str, Any]) -> list[str]:
+    """One model's verdict, robust-accuracy table (worst case per eps) and masking checks."""
+    import textwrap
+
+    from ..report.audit import accuracy_rows, check_rows
+    from ..report.text import format_table
+
+    return [
+        textwrap.fill(audit["verdict"], width=100),
+        format_table(accuracy_rows(audit["robustness"])),
+        f"gradient-masking checks: {audit['masking']['verdict']}",
+        format_table(check_rows(audit["masking"])),
+    ]
 
 
 def eps_label(eps: float) -> str:
@@ -86,12 +121,16 @@ def evaluation_attacks(options: EvaluateOptions) -> tuple[Any, ...]:
     from ..errors import UsageError
     from ..harness.attacks import METHODS, InputRange, parse_eps
     from ..harness.evaluate import attack_grid
+    from ..harness.robustness import AUDIT_METHODS
 
     input_range = InputRange.parse(options.input_range)
     methods = [part.strip().lower() for part in options.attack.split(",") if part.strip()]
-    unknown = [method for method in methods if method not in METHODS]
+    known = AUDIT_METHODS if options.audits() else METHODS
+    unknown = [method for method in methods if method not in known]
     if unknown:
-        raise UsageError(f"--attack {unknown[0]!r} is not one of {', '.join(METHODS)}")
+        raise UsageError(f"--attack {unknown[0]!r} is not one of {', '.join(AUDIT_METHODS)}")
+    if options.paper and options.audits():
+        raise UsageError("--paper is the paper's FGSM/PGD grid; for the audit and APGD/transfer attacks give --eps")
     if options.paper:
         if options.eps is not None or options.pgd_alpha is not None:
             raise UsageError("--paper sets eps and the PGD step itself: leave out --eps and --pgd-alpha")
@@ -105,8 +144,12 @@ def evaluation_attacks(options: EvaluateOptions) -> tuple[Any, ...]:
         raise UsageError("--eps is required (or --paper for the paper's grid)", hint="e.g. --eps 0.05,0.1 or --eps 8/255")
     alpha = parse_eps(options.pgd_alpha, "--pgd-alpha") if options.pgd_alpha else None
     return attack_grid(
-        methods, eps_list(options.eps, "--eps", parse_eps), steps=options.pgd_steps, alpha=alpha, input_range=input_range
-    )
+        [method for method in methods if method in METHODS],
+        eps_list(options.eps, "--eps", parse_eps),
+        steps=options.pgd_steps,
+        alpha=alpha,
+        input_range=input_range,
+    ) if any(method in METHODS for method in methods) else ()
 
 
 def run_evaluate(
@@ -128,6 +171,7 @@ def run_evaluate(
     from ..harness.evaluate import evaluate
     from ..model import input_shape
     from ..outputs import OutputDir
+    from ..report.audit import audit_section
 
     clock = report.RunClock.start(command_line)
     if not options.model_paths:
@@ -142,6 +186,7 @@ def run_evaluate(
     names = _short_names([path for path, _ in models])
     entries = []
     evaluations = []
+    audits: list[dict[str, Any]] = []
     labels = "data"
     for (path, model), name in zip(models, names):
         if input_shape(model)[1:] != input_shape(first_model)[1:]:
@@ -150,18 +195,31 @@ def run_evaluate(
                 f"{list(input_shape(first_model))}; evaluate models of one input shape together"
             )
         plan = compiled_plan(model)
-        with progress(f"{name} ({len(attacks)} attacks)", count) as advance:
-            evaluation = evaluate(model, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance)
+        kind = "float" if plan is None else f"compiled ({plan.method})"
+        audit = None
+        if options.audits():
+            with progress(f"{name} (robustness audit)", count) as advance:
+                robustness, masking = audit_model(
+                    model, first_samples(dataset, count, options.batch_size), options.audit_settings(),
+                    seed=options.seed, progress=advance,
+                )
+            evaluation = robustness.evaluation()
+            audit = audit_section(robustness.to_json(), masking.to_json(), None, model=name, kind=kind)
+            audits.append(audit)
+        else:
+            with progress(f"{name} ({len(attacks)} attacks)", count) as advance:
+                evaluation = evaluate(model, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance)
         labels = evaluation.labels
         evaluations.append((path, evaluation))
         entries.append(
             {
                 "name": name,
                 "path": str(Path(path)),
-                "kind": "float" if plan is None else f"compiled ({plan.method})",
+                "kind": kind,
                 "method": None if plan is None else plan.method,
                 "average_weight_bits": None if plan is None else _average_bits(plan, float_model_of(model)),
                 "evaluation": evaluation.to_json(),
+                **({} if audit is None else {"audit": audit}),
             }
         )
     document = {
@@ -181,6 +239,7 @@ def run_evaluate(
                 data=report.data_input(options.data_path, count, dataset.selection),
                 seed=options.seed,
                 settings=settings_json(options, exclude=("model_paths", "data_path", "output_dir", "as_json")),
+                audits=audits,
             ),
         }
         written = tuple(str(p) for p in output.write(files))

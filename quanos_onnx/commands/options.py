@@ -103,3 +103,72 @@ def eps_list(text: str, option: str, parse: Callable[[str, str], float]) -> list
 
 def rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+DEFAULT_AUDIT_SAMPLES = 200
+"""analyze's default sample count: about a minute on ResNet-20 on the 2-core VM, and a robust
+accuracy of 0 reads as [0, 1.9%] (95% Wilson); docs/benchmarks.md has the timings."""
+
+AUDIT_METHODS_DEFAULT = "fgsm,pgd,apgd-ce,apgd-dlr,transfer"
+PAPER_PGD_STEPS = 7
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The robustness audit's attacks, shared by analyze and evaluate (docs/method.md#robustness-audit).
+
+    FGSM and PGD run with the paper's settings by default (PGD: 7 steps of 2/255); APGD with
+    `apgd_steps` and `apgd_restarts`; the effort check doubles the steps and adds two restarts;
+    `large_eps` is the eps of the probe that should break every sample.
+    """
+
+    methods: str = AUDIT_METHODS_DEFAULT
+    eps: str = "2/255,8/255"
+    apgd_steps: int = 50
+    apgd_restarts: int = 1
+    large_eps: str = "0.5"
+    input_range: str = "0,1"
+    pgd_steps: int = PAPER_PGD_STEPS
+    pgd_alpha: str | None = "2/255"
+    eps_option: str = "--eps"
+    """The option that gave `eps`, named in errors (analyze's is --audit-eps)."""
+
+    def suite(self, *, compiled: bool) -> Any:
+        """The AttackSuite; transfer is left out for a float model (nothing to transfer from)."""
+        from ..harness.attacks import InputRange, parse_eps
+        from ..harness.robustness import audit_suite
+
+        methods = [part.strip().lower() for part in self.methods.split(",") if part.strip()]
+        return audit_suite(
+            eps_list(self.eps, self.eps_option, parse_eps),
+            methods,
+            input_range=InputRange.parse(self.input_range),
+            apgd_steps=self.apgd_steps,
+            restarts=self.apgd_restarts,
+            pgd_steps=self.pgd_steps,
+            pgd_alpha=None if self.pgd_alpha is None else parse_eps(self.pgd_alpha, "--pgd-alpha"),
+            large_eps=parse_eps(self.large_eps, "--large-eps"),
+            transfer=compiled,
+        )
+
+
+def audit_model(
+    model: onnx.ModelProto,
+    batches: Iterator[tuple[np.ndarray, np.ndarray | None]],
+    settings: AuditSettings,
+    *,
+    seed: int,
+    progress: Any,
+) -> tuple[Any, Any]:
+    """(RobustnessAudit, MaskingDiagnosis) of one model; a compiled model's transfer attacks
+    are crafted on its float graph (finetune.graph.float_model_of)."""
+    from ..finetune.graph import compiled_plan, float_model_of
+    from ..harness.attacks import twin_of
+    from ..harness.masking import diagnose
+    from ..harness.robustness import audit_robustness
+
+    compiled = compiled_plan(model) is not None
+    suite = settings.suite(compiled=compiled)
+    source = twin_of(float_model_of(model)) if compiled and suite.needs_source() else None
+    audit = audit_robustness(model, batches, suite, source=source, seed=seed, progress=progress)
+    return audit, diagnose(audit)

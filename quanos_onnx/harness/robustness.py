@@ -28,6 +28,7 @@ from ..model import Runner, output_names
 from .ans import Batches, Progress
 from .apgd import Apgd, apgd_perturb, per_sample_loss
 from .attacks import Attack, LogitsModel, attack_labels, perturb, predictions, twin_of
+from .evaluate import AttackAccuracy, Evaluation
 
 if TYPE_CHECKING:
     import torch
@@ -181,6 +182,20 @@ class RobustnessAudit:
     def outcome(self, attack: AnyAttack) -> np.ndarray:
         return self.outcomes[self.suite.attacks.index(attack)]
 
+    def evaluation(self) -> Evaluation:
+        """The FGSM/PGD rows as harness.evaluate's Evaluation (the documents' `evaluation`).
+
+        Unlike evaluate(), a sample misclassified clean is never attacked, so it counts as
+        broken even where an attack would have pushed it onto its label.
+        """
+        clean = float(self.clean.mean())
+        rows = tuple(
+            AttackAccuracy(attack, float(outcome.mean()), clean - float(outcome.mean()))
+            for attack, outcome in zip(self.suite.attacks, self.outcomes)
+            if isinstance(attack, Attack)
+        )
+        return Evaluation(self.samples, self.labels, clean, rows)
+
     def to_json(self) -> dict[str, Any]:
         def share(robust: np.ndarray) -> dict[str, Any]:
             return wilson(int(robust.sum()), self.samples).to_json()
@@ -244,9 +259,10 @@ def audit_robustness(
         x_in, y_in = x[rows], labels[rows]
 
         def survives(x_adv: np.ndarray) -> np.ndarray:
-            (adv_logits,) = runner.run(x_adv, [logits_name])
             kept = correct.copy()
-            kept[rows] = predictions(adv_logits) == y_in
+            if len(rows):
+                (adv_logits,) = runner.run(x_adv, [logits_name])
+                kept[rows] = predictions(adv_logits) == y_in
             return kept
 
         if len(rows):

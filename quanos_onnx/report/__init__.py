@@ -57,10 +57,12 @@ def evaluation_report_files(
     data: Mapping[str, Any] | None = None,
     seed: int | None = None,
     settings: Mapping[str, Any] | None = None,
+    audits: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, str]:
     """The report files of `quanos evaluate`: one (model path, Evaluation) per model evaluated.
 
-    `data` is data_input(path, samples, selection); `settings` the attack options as given.
+    `data` is data_input(path, samples, selection); `settings` the attack options as given;
+    `audits` the robustness audits (report.audit.audit_section) when they ran.
     The report plots accuracy against eps per attack method with one line per model.
     """
     models = [file_input(path) for path, _ in evaluations]
@@ -74,6 +76,7 @@ def evaluation_report_files(
             {"model": model, "evaluation": evaluation.to_json()}
             for model, (_, evaluation) in zip(models, evaluations)
         ],
+        audits=audits,
     )
     return report_files(document, run)
 

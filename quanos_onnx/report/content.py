@@ -47,10 +47,10 @@ def build_content(document: Mapping[str, Any], run: RunInfo) -> Content:
     tables = [
         table
         for table in (
+            *_audit_tables(document),
             _layers_table(document),
             _totals_table(document),
             _accuracy_table(document),
-            *_audit_tables(document),
             _outputs_table(document),
         )
         if table is not None
