@@ -333,7 +333,7 @@ OPTION_CASES = [
     Case("option-samples-zero", quanos_args("--samples", "0"), "--samples", USAGE),
     Case("option-samples-too-many", quanos_args("--samples", "999"), "--samples"),
     Case("option-rounds-zero", quanos_args("--rounds", "0"), "--rounds", USAGE),
-    Case("option-pgd-steps-zero", lambda tmp: ["analyze", "{model}", "--data", "{data}", "--pgd-steps", "0", "-o", "{out}"], "--pgd-steps", USAGE),
+    Case("option-pgd-steps-zero", lambda tmp: ["analyze", "{model}", "--data", "{data}", "--attack", "pgd", "--pgd-steps", "0", "-o", "{out}"], "--pgd-steps", USAGE),
     Case("option-k-min-above-k-init", quanos_args("--k-min", "9", "--k-init", "8"), "--k-min", USAGE),
     Case("option-bits-out-of-range", lambda tmp: compile_args()[:-2] + ["-o", "{out}", "--bits", "17"], "--bits", USAGE),
     Case("option-bits-and-plan", lambda tmp: compile_args("{model}", "{data}", "--plan", plan_file(tmp, plan_document())), "--plan", USAGE),

@@ -5,10 +5,10 @@ import pytest
 
 from harness_models import tiny_inputs
 from masked_models import smooth_model, stepped_model
-from quanos_onnx.harness.attacks import InputRange, twin_of
+from quanos_onnx.harness.apgd import Apgd
+from quanos_onnx.harness.attacks import Attack, InputRange, twin_of
 from quanos_onnx.harness.masking import OVERESTIMATED, diagnose
 from quanos_onnx.harness.robustness import AttackSuite, GradientStats, RobustnessAudit, audit_robustness, audit_suite
-from quanos_onnx.harness.attacks import Attack
 
 
 def _audit(model, source=None):
@@ -76,8 +76,6 @@ def test_iterative_weaker_than_fgsm_and_accuracy_rising_with_eps_are_flagged():
 
 
 def test_more_effort_breaking_survivors_is_flagged_as_not_converged():
-    from quanos_onnx.harness.apgd import Apgd
-
     attack = Apgd("ce", 0.03, steps=10)
     stronger = Apgd("ce", 0.03, steps=20, restarts=3)
     audit = _toy_audit([True] * 4, [[True, True, False, False]], [attack], effort=[False, True, False, False], effort_check=stronger)

@@ -5,8 +5,8 @@ import pytest
 
 from harness_models import TinyTorch, tiny_inputs, tiny_onnx, tiny_weights
 from quanos_onnx.errors import UsageError
-from quanos_onnx.harness.apgd import Apgd, apgd_perturb
-from quanos_onnx.harness.attacks import Attack, InputRange, perturb
+from quanos_onnx.harness.apgd import apgd_perturb
+from quanos_onnx.harness.attacks import InputRange, perturb
 from quanos_onnx.harness.robustness import Transfer, audit_robustness, audit_suite, wilson
 from quanos_onnx.model import Runner
 

@@ -56,6 +56,7 @@ class AnalyzeOptions(DataOptions):
         return AuditSettings(
             self.audit_attacks, self.audit_eps, self.apgd_steps, self.apgd_restarts, self.large_eps, self.input_range,
             eps_option="--audit-eps",
+            methods_option="--audit-attacks",
         )
 
 

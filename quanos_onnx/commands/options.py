@@ -131,7 +131,8 @@ class AuditSettings:
     pgd_steps: int = PAPER_PGD_STEPS
     pgd_alpha: str | None = "2/255"
     eps_option: str = "--eps"
-    """The option that gave `eps`, named in errors (analyze's is --audit-eps)."""
+    methods_option: str = "--attack"
+    """The options that gave `eps` and `methods`, named in errors (analyze's: --audit-eps, --audit-attacks)."""
 
     def suite(self, *, compiled: bool) -> Any:
         """The AttackSuite; transfer is left out for a float model (nothing to transfer from)."""
@@ -149,6 +150,7 @@ class AuditSettings:
             pgd_alpha=None if self.pgd_alpha is None else parse_eps(self.pgd_alpha, "--pgd-alpha"),
             large_eps=parse_eps(self.large_eps, "--large-eps"),
             transfer=compiled,
+            option=self.methods_option,
         )
 
 

@@ -126,7 +126,7 @@ def _effort_check(audit: RobustnessAudit, threshold: int) -> list[Check]:
             f"more steps and restarts at eps {eps_text(check.eps)}",
             broken >= threshold,
             f"{check.describe()} broke {_of(broken, audit)} that the audit's attacks left standing"
-            + ("" if broken >= threshold else " (the audit's attacks had converged)"),
+            + ("" if broken >= threshold else " (the audit's figure held)"),
             broken,
         )
     ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import numpy as np
 import onnx
@@ -29,9 +29,6 @@ from .ans import Batches, Progress
 from .apgd import Apgd, apgd_perturb, per_sample_loss
 from .attacks import Attack, LogitsModel, attack_labels, perturb, predictions, twin_of
 from .evaluate import AttackAccuracy, Evaluation
-
-if TYPE_CHECKING:
-    import torch
 
 AUDIT_METHODS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "transfer")
 
@@ -154,7 +151,12 @@ class GradientStats:
 
 @dataclass(frozen=True)
 class RobustnessAudit:
-    """Per-sample outcomes of one model under a suite (True: still classified correctly)."""
+    """Per-sample outcomes of one model under a suite (True: still classified correctly).
+
+    `outcomes` follow `suite.attacks`; `effort` and `large_eps` are the two probes (None when
+    not run). `twin_disagreements` counts white-box adversarial inputs that fooled the twin but
+    not onnxruntime: onnxruntime decides, so those samples count as robust.
+    """
 
     suite: AttackSuite
     labels: str
@@ -364,12 +366,13 @@ def audit_suite(
     pgd_alpha: float | None,
     large_eps: float | None,
     transfer: bool,
+    option: str = "--attack",
 ) -> AttackSuite:
     """The suite of `methods` (fgsm, pgd, apgd-ce, apgd-dlr, transfer) at every eps.
 
     The effort check is APGD-CE with twice the steps and two more restarts at the largest
     eps; transfer is APGD-CE crafted on the float model. `transfer` False drops it (a float
-    model has no other model to transfer from).
+    model has no other model to transfer from). `option` names the option in errors.
     """
     attacks: list[AnyAttack] = []
     for eps in eps_values:
@@ -384,9 +387,9 @@ def audit_suite(
                 if transfer:
                     attacks.append(Transfer(Apgd("ce", eps, apgd_steps, restarts, input_range)))
             else:
-                raise UsageError(f"--attack {method!r} is not one of {', '.join(AUDIT_METHODS)}")
+                raise UsageError(f"{option} {method!r} is not one of {', '.join(AUDIT_METHODS)}")
     if not attacks:
-        raise UsageError("--attack: nothing to run", hint="transfer needs a compiled model; add fgsm, pgd or apgd-ce")
+        raise UsageError(f"{option}: nothing to run", hint="transfer needs a compiled model; add fgsm, pgd or apgd-ce")
     effort = Apgd("ce", max(eps_values), 2 * apgd_steps, restarts + 2, input_range)
     large = None if large_eps is None else Apgd("ce", large_eps, apgd_steps, 1, input_range)
     return AttackSuite(tuple(attacks), effort, large)

@@ -96,7 +96,7 @@ def accuracy_rows(robustness: Mapping[str, Any]) -> list[dict[str, object]]:
         rows += [_row(a["name"], eps, a) for a in robustness["attacks"] if a["eps"] == eps]
         effort = robustness.get("effort_check")
         if effort and effort["eps"] == eps:
-            rows.append(_row(f"+ apgd-ce x{effort['steps']}x{effort['restarts']}", eps, effort))
+            rows.append(_row(f"effort check: apgd-ce {effort['steps']} steps x{effort['restarts']}", eps, effort))
         rows += [_row("worst case", eps, w) for w in robustness["worst_case"] if w["eps"] == eps]
     large = robustness.get("large_eps_check")
     if large:
