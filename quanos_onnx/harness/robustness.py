@@ -268,11 +268,8 @@ def audit_robustness(
             return kept
 
         if len(rows):
-            gradient = _input_gradient(model, x_in, y_in)
-            flat = np.abs(gradient.reshape(len(rows), -1))
-            zero_samples += int((flat.max(axis=1) == 0).sum())
-            zero_entries += int((flat == 0).sum())
-            entries += flat.size
+            all_zero, zeros, size = _zero_gradients(model, x_in, y_in)
+            zero_samples, zero_entries, entries = zero_samples + all_zero, zero_entries + zeros, entries + size
             attacked += len(rows)
         for position, attack in enumerate(suite.attacks):
             rng = np.random.default_rng([seed, index, position])
@@ -282,19 +279,12 @@ def audit_robustness(
                 disagreements += int((_twin_misclassifies(model, x_adv, y_in) & kept[rows]).sum())
             outcome_parts[position].append(kept)
         if suite.effort_check is not None:
-            check = suite.effort_check
             standing = correct.copy()
             for attack, parts in zip(suite.attacks, outcome_parts):
-                if attack.eps == check.eps:
+                if attack.eps == suite.effort_check.eps:
                     standing &= parts[-1]
-            chosen = np.flatnonzero(standing)
-            kept = standing.copy()
-            if len(chosen):
-                rng = np.random.default_rng([seed, index, len(suite.attacks)])
-                x_adv = apgd_perturb(model, x[chosen], labels[chosen], check, rng=rng)
-                (adv_logits,) = runner.run(x_adv, [logits_name])
-                kept[chosen] = predictions(adv_logits) == labels[chosen]
-            effort_parts.append(kept)
+            rng = np.random.default_rng([seed, index, len(suite.attacks)])
+            effort_parts.append(_effort_outcome(suite.effort_check, model, runner, logits_name, x, labels, standing, rng))
         if suite.large_eps_check is not None:
             rng = np.random.default_rng([seed, index, len(suite.attacks) + 1])
             x_adv = apgd_perturb(model, x_in, y_in, suite.large_eps_check, rng=rng) if len(rows) else x_in
@@ -331,8 +321,8 @@ def _craft(
     return perturb(model, x, labels, attack, rng=rng)
 
 
-def _input_gradient(model: LogitsModel, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """d CE / dx per sample, as the attacks see it."""
+def _zero_gradients(model: LogitsModel, x: np.ndarray, labels: np.ndarray) -> tuple[int, int, int]:
+    """(samples whose d CE / dx is all zero, zero entries, entries) at the clean points."""
     import torch
 
     inputs = torch.from_numpy(np.array(x, dtype=np.float32)).requires_grad_(True)
@@ -340,7 +330,28 @@ def _input_gradient(model: LogitsModel, x: np.ndarray, labels: np.ndarray) -> np
         logits = model(inputs).reshape(len(inputs), -1)
         loss = per_sample_loss(logits, torch.from_numpy(np.array(labels, dtype=np.int64)), "ce").sum()
         (gradient,) = torch.autograd.grad(loss, inputs)
-    return gradient.numpy()
+    magnitude = gradient.abs().reshape(len(inputs), -1).numpy()
+    return int((magnitude.max(axis=1) == 0).sum()), int((magnitude == 0).sum()), magnitude.size
+
+
+def _effort_outcome(
+    check: Apgd,
+    model: LogitsModel,
+    runner: Runner,
+    logits_name: str,
+    x: np.ndarray,
+    labels: np.ndarray,
+    standing: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Which of the `standing` samples also survive the stronger APGD run (others: False)."""
+    kept = standing.copy()
+    chosen = np.flatnonzero(standing)
+    if len(chosen):
+        x_adv = apgd_perturb(model, x[chosen], labels[chosen], check, rng=rng)
+        (adv_logits,) = runner.run(x_adv, [logits_name])
+        kept[chosen] = predictions(adv_logits) == labels[chosen]
+    return kept
 
 
 def _twin_misclassifies(model: LogitsModel, x_adv: np.ndarray, labels: np.ndarray) -> np.ndarray:
