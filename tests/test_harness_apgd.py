@@ -85,9 +85,9 @@ def test_dlr_needs_three_classes():
 def test_bad_settings_are_usage_errors():
     with pytest.raises(UsageError, match="loss"):
         Apgd("cw", 0.1)
-    with pytest.raises(UsageError, match="--apgd-steps"):
+    with pytest.raises(UsageError, match="apgd_steps"):
         Apgd("ce", 0.1, steps=0)
-    with pytest.raises(UsageError, match="--eps"):
+    with pytest.raises(UsageError, match="eps"):
         Apgd("ce", 2.0)
 
 

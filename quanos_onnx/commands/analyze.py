@@ -1,69 +1,91 @@
-"""`quanos analyze`: audit a model without quantizing it: robustness under several attacks with
-masking diagnostics and a verdict, ANS per layer and what it implies for Eqn 3."""
+"""`quanos analyze`: audit a model (float or compiled) without quantizing it: robustness under
+several attacks with gradient-masking checks and a verdict, ANS per layer and what it implies
+for Eqn 3."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..layers import list_layers
-from ..model import check_finite_initializers, load_model
+from ..layers import Layer, list_layers
+from ..model import check_finite_initializers, check_finite_outputs
 from ..progress import ProgressFactory, no_progress
 from .options import (
-    AUDIT_METHODS_DEFAULT,
+    check_data_range,
+    AUDIT_METHODS,
     DEFAULT_AUDIT_SAMPLES,
+    AttackOptions,
+    AuditMethod,
     AuditSettings,
-    DataOptions,
-    ans_samples,
     audit_model,
+    DataSource,
+    ModelSource,
+    ans_samples,
+    api_command_line,
+    data_entry,
     first_samples,
+    input_paths,
     load_data,
-    make_attack,
+    read_model,
     rounded,
-    settings_json,
     weights_and_biases,
 )
+from .results import check_output_dir, save_files
 
+if TYPE_CHECKING:
+    from ..report import RunInfo
 
 ANALYSIS_FILE = "analysis.json"
 
 
-@dataclass(frozen=True)
-class AnalyzeOptions(DataOptions):
-    """`quanos analyze`: the ANS attack and data options of compile, plus the robustness audit."""
+@dataclass(frozen=True, kw_only=True)
+class AnalyzeOptions(AttackOptions):
+    """The ANS attack and data options of compile, plus the robustness audit: every method of
+    `audit_attacks` at every `audit_eps` (FGSM, and PGD with the paper's 7 steps of 2/255),
+    APGD with `apgd_steps` and `apgd_restarts`, and the `large_eps` probe. `samples` (default
+    DEFAULT_AUDIT_SAMPLES) counts for ANS and the audit."""
 
-    model_path: str
-    data_path: str | None = None
-    output_dir: str | None = None
-    audit_attacks: str = AUDIT_METHODS_DEFAULT
-    audit_eps: str = "2/255,8/255"
+    audit_attacks: tuple[AuditMethod, ...] = AUDIT_METHODS
+    audit_eps: tuple[float, ...] = (2 / 255, 8 / 255)
     apgd_steps: int = 50
     apgd_restarts: int = 1
-    large_eps: str = "0.5"
-    as_json: bool = False
-    eps: str = "0.05"
-    samples: int | None = None
-    attack: str = "fgsm"
-    pgd_steps: int = 10
-    pgd_alpha: str | None = None
-    input_range: str = "0,1"
-    batch_size: int = 64
+    large_eps: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.audit_settings().suite(compiled=True)  # bad audit options fail before any work
 
     def audit_settings(self) -> AuditSettings:
         return AuditSettings(
-            self.audit_attacks, self.audit_eps, self.apgd_steps, self.apgd_restarts, self.large_eps, self.input_range,
-            eps_option="--audit-eps",
-            methods_option="--audit-attacks",
+            self.audit_attacks, self.audit_eps, self.apgd_steps, self.apgd_restarts, self.large_eps,
+            self.input_range, names=("audit_attacks", "audit_eps"),
         )
 
 
 @dataclass(frozen=True)
 class AnalyzeResult:
+    """`document` is the quanos-analysis document (analysis.json), `report` the report's."""
+
     document: Mapping[str, Any]
-    written: tuple[str, ...]
+    layers: tuple[Layer, ...]
+    report: Mapping[str, Any]
+    run: RunInfo
+    inputs: tuple[Path, ...] = ()
+    written: tuple[Path, ...] = ()
+
+    def files(self) -> dict[str, bytes | str]:
+        """The files `quanos analyze -o` writes: analysis.json and the report."""
+        from .. import report
+
+        return {ANALYSIS_FILE: report.dumps(self.document), **report.report_files(self.report, self.run)}
+
+    def save(self, directory: str | os.PathLike[str]) -> tuple[Path, ...]:
+        """Write files() into `directory`, all or nothing; never over an input file."""
+        return save_files(directory, self.files(), self.inputs)
 
     def summary_text(self) -> str:
         from ..report.audit import accuracy_rows, check_rows
@@ -96,75 +118,73 @@ class AnalyzeResult:
 
 
 def run_analyze(
+    model: ModelSource,
+    data: DataSource,
     options: AnalyzeOptions,
-    command_line: Sequence[str] = (),
+    *,
+    save_to: str | os.PathLike[str] | None = None,
+    command_line: Sequence[str] | None = None,
     progress: ProgressFactory = no_progress,
 ) -> AnalyzeResult:
     """Audit a model (float or compiled) without quantizing it: the robustness audit with
-    masking diagnostics and a verdict, ANS per layer and what it implies for Eqn 3."""
+    masking checks and a verdict, ANS per layer and what it implies for Eqn 3."""
     from .. import report
     from ..errors import ModelError
     from ..finetune.graph import compiled_plan, float_model_of
     from ..harness.ans import measure_ans
-    from ..outputs import OutputDir
     from ..report.audit import audit_section, eqn3_implication
+    from ..threads import using_threads
 
-    clock = report.RunClock.start(command_line)
-    inputs = [p for p in (options.model_path, options.data_path) if p]
-    output = OutputDir(options.output_dir, inputs=inputs) if options.output_dir else None
-    model = load_model(options.model_path)
-    plan = compiled_plan(model)
-    float_model = model if plan is None else float_model_of(model)
+    clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
+    inputs = input_paths(model, data)
+    check_output_dir(save_to, inputs, names=(ANALYSIS_FILE, *report.REPORT_FILES))
+    source = read_model(model)
+    plan = compiled_plan(source.proto)
+    float_model = source.proto if plan is None else float_model_of(source.proto)
     layers = list_layers(float_model)
     if not layers:
-        raise ModelError(f"{options.model_path}: no quantizable layer to analyze")
-    check_finite_initializers(float_model, weights_and_biases(layers), options.model_path)
-    dataset = load_data(options, model)
-    attack = make_attack(options)
-    settings = options.audit_settings()
-    settings.suite(compiled=plan is not None)  # bad attack options fail before any work
-    count = audit_samples(options, dataset)
-    with progress(f"ANS ({attack.describe()})", count) as advance:
-        ans = measure_ans(model, layers, first_samples(dataset, count, options.batch_size), attack, seed=options.seed, progress=advance)
-    with progress("robustness audit", count) as advance:
-        robustness, masking = audit_model(
-            model, first_samples(dataset, count, options.batch_size), settings, seed=options.seed, progress=advance
-        )
+        raise ModelError(f"{source.name}: no quantizable layer to analyze")
+    check_finite_initializers(float_model, weights_and_biases(layers), source.name)
+    attack = options.ans_attack()
+    with using_threads(options.threads):
+        dataset = load_data(data, options, source.proto, model_name=source.name)
+        check_data_range(options.input_range, dataset, attacked=True)
+        check_finite_outputs(source.proto, dataset.x[: options.batch_size], source.name)
+        count = ans_samples(options.samples, dataset, default=DEFAULT_AUDIT_SAMPLES)
+        with progress(f"ANS ({attack.describe()})", count) as advance:
+            ans = measure_ans(
+                source.proto, layers, first_samples(dataset, count, options.batch_size), attack, seed=options.seed, progress=advance
+            )
+        with progress("robustness audit", count) as advance:
+            robustness, masking = audit_model(
+                source.proto, first_samples(dataset, count, options.batch_size), options.audit_settings(),
+                seed=options.seed, progress=advance,
+            )
     kind = "float" if plan is None else f"compiled ({plan.method})"
     audit = audit_section(
         robustness.to_json(), masking.to_json(), eqn3_implication(layers, ans.to_json()["layers"]),
-        model=Path(options.model_path).name, kind=kind,
+        model=Path(source.name).name, kind=kind,
     )
     document = {
         "format": "quanos-analysis",
         "version": 1,
-        "model": options.model_path,
+        "model": source.name,
         "data": {"source": dataset.source, "samples": count},
         "ans": ans.to_json(),
         "evaluation": robustness.evaluation().to_json(),
         "audit": audit,
     }
-    written: tuple[str, ...] = ()
-    if output is not None:
-        model_entry = report.file_input(options.model_path)
-        report_document = report.report_document(
-            "analyze",
-            models=[model_entry],
-            data=report.data_input(options.data_path, dataset.count, dataset.selection),
-            seed=options.seed,
-            settings=settings_json(options, exclude=("model_path", "data_path", "output_dir", "as_json")),
-            layers=report.layer_rows(layers, None, document["ans"]),
-            ans=document["ans"],
-            evaluations=[{"model": model_entry, "evaluation": document["evaluation"]}],
-            audits=[audit],
-        )
-        files = {ANALYSIS_FILE: report.dumps(document), **report.report_files(report_document, clock.finish())}
-        written = tuple(str(p) for p in output.write(files))
-    return AnalyzeResult(document, written)
-
-
-def audit_samples(options: AnalyzeOptions, dataset: Any) -> int:
-    """--samples, or DEFAULT_AUDIT_SAMPLES (fewer if the data has fewer)."""
-    if options.samples is None:
-        return min(DEFAULT_AUDIT_SAMPLES, dataset.count)
-    return ans_samples(options, dataset)
+    model_entry = source.report_entry()
+    report_document = report.report_document(
+        "analyze",
+        models=[model_entry],
+        data=data_entry(data, dataset, dataset.count),
+        seed=options.seed,
+        settings=options.settings(),
+        layers=report.layer_rows(layers, None, document["ans"]),
+        ans=document["ans"],
+        evaluations=[{"model": model_entry, "evaluation": document["evaluation"]}],
+        audits=[audit],
+    )
+    result = AnalyzeResult(document, tuple(layers), report_document, clock.finish(), tuple(inputs))
+    return result if save_to is None else replace(result, written=result.save(save_to))

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import UsageError, arg
 from .attacks import InputRange, LogitsModel, check_fraction
 
 if TYPE_CHECKING:
@@ -63,11 +63,11 @@ class Apgd:
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
-            raise UsageError(f"APGD loss {self.loss!r} is not one of {', '.join(LOSSES)}")
-        check_fraction(self.eps, "--eps")
-        for name, value in (("--apgd-steps", self.steps), ("--apgd-restarts", self.restarts)):
+            raise UsageError(f"{arg('attack')} apgd-{self.loss}: the loss is not one of {', '.join(LOSSES)}")
+        check_fraction(self.eps, "eps")
+        for name, value in (("apgd_steps", self.steps), ("apgd_restarts", self.restarts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} {value!r} must be a whole number of at least 1")
+                raise UsageError(f"{arg(name)} {value!r} must be a whole number of at least 1")
 
     @property
     def name(self) -> str:
@@ -229,7 +229,9 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, loss_name: str)
     if loss_name == "ce":
         return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
     if logits.shape[1] < 3:
-        raise UsageError(f"APGD-DLR needs at least 3 classes; the model has {logits.shape[1]}", hint="use apgd-ce")
+        raise UsageError(
+            f"{arg('attack')} apgd-dlr needs at least 3 classes; the model has {logits.shape[1]}", hint="use apgd-ce"
+        )
     ordered, _ = logits.sort(dim=1, descending=True)
     true_logit = logits.gather(1, targets[:, None]).squeeze(1)
     others = logits.scatter(1, targets[:, None], -math.inf).amax(dim=1)

@@ -23,7 +23,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, arg
 from ..model import Runner, output_names
 from .ans import Batches, Progress
 from .apgd import Apgd, apgd_perturb, per_sample_loss
@@ -89,9 +89,9 @@ class AttackSuite:
 
     def __post_init__(self) -> None:
         if not self.attacks:
-            raise UsageError("the audit needs at least one attack")
+            raise UsageError(f"{arg('attack')}: the audit needs at least one attack")
         if self.effort_check is not None and self.effort_check.eps not in self.eps_values():
-            raise UsageError(f"the effort check's eps {self.effort_check.eps:g} is not in the attack grid")
+            raise UsageError(f"the effort check's eps {self.effort_check.eps:g} is not in the attack grid of {arg('eps')}")
 
     def eps_values(self) -> tuple[float, ...]:
         return tuple(sorted({attack.eps for attack in self.attacks}))
@@ -377,7 +377,7 @@ def audit_suite(
     pgd_alpha: float | None,
     large_eps: float | None,
     transfer: bool,
-    option: str = "--attack",
+    option: str = "attack",
 ) -> AttackSuite:
     """The suite of `methods` (fgsm, pgd, apgd-ce, apgd-dlr, transfer) at every eps.
 
@@ -398,9 +398,9 @@ def audit_suite(
                 if transfer:
                     attacks.append(Transfer(Apgd("ce", eps, apgd_steps, restarts, input_range)))
             else:
-                raise UsageError(f"{option} {method!r} is not one of {', '.join(AUDIT_METHODS)}")
+                raise UsageError(f"{arg(option)} {method!r} is not one of {', '.join(AUDIT_METHODS)}")
     if not attacks:
-        raise UsageError(f"{option}: nothing to run", hint="transfer needs a compiled model; add fgsm, pgd or apgd-ce")
+        raise UsageError(f"{arg(option)}: nothing to run", hint="transfer needs a compiled model; add fgsm, pgd or apgd-ce")
     effort = Apgd("ce", max(eps_values), 2 * apgd_steps, restarts + 2, input_range)
     large = None if large_eps is None else Apgd("ce", large_eps, apgd_steps, 1, input_range)
     return AttackSuite(tuple(attacks), effort, large)
