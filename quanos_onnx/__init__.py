@@ -93,17 +93,29 @@ def compile(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    evaluate: bool = True,
+    eval_data: DataSource | None = None,
+    eval_fraction: float = 0.2,
+    eval_attacks: tuple[AttackMethod, ...] = ("fgsm", "pgd"),
+    eval_samples: int = 64,
+    max_accuracy_drop: float | None = 1.0,
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
     """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`
     -> Eqn 3 from `k_init`, floor `k_min`), or uniform `bits`, or a given `plan`.
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
-    QUANOS, is attacked (`samples`, default up to 1000). See docs/api.md for every option.
+    QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the
+    compiled model is then measured against float and uniform models (`result.verification`)
+    on `eval_data`, else on a held-out `eval_fraction` of `data` that nothing else sees;
+    `result.passed` is False when it lost more than `max_accuracy_drop` points of clean
+    accuracy (None: no guard). See docs/api.md for every option.
     """
     from .commands.compile import CompileOptions, run_compile
 
-    return run_compile(model, data, _options(CompileOptions, locals()), plan=plan, progress=progress)
+    return run_compile(
+        model, data, _options(CompileOptions, locals()), plan=plan, eval_data=eval_data, progress=progress
+    )
 
 
 def analyze(

@@ -119,3 +119,18 @@ def test_apgd_and_transfer_attacks_run_the_audit_with_a_verdict_per_model(files,
 def test_the_paper_grid_does_not_mix_with_the_audit(files):
     result = _run(files["float"], "--data", files["data"], "--paper", "--attack", "fgsm,apgd-ce")
     assert result.exit_code == 2 and "--paper" in result.output
+
+
+def test_attack_none_measures_clean_accuracy_alone(files, tmp_path):
+    result = _run(files["float"], files["compiled"], "--data", files["data"], "--attack", "none", "--json", "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["attacks"] == []
+    data = np.load(files["data"])
+    for entry, path in zip(document["models"], (files["float"], files["compiled"])):
+        expected = evaluate(load_model(path), [(data["x"], data["y"])], [])
+        assert entry["evaluation"]["attacks"] == []
+        assert entry["evaluation"]["clean_accuracy"] == pytest.approx(expected.clean_accuracy)
+    assert json.loads((tmp_path / "report.json").read_text())["evaluations"][0]["evaluation"]["attacks"] == []
+    with_eps = _run(files["float"], "--data", files["data"], "--attack", "none", "--eps", "0.1")
+    assert with_eps.exit_code == 2 and "clean accuracy alone" in with_eps.output

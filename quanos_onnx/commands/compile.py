@@ -12,14 +12,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from ..data import DEFAULT_EVAL_FRACTION
 from ..errors import UsageError, arg
 from ..layers import Layer, list_layers
 from ..model import check_finite_initializers, check_finite_outputs, refuse_quantized
 from ..plan import MAX_BITS, MIN_BITS, Plan
 from ..progress import ProgressFactory, no_progress
 from ..quantize import quantize
+from ..verify import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_ROBUST_SAMPLES
 from .options import (
     check_data_range,
+    AttackMethod,
     AttackOptions,
     Calibration,
     DataSource,
@@ -40,7 +43,9 @@ from .options import (
 from .results import check_output_dir, save_files
 
 if TYPE_CHECKING:
+    from ..data import Dataset
     from ..report import RunInfo
+    from ..verify import Verification, VerifySettings
 
 MODEL_FILE = "model.quanos.onnx"
 PLAN_FILE = "plan.json"
@@ -62,6 +67,12 @@ class CompileOptions(AttackOptions):
     k_min: int = 2
     rounds: int = 1
     target_avg_bits: float | None = None
+    evaluate: bool = True
+    """Verify the compiled model (verify.py) on held-out data: off is the CLI's --no-eval."""
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
+    eval_attacks: tuple[AttackMethod, ...] = ("fgsm", "pgd")
+    eval_samples: int = DEFAULT_ROBUST_SAMPLES
+    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP
 
     def __post_init__(self) -> None:
         from ..allocate import check_bit_range
@@ -80,6 +91,21 @@ class CompileOptions(AttackOptions):
             raise UsageError(
                 f"{arg('target_avg_bits')} {self.target_avg_bits} is outside {MIN_BITS}..{self.k_init} ({arg('k_init')})"
             )
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise UsageError(f"{arg('eval_fraction')} {self.eval_fraction} must be a fraction between 0 and 1, e.g. 0.2")
+        self.verify_settings()
+
+    def verify_settings(self) -> VerifySettings:
+        """The checks of the compiled model (verify.py): the eval attacks at the ANS eps."""
+        from ..verify import VerifySettings, evaluation_attacks
+
+        return VerifySettings(
+            evaluation_attacks(",".join(self.eval_attacks) or "none", self.eps, self.value_range()),
+            robust_samples=self.eval_samples,
+            max_accuracy_drop=self.max_accuracy_drop,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,20 @@ class CompileResult:
     run: RunInfo
     inputs: tuple[Path, ...] = ()
     written: tuple[Path, ...] = ()
+    verification: Verification | None = None
+    """The artifact against float and uniform on held-out data (verify.py); None when not evaluated."""
+
+    @property
+    def passed(self) -> bool:
+        """False when the compiled model broke the accuracy guard (its files are still complete)."""
+        return self.verification is None or self.verification.passed
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What a user must know before shipping the model (verify.py), with or without evaluation."""
+        from ..verify import kernel_warnings
+
+        return self.verification.warnings if self.verification else tuple(kernel_warnings(self.plan))
 
     @property
     def energy(self) -> Mapping[str, Any]:
@@ -142,14 +182,19 @@ class CompileResult:
             "average_weight_bits": round(self.plan.average_weight_bits(params), 4),
             "method": self.plan.method,
             "energy": self.plan.details.get("energy"),
+            "verification": None if self.verification is None else self.verification.to_json(),
             "outputs": [str(path) for path in self.written],
         }
 
     def summary_text(self) -> str:
         from ..report.text import format_table
 
+        from ..report.content import guard_text
+
         params = {layer.name: layer.params for layer in self.layers}
+        verified = self.verification
         lines = [
+            *([verified.headline(), f"accuracy guard: {guard_text(verified.to_json())}", ""] if verified else []),
             format_table(self.rows()),
             "",
             f"method {self.plan.method}; parameter-weighted average weight bits "
@@ -183,12 +228,16 @@ def run_compile(
     options: CompileOptions,
     *,
     plan: PlanSource | None = None,
+    eval_data: DataSource | None = None,
     save_to: str | os.PathLike[str] | None = None,
     command_line: Sequence[str] | None = None,
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
-    """load -> data -> plan (QUANOS, `bits` or `plan`) -> align -> calibrate -> QDQ.
+    """load -> data -> plan (QUANOS, `bits` or `plan`) -> align -> calibrate -> QDQ -> verify.
 
+    Verification (options.evaluate) measures the compiled model against float and uniform
+    models on `eval_data`, else on a held-out part of `data` that nothing else sees; a broken
+    accuracy guard is in `result.passed` and the report, and raises nothing.
     Everything is computed before the first file is written (with `save_to`, whose
     directory is checked first), so a failure leaves nothing.
     """
@@ -199,10 +248,15 @@ def run_compile(
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
-    inputs = input_paths(model, data, plan)
+    inputs = input_paths(model, data, plan, eval_data)
     check_output_dir(save_to, inputs, names=(MODEL_FILE, PLAN_FILE, *report.REPORT_FILES))
     if options.bits is not None and plan is not None:
         raise UsageError(f"{arg('bits')} and {arg('plan')} exclude each other")
+    if eval_data is not None and not options.evaluate:
+        raise UsageError(
+            f"{arg('eval_data')} is given but evaluation is turned off",
+            hint="leave out --no-eval (evaluate=False), or the evaluation data",
+        )
     source = read_model(model)
     refuse_quantized(source.proto, source.name)
     layers = list_layers(source.proto)
@@ -212,8 +266,12 @@ def run_compile(
         )
     check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
     given_plan = None if plan is None else read_plan_input(plan)
-    with using_threads(options.threads, torch=options.bits is None and given_plan is None):
-        dataset = load_data(data, options, source.proto, model_name=source.name)
+    checks = options.verify_settings() if options.evaluate else None
+    attacked = options.bits is None and given_plan is None
+    with using_threads(options.threads, torch=attacked or bool(checks and checks.attacks)):
+        dataset, evaluation = _split_data(
+            load_data(data, options, source.proto, model_name=source.name), eval_data, options, source
+        )
         check_data_range(options.input_range, dataset, attacked=options.bits is None and given_plan is None)
         calibration = [x for x, _ in first_samples(dataset, options.calibration_samples, options.batch_size)]
         check_finite_outputs(source.proto, calibration[0], source.name)
@@ -223,18 +281,30 @@ def run_compile(
             chosen = validate_plan(given_plan.plan, layers, given_plan.name)
         else:
             chosen = _quanos_plan(options, source.proto, layers, dataset, calibration, progress)
-        quantized = quantize(
-            source.proto,
-            chosen,
-            calibration,
-            layers=layers,
-            method=options.calibration,
-            percentile=options.percentile,
-            storage=options.storage,
-        )
-    energy, baselines = report.energy_sections(layers, quantized.plan)
-    final_plan = quantized.plan.with_details(energy=energy)
-    compiled = stamp_producer(_with_plan(quantized.model, final_plan), __version__)
+
+        def quantize_plan(wanted: Plan) -> Any:
+            return quantize(
+                source.proto,
+                wanted,
+                calibration,
+                layers=layers,
+                method=options.calibration,
+                percentile=options.percentile,
+                storage=options.storage,
+            )
+
+        quantized = quantize_plan(chosen)
+        energy, baselines = report.energy_sections(layers, quantized.plan)
+        final_plan = quantized.plan.with_details(energy=energy)
+        compiled = stamp_producer(_with_plan(quantized.model, final_plan), __version__)
+        verification = None
+        if checks is not None and evaluation is not None:
+            from ..verify import verify
+
+            verification = verify(
+                source.proto, compiled, final_plan, lambda wanted: quantize_plan(wanted).model, evaluation, checks,
+                layers=layers, progress=progress,
+            )
     files: dict[str, bytes | str] = {MODEL_FILE: compiled.SerializeToString(), PLAN_FILE: final_plan.dumps()}
     document = report.report_document(
         "compile",
@@ -248,10 +318,31 @@ def run_compile(
         ans=final_plan.details.get("ans"),
         energy=energy,
         baselines=baselines,
+        verification=None if verification is None else verification.to_json(),
         outputs=[report.output_entry(name, content) for name, content in files.items()],
     )
-    result = CompileResult(compiled, final_plan, tuple(layers), document, clock.finish(), tuple(inputs))
+    guard = None if verification is None else verification.guard.to_json()
+    run = replace(clock.finish(), accuracy_guard=guard)
+    result = CompileResult(compiled, final_plan, tuple(layers), document, run, tuple(inputs), verification=verification)
     return result if save_to is None else replace(result, written=result.save(save_to))
+
+
+def _split_data(dataset: Dataset, eval_data: DataSource | None, options: CompileOptions, source: Any) -> tuple[Dataset, Dataset | None]:
+    """(what the compiler may see, what only verification sees): `eval_data`, else a held-out
+    part of `data` (data.split_held_out); without evaluation all of `data` and nothing."""
+    from ..data import dataset_from, split_held_out
+    from ..model import input_spec, num_classes
+
+    if not options.evaluate:
+        return dataset, None
+    if eval_data is None:
+        split = split_held_out(dataset, options.eval_fraction, seed=options.seed)
+        return split.calibration, split.evaluation
+    read = {**options.read_options(), "data_range": None}  # the range slices `data` only
+    evaluation = dataset_from(
+        eval_data, input_spec(source.proto), num_classes=num_classes(source.proto, source.name), argument="eval_data", **read
+    )
+    return dataset, evaluation
 
 
 def _quanos_plan(

@@ -42,6 +42,8 @@ class RunInfo:
     command_line: tuple[str, ...]
     started_at: str
     wall_time_s: float
+    accuracy_guard: Mapping[str, Any] | None = None
+    """A compile's verification guard (Guard.to_json()), so run.json says when it failed."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +56,7 @@ class RunInfo:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "packages": package_versions(),
+            "accuracy_guard": None if self.accuracy_guard is None else dict(self.accuracy_guard),
         }
 
 
@@ -198,6 +201,7 @@ def report_document(
     baselines: Sequence[Mapping[str, Any]] = (),
     evaluations: Sequence[Mapping[str, Any]] = (),
     audits: Sequence[Mapping[str, Any]] = (),
+    verification: Mapping[str, Any] | None = None,
     outputs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The quanos-report document (docs/json.md); sections a command lacks are null or empty."""
@@ -220,6 +224,7 @@ def report_document(
         "baselines": [dict(baseline) for baseline in baselines],
         "evaluations": [dict(entry) for entry in evaluations],
         "audits": [dict(entry) for entry in audits],
+        "verification": None if verification is None else dict(verification),
         "outputs": [dict(entry) for entry in outputs],
     }
 
