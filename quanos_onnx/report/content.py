@@ -102,7 +102,7 @@ def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
         evaluation = entry["evaluation"]
         worst = min((a["accuracy"] for a in evaluation["attacks"]), default=None)
         text = f"{_percent(evaluation['clean_accuracy'])} clean on {evaluation['samples']} samples"
-        if worst is not None:
+        if worst is not None and not document.get("audits"):
             text += f", {_percent(worst)} under the strongest attack"
         items.append((f"accuracy, {label}", text))
     return items
