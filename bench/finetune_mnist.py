@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quanos_onnx.pipeline import eps_label
+from quanos_onnx.commands.evaluate import eps_label
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -172,7 +172,7 @@ Eqn-3 average: {plan.average_weight_bits(params):.3f} bits (aligned: {aligned.av
 
 ## Iterative QUANOS
 
-Each round quantizes the previous round's plan (pipeline.quantize, 500 calibration images),
+Each round quantizes the previous round's plan (quantize.quantize, 500 calibration images),
 measures ANS on that QDQ model (attack on its fake-quant twin) and applies Eqn 3 from
 k_init 16 to the mean of every ANS measured so far (the float model's included; see
 docs/method.md); with the budget, it re-allocates 5.0 average bits on that mean.
@@ -202,7 +202,7 @@ Clean accuracy: {100 * evaluation.clean_accuracy:.1f}%.
 
 ## Quantized models (post-training, no fine-tuning) on the same 932 images
 
-QDQ models from pipeline.quantize (residual alignment applied; 500 calibration images),
+QDQ models from quantize.quantize (residual alignment applied; 500 calibration images),
 accuracy counted by onnxruntime{", attacks through their fake-quant twins" if options.evaluate_quantized else ""}.
 
 {quantized_header}

@@ -252,7 +252,7 @@ def passes_section(block_counts: list[int]) -> str:
 - command: `{command_line()}`
 - machine: {machine()}, load average {os.getloadavg()[0]:.1f} at the end; one process
 - graph: a chain of residual blocks Conv-Relu-Conv-Add-Relu (8 channels, 8x8, batch dynamic), every Conv
-  quantized at 8 bits; stages as pipeline.quantize runs them, with fixed activation ranges instead of
+  quantized at 8 bits; stages as quantize.quantize runs them, with fixed activation ranges instead of
   calibration (so onnxruntime never runs). Seconds:
 
 | nodes | normalize | layers | joins | align | points | qdq | total |

@@ -107,7 +107,7 @@ def shared_rows(shared: Path) -> list[str]:
 
 
 def compiled_rows(shared: Path) -> list[str]:
-    """ResNet-20 compiled by the project's own QDQ pass (pipeline.quantize) at several plans."""
+    """ResNet-20 compiled by the project's own QDQ pass (quantize.quantize) at several plans."""
     from quanos_onnx.layers import list_layers
     from quanos_onnx.quantize import quantize
     from quanos_onnx.plan import LayerPlan, Plan
@@ -176,7 +176,7 @@ def main() -> None:
             "|---|---|---|---|---|---|",
             *shared_rows(shared),
             "",
-            "ResNet-20 compiled by the project's QDQ pass (`pipeline.quantize`, calibration on 256 JPEG images "
+            "ResNet-20 compiled by the project's QDQ pass (`quantize.quantize`, calibration on 256 JPEG images "
             "with index >= 1000), all 932 exact test images against onnxruntime's optimized session. Where "
             "logits differ, a float conv (one ORT does not fuse, e.g. with a 9..16-bit input) summed in another "
             "order put a value on the other side of a rounding tie of the next QuantizeLinear; at 2..5 bits one "

@@ -215,7 +215,7 @@ def energy_command(model_path: str, plan_path: str | None, hardware: tuple[str, 
     from .layers import list_layers
     from .model import load_model
     from .outputs import OutputDir
-    from .pipeline import energy_outputs, load_profiles
+    from .commands.energy import energy_outputs, load_profiles
     from .plan import read_plan, validate_plan
     from .report import RunClock
 
@@ -299,7 +299,7 @@ def compile_command(**options: Any) -> None:
     """Compile MODEL into a mixed-precision QDQ ONNX model (QUANOS, or --bits/--plan baselines)."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
     options.pop("debug")
-    from .pipeline import CompileOptions, run_compile
+    from .commands.compile import CompileOptions, run_compile
 
     result = run_compile(CompileOptions(**options), command_line=_command_line(), progress=_progress_bar)
     _echo_result(result.summary_json(), result.summary_text, as_json=options["as_json"])
@@ -318,7 +318,7 @@ def analyze_command(**options: Any) -> None:
     """Audit MODEL without quantizing it: ANS per layer, clean/FGSM/PGD accuracy."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
     options.pop("debug")
-    from .pipeline import AnalyzeOptions, run_analyze
+    from .commands.analyze import AnalyzeOptions, run_analyze
 
     result = run_analyze(AnalyzeOptions(**options), command_line=_command_line(), progress=_progress_bar)
     _echo_result(result.document, result.summary_text, as_json=options["as_json"])
@@ -375,7 +375,7 @@ def evaluate_command(**options: Any) -> None:
     """Clean and adversarial accuracy of one or more models (float or compiled), side by side."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
     options.pop("debug")
-    from .pipeline import EvaluateOptions, run_evaluate
+    from .commands.evaluate import EvaluateOptions, run_evaluate
 
     options["model_paths"] = tuple(options["model_paths"])
     result = run_evaluate(EvaluateOptions(**options), command_line=_command_line(), progress=_progress_bar)
@@ -410,7 +410,7 @@ def finetune_command(**options: Any) -> None:
     verbose, quiet = options.pop("verbose"), options.pop("quiet")
     _configure_logging(verbose, quiet)
     options.pop("debug")
-    from .pipeline import FinetuneOptions, run_finetune
+    from .commands.finetune import FinetuneOptions, run_finetune
 
     def report(record: Any) -> None:
         if not quiet:

@@ -285,7 +285,7 @@ def test_rounds_must_be_a_positive_whole_number(rounds):
 
 
 def test_iterative_mode_wires_to_quantize_and_measure_ans():
-    """The composition the CLI uses: pipeline.quantize and measure_ans on the QDQ model."""
+    """The composition the CLI uses: quantize.quantize and measure_ans on the QDQ model."""
     from harness_models import tiny_inputs, tiny_onnx, tiny_weights
 
     from quanos_onnx.harness.ans import measure_ans

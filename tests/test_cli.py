@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 from tiny_models import vgg_chain
 
-from quanos_onnx import outputs, pipeline
+from quanos_onnx import outputs
+from quanos_onnx.commands import compile as compile_room
 from quanos_onnx.cli import compile_command, main
 from quanos_onnx.errors import ModelError
 
@@ -45,7 +46,7 @@ def test_success_exits_0_and_writes_model_plan_and_report(inputs: tuple[str, str
 
 
 def test_ctrl_c_in_a_stage_exits_130_and_writes_nothing(inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline, "quantize", interrupt)
+    monkeypatch.setattr(compile_room, "quantize", interrupt)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, compile_bits(inputs, out))
     assert result.exit_code == 130
@@ -96,7 +97,7 @@ def test_an_internal_error_is_one_line_marked_as_a_bug(inputs: tuple[str, str], 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("shape mismatch\n  deep detail")
 
-    monkeypatch.setattr(pipeline, "quantize", broken)
+    monkeypatch.setattr(compile_room, "quantize", broken)
     result = CliRunner().invoke(main, compile_bits(inputs, tmp_path / "out"))
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()

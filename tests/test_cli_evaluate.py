@@ -17,7 +17,7 @@ from quanos_onnx.harness.attacks import Attack
 from quanos_onnx.harness.evaluate import evaluate
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import load_model
-from quanos_onnx.pipeline import EvaluateOptions, evaluation_attacks
+from quanos_onnx.commands.evaluate import EvaluateOptions, evaluation_attacks
 from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import Plan
 

@@ -1,4 +1,4 @@
-"""pipeline.quantize end to end: torch exports (legacy and dynamo) and the two real models
+"""quantize.quantize end to end: torch exports (legacy and dynamo) and the two real models
 in ../shared compile at uniform 8 bits and at a mixed plan, and onnxruntime runs them."""
 
 from __future__ import annotations
