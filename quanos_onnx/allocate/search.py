@@ -151,10 +151,12 @@ def _with(plan: Plan, bits: Mapping[str, int]) -> Plan:
     )
 
 
-def budget_range(budget_kind: str, layers: Sequence[Layer], sensitivity: Sensitivity, profile: Any = None) -> tuple[float, float]:
+def budget_range(
+    budget_kind: str, layers: Sequence[Layer], sensitivity: Sensitivity, profile: Any = None, quantize_output: bool = False
+) -> tuple[float, float]:
     """The budget values of the all-narrowest and all-widest plans (the search interval)."""
-    narrow = Plan.uniform(layers, min(sensitivity.bits))
-    wide = Plan.uniform(layers, max(sensitivity.bits))
+    narrow = Plan.uniform(layers, min(sensitivity.bits), keep_output_float=not quantize_output)
+    wide = Plan.uniform(layers, max(sensitivity.bits), keep_output_float=not quantize_output)
     budget = Budget(budget_kind, 1.0, profile)
     return plan_price(budget, layers, narrow), plan_price(budget, layers, wide)
 
@@ -172,6 +174,7 @@ def smallest_within_guard(
     ans_weight: float = DEFAULT_ANS_WEIGHT,
     tolerance: float | None = None,
     max_evaluations: int = 10,
+    quantize_output: bool = False,
 ) -> Verified:
     """Accuracy-target mode: the smallest budget whose solved plan keeps the guard.
 
@@ -181,12 +184,15 @@ def smallest_within_guard(
     returned with `passed` false. `tolerance` defaults to 1/8 bit on average bits and to
     1% of the interval otherwise.
     """
-    low, high = budget_range(budget_kind, layers, sensitivity, profile)
+    low, high = budget_range(budget_kind, layers, sensitivity, profile, quantize_output)
     tolerance = tolerance if tolerance is not None else (0.125 if budget_kind == "avg-bits" else 0.01 * (high - low))
     probes: list[dict[str, Any]] = []
 
     def probe(value: float) -> tuple[Plan, float]:
-        plan = solve(layers, joins, sensitivity, Budget(budget_kind, value, profile), ans=ans, ans_weight=ans_weight)
+        plan = solve(
+            layers, joins, sensitivity, Budget(budget_kind, value, profile),
+            ans=ans, ans_weight=ans_weight, quantize_output=quantize_output,
+        )
         accuracy = evaluate(plan)
         probes.append({"budget": value, "achieved": plan.details["achieved"], "accuracy": accuracy})
         return plan, accuracy
@@ -231,11 +237,12 @@ def pareto_front(
     *,
     ans: Mapping[str, float] | None = None,
     ans_weight: float = DEFAULT_ANS_WEIGHT,
+    quantize_output: bool = False,
 ) -> list[ParetoPoint]:
     """Solve and evaluate one plan per budget; mark the points another beats on both axes."""
     measured = []
     for budget in budgets:
-        plan = solve(layers, joins, sensitivity, budget, ans=ans, ans_weight=ans_weight)
+        plan = solve(layers, joins, sensitivity, budget, ans=ans, ans_weight=ans_weight, quantize_output=quantize_output)
         measured.append((budget, plan, plan_price(budget, layers, plan), evaluate(plan)))
     points = []
     for budget, plan, size, accuracy in measured:

@@ -357,10 +357,10 @@ def _milp_plan(
         advance(1)
     evaluate, search = _search_split(options, model, layers, joins, dataset, calibration)
     minimum = search.float_accuracy - (options.max_accuracy_drop if options.max_accuracy_drop is not None else 1.0) / 100
-    solve_options = dict(ans=ans_means, ans_weight=options.ans_weight)
+    solve_options = dict(ans=ans_means, ans_weight=options.ans_weight, quantize_output=options.quantize_output)
     if options.budget is not None:
         budget = parse_budget(options.budget)
-        plan = solve(layers, joins, table, budget, quantize_output=options.quantize_output, **solve_options)
+        plan = solve(layers, joins, table, budget, **solve_options)
         how = f"integer program within {budget.describe()}"
         if options.max_accuracy_drop is not None:
             checked = repair(plan, layers, joins, table, evaluate, minimum, budget=budget)
