@@ -292,7 +292,44 @@ def render(bench: Bench, table: dict[str, Any], host: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     sensitivity = bench.sensitivity(table["estimator"])
     lines += ["", f"Sensitivity table ({sensitivity.method}, {sensitivity.samples} images): {sensitivity.seconds:.0f} s."]
+    lines += render_choices(bench, table["estimator"])
     return "\n".join(lines) + "\n"
+
+
+def render_choices(bench: Bench, estimator: str) -> list[str]:
+    """The validation-split measurements behind the estimator and the ANS weight, when cached."""
+    lines: list[str] = []
+    if all((CACHE / f"milp-val-{e}.json").exists() for e in ESTIMATORS) and (CACHE / "random-plans.json").exists():
+        predictors = bench.predictors()
+        lines += [
+            "",
+            f"Choosing the estimator (validation split, {VALIDATION} images): Spearman rank correlation of the "
+            f"predicted cost with the accuracy drop over {RANDOM_PLANS} random plans (bits 3..7 per layer), and the "
+            "validation accuracy of the integer program's own plan (ans_weight 0) at each average.",
+            "",
+            "| estimator | table s | Spearman | " + " | ".join(f"acc @ {a} bits %" for a in AVERAGES) + " |",
+            "|---|---|---|" + "---|" * len(AVERAGES),
+        ]
+        for name, row in predictors.items():
+            accuracies = " | ".join(f"{100 * row['milp_val_accuracy'][str(a)]:.1f}" for a in AVERAGES)
+            lines.append(f"| {name} | {row['seconds']:.0f} | {row['spearman']:.3f} | {accuracies} |")
+    if (CACHE / f"lambda-{estimator}.json").exists():
+        rows = bench.lambdas(estimator)["rows"]
+        lines += [
+            "",
+            f"Choosing the ANS weight ({estimator}, validation split): accuracy % / ANS-weighted mean bits "
+            "(sum of ANS share x bits; lower = high-ANS layers got fewer bits).",
+            "",
+            "| ans_weight | " + " | ".join(f"{a} bits" for a in AVERAGES) + " |",
+            "|---|" + "---|" * len(AVERAGES),
+        ]
+        for weight in LAMBDAS:
+            cells = [
+                f"{100 * r['accuracy']:.1f} / {r['ans_weighted_bits']:.2f}"
+                for a in AVERAGES for r in rows if r["ans_weight"] == weight and r["average"] == a
+            ]
+            lines.append(f"| {weight:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

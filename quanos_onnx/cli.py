@@ -263,7 +263,7 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--target-avg-bits", type=float, default=None, help="Scale ANS so the parameter-weighted average bits meet this budget."),
         click.option("--method", type=click.Choice(["eqn3", "milp"]), default="eqn3", show_default=True, help="eqn3: the paper's rule (with --k-init, --rounds, --target-avg-bits); milp: measured per-layer sensitivity + an exact integer program, ANS-weighted, checked on the data (docs/method.md)."),
         click.option("--budget", default=None, metavar="KIND=VALUE", help="milp: avg-bits=B, bytes=N, energy=PROFILE:PJ (standard, dg, dvafs or a profile file; pJ per image) or bitops=N. Without it: the smallest plan within --max-accuracy-drop."),
-        click.option("--ans-weight", type=float, default=0.5, show_default=True, help="milp: share of the best predicted cost spent on giving high-ANS layers fewer bits (0: accuracy only)."),
+        click.option("--ans-weight", type=float, default=0.25, show_default=True, help="milp: share of the best predicted cost spent on giving high-ANS layers fewer bits (0: accuracy only)."),
         click.option("--max-accuracy-drop", type=float, default=None, help="milp: allowed clean-accuracy drop from float in points on the search split (default 1 without --budget; with --budget, repair the plan until it holds)."),
         click.option("--sensitivity", type=click.Choice(["kl", "mse", "fisher"]), default="kl", show_default=True, help="milp: per-layer cost estimator (logit KL or MSE in onnxruntime, or the gradient score through the twin)."),
         click.option("--sensitivity-samples", type=int, default=256, show_default=True, help="milp: samples the sensitivity is measured on."),

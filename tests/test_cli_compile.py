@@ -237,3 +237,11 @@ def test_allocation_options_of_the_other_method_are_refused(workdir: Path, args,
     assert result.exit_code == 2, result.output
     assert words in result.output
     assert not (workdir / "out").exists()
+
+
+def test_the_ans_weight_default_is_the_solvers():
+    from quanos_onnx.allocate.solve import DEFAULT_ANS_WEIGHT
+    from quanos_onnx.commands.compile import CompileOptions
+
+    option = next(p for p in compile_command.params if p.name == "ans_weight")
+    assert option.default == DEFAULT_ANS_WEIGHT == CompileOptions("m.onnx").ans_weight
