@@ -215,13 +215,17 @@ def test_milp_with_a_budget_keeps_it_and_says_how_far_it_moved_from_eqn3(workdir
 
 def test_milp_without_a_budget_finds_the_smallest_plan_within_the_guard(workdir: Path):
     result = _compile([
-        "model.onnx", "--data", "data.npz", "--method", "milp", "--max-accuracy-drop", "5",
-        "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "-o", "out", "--json",
+        "model.onnx", "--data", "data.npz", "--method", "milp", "--max-accuracy-drop", "5", "--pareto",
+        "--max-bits", "6", "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16",
+        "-o", "out", "--json",
     ])
     assert result.exit_code == 0, result.output
     allocation = json.loads(result.output)["allocation"]
     assert allocation["how"].startswith("smallest average-bits budget within 5 point(s)")
     assert allocation["search_accuracy"] >= allocation["float_accuracy"] - 0.05
+    assert [point["budget"] for point in allocation["pareto"]] == [f"avg-bits={b}" for b in range(2, 7)]
+    assert all(point["size"] <= int(point["budget"].split("=")[1]) + 1e-9 for point in allocation["pareto"])
+    assert [row["bits"] for row in allocation["pareto_uniform"]] == list(range(2, 7))
 
 
 @pytest.mark.parametrize(
