@@ -153,7 +153,7 @@ class Bench:
             for _ in range(RANDOM_PLANS):
                 plan = Plan(tuple(
                     LayerPlan(l.name, None, None, keep_float=True) if l.is_output
-                    else LayerPlan(l.name, b, b)
+                    else LayerPlan(l.name, int(b), int(b))
                     for l, b in zip(self.layers, rng.integers(3, 8, len(self.layers)))
                 ))
                 rows.append({"bits": {e.name: e.weight_bits for e in plan.layers}, "accuracy": self.accuracy(plan, "val")})

@@ -1,3 +1,305 @@
-"""quanos-onnx: QUANOS hybrid quantization as a post-hoc ONNX compiler."""
+"""quanos-onnx: QUANOS hybrid quantization as a post-hoc ONNX compiler.
+
+The Python API (docs/api.md), one function per command of the CLI:
+
+    import quanos_onnx as qn
+    result = qn.compile("model.onnx", (x, y), bits=8)   # result.model is an onnx.ModelProto
+    result.save("out")                                  # the files `quanos-compile -o out` writes
+
+`model` is a path or an onnx.ModelProto; `data` a path (any format the CLI reads), numpy
+arrays `(x, y)` or `x` alone, an iterable of `(x, y)` batches (a torch DataLoader) or an
+onnxruntime.quantization CalibrationDataReader. Options are typed keyword arguments; each
+command's options dataclass (quanos_onnx.commands.<command>) checks them. Failures raise
+the QuanosError subclasses below, naming the argument at fault.
+
+Nothing heavy is imported here: each function imports its command when called, so
+`import quanos_onnx` costs no torch, onnxruntime or matplotlib.
+
+`qn.finetune`, `qn.export` and `qn.layers` are the API functions; the stages of the same
+name are imported by module path (`from quanos_onnx.finetune import apply_plan`).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    DataError,
+    ModelError,
+    OutputError,
+    ParityError,
+    PlanError,
+    ProfileError,
+    QuanosError,
+    UnsupportedOpError,
+    UsageError,
+)
+from .progress import ProgressFactory, no_progress
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .commands.analyze import AnalyzeResult
+    from .commands.compile import CompileResult
+    from .commands.energy import EnergyResult
+    from .commands.evaluate import EvaluateResult
+    from .commands.export import ExportResult
+    from .commands.finetune import FinetuneResult
+    from .commands.layers import LayersResult
+    from .commands.options import (
+        AttackMethod,
+        Calibration,
+        DataSource,
+        ExportTarget,
+        Layout,
+        ModelSource,
+        Optimizer,
+        PlanSource,
+        Storage,
+    )
+    from .finetune.train import EpochRecord
+
+
+def compile(
+    model: ModelSource,
+    data: DataSource,
+    *,
+    plan: PlanSource | None = None,
+    bits: int | None = None,
+    quantize_output: bool = False,
+    calibration: Calibration = "minmax",
+    percentile: float = 99.99,
+    calibration_samples: int = 512,
+    storage: Storage = "int8",
+    k_init: int = 16,
+    k_min: int = 2,
+    rounds: int = 1,
+    target_avg_bits: float | None = None,
+    attack: AttackMethod = "fgsm",
+    eps: float = 0.05,
+    pgd_steps: int = 10,
+    pgd_alpha: float | None = None,
+    samples: int | None = None,
+    input_range: tuple[float, float] = (0.0, 1.0),
+    layout: Layout = "auto",
+    scale: float | None = None,
+    mean: float | tuple[float, ...] | None = None,
+    std: float | tuple[float, ...] | None = None,
+    data_range: tuple[int | None, int | None] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    threads: int | None = 1,
+    progress: ProgressFactory = no_progress,
+) -> CompileResult:
+    """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`
+    -> Eqn 3 from `k_init`, floor `k_min`), or uniform `bits`, or a given `plan`.
+
+    `data` calibrates the activation ranges (its first `calibration_samples`) and, for
+    QUANOS, is attacked (`samples`, default up to 1000). See docs/api.md for every option.
+    """
+    from .commands.compile import CompileOptions, run_compile
+
+    return run_compile(model, data, _options(CompileOptions, locals()), plan=plan, progress=progress)
+
+
+def analyze(
+    model: ModelSource,
+    data: DataSource,
+    *,
+    fgsm_eps: tuple[float, ...] = (0.05, 0.1, 0.2),
+    pgd_eps: tuple[float, ...] = (2 / 255, 8 / 255),
+    attack: AttackMethod = "fgsm",
+    eps: float = 0.05,
+    pgd_steps: int = 10,
+    pgd_alpha: float | None = None,
+    samples: int | None = None,
+    input_range: tuple[float, float] = (0.0, 1.0),
+    layout: Layout = "auto",
+    scale: float | None = None,
+    mean: float | tuple[float, ...] | None = None,
+    std: float | tuple[float, ...] | None = None,
+    data_range: tuple[int | None, int | None] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    threads: int | None = 1,
+    progress: ProgressFactory = no_progress,
+) -> AnalyzeResult:
+    """Audit `model` without quantizing it: ANS per layer (`attack` at `eps`) and clean,
+    FGSM (`fgsm_eps`) and PGD (`pgd_eps`) accuracy on `data`."""
+    from .commands.analyze import AnalyzeOptions, run_analyze
+
+    return run_analyze(model, data, _options(AnalyzeOptions, locals()), progress=progress)
+
+
+def evaluate(
+    models: ModelSource | Sequence[ModelSource],
+    data: DataSource,
+    *,
+    attack: tuple[AttackMethod, ...] = ("fgsm", "pgd"),
+    eps: tuple[float, ...] | None = None,
+    pgd_steps: int = 10,
+    pgd_alpha: float | None = None,
+    paper: bool = False,
+    samples: int | None = None,
+    input_range: tuple[float, float] = (0.0, 1.0),
+    layout: Layout = "auto",
+    scale: float | None = None,
+    mean: float | tuple[float, ...] | None = None,
+    std: float | tuple[float, ...] | None = None,
+    data_range: tuple[int | None, int | None] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    threads: int | None = 1,
+    progress: ProgressFactory = no_progress,
+) -> EvaluateResult:
+    """Clean and adversarial accuracy of one model or several (float or compiled) side by
+    side: every method of `attack` at every `eps`, or the paper's grid (`paper=True`)."""
+    from .commands.evaluate import EvaluateOptions, run_evaluate
+
+    return run_evaluate(models, data, _options(EvaluateOptions, locals()), progress=progress)
+
+
+def finetune(
+    model: ModelSource,
+    data: DataSource,
+    *,
+    epochs: int,
+    plan: PlanSource | None = None,
+    val: DataSource | None = None,
+    val_split: float | None = None,
+    lr: float | None = None,
+    optimizer: Optimizer = "adam",
+    adv_train: AttackMethod | None = None,
+    adv_eps: float = 8 / 255,
+    adv_steps: int = 7,
+    adv_alpha: float | None = None,
+    adv_weight: float = 0.5,
+    input_range: tuple[float, float] = (0.0, 1.0),
+    calibration: Calibration = "minmax",
+    percentile: float = 99.99,
+    calibration_samples: int = 512,
+    storage: Storage = "int8",
+    layout: Layout = "auto",
+    scale: float | None = None,
+    mean: float | tuple[float, ...] | None = None,
+    std: float | tuple[float, ...] | None = None,
+    data_range: tuple[int | None, int | None] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    threads: int | None = 1,
+    progress: ProgressFactory = no_progress,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune `model` at a plan through its fake-quant twin (optionally adversarially)
+    and compile the best epoch. `model` is a float model with a `plan`, or a compiled model
+    (its stored plan, unless `plan` overrides it); `val` or `val_split` picks the epoch."""
+    from .commands.finetune import FinetuneOptions, run_finetune
+
+    return run_finetune(
+        model, data, _options(FinetuneOptions, locals()), plan=plan, val=val, progress=progress, on_epoch=on_epoch
+    )
+
+
+def energy(
+    model: ModelSource,
+    *,
+    plan: PlanSource | None = None,
+    hw: tuple[str, ...] = ("standard",),
+) -> EnergyResult:
+    """Memory accesses, MACs, energy and weight memory of `model` per layer and in total
+    under `plan` (float without one) on the hardware profiles `hw` (docs/hardware.md)."""
+    from .commands.energy import EnergyOptions, run_energy
+
+    return run_energy(model, _options(EnergyOptions, locals()), plan=plan)
+
+
+def export(model: ModelSource, *, to: ExportTarget) -> ExportResult:
+    """A compiled model for another toolchain: QONNX Quant nodes (`to="qonnx"`) or
+    onnxruntime.quantization TensorQuantOverrides (`to="ort-overrides"`)."""
+    from .commands.export import ExportOptions, run_export
+
+    return run_export(model, _options(ExportOptions, locals()))
+
+
+def layers(model: ModelSource) -> LayersResult:
+    """The quantizable layers of `model` and its residual joins."""
+    from .commands.layers import run_layers
+
+    return run_layers(model)
+
+
+def _options(options_class: type[Any], arguments: dict[str, Any]) -> Any:
+    """The options dataclass from a function's arguments (those named like its fields)."""
+    from dataclasses import fields
+
+    return options_class(**{field.name: arguments[field.name] for field in fields(options_class)})
+
+
+_RESULTS = {
+    "CompileResult": "compile",
+    "AnalyzeResult": "analyze",
+    "EvaluateResult": "evaluate",
+    "FinetuneResult": "finetune",
+    "EnergyResult": "energy",
+    "ExportResult": "export",
+    "LayersResult": "layers",
+    "CompileOptions": "compile",
+    "AnalyzeOptions": "analyze",
+    "EvaluateOptions": "evaluate",
+    "FinetuneOptions": "finetune",
+    "EnergyOptions": "energy",
+    "ExportOptions": "export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Result and options classes, and Plan, imported on first use (PEP 562)."""
+    import importlib
+
+    if name in _RESULTS:
+        return getattr(importlib.import_module(f".commands.{_RESULTS[name]}", __name__), name)
+    if name == "Plan":
+        return importlib.import_module(".plan", __name__).Plan
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_API_FUNCTIONS = ("compile", "analyze", "evaluate", "finetune", "energy", "export", "layers")
+
+
+class _Package(types.ModuleType):
+    """Importing the subpackages finetune/ and export/ and the module layers.py would make
+    them attributes of this package, over the API functions of the same name; they stay
+    importable by path (sys.modules), and the attributes stay the functions."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API_FUNCTIONS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+__all__ = [
+    "DataError",
+    "ModelError",
+    "OutputError",
+    "ParityError",
+    "PlanError",
+    "ProfileError",
+    "QuanosError",
+    "UnsupportedOpError",
+    "UsageError",
+    "__version__",
+    "analyze",
+    "compile",
+    "energy",
+    "evaluate",
+    "export",
+    "finetune",
+    "layers",
+    *_RESULTS,
+    "Plan",
+]

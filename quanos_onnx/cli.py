@@ -3,28 +3,48 @@
 The only module that imports click. Every failure a user can cause ends in one line on
 stderr that starts with "error:" and names the culprit, and an exit code (docs/cli.md):
 0 success, 1 bad model/data/plan/profile/output (QuanosError), 2 usage (a bad option,
-click's own usage errors included), 130 interrupted; an interrupted or failed run writes
-nothing. --debug shows the traceback instead. Heavy modules are imported inside commands
+click's own usage errors included), 3 outputs complete but stdout failed or Ctrl-C came
+after writing them, 130 interrupted with nothing written; a failed run leaves the output
+folder as it was. --debug shows the traceback instead. Heavy modules are imported inside commands
 so that `quanos --help` stays fast.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import os
+import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import click
 
-from . import __version__
-from .errors import QuanosError
+def _exit_on_early_interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C while the program is still importing: nothing can have been written yet."""
+    os.write(2, b"error: interrupted; no output was written\n")
+    os._exit(130)
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) in ("quanos", "quanos-compile"):
+    signal.signal(signal.SIGINT, _exit_on_early_interrupt)  # main() installs the real handler
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .errors import Naming, QuanosError, printable  # noqa: E402
+from .outputs import forget_written, written_files  # noqa: E402
+from .threads import DEFAULT_THREADS  # noqa: E402
 
 EXIT_BAD_INPUT = 1
+EXIT_WRITTEN = 3
+"""The outputs are complete on disk, but the command was cut short after writing them
+(stdout refused the result, or Ctrl-C came after the files were in place)."""
 EXIT_INTERRUPTED = 130
 INTERRUPTED = "error: interrupted; no output was written"
 
@@ -56,18 +76,102 @@ class OneLineErrors:
         extra.setdefault("obj", Invocation((*program, *arguments)))
         if not standalone_mode:
             return super().main(arguments, prog_name, complete_var, False, **extra)  # type: ignore[misc]
+        forget_written()
+        previous = _interrupt_once()
+        # Called with args (a script, click's CliRunner): give the caller its handler back.
+        after = previous if args is not None else signal.SIG_IGN
         try:
             code = super().main(arguments, prog_name, complete_var, False, **extra)  # type: ignore[misc]
+            sys.stdout.flush()
         except click.exceptions.NoArgsIsHelpError as error:
             error.show()
-            sys.exit(error.exit_code)
+            _exit(error.exit_code, after)
         except click.ClickException as error:
             click.echo(f"error: {_click_error_line(error)}", err=True)
-            sys.exit(error.exit_code)
-        except click.Abort:
-            click.echo(INTERRUPTED, err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        sys.exit(code if isinstance(code, int) else 0)
+            _exit(error.exit_code, after)
+        except (click.Abort, KeyboardInterrupt):
+            line, code = _interrupted()
+            click.echo(line, err=True)
+            _exit(code, after)
+        except OSError as error:
+            line, code = _stdout_lost(error)
+            click.echo(line, err=True)
+            _exit(code, after)
+        _exit(code if isinstance(code, int) else 0, after)
+
+
+def _interrupt_once() -> Any:
+    """The first Ctrl-C raises KeyboardInterrupt; later ones are ignored, so a second
+    Ctrl-C cannot cut short the cleanup that puts the output folder back as it was, nor
+    the one line that says so. Returns the handler it replaced."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGINT, interrupt)
+    except ValueError:  # not the main thread: keep Python's handler
+        return None
+
+
+def _exit(code: int, handler: Any) -> None:
+    """Exit with `code`, which already says what is on disk. A program ignores Ctrl-C from
+    here on (while the interpreter shuts down) rather than change that answer; a caller
+    that passed args gets its own handler back."""
+    if handler is not None:
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:
+            pass
+    sys.exit(code)
+
+
+def _interrupted() -> tuple[str, int]:
+    """The line and exit code of a Ctrl-C: 130 only when this command wrote nothing."""
+    written = written_files()
+    if not written:
+        return INTERRUPTED, EXIT_INTERRUPTED
+    return f"error: interrupted after the outputs were written; {_describe(written)} complete", EXIT_WRITTEN
+
+
+def _stdout_lost(error: OSError) -> tuple[str, int]:
+    """stdout refused the result (a closed pipe, a full disk): say so, and whether the
+    outputs exist (exit 3) or nothing was written (exit 1)."""
+    _silence_stdout()
+    reason = printable(error.strerror or str(error) or type(error).__name__)
+    written = written_files()
+    if not written:
+        return f"error: stdout: cannot write the result ({reason}) (hint: check the pipe or disk that stdout goes to)", EXIT_BAD_INPUT
+    return f"error: stdout: cannot write the result ({reason}); {_describe(written)} complete", EXIT_WRITTEN
+
+
+def _describe(paths: Sequence[Path]) -> str:
+    folders = sorted({str(path.parent) for path in paths})
+    if len(folders) == 1:
+        names = ", ".join(path.name for path in paths)
+        return printable(f"the outputs in {folders[0]} ({names}) are")
+    return printable(f"the outputs {', '.join(str(path) for path in paths)} are")
+
+
+def _silence_stdout() -> None:
+    """Point a broken stdout at /dev/null, so the interpreter's final flush cannot print a
+    second error (the recipe of Python's signal documentation for EPIPE)."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+
+
+def _from_stdout(error: BaseException) -> bool:
+    """Whether an OSError was raised writing the command's result (click.echo to stdout)."""
+    if not isinstance(error, OSError):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(frame.name == "echo" and Path(frame.filename).match("click/utils.py") for frame in frames)
 
 
 def _program_name() -> tuple[str, ...]:
@@ -79,7 +183,7 @@ def _program_name() -> tuple[str, ...]:
 
 
 def _click_error_line(error: click.ClickException) -> str:
-    message = " ".join(error.format_message().split())
+    message = printable(error.format_message())
     context = getattr(error, "ctx", None)
     if isinstance(error, click.UsageError) and context is not None:
         message += f" (hint: run '{context.command_path} --help')"
@@ -97,22 +201,42 @@ class QuanosCommand(OneLineErrors, click.Command):
         except QuanosError as error:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {error.one_line()}", err=True)
+            click.echo(f"error: {error.one_line(flag_naming(self))}", err=True)
             ctx.exit(error.exit_code)
         except KeyboardInterrupt:
-            click.echo(INTERRUPTED, err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            line, code = _interrupted()
+            click.echo(line, err=True)
+            ctx.exit(code)
         except Exception as error:
+            if _from_stdout(error):
+                line, code = _stdout_lost(error)  # type: ignore[arg-type]
+                click.echo(line, err=True)
+                ctx.exit(code)
             if ctx.params.get("debug"):
                 raise
             click.echo(f"error: {_internal_error_line(error)}", err=True)
             ctx.exit(EXIT_BAD_INPUT)
 
 
+def flag_naming(command: click.Command) -> Naming:
+    """The CLI's names for the API arguments an error names: the option's long flag
+    (`input_range` -> `--input-range`) or the argument's metavar (`model` -> MODEL). The
+    commands' parameter names are the API's argument names, so this is a lookup."""
+    names: dict[str, str] = {}
+    for param in command.params:
+        if param.name is None:
+            continue
+        if isinstance(param, click.Option):
+            names[param.name] = max(param.opts, key=len)
+        else:
+            names[param.name] = param.metavar or param.name.upper()
+    return lambda name: names.get(name, "--" + name.replace("_", "-"))
+
+
 def _internal_error_line(error: Exception) -> str:
     """A failure the code did not foresee: still one line, marked as a bug to report."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = f": {lines[0]}" if lines else ""
+    detail = f": {printable(lines[0])}" if lines else ""
     return (
         f"internal error, {type(error).__name__}{detail} "
         "(hint: this is a bug in quanos-onnx; rerun with --debug and report the traceback)"
@@ -143,24 +267,65 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     they go through logging and stay out of the one-line contract of a normal run.
     """
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose and not quiet else logging.ERROR)
 
 
+class PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped: warnings quote names from the user's files."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
+
+
 def data_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--data", "data_path", type=click.Path(dir_okay=True), help="Labelled inputs: .npz (x, y), .npy, idx(.gz), .csv(.gz) or an image folder."),
+        click.option("--data", "data", type=click.Path(dir_okay=True), help="Labelled inputs: .npz (x, y), .npy, idx(.gz), .csv(.gz) or an image folder."),
         click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="Layout of the data's images."),
         click.option("--scale", default=None, help="Multiply pixels by this (e.g. 1/255); uint8 data is scaled by 1/255 by default."),
         click.option("--mean", default=None, help="Per-channel mean to subtract (comma-separated)."),
         click.option("--std", default=None, help="Per-channel std to divide by (comma-separated)."),
         click.option("--data-range", default=None, help="START:STOP slice of the data's samples (e.g. 932:)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and attacks."),
+        click.option("--threads", type=int, default=DEFAULT_THREADS or 0, show_default=True, help="Threads of torch and of onnxruntime (intra-op), set together; 0 keeps the libraries' defaults (docs/benchmarks.md)."),
     ]
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _typed(options: dict[str, Any], *, eps_lists: Sequence[str] = ()) -> dict[str, Any]:
+    """The API's typed values for the options the command line gives as text: eps values
+    ('8/255'), ranges ('0,1', '932:'), scales ('1/255') and per-channel lists."""
+    from .commands import options as text
+
+    converters: dict[str, Callable[[str], Any]] = {
+        "eps": lambda value: text.eps_from_text(value, "eps"),
+        "pgd_alpha": lambda value: text.eps_from_text(value, "pgd_alpha"),
+        "adv_eps": lambda value: text.eps_from_text(value, "adv_eps"),
+        "adv_alpha": lambda value: text.eps_from_text(value, "adv_alpha"),
+        "input_range": text.input_range_from_text,
+        "data_range": text.data_range_from_text,
+        "scale": text.scale_from_text,
+        "mean": lambda value: text.floats_from_text(value, "mean"),
+        "std": lambda value: text.floats_from_text(value, "std"),
+    }
+    for name in eps_lists:
+        converters[name] = lambda value, name=name: text.eps_list_from_text(value, name)
+    typed = {name: converters[name](value) if name in converters and value is not None else value for name, value in options.items()}
+    if "threads" in typed:
+        typed["threads"] = typed["threads"] or None
+    return typed
+
+
+def _command_options(options_class: type[Any], values: dict[str, Any]) -> Any:
+    """The command's options dataclass from the parsed command line (fields by name)."""
+    from dataclasses import fields
+
+    return options_class(**{field.name: values[field.name] for field in fields(options_class) if field.name in values})
 
 
 @click.group(name="quanos", cls=QuanosGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -170,87 +335,42 @@ def main() -> None:
 
 
 @main.command("layers", cls=QuanosCommand)
-@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("model", metavar="MODEL", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @common_options
-def layers_command(model_path: str, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+def layers_command(model: str, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
     """List the quantizable layers of MODEL and the residual joins."""
     _configure_logging(verbose, quiet)
-    from .layers import find_joins, layer_table, list_layers
-    from .model import load_model
-    from .report.text import format_table
+    from .commands.layers import run_layers
 
-    model = load_model(model_path)
-    layers = list_layers(model)
-    joins = find_joins(model, layers)
-    if as_json:
-        document = {
-            "format": "quanos-layers",
-            "version": 1,
-            "model": model_path,
-            "layers": [layer.to_json() for layer in layers],
-            "joins": [join.to_json() for join in joins],
-        }
-        click.echo(json.dumps(document, indent=2))
-        return
-    click.echo(format_table(layer_table(layers)))
-    if joins:
-        click.echo()
-        rows = [{"join": j.name, "op": j.op, "feeds": j.downstream_layers[0] if j.downstream_layers else None} for j in joins]
-        click.echo(format_table(rows))
+    result = run_layers(model)
+    _echo_result(result.document(), result.summary_text, as_json=as_json)
 
 
 @main.command("energy", cls=QuanosCommand)
-@click.argument("model_path", metavar="MODEL", type=click.Path())
-@click.option("--plan", "plan_path", type=click.Path(), default=None, help="Per-layer bits from a plan.json; without it the float model (32 bits everywhere).")
-@click.option("--hw", "hardware", multiple=True, default=("standard",), show_default=True, help="Hardware profile: standard, dg, dvafs, all (those three) or a profile JSON file; repeatable.")
-@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write energy.json and the report (report.html, report.md, report.json, run.json) here.")
+@click.argument("model", metavar="MODEL", type=click.Path())
+@click.option("--plan", "plan", type=click.Path(), default=None, help="Per-layer bits from a plan.json; without it the float model (32 bits everywhere).")
+@click.option("--hw", "hw", multiple=True, default=("standard",), show_default=True, help="Hardware profile: standard, dg, dvafs, all (those three) or a profile JSON file; repeatable.")
+@click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write energy.json and the report (report.html, report.md, report.json, run.json) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the quanos-energy JSON document (docs/hardware.md).")
 @common_options
-def energy_command(model_path: str, plan_path: str | None, hardware: tuple[str, ...], output_dir: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+def energy_command(model: str, plan: str | None, hw: tuple[str, ...], output: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
     """Memory accesses, MACs, energy and weight memory of MODEL per layer and in total (paper Eqns 4-5)."""
     _configure_logging(verbose, quiet)
-    from .hwmodel import compare_to_uniform, describe_bits, estimate, summary_table
-    from .hwmodel import to_json as energy_json
-    from .layers import list_layers
-    from .model import load_model
-    from .outputs import OutputDir
-    from .commands.energy import energy_outputs, load_profiles
-    from .plan import read_plan, validate_plan
-    from .report import RunClock
+    from .commands.energy import EnergyOptions, run_energy
 
-    clock = RunClock.start(_command_line())
-    output = OutputDir(output_dir, inputs=[p for p in (model_path, plan_path) if p]) if output_dir else None
-    profiles = load_profiles(hardware)
-    layers = list_layers(load_model(model_path))
-    plan = None
-    if plan_path is not None:
-        given = read_plan(plan_path)
-        plan = validate_plan(given, layers, plan_path)
-        unplanned = [layer.name for layer in layers if layer.name not in given.by_name()]
-        if unplanned and not quiet:
-            click.echo(f"note: {len(unplanned)} layer(s) not in the plan count as float: {', '.join(unplanned)}", err=True)
-    written = []
-    if output is not None:
-        written = output.write(energy_outputs(model_path, plan_path, layers, plan, profiles, clock))
-    if as_json:
-        click.echo(json.dumps(energy_json(layers, plan, profiles), indent=2))
-        return
-    tables = [
-        summary_table(estimate(layers, plan, profile), compare_to_uniform(layers, plan, profile), describe_bits(plan))
-        for profile in profiles
-    ]
-    click.echo("\n\n".join(tables))
-    for path in written:
-        click.echo(f"wrote {path}")
+    result = run_energy(model, EnergyOptions(hw=hw), plan=plan, save_to=output, command_line=_command_line())
+    if result.unplanned and not quiet:
+        click.echo(f"note: {len(result.unplanned)} layer(s) not in the plan count as float: {', '.join(result.unplanned)}", err=True)
+    _echo_result(result.energy, result.summary_text, as_json=as_json)
 
 
 def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.argument("model_path", metavar="MODEL", type=click.Path()),
-        click.option("-o", "--output", "output_dir", default="quanos-out", show_default=True, type=click.Path(), help="Output directory."),
+        click.argument("model", metavar="MODEL", type=click.Path()),
+        click.option("-o", "--output", "output", default="quanos-out", show_default=True, type=click.Path(), help="Output directory."),
         click.option("--bits", type=int, default=None, help="Uniform bits for every layer (a baseline) instead of QUANOS."),
-        click.option("--plan", "plan_path", type=click.Path(), default=None, help="Per-layer bits from a plan.json instead of QUANOS."),
+        click.option("--plan", "plan", type=click.Path(), default=None, help="Per-layer bits from a plan.json instead of QUANOS."),
         click.option("--quantize-output", is_flag=True, help="Quantize the output layer too (kept float by default)."),
         click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True, help="Activation range estimator."),
         click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile."),
@@ -306,16 +426,24 @@ def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
 def compile_command(**options: Any) -> None:
     """Compile MODEL into a mixed-precision QDQ ONNX model (QUANOS, or --bits/--plan baselines)."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
-    options.pop("debug")
     from .commands.compile import CompileOptions, run_compile
 
-    result = run_compile(CompileOptions(**options), command_line=_command_line(), progress=_progress_bar)
+    typed = _typed(options)
+    result = run_compile(
+        typed["model"],
+        typed["data"],
+        _command_options(CompileOptions, typed),
+        plan=typed["plan"],
+        save_to=typed["output"],
+        command_line=_command_line(),
+        progress=_progress_bar,
+    )
     _echo_result(result.summary_json(), result.summary_text, as_json=options["as_json"])
 
 
 @main.command("analyze", cls=QuanosCommand)
-@click.argument("model_path", metavar="MODEL", type=click.Path())
-@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write analysis.json and the report (report.html, report.md, report.json, run.json) here.")
+@click.argument("model", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write analysis.json and the report (report.html, report.md, report.json, run.json) here.")
 @click.option("--fgsm-eps", default="0.05,0.1,0.2", show_default=True, help="FGSM strengths for the accuracy table.")
 @click.option("--pgd-eps", default="2/255,8/255", show_default=True, help="PGD strengths for the accuracy table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
@@ -325,49 +453,46 @@ def compile_command(**options: Any) -> None:
 def analyze_command(**options: Any) -> None:
     """Audit MODEL without quantizing it: ANS per layer, clean/FGSM/PGD accuracy."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
-    options.pop("debug")
     from .commands.analyze import AnalyzeOptions, run_analyze
 
-    result = run_analyze(AnalyzeOptions(**options), command_line=_command_line(), progress=_progress_bar)
+    typed = _typed(options, eps_lists=("fgsm_eps", "pgd_eps"))
+    result = run_analyze(
+        typed["model"],
+        typed["data"],
+        _command_options(AnalyzeOptions, typed),
+        save_to=typed["output"],
+        command_line=_command_line(),
+        progress=_progress_bar,
+    )
     _echo_result(result.document, result.summary_text, as_json=options["as_json"])
-
 
 
 def _echo_result(document: Any, summary: Callable[[], str], *, as_json: bool) -> None:
     """A command's result on stdout: its JSON document with --json, else the summary table."""
     click.echo(json.dumps(document, indent=2) if as_json else summary())
 
+
 @main.command("export", cls=QuanosCommand)
-@click.argument("model_path", metavar="QMODEL", type=click.Path())
-@click.option("--to", "target", type=click.Choice(["qonnx", "ort-overrides"]), required=True, help="QONNX Quant nodes, or TensorQuantOverrides for onnxruntime.quantization.")
-@click.option("-o", "--output", "output_path", type=click.Path(), default=None, help="Output file (default: next to QMODEL, .qonnx.onnx or .ort_overrides.json).")
+@click.argument("model", metavar="QMODEL", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["qonnx", "ort-overrides"]), required=True, help="QONNX Quant nodes, or TensorQuantOverrides for onnxruntime.quantization.")
+@click.option("-o", "--output", "output", type=click.Path(), default=None, help="Output file (default: next to QMODEL, .qonnx.onnx or .ort_overrides.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON (docs/json.md).")
 @common_options
-def export_command(model_path: str, target: str, output_path: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
+def export_command(model: str, to: str, output: str | None, as_json: bool, verbose: int, quiet: bool, debug: bool) -> None:
     """Export QMODEL (written by quanos-compile) for another toolchain, at its plan's bits."""
     _configure_logging(verbose, quiet)
-    from .export import export_file
+    from .commands.export import ExportOptions, run_export
+    from .export import default_output
 
-    exported = export_file(model_path, target, output_path)
-    for warning in () if quiet else exported.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    if as_json:
-        document = {
-            "format": "quanos-export",
-            "version": 1,
-            "model": model_path,
-            "target": target,
-            "output": str(exported.path),
-            "warnings": list(exported.warnings),
-        }
-        click.echo(json.dumps(document, indent=2))
-        return
-    click.echo(f"wrote {exported.path}")
+    result = run_export(model, ExportOptions(to=to), save_to=output if output is not None else default_output(model, to))  # type: ignore[arg-type]
+    for warning in () if quiet else result.warnings:
+        click.echo(f"warning: {printable(warning)}", err=True)
+    _echo_result(result.summary_json(), lambda: "\n".join(f"wrote {path}" for path in result.written), as_json=as_json)
 
 
 @main.command("evaluate", cls=QuanosCommand)
-@click.argument("model_paths", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", "output_dir", default=None, type=click.Path(), help="Also write evaluation.json and the report (report.html, report.md, report.json, run.json) here.")
+@click.argument("models", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write evaluation.json and the report (report.html, report.md, report.json, run.json) here.")
 @click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated (fgsm, pgd).")
 @click.option("--eps", default=None, help="Strengths in [0,1]-input units, comma-separated (e.g. 0.05,0.1 or 8/255,16/255).")
 @click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations.")
@@ -382,19 +507,26 @@ def export_command(model_path: str, target: str, output_path: str | None, as_jso
 def evaluate_command(**options: Any) -> None:
     """Clean and adversarial accuracy of one or more models (float or compiled), side by side."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
-    options.pop("debug")
     from .commands.evaluate import EvaluateOptions, run_evaluate
+    from .commands.options import methods_from_text
 
-    options["model_paths"] = tuple(options["model_paths"])
-    result = run_evaluate(EvaluateOptions(**options), command_line=_command_line(), progress=_progress_bar)
+    typed = _typed({**options, "attack": methods_from_text(options["attack"])}, eps_lists=("eps",))
+    result = run_evaluate(
+        list(typed["models"]),
+        typed["data"],
+        _command_options(EvaluateOptions, typed),
+        save_to=typed["output"],
+        command_line=_command_line(),
+        progress=_progress_bar,
+    )
     _echo_result(result.document, result.summary_text, as_json=options["as_json"])
 
 
 @main.command("finetune", cls=QuanosCommand)
-@click.argument("model_path", metavar="MODEL", type=click.Path())
-@click.option("-o", "--output", "output_path", required=True, type=click.Path(), help="The fine-tuned compiled model to write (.onnx).")
-@click.option("--plan", "plan_path", type=click.Path(), default=None, help="plan.json to train at (default: the plan stored in a compiled MODEL).")
-@click.option("--val", "val_path", type=click.Path(), default=None, help="Validation data: keep the best epoch on it.")
+@click.argument("model", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="The fine-tuned compiled model to write (.onnx).")
+@click.option("--plan", "plan", type=click.Path(), default=None, help="plan.json to train at (default: the plan stored in a compiled MODEL).")
+@click.option("--val", "val", type=click.Path(), default=None, help="Validation data: keep the best epoch on it.")
 @click.option("--val-split", type=float, default=None, help="Hold out this fraction of --data (after a seeded shuffle) for validation.")
 @click.option("--epochs", type=int, required=True, help="Passes over the training data.")
 @click.option("--lr", type=float, default=None, help="Learning rate (default 1e-4 adam, 1e-3 sgd), decaying to 0 on a cosine.")
@@ -417,15 +549,24 @@ def finetune_command(**options: Any) -> None:
     """Fine-tune MODEL at a plan through its fake-quant twin and write the compiled result."""
     verbose, quiet = options.pop("verbose"), options.pop("quiet")
     _configure_logging(verbose, quiet)
-    options.pop("debug")
     from .commands.finetune import FinetuneOptions, run_finetune
 
     def report(record: Any) -> None:
         if not quiet:
             click.echo(_epoch_line(record, options["epochs"]), err=True)
 
-    result = run_finetune(FinetuneOptions(**options), progress=_progress_bar, on_epoch=report)
-    _echo_result(result.document, result.summary_text, as_json=options["as_json"])
+    typed = _typed(options)
+    result = run_finetune(
+        typed["model"],
+        typed["data"],
+        _command_options(FinetuneOptions, typed),
+        plan=typed["plan"],
+        val=typed["val"],
+        save_to=typed["output"],
+        progress=_progress_bar,
+        on_epoch=report,
+    )
+    _echo_result(result.summary_json(), result.summary_text, as_json=options["as_json"])
 
 
 def _epoch_line(record: Any, epochs: int) -> str:

@@ -46,18 +46,20 @@ import gzip
 import itertools
 import logging
 import math
+import os
 import re
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quanos_onnx.errors import DataError, ModelError, UsageError
+from quanos_onnx.errors import DataError, ModelError, UsageError, arg
+from quanos_onnx.inputs import check_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,15 @@ _IMAGE_SUFFIXES = (
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 # Batch-axis permutations between the two image layouts.
 _PERMUTATIONS = {("nhwc", "nchw"): (0, 3, 1, 2), ("nchw", "nhwc"): (0, 2, 3, 1)}
+MAX_SEED = 2**32 - 1
+"""Largest --seed: numpy and torch generators are seeded with it (torch takes 64 bits,
+numpy's legacy API 32), so one range serves every command."""
+MAX_ARRAY_BYTES = 4 << 30
+"""Largest array an .npz may declare (4 GiB uncompressed; the archive is read into memory,
+so a small zip declaring more is refused before loading). Larger data: an .npy file
+(memory-mapped) or an image folder."""
+MAX_IMAGE_PIXELS = 89_478_485
+"""Largest image read from an image folder (Pillow's decompression-bomb limit)."""
 # Samples per step when scanning for NaN/inf: bounded memory on memory-mapped inputs.
 _SCAN_CHUNK = 1024
 
@@ -124,7 +135,7 @@ class IndexRange:
         match = re.fullmatch(r"\s*(-?\d+)?\s*:\s*(-?\d+)?\s*", text)
         if match is None:
             raise UsageError(
-                f"--data-range {text!r} is not START:STOP", hint="e.g. 932: or 0:1000"
+                f"{arg('data_range')} {text!r} is not START:STOP", hint="e.g. 932: or 0:1000"
             )
         start, stop = (None if group is None else int(group) for group in match.groups())
         return cls(start, stop)
@@ -133,9 +144,9 @@ class IndexRange:
         start = _absolute_index(self.start, count, default=0)
         stop = _absolute_index(self.stop, count, default=count)
         if not (0 <= start <= count and 0 <= stop <= count):
-            raise DataError(f"--data-range {self} reaches outside the {count} samples of {culprit}")
+            raise DataError(f"{arg('data_range')} {self} reaches outside the {count} samples of {culprit}")
         if start >= stop:
-            raise DataError(f"--data-range {self} selects none of the {count} samples of {culprit}")
+            raise DataError(f"{arg('data_range')} {self} selects none of the {count} samples of {culprit}")
         return range(start, stop)
 
     def __str__(self) -> str:
@@ -165,19 +176,19 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
-            raise UsageError(f"--layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+            raise UsageError(f"{arg('layout')} {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
-            raise UsageError(f"--scale {self.scale} must be a positive number, e.g. 1/255")
+            raise UsageError(f"{arg('scale')} {self.scale} must be a positive number, e.g. 1/255")
         if self.mean is not None and not all(math.isfinite(value) for value in self.mean):
-            raise UsageError(f"--mean {_join(self.mean)} must be finite numbers")
+            raise UsageError(f"{arg('mean')} {_join(self.mean)} must be finite numbers")
         if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
-            raise UsageError(f"--std {_join(self.std)} must be positive numbers")
+            raise UsageError(f"{arg('std')} {_join(self.std)} must be positive numbers")
         if self.samples is not None and (
             not isinstance(self.samples, (int, np.integer)) or self.samples < 1
         ):
-            raise UsageError(f"--samples {self.samples} must be a whole number of at least 1")
-        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise UsageError(f"--seed {self.seed} must be a non-negative whole number")
+            raise UsageError(f"{arg('samples')} {self.samples} must be a whole number of at least 1")
+        if not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"{arg('seed')} {self.seed} must be a whole number in 0..{MAX_SEED}")
 
     @classmethod
     def from_options(
@@ -196,8 +207,8 @@ class DataSpec:
         return cls(
             layout=str(layout).lower(),
             scale=_parse_scale(scale),
-            mean=_parse_floats(mean, "--mean"),
-            std=_parse_floats(std, "--std"),
+            mean=_parse_floats(mean, "mean"),
+            std=_parse_floats(std, "std"),
             samples=samples,
             data_range=_parse_range(data_range),
             seed=seed,
@@ -212,7 +223,7 @@ def _parse_scale(value: float | str | None) -> float | None:
     try:
         return float(numerator) / float(denominator) if denominator else float(numerator)
     except (ValueError, ZeroDivisionError):
-        raise UsageError(f"--scale {value!r} is not a number or a fraction like 1/255") from None
+        raise UsageError(f"{arg('scale')} {value!r} is not a number or a fraction like 1/255") from None
 
 
 def _parse_floats(
@@ -224,9 +235,9 @@ def _parse_floats(
     try:
         parsed = tuple(float(item) for item in items)
     except (TypeError, ValueError):
-        raise UsageError(f"{option} {value!r} is not a number or a comma-separated list") from None
+        raise UsageError(f"{arg(option)} {value!r} is not a number or a comma-separated list") from None
     if not parsed:
-        raise UsageError(f"{option} is empty; give one value or one per channel")
+        raise UsageError(f"{arg(option)} is empty; give one value or one per channel")
     return parsed
 
 
@@ -235,7 +246,7 @@ def _parse_range(value: IndexRange | slice | str | None) -> IndexRange | None:
         return value
     if isinstance(value, slice):
         if value.step not in (None, 1):
-            raise UsageError(f"--data-range {value} has a step; only START:STOP is supported")
+            raise UsageError(f"{arg('data_range')} {value} has a step; only START:STOP is supported")
         return IndexRange(value.start, value.stop)
     return IndexRange.parse(str(value))
 
@@ -264,7 +275,7 @@ class Dataset:
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Consecutive (x, y) batches as views, the last maybe shorter; y is None without labels."""
         if batch_size < 1:
-            raise UsageError(f"--batch-size {batch_size} must be at least 1")
+            raise UsageError(f"{arg('batch_size')} {batch_size} must be at least 1")
         return (
             (np.asarray(self.x[start : start + batch_size]),
              None if self.y is None else self.y[start : start + batch_size])
@@ -354,6 +365,65 @@ def dataset_from_batches(
     return _prepare(raw, input_spec, spec, num_classes)
 
 
+def dataset_from(
+    data: Any,
+    input_spec: InputSpec,
+    *,
+    num_classes: int | None = None,
+    argument: str = "data",
+    **options: Any,
+) -> Dataset:
+    """Any data the Python API takes, fitted to the model: a path (load_dataset), numpy
+    arrays `(x, y)` or `x` alone (dataset_from_arrays), an onnxruntime.quantization
+    CalibrationDataReader (unlabeled; its dicts give the model's input), or an iterable of
+    `(x, y)` batches such as a torch DataLoader (dataset_from_batches).
+
+    ``options`` are load_dataset's; ``argument`` names the data in errors.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        return load_dataset(data, input_spec, num_classes=num_classes, **options)
+    if _is_array(data):
+        return dataset_from_arrays(data, None, input_spec, num_classes=num_classes, **options)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and _is_array(data[0]) and (data[1] is None or _is_array(data[1])):
+        return dataset_from_arrays(data[0], data[1], input_spec, num_classes=num_classes, **options)
+    if callable(getattr(data, "get_next", None)):
+        return dataset_from_batches(_reader_batches(data, input_spec), input_spec, num_classes=num_classes, **options)
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+        return dataset_from_batches(data, input_spec, num_classes=num_classes, **options)
+    raise UsageError(
+        f"{arg(argument)}: a {type(data).__name__} is not data",
+        hint="give a path, numpy arrays (x, y) or x, an iterable of (x, y) batches or a CalibrationDataReader",
+    )
+
+
+def describe_source(data: Any) -> str:
+    """What in-memory data was, for reports: '<arrays>', '<CalibrationDataReader>', '<DataLoader>'."""
+    if _is_array(data) or (isinstance(data, (tuple, list)) and data and _is_array(data[0])):
+        return "<arrays>"
+    return f"<{type(data).__name__}>"
+
+
+def _is_array(value: Any) -> bool:
+    """A numpy array or anything numpy views as one without iterating it (a torch tensor)."""
+    return isinstance(value, np.ndarray) or (hasattr(value, "__array__") and hasattr(value, "shape"))
+
+
+def _reader_batches(reader: Any, input_spec: InputSpec) -> Iterator[tuple[Any, None]]:
+    """(x, None) batches from a CalibrationDataReader's {input name: array} dicts."""
+    for number, feed in enumerate(iter(reader.get_next, None)):
+        if not isinstance(feed, Mapping) or not feed:
+            raise DataError(f"CalibrationDataReader batch {number}: not a dict of input name -> array")
+        if input_spec.name in feed:
+            yield feed[input_spec.name], None
+        elif len(feed) == 1:
+            yield next(iter(feed.values())), None
+        else:
+            raise DataError(
+                f"CalibrationDataReader batch {number}: no array for model input '{input_spec.name}' "
+                f"(it has {', '.join(map(str, feed))})"
+            )
+
+
 def _samples_needed(spec: DataSpec) -> int | None:
     """How many leading samples a selection reads, or None when it needs them all."""
     if spec.shuffle or spec.samples is None:
@@ -397,6 +467,7 @@ def _read_source(path: Path, input_spec: InputSpec) -> _RawData:
         raise DataError(f"data path {path} does not exist")
     if path.is_dir():
         return _read_image_folder(path, _channels(input_spec))
+    check_regular_file(path, DataError, "data file")
     name = path.name.lower()
     if name.endswith((".npz", ".npy")):
         return _read_numpy(path)
@@ -425,6 +496,7 @@ def _read_numpy(path: Path) -> _RawData:
         with loaded as archive:
             x_key = _pick_inputs(archive.files, path)
             y_key = _pick_array(archive.files, "y", _Y_ALTERNATES, path, "the labels")
+            _check_member_sizes(archive.zip, [key for key in (x_key, y_key) if key is not None], path)
             x = archive[x_key]
             y = None if y_key is None else archive[y_key]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
@@ -432,6 +504,19 @@ def _read_numpy(path: Path) -> _RawData:
     return _RawData(
         x, y, x_name=f"'{x_key}' in {path}", y_name=f"'{y_key}' in {path}", source=str(path)
     )
+
+
+def _check_member_sizes(archive: zipfile.ZipFile, keys: list[str], path: Path) -> None:
+    """Refuse, before reading, an array whose declared uncompressed size is over the limit
+    (zipfile never inflates a member past its declared size, so the check bounds memory)."""
+    for key in keys:
+        info = archive.getinfo(f"{key}.npy")
+        if info.file_size > MAX_ARRAY_BYTES:
+            raise DataError(
+                f"'{key}' in {path}: declares {info.file_size} bytes, over the "
+                f"{MAX_ARRAY_BYTES >> 30} GiB limit for an .npz array",
+                hint="save large data as an .npy file (memory-mapped) or an image folder",
+            )
 
 
 def _pick_inputs(names: list[str], path: Path) -> str:
@@ -464,7 +549,7 @@ def _pick_array(
 def _read_csv(path: Path) -> _RawData:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
             first = handle.readline()
             header = None if _is_numeric_row(first) else first.split(",")
             rows = handle if header is not None else itertools.chain([first], handle)
@@ -550,8 +635,14 @@ def _read_idx(path: Path) -> np.ndarray:
             dims = tuple(int(dim) for dim in np.frombuffer(dims_bytes, ">u4"))
             offset = 4 + len(dims_bytes)
             expected = math.prod(dims) * dtype.itemsize
+            if compressed and expected > MAX_ARRAY_BYTES:
+                raise DataError(
+                    f"{path}: declares {expected} bytes, over the {MAX_ARRAY_BYTES >> 30} GiB "
+                    "limit for compressed data",
+                    hint="decompress it first (uncompressed idx files are memory-mapped)",
+                )
             if compressed:
-                payload = handle.read()
+                payload = handle.read(expected + 1)
                 found = len(payload)
             else:
                 found = path.stat().st_size - offset
@@ -585,9 +676,15 @@ def _read_image_folder(folder: Path, channels: int | None) -> _RawData:
     for index, (file, _) in enumerate(files):
         try:
             with Image.open(file) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{file}: {image.width}x{image.height} pixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS} (a decompression bomb?)",
+                        hint="resize the images to the model's input size first",
+                    )
                 mode = mode or ("L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
                 array = np.asarray(image.convert(mode))
-        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # PIL.UnidentifiedImageError is an OSError
             raise DataError(f"{file}: cannot be read as an image ({_first_line(err)})") from err
         if pixels is None:
             pixels = np.empty((len(files), *array.shape), np.uint8)
@@ -714,7 +811,7 @@ def _select(count: int, spec: DataSpec, culprit: str) -> tuple[range | np.ndarra
     where = culprit if spec.data_range is None else f"{culprit} [{spec.data_range}]"
     if spec.samples is not None and spec.samples > len(window):
         raise DataError(
-            f"--samples {spec.samples} is more than the {len(window)} samples of {where}"
+            f"{arg('samples')} {spec.samples} is more than the {len(window)} samples of {where}"
         )
     taken = len(window) if spec.samples is None else spec.samples
     described = [] if spec.data_range is None else [f"[{spec.data_range}]"]
@@ -769,7 +866,7 @@ def _storage_layout(raw: _RawData, spec: DataSpec) -> str:
         return spec.layout
     if spec.layout not in ("auto", raw.layout):
         raise UsageError(
-            f"--layout {spec.layout} does not apply to {raw.x_name}: "
+            f"{arg('layout')} {spec.layout} does not apply to {raw.x_name}: "
             f"they are read as {raw.layout.upper()}"
         )
     return raw.layout
@@ -811,7 +908,7 @@ def _fit_shape(x: np.ndarray, spec: InputSpec, layout: str, culprit: str) -> np.
     if len(target) != 3:
         if layout != "auto":
             raise UsageError(
-                f"--layout {layout} applies to image inputs; model input {spec} is not one"
+                f"{arg('layout')} {layout} applies to image inputs; model input {spec} is not one"
             )
         return _fit_non_image(x, spec, culprit)
     model = _model_layout(spec)
@@ -896,9 +993,9 @@ def _to_float32(x: np.ndarray, spec: DataSpec, input_spec: InputSpec) -> np.ndar
         else:
             out *= np.float32(scale)
     if spec.mean is not None:
-        out -= _per_channel(spec.mean, "--mean", out, input_spec)
+        out -= _per_channel(spec.mean, "mean", out, input_spec)
     if spec.std is not None:
-        out /= _per_channel(spec.std, "--std", out, input_spec)
+        out /= _per_channel(spec.std, "std", out, input_spec)
     return out
 
 
@@ -910,17 +1007,54 @@ def _per_channel(
     axis = _channel_axis(spec)
     if axis is None:
         raise UsageError(
-            f"{option} {_join(values)}: one value per channel needs an image input; "
+            f"{arg(option)} {_join(values)}: one value per channel needs an image input; "
             f"model input {spec} is not one"
         )
     if len(values) != x.shape[axis]:
         raise UsageError(
-            f"{option} {_join(values)}: {len(values)} values, "
+            f"{arg(option)} {_join(values)}: {len(values)} values, "
             f"but model input {spec} has {x.shape[axis]} channel{'s' if x.shape[axis] > 1 else ''}"
         )
     shape = [1] * x.ndim
     shape[axis] = len(values)
     return np.asarray(values, np.float32).reshape(shape)
+
+
+def check_input_range(dataset: Dataset, low: float, high: float, *, attacked: bool) -> None:
+    """Refuse data outside the model's declared input range (--input-range) when it will
+    be attacked, warn otherwise.
+
+    Float pixels stored 0..255 fed to a [0,1] model run without any error and give
+    near-chance accuracy, so the mismatch is named here. Attacks clip every input into
+    the range, so under attack such data would be changed before the model sees it: that
+    is refused. Without an attack (compile --bits/--plan) the range is not used, so the
+    mismatch is only a warning. Values within 1% of the range's width outside it pass
+    (rounding of normalized data).
+    """
+    lowest, highest = _extremes(dataset.x)
+    slack = 0.01 * (high - low)
+    if low - slack <= lowest and highest <= high + slack:
+        return
+    message = (
+        f"{dataset.source}: inputs span {lowest:g}..{highest:g} after preprocessing, "
+        f"outside --input-range {low:g},{high:g}"
+    )
+    hint = (
+        "pixels stored 0..255 as floats need --scale 1/255; "
+        "for a model that takes another range pass --input-range LO,HI"
+    )
+    if attacked:
+        raise DataError(f"{message}; attacks clip every input into that range", hint=hint)
+    logger.warning("%s (hint: %s)", message, hint)
+
+
+def _extremes(x: np.ndarray) -> tuple[float, float]:
+    """Smallest and largest value, in chunks (bounded memory on memory-mapped inputs)."""
+    lowest, highest = math.inf, -math.inf
+    for start in range(0, len(x), _SCAN_CHUNK):
+        chunk = x[start : start + _SCAN_CHUNK]
+        lowest, highest = min(lowest, float(chunk.min())), max(highest, float(chunk.max()))
+    return lowest, highest
 
 
 def _check_finite(x: np.ndarray, culprit: str, picked: range | np.ndarray) -> None:

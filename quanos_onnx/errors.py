@@ -3,9 +3,33 @@
 The CLI turns any QuanosError into a single line and an exit code; anything else is a bug
 and keeps its traceback (shown with --debug). Messages name the culprit (file, node, op,
 array or option) so a user can act without reading code.
+
+An option is named in a message through `arg(name)`, `name` being the Python API's
+argument (`input_range`). `str(error)` shows it as that argument; the CLI renders the same
+error with `message(naming)`, where naming maps the argument to its flag (`--input-range`).
+So one raise serves both, and the stages never need to know who called them.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+_ARGUMENT = re.compile("\x1f([A-Za-z_][A-Za-z0-9_]*)\x1f")
+
+Naming = Callable[[str], str]
+"""How a caller names an option: the API argument name -> the name its user typed."""
+
+
+def arg(name: str) -> str:
+    """The option `name` (the API argument) inside an error message or hint."""
+    return f"\x1f{name}\x1f"
+
+
+def api_name(name: str) -> str:
+    """The Python API's naming: the argument as written in the call."""
+    return name
+
 
 
 class QuanosError(Exception):
@@ -22,10 +46,41 @@ class QuanosError(Exception):
         super().__init__(message)
         self.hint = hint
 
-    def one_line(self) -> str:
-        text = " ".join(str(self).split())
-        hint = self.hint or self.default_hint
-        return f"{text} (hint: {' '.join(hint.split())})"
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """The options the message names (API argument names), the culprit first."""
+        return tuple(_ARGUMENT.findall(self.args[0] if self.args else ""))
+
+    def message(self, naming: Naming = api_name) -> str:
+        """The message with each option named by `naming`."""
+        return _render(self.args[0] if self.args else "", naming)
+
+    def __str__(self) -> str:
+        return self.message()
+
+    def one_line(self, naming: Naming = api_name) -> str:
+        text = printable(self.message(naming))
+        hint = printable(_render(self.hint or self.default_hint, naming))
+        return f"{text} (hint: {hint})"
+
+
+def printable(text: str) -> str:
+    """One line that cannot drive a terminal: whitespace runs become one space and every
+    other control or format character (ESC, bidi overrides) is written as an escape.
+
+    Node, tensor and file names come from the user's files; a name holding ESC [31m
+    would otherwise recolour (or rewrite) the user's terminal.
+    """
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in " ".join(text.split()))
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _render(text: str, naming: Naming) -> str:
+    return _ARGUMENT.sub(lambda match: naming(match.group(1)), text)
 
 
 class ModelError(QuanosError):

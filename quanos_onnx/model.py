@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -56,7 +57,8 @@ _FOLD_SIZE_LIMIT = 1 << 24
 
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 _ONNXRUNTIME_DOMAINS = ("com.microsoft",)
-"""onnxruntime's contrib ops: not in the ONNX standard, but onnxruntime runs them."""
+"""onnxruntime's contrib ops: onnxruntime runs them, but ONNX shape inference and the torch
+twin do not know them, so they are refused by name rather than failing later."""
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -68,11 +70,9 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
 def read_model(source: Path) -> onnx.ModelProto:
     """Parse the file (with its external data), failing with the reason in one line."""
-    if not source.exists():
-        raise ModelError(f"{source}: model file not found")
-    if source.is_dir():
-        raise ModelError(f"{source}: is a directory, not an ONNX model file")
-    if source.stat().st_size == 0:
+    from .inputs import check_regular_file
+
+    if check_regular_file(source, ModelError, "ONNX model file") == 0:
         raise ModelError(f"{source}: file is empty")
     other_format = _other_format(source)
     if other_format is not None:
@@ -117,6 +117,11 @@ def _load_external_data(proto: onnx.ModelProto, source: Path) -> None:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not _inside(location):
+            raise ModelError(
+                f"{source}: initializer '{tensor.name}' refers to external data "
+                f"'{location}', outside the model's folder (only files beside the model are read)"
+            )
         if not (base / location).is_file():
             raise ModelError(
                 f"{source}: initializer '{tensor.name}' refers to external data "
@@ -126,6 +131,17 @@ def _load_external_data(proto: onnx.ModelProto, source: Path) -> None:
         onnx.external_data_helper.load_external_data_for_model(proto, str(base))
     except Exception as exc:
         raise ModelError(f"{source}: cannot read external data: {_first_line(exc)}") from exc
+
+
+def _inside(location: str) -> bool:
+    """Whether external data `location` names a file in the model's folder or below it,
+    decided from the text alone, so the answer never depends on what exists outside."""
+    if "\x00" in location:
+        return False
+    relative = Path(location)
+    if relative.is_absolute() or relative.drive:
+        return False
+    return ".." not in relative.parts
 
 
 def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProto:
@@ -139,6 +155,8 @@ def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProt
     _check_signature(_strip_initializer_inputs(proto), source)
     _check_ops(proto, source)
     _check_references(proto, source)
+    _check_acyclic(proto, source)
+    _check_initializers(proto, source)
     if opset != TARGET_OPSET:
         proto = _convert_opset(proto, opset, source)
     proto = _strip_initializer_inputs(proto)
@@ -158,14 +176,25 @@ def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProt
     )
     try:
         passes(model)
-    except ModelError:
-        raise
     except Exception as exc:
-        raise ModelError(f"{source}: cannot normalize graph: {_first_line(exc)}") from exc
+        cause = _root_cause(exc)
+        if isinstance(cause, ModelError):
+            raise cause from None
+        raise ModelError(f"{source}: cannot normalize graph: {_first_line(cause)}") from exc
     proto = ir.serde.serialize_model(model)
     proto = infer_shapes(proto, source)
     check_model(proto, source)
     return proto
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exception a pass raised, without the PassError wrapper (whose message is a list
+    of pass-object reprs); a QuanosError on the way is the answer itself."""
+    seen: set[int] = set()
+    while exc.__cause__ is not None and id(exc) not in seen and not isinstance(exc, ModelError):
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc
 
 
 def default_opset(proto: onnx.ModelProto) -> int:
@@ -208,6 +237,13 @@ def _check_signature(proto: onnx.ModelProto, source: str) -> None:
         raise ModelError(
             f"{source}: input '{inputs[0].name}' has unknown rank; a fixed-rank input is needed"
         )
+    for axis, dim in enumerate(tensor_type.shape.dim):
+        if dim.HasField("dim_value") and dim.dim_value <= 0:
+            raise ModelError(
+                f"{source}: input '{inputs[0].name}' has size {dim.dim_value} in dimension {axis}; "
+                "sizes must be positive or symbolic",
+                hint="re-export the model with a symbolic (named) dimension where the size varies",
+            )
 
 
 def _check_ops(proto: onnx.ModelProto, source: str) -> None:
@@ -215,8 +251,15 @@ def _check_ops(proto: onnx.ModelProto, source: str) -> None:
     local_functions = {(function.domain, function.name) for function in proto.functions}
     for index, node in enumerate(proto.graph.node):
         domain = node.domain or ""
-        if (domain, node.op_type) in local_functions or domain in _ONNXRUNTIME_DOMAINS:
+        if (domain, node.op_type) in local_functions:
             continue
+        if domain in _ONNXRUNTIME_DOMAINS:
+            raise UnsupportedOpError(
+                f"{source}: node '{node.name or f'#{index}'}' uses onnxruntime contrib op "
+                f"'{domain}:{node.op_type}', which quanos does not support (it reads standard ONNX ops)",
+                hint="export the model without onnxruntime's fusions (standard ONNX has Gelu, "
+                "LayerNormalization and Attention at opset 20-23)",
+            )
         schema_domain = "" if domain == "ai.onnx" else domain
         if domain in _STANDARD_DOMAINS and onnx.defs.has(node.op_type, schema_domain):
             continue
@@ -232,7 +275,17 @@ def _check_references(proto: onnx.ModelProto, source: str) -> None:
     graph = proto.graph
     produced = {""} | {v.name for v in graph.input} | {t.name for t in graph.initializer}
     produced.update(t.values.name for t in graph.sparse_initializer)
-    produced.update(name for node in graph.node for name in node.output)
+    producers: dict[str, str] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            if not name:
+                continue
+            label = f"node '{node.name or f'#{index}'}'"
+            earlier = producers.get(name) or ("a graph input or initializer" if name in produced else None)
+            if earlier is not None:
+                raise ModelError(f"{source}: tensor '{name}' is produced twice, by {earlier} and by {label}")
+            producers[name] = label
+    produced.update(producers)
     for index, node in enumerate(graph.node):
         for name in node.input:
             if name not in produced:
@@ -243,6 +296,79 @@ def _check_references(proto: onnx.ModelProto, source: str) -> None:
     for output in graph.output:
         if output.name not in produced:
             raise ModelError(f"{source}: graph output '{output.name}' is not produced by any node")
+
+
+def _check_acyclic(proto: onnx.ModelProto, source: str) -> None:
+    """A graph whose nodes feed each other in a loop has no order to run in; name the loop."""
+    nodes = list(proto.graph.node)
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+    inputs = [{producer[name] for name in node.input if name in producer} for node in nodes]
+    users: list[list[int]] = [[] for _ in nodes]
+    for index, sources in enumerate(inputs):
+        for origin in sources:
+            users[origin].append(index)
+    waiting = [len(sources) for sources in inputs]
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    done = 0
+    while ready:
+        index = ready.pop()
+        done += 1
+        for user in users[index]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                ready.append(user)
+    if done == len(nodes):
+        return
+    start = next(index for index, count in enumerate(waiting) if count > 0)
+    path: list[int] = []
+    while start not in path:
+        path.append(start)
+        start = next(origin for origin in inputs[start] if waiting[origin] > 0)
+    loop = path[path.index(start):][::-1]
+    names = " -> ".join(f"'{nodes[i].name or f'#{i}'}'" for i in [*loop[:6], loop[0]])
+    raise ModelError(f"{source}: the graph has a cycle: {names}{' ...' if len(loop) > 6 else ''}")
+
+
+_PACKED_BITS = {
+    onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    onnx.TensorProto.INT2: 2,
+    onnx.TensorProto.UINT2: 2,
+    onnx.TensorProto.FLOAT4E2M1: 4,
+}
+
+
+def _check_initializers(proto: onnx.ModelProto, source: str) -> None:
+    """Each initializer holds as many values as its dims say (a truncated weight would
+    otherwise fail deep inside a pass)."""
+    for tensor in proto.graph.initializer:
+        if any(dim < 0 for dim in tensor.dims):
+            raise ModelError(f"{source}: initializer '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+        count = math.prod(tensor.dims)
+        expected = _stored_bytes(tensor.data_type, count)
+        if tensor.HasField("raw_data") and expected is not None and len(tensor.raw_data) != expected:
+            raise ModelError(
+                f"{source}: initializer '{tensor.name}' has {len(tensor.raw_data)} bytes of data, "
+                f"but its shape {list(tensor.dims)} needs {expected}"
+            )
+        for field in ("float_data", "double_data", "int64_data", "uint64_data"):
+            values = len(getattr(tensor, field))
+            if values and values != count:
+                raise ModelError(
+                    f"{source}: initializer '{tensor.name}' has {values} values, "
+                    f"but its shape {list(tensor.dims)} needs {count}"
+                )
+
+
+def _stored_bytes(data_type: int, count: int) -> int | None:
+    """Bytes of raw_data for `count` values of an ONNX type; None for strings and unknowns."""
+    if data_type in _PACKED_BITS:
+        return (count * _PACKED_BITS[data_type] + 7) // 8
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None if dtype.kind in "OUS" else count * dtype.itemsize
 
 
 def _convert_opset(proto: onnx.ModelProto, opset: int, source: str) -> onnx.ModelProto:
@@ -375,6 +501,22 @@ def save_model(
     return target
 
 
+PRODUCER_NAME = "quanos-onnx"
+SOURCE_PRODUCER_KEYS = ("quanos.source_producer_name", "quanos.source_producer_version")
+
+
+def stamp_producer(proto: onnx.ModelProto, version: str) -> onnx.ModelProto:
+    """Name quanos-onnx as the producer of a model it wrote (in place); the producer of the
+    model it was made from moves to metadata (kept as it is when already recorded there)."""
+    present = {entry.key for entry in proto.metadata_props}
+    if not any(key in present for key in SOURCE_PRODUCER_KEYS):
+        for key, value in zip(SOURCE_PRODUCER_KEYS, (proto.producer_name, proto.producer_version)):
+            proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = PRODUCER_NAME
+    proto.producer_version = version
+    return proto
+
+
 def guard_output(target: Path, protect: Iterable[Path]) -> None:
     for original in protect:
         if target.resolve() == Path(original).resolve():
@@ -428,9 +570,22 @@ def input_spec(proto: onnx.ModelProto) -> InputSpec:
     return InputSpec(input_value(proto).name, input_shape(proto), dtype)
 
 
-def num_classes(proto: onnx.ModelProto) -> int | None:
-    """The size of the first output's last dim: the classifier's class count."""
-    dims = proto.graph.output[0].type.tensor_type.shape.dim
+def num_classes(proto: onnx.ModelProto, source: str = "<model>") -> int | None:
+    """The size of the first output's last dim: the classifier's class count.
+
+    A classifier's output is [N, classes]; any other known rank is refused naming the
+    output, since labels checked against its last dim would be checked against nonsense.
+    """
+    output = proto.graph.output[0]
+    tensor_type = output.type.tensor_type
+    dims = tensor_type.shape.dim
+    if tensor_type.HasField("shape") and len(dims) != 2:
+        shape = "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+        raise ModelError(
+            f"{source}: output '{output.name}' has shape [{shape or 'scalar'}]; "
+            "quanos needs a classifier whose output is [N, classes]",
+            hint="export the model's logits (e.g. add a Flatten before the output)",
+        )
     if not dims or not dims[-1].HasField("dim_value"):
         return None
     return dims[-1].dim_value
@@ -461,6 +616,52 @@ def check_finite_initializers(proto: onnx.ModelProto, names: Iterable[str], sour
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             count = int((~np.isfinite(values)).sum())
             raise ModelError(f"{source}: initializer '{name}' holds {count} NaN/inf value(s)")
+
+
+_QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "Quant",
+        "BipolarQuant",
+        "Trunc",
+    }
+)
+"""Ops of already-quantized graphs: ONNX QDQ and QOperator forms, and QONNX's Quant nodes."""
+
+
+def refuse_quantized(proto: onnx.ModelProto, source: str = "<model>") -> None:
+    """compile reads a float model: a quantized one would be planned around its Q/DQ nodes
+    and mostly left as it is, so it is refused naming the first quantizing node."""
+    found = [node for node in proto.graph.node if node.op_type in _QUANTIZED_OPS]
+    if not found:
+        return
+    first = found[0]
+    raise ModelError(
+        f"{source}: already quantized ({len(found)} quantization node(s), the first "
+        f"'{first.name}' ({first.op_type})); quanos compile reads a float model",
+        hint="compile the float model it came from; quanos evaluate and finetune take a compiled model as it is",
+    )
+
+
+def check_finite_outputs(proto: onnx.ModelProto, x: np.ndarray, source: str = "<model>") -> None:
+    """Run the model on a batch of the data and refuse it, naming the output, when an
+    output is NaN or inf: gradients and ANS of such a model are meaningless (every layer
+    would silently get 16 bits)."""
+    outputs = Runner(proto).run(x)
+    for name, values in zip(output_names(proto), outputs):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            samples = int(bad.reshape(len(values), -1).any(axis=1).sum()) if values.ndim else 1
+            raise ModelError(
+                f"{source}: output '{name}' is NaN or inf on {samples} of the first {len(x)} sample(s) of the data",
+                hint="check the model in onnxruntime (a Log or Div of zero?) and the data's preprocessing",
+            )
 
 
 def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -599,14 +800,21 @@ def make_session(
     """A CPU session for a model held in memory; a failure names onnxruntime's reason.
 
     The entries the model needs (session_config) come first; `config` adds to or
-    overrides them.
+    overrides them. `threads` (else threads.session_threads(), else onnxruntime's
+    default) sets the intra-op threads.
     """
     import onnxruntime as ort
 
+    from .threads import session_threads
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    threads = threads or session_threads() or 0
     if threads:
         options.intra_op_num_threads = threads
+    # Worker threads sleep between runs instead of spinning: the tool's sessions alternate
+    # with torch, which would otherwise compete with them for the same cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
     for key, value in {**dict(session_config(proto)), **dict(config)}.items():

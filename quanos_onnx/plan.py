@@ -8,10 +8,10 @@ versioned JSON so that a plan written today is read (or refused clearly) tomorro
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from .errors import PlanError
@@ -209,7 +209,9 @@ def _layer_from_json(raw: Any, where: str) -> LayerPlan:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise PlanError(f"{where}: each layer needs a \"name\" string")
     name = raw["name"]
-    keep_float = bool(raw.get("keep_float", False))
+    keep_float = raw.get("keep_float", False)
+    if not isinstance(keep_float, bool):
+        raise PlanError(f"{where} '{name}': \"keep_float\" must be true or false (a JSON boolean), got {keep_float!r}")
     if keep_float:
         return _float_entry(name)
     weight_bits = raw.get("weight_bits", raw.get("bits"))
@@ -229,24 +231,16 @@ def _layer_from_json(raw: Any, where: str) -> LayerPlan:
 def _optional_float(value: Any, where: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PlanError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PlanError(f"{where}: expected a finite number, got {value!r}")
     return float(value)
 
 
 def read_plan(path: str | os.PathLike[str]) -> Plan:
-    source = Path(path)
-    try:
-        text = source.read_text()
-    except FileNotFoundError:
-        raise PlanError(f"{source}: plan file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlanError(f"{source}: cannot read plan: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{source}: malformed JSON at line {exc.lineno}: {exc.msg}") from exc
-    return plan_from_json(data, str(source))
+    """A plan file: a regular file of at most inputs.MAX_DOCUMENT_BYTES (docs/cli.md)."""
+    from .inputs import read_document
+
+    return plan_from_json(read_document(path, PlanError, "plan file"), str(path))
 
 
 def validate_plan(plan: Plan, layers: Sequence[Any], source: str = "<plan>") -> Plan:

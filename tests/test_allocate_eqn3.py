@@ -93,7 +93,7 @@ def test_a_layer_without_ans_or_with_a_negative_ans_is_refused():
 
 @pytest.mark.parametrize(
     "k_init, k_min, option",
-    [(1, 1, "--k-init"), (33, 2, "--k-init"), (16.0, 2, "--k-init"), (16, 1, "--k-min"), (8, 9, "--k-min")],
+    [(1, 1, "^k_init"), (33, 2, "^k_init"), (16.0, 2, "^k_init"), (16, 1, "^k_min"), (8, 9, "^k_min")],
 )
 def test_bit_options_are_validated(k_init, k_min, option):
     with pytest.raises(UsageError, match=option):
@@ -151,7 +151,7 @@ def test_budgeted_mode_at_the_ends_of_the_range():
 
 @pytest.mark.parametrize("target", [1.5, 17.0, float("nan")])
 def test_budget_outside_k_min_k_init_is_a_usage_error(target):
-    with pytest.raises(UsageError, match="--target-avg-bits"):
+    with pytest.raises(UsageError, match="target_avg_bits"):
         allocate_budgeted(_TABLE, _TABLE_ANS, target)
 
 
@@ -280,7 +280,7 @@ def test_iterative_budgeted_mode_meets_the_budget_every_round():
 
 @pytest.mark.parametrize("rounds", [0, -1, 2.5, True])
 def test_rounds_must_be_a_positive_whole_number(rounds):
-    with pytest.raises(UsageError, match="--rounds"):
+    with pytest.raises(UsageError, match="rounds"):
         allocate_iterative([_layer("a")], _ans({"a": 0.1}), quantize=print, measure=print, rounds=rounds)
 
 

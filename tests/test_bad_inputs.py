@@ -9,8 +9,15 @@ directory left empty (or never created).
 
 from __future__ import annotations
 
+import errno
 import json
-from collections.abc import Callable
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +27,16 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from quanos_onnx import data as data_module
+from quanos_onnx import outputs
+from quanos_onnx.commands import compile as compile_room
+from quanos_onnx import inputs as inputs_module
 from quanos_onnx.cli import main
-from tiny_models import vgg_chain
+from tiny_models import GraphBuilder, vgg_chain
 
 BAD_INPUT = 1
 USAGE = 2
+WRITTEN = 3
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,23 @@ class Case:
     make: Callable[[Path], list[str]]
     culprit: str
     exit_code: int = BAD_INPUT
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+
+
+@contextmanager
+def hang_guard(seconds: int = 120) -> Iterator[None]:
+    """Fail a case that blocks (a named pipe opened for reading) instead of hanging the suite."""
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the command blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def compile_args(model: str = "{model}", data: str = "{data}", *extra: str) -> list[str]:
@@ -352,7 +381,181 @@ OPTION_CASES = [
     Case("option-energy-plan-unknown-layer", lambda tmp: ["energy", "{model}", "--plan", plan_file(tmp, plan_document(layers=[{"name": "fc", "bits": 4}])), "-o", "{out}"], "fc"),
 ]
 
-CASES = [*MODEL_CASES, *DATA_CASES, *PLAN_CASES, *PROFILE_CASES, *OPTION_CASES]
+# -- special files: refused at once, never opened (a named pipe would block forever) ------
+
+
+def fifo(tmp: Path, name: str) -> str:
+    os.mkfifo(tmp / name)
+    return str(tmp / name)
+
+
+SPECIAL_FILE_CASES = [
+    model_case("model-named-pipe", lambda tmp: fifo(tmp, "model.onnx"), "not a regular file (a named pipe)"),
+    data_case("data-named-pipe", lambda tmp: fifo(tmp, "data.npz"), "not a regular file (a named pipe)"),
+    data_case("data-csv-dev-zero", lambda tmp: "/dev/zero", "/dev/zero: not a regular file (a device)"),
+    Case("plan-named-pipe", lambda tmp: ["compile", "{model}", "--data", "{data}", "--plan", fifo(tmp, "plan.json"), "-o", "{out}"], "not a regular file (a named pipe)"),
+    Case("plan-dev-zero", lambda tmp: ["compile", "{model}", "--data", "{data}", "--plan", "/dev/zero", "-o", "{out}"], "/dev/zero: not a regular file (a device)"),
+    Case("profile-named-pipe", lambda tmp: ["energy", "{model}", "--hw", fifo(tmp, "profile.json"), "-o", "{out}"], "not a regular file (a named pipe)"),
+    Case("output-named-pipe", lambda tmp: compile_args()[:-1] + [fifo(tmp, "out_pipe")], "is a named pipe"),
+    Case("export-output-named-pipe", lambda tmp: ["export", "{model}", "--to", "qonnx", "-o", fifo(tmp, "export_pipe")], "is a named pipe, not a regular file"),
+    Case("finetune-output-named-pipe", lambda tmp: ["finetune", "{model}", "--data", "{data}", "--epochs", "1", "-o", fifo(tmp, "ft_pipe")], "is a named pipe, not a regular file"),
+]
+
+# -- inputs that used to give silent wrong answers -----------------------------------------
+
+
+def model_with(tmp: Path, name: str, change: Callable[[onnx.ModelProto], None]) -> str:
+    model = good_model()
+    change(model)
+    return save(tmp, name, model)
+
+
+def nan_output(model: onnx.ModelProto) -> None:
+    """Log of the logits: NaN wherever a logit is negative, a valid graph otherwise."""
+    model.graph.node[-1].output[0] = "logits"
+    model.graph.node.append(helper.make_node("Log", ["logits"], ["classifier_out"], name="log"))
+
+
+def four_d_output(tmp: Path) -> str:
+    builder = GraphBuilder(0)
+    features = builder.relu(builder.conv("x", 3, 4, name="conv0"))
+    return save(tmp, "feature_map.onnx", builder.model(["N", 3, 8, 8], features))
+
+
+def qdq_model(tmp: Path) -> str:
+    """An already-quantized model: QuantizeLinear -> DequantizeLinear before the first conv."""
+    model = good_model()
+    model.graph.initializer.extend([numpy_helper.from_array(np.float32(1 / 255), "s"), numpy_helper.from_array(np.uint8(0), "z")])
+    model.graph.node.insert(0, helper.make_node("QuantizeLinear", ["x", "s", "z"], ["x_q"], name="quant_x"))
+    model.graph.node.insert(1, helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["x_dq"], name="dequant_x"))
+    model.graph.node[2].input[0] = "x_dq"
+    return save(tmp, "qdq.onnx", model)
+
+
+def plan_with_string_boolean(tmp: Path) -> list[str]:
+    plan = plan_file(tmp, plan_document(layers=[{"name": "conv0", "keep_float": "false", "bits": 8}]))
+    return ["compile", "{model}", "--data", "{data}", "--plan", plan, "-o", "{out}"]
+
+
+def finetune_args(*extra: str) -> Callable[[Path], list[str]]:
+    def make(tmp: Path) -> list[str]:
+        plan = plan_file(tmp, plan_document())
+        return ["finetune", "{model}", "--plan", plan, "--data", "{data}", "--epochs", "1", "-o", "{out}/ft.onnx", *extra]
+
+    return make
+
+
+SILENT_ANSWER_CASES = [
+    plan_case("plan-keep-float-as-string", plan_document(layers=[{"name": "conv0", "keep_float": "false", "bits": 8}]), "keep_float"),
+    Case("finetune-lr-inf", finetune_args("--lr", "inf"), "--lr inf", USAGE),
+    model_case("model-nan-output", lambda tmp: model_with(tmp, "nan_out.onnx", nan_output), "output 'classifier_out' is NaN or inf"),
+    model_case("model-already-quantized", qdq_model, "already quantized"),
+    model_case("model-4d-output", four_d_output, "[N, classes]"),
+    Case("data-0-255-floats-under-attack", lambda tmp: ["compile", "{model}", "--data", npz(tmp, "raw.npz", x=good_x() * 255, y=good_y()), "-o", "{out}"], "outside --input-range 0,1"),
+]
+
+# -- bad input that used to be an "internal error" ------------------------------------------
+
+
+def dims_model(size: int) -> Callable[[Path], str]:
+    def make(tmp: Path) -> str:
+        def change(model: onnx.ModelProto) -> None:
+            model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = size
+
+        return model_with(tmp, f"dim{size}.onnx", change)
+
+    return make
+
+
+def two_producers(model: onnx.ModelProto) -> None:
+    model.graph.node.insert(2, helper.make_node("Relu", ["x"], ["relu1_out"], name="again"))
+
+
+def image_folder(tmp: Path, size: int) -> str:
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp / "images" / label).mkdir(parents=True)
+        Image.new("RGB", (size, size)).save(tmp / "images" / label / "0.png")
+    return str(tmp / "images")
+
+
+def pillow_limit(limit: int) -> Callable[[pytest.MonkeyPatch], None]:
+    def patch(monkeypatch: pytest.MonkeyPatch) -> None:
+        from PIL import Image
+
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+
+    return patch
+
+
+def deep_plan(tmp: Path) -> list[str]:
+    text = '{"format": "quanos-plan", "version": 1, "details": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    return ["compile", "{model}", "--data", "{data}", "--plan", write(tmp, "deep.json", text), "-o", "{out}"]
+
+
+INTERNAL_ERROR_CASES = [
+    Case("data-image-over-pillow-bomb-limit", lambda tmp: compile_args("{model}", image_folder(tmp, 8)), "0.png", patch=pillow_limit(20)),
+    Case("data-image-over-the-pixel-limit", lambda tmp: compile_args("{model}", image_folder(tmp, 8)), "over the limit of 50", patch=lambda mp: mp.setattr(data_module, "MAX_IMAGE_PIXELS", 50)),
+    model_case("model-input-dim-minus-1", dims_model(-1), "size -1 in dimension 2"),
+    model_case("model-input-dim-0", dims_model(0), "size 0 in dimension 2"),
+    model_case("model-two-producers", lambda tmp: model_with(tmp, "twice.onnx", two_producers), "tensor 'relu1_out' is produced twice"),
+    Case("option-seed-2-to-the-64", quanos_args("--bits", "8", "--seed", str(2**64)), "--seed", USAGE),
+    Case("plan-200000-deep", deep_plan, "nested deeper than"),
+    profile_case("profile-overflows-to-inf", profile_document(access_pj_per_bit=1e308), "access_pj_per_bit"),
+]
+
+# -- messages: short, naming the culprit, escaped, and the same whatever exists outside ------
+
+
+def cycle(model: onnx.ModelProto) -> None:
+    model.graph.node[0].input[0] = "relu2_out"
+
+
+def short_weight(model: onnx.ModelProto) -> None:
+    weight = next(t for t in model.graph.initializer if t.name == "conv1.w")
+    weight.raw_data = weight.raw_data[:-8]
+
+
+def contrib_op(model: onnx.ModelProto) -> None:
+    model.graph.node[1].op_type, model.graph.node[1].domain = "Gelu", "com.microsoft"
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def control_characters(model: onnx.ModelProto) -> None:
+    custom = model.graph.node[1]
+    custom.op_type, custom.domain, custom.name = "Frob", "com.example", "evil\x1b[31mred\u202e"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+
+
+MESSAGE_CASES = [
+    model_case("model-cycle", lambda tmp: model_with(tmp, "cycle.onnx", cycle), "cycle: 'relu1' -> 'conv1' -> 'relu2' -> 'conv0' -> 'relu1'"),
+    model_case("model-short-weight", lambda tmp: model_with(tmp, "short.onnx", short_weight), "'conv1.w' has 1144 bytes of data, but its shape [8, 4, 3, 3] needs 1152"),
+    model_case("model-contrib-op", lambda tmp: model_with(tmp, "gelu.onnx", contrib_op), "contrib op 'com.microsoft:Gelu'"),
+    model_case("model-control-characters", lambda tmp: model_with(tmp, "ctrl.onnx", control_characters), "evil\\x1b[31mred\\u202e"),
+]
+
+# -- limits ----------------------------------------------------------------------------------
+
+LIMIT_CASES = [
+    Case(
+        "plan-over-the-size-limit",
+        lambda tmp: ["compile", "{model}", "--data", "{data}", "--plan", plan_file(tmp, plan_document(details={"pad": "x" * 4096})), "-o", "{out}"],
+        "larger than the",
+        patch=lambda mp: mp.setattr(inputs_module, "MAX_DOCUMENT_BYTES", 2048),
+    ),
+    Case(
+        "data-npz-member-over-the-limit",
+        lambda tmp: compile_args("{model}", npz(tmp, "bomb.npz", x=np.zeros((64, 3, 8, 8), np.float32), y=good_y(64))),
+        "'x' in",
+        patch=lambda mp: mp.setattr(data_module, "MAX_ARRAY_BYTES", 4096),
+    ),
+]
+
+CASES = [
+    *MODEL_CASES, *DATA_CASES, *PLAN_CASES, *PROFILE_CASES, *OPTION_CASES,
+    *SPECIAL_FILE_CASES, *SILENT_ANSWER_CASES, *INTERNAL_ERROR_CASES, *MESSAGE_CASES, *LIMIT_CASES,
+]
 
 
 def test_the_corpus_is_large_enough() -> None:
@@ -361,7 +564,9 @@ def test_the_corpus_is_large_enough() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_input_gives_one_line_and_no_output(case: Case, tmp_path: Path) -> None:
+def test_bad_input_gives_one_line_and_no_output(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if case.patch is not None:
+        case.patch(monkeypatch)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     model = save(inputs, "tiny.onnx", good_model())
@@ -369,14 +574,207 @@ def test_bad_input_gives_one_line_and_no_output(case: Case, tmp_path: Path) -> N
     out = tmp_path / "out"
     args = [a.format(model=model, data=data, out=out) for a in case.make(inputs)]
 
-    result = CliRunner().invoke(main, args)
+    with hang_guard():
+        result = CliRunner().invoke(main, args)
 
     lines = result.stderr.splitlines()
     assert result.exit_code == case.exit_code, result.stderr
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: "), lines[0]
     assert case.culprit in lines[0], lines[0]
+    assert len(lines[0]) < 400 and lines[0].isprintable(), lines[0]
     assert "Traceback" not in result.output
     assert result.stdout == ""
     assert not out.exists() or not any(out.iterdir())
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+# -- existing outputs: replaced only by a complete run, never lost -------------------------
+
+
+@pytest.fixture()
+def tiny_inputs(tmp_path: Path) -> tuple[str, str]:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    return save(inputs, "tiny.onnx", good_model()), npz(inputs, "good.npz", x=good_x(), y=good_y())
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def disk_full_on(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = outputs.write_file_bytes
+
+    def write(target: Path, data: bytes) -> None:
+        if target.name == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(target, data)
+
+    monkeypatch.setattr(outputs, "write_file_bytes", write)
+
+
+def test_a_disk_full_during_report_html_keeps_the_previous_run(
+    tiny_inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = tiny_inputs
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "8", "-o", str(out)]).exit_code == 0
+    before = folder_bytes(tmp_path)
+    disk_full_on("report.html", monkeypatch)
+    result = CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "4", "-o", str(out)])
+    assert result.exit_code == BAD_INPUT
+    assert result.stderr.splitlines() == [result.stderr.strip()] and "report.html: cannot write: No space left on device" in result.stderr
+    assert folder_bytes(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "out"]
+
+
+def test_a_disk_full_below_new_folders_leaves_no_folders(tiny_inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, data = tiny_inputs
+    disk_full_on("plan.json", monkeypatch)
+    result = CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "8", "-o", str(tmp_path / "a" / "b" / "out")])
+    assert result.exit_code == BAD_INPUT, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+
+
+def test_a_plan_inside_the_output_folder_is_refused_before_any_work(
+    tiny_inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = tiny_inputs
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "8", "-o", str(out)]).exit_code == 0
+    before = folder_bytes(out)
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(compile_room, "read_model", no_work)
+    result = CliRunner().invoke(main, ["compile", model, "--data", data, "--plan", str(out / "plan.json"), "-o", str(out)])
+    assert result.exit_code == BAD_INPUT
+    assert "plan.json: refusing to overwrite an input file" in result.stderr
+    assert folder_bytes(out) == before
+
+
+def test_float_pixels_0_to_255_without_an_attack_are_warned_about(tiny_inputs: tuple[str, str], tmp_path: Path) -> None:
+    """--bits runs no attack, so --input-range is not used: a warning, not a refusal."""
+    model, _ = tiny_inputs
+    data = npz(tmp_path, "raw.npz", x=good_x() * 255, y=good_y())
+    result = CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "8", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0
+    assert "outside --input-range 0,1" in result.stderr and "--scale 1/255" in result.stderr
+
+
+def test_a_byte_order_mark_before_the_csv_header_keeps_the_label_column(tmp_path: Path) -> None:
+    from quanos_onnx.data import InputSpec, load_dataset
+
+    rows = np.random.default_rng(0).integers(0, 256, (4, 3 * 8 * 8))
+    labels = np.array([3, 1, 4, 1])
+    header = "label," + ",".join(f"pixel{i}" for i in range(rows.shape[1]))
+    text = "\n".join([header, *(f"{y}," + ",".join(map(str, row)) for y, row in zip(labels, rows))])
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    dataset = load_dataset(path, InputSpec("x", (None, 3, 8, 8)), num_classes=10)
+    assert dataset.y.tolist() == labels.tolist()
+    assert np.allclose(dataset.x.reshape(4, -1), rows / 255)
+
+
+def test_external_data_outside_the_folder_gets_one_message_whether_or_not_it_exists(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(good_model(), folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    model = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.bin"
+    onnx.save(model, folder / "m.onnx")
+    args = ["layers", str(folder / "m.onnx")]
+    absent = CliRunner().invoke(main, args)
+    (tmp_path / "secret.bin").write_bytes(bytes(100_000))
+    present = CliRunner().invoke(main, args)
+    assert absent.exit_code == present.exit_code == BAD_INPUT
+    assert absent.stderr == present.stderr
+    assert "outside the model's folder" in absent.stderr
+
+
+# -- signals and stdout: the exit code says what is on disk --------------------------------
+
+
+def test_ctrl_c_after_the_outputs_are_written_says_they_exist(
+    tiny_inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = tiny_inputs
+
+    def interrupted(self: object) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compile_room.CompileResult, "summary_text", interrupted)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "8", "-o", str(out)])
+    assert result.exit_code == WRITTEN
+    assert result.stderr.splitlines() == [
+        f"error: interrupted after the outputs were written; the outputs in {out} "
+        "(model.quanos.onnx, plan.json, report.json, run.json, report.md, report.html) are complete"
+    ]
+    assert len(list(out.iterdir())) == 6
+
+
+def run_quanos(args: list[str], **popen: object) -> subprocess.Popen[bytes]:
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen([sys.executable, "-m", "quanos_onnx.cli", *args], env=environment, stderr=subprocess.PIPE, **popen)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("delay", [1.0, 3.0])
+def test_two_quick_ctrl_c_give_one_line_and_130(tiny_inputs: tuple[str, str], tmp_path: Path, delay: float) -> None:
+    """The second Ctrl-C, 50 ms after the first, cannot cut short the cleanup or the line."""
+    model, data = tiny_inputs
+    out = tmp_path / "out"
+    process = run_quanos(["compile", model, "--data", data, "--samples", "8", "-o", str(out)], stdout=subprocess.PIPE)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr.decode().splitlines()) == (130, ["error: interrupted; no output was written"])
+    assert not out.exists()
+
+
+def test_ctrl_c_while_the_interpreter_shuts_down_keeps_the_exit_code(tiny_inputs: tuple[str, str], tmp_path: Path) -> None:
+    model, data = tiny_inputs
+    out = tmp_path / "out"
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))\n"
+        "from quanos_onnx.cli import main\n"
+        f"sys.argv = ['quanos', 'compile', {model!r}, '--data', {data!r}, '--bits', '8', '-o', {str(out)!r}]\n"
+        "main()\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert len(list(out.iterdir())) == 6
+
+
+def test_stdout_on_a_full_disk_says_the_outputs_exist(tiny_inputs: tuple[str, str], tmp_path: Path) -> None:
+    model, data = tiny_inputs
+    out = tmp_path / "out"
+    with open("/dev/full", "wb") as full:
+        process = run_quanos(["compile", model, "--data", data, "--bits", "8", "--json", "-o", str(out)], stdout=full)
+        _, stderr = process.communicate(timeout=120)
+    lines = stderr.decode().splitlines()
+    assert process.returncode == WRITTEN
+    assert len(lines) == 1 and lines[0].startswith("error: stdout: cannot write the result (No space left on device); the outputs in")
+    assert len(list(out.iterdir())) == 6
+
+
+def test_stdout_on_a_closed_pipe_without_outputs_is_one_line_exit_1(tiny_inputs: tuple[str, str]) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        process = run_quanos(["layers", tiny_inputs[0]], stdout=write_end)
+    finally:
+        os.close(write_end)
+    _, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr.decode().splitlines()) == (BAD_INPUT, [
+        "error: stdout: cannot write the result (Broken pipe) (hint: check the pipe or disk that stdout goes to)"
+    ])

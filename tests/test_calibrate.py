@@ -51,7 +51,7 @@ def test_empty_calibration_data_is_a_data_error(model):
 
 @pytest.mark.parametrize(
     ("options", "culprit"),
-    [({"method": "mean"}, "--calibration"), ({"method": "percentile", "percentile": 40.0}, "--percentile")],
+    [({"method": "mean"}, "calibration"), ({"method": "percentile", "percentile": 40.0}, "percentile")],
 )
 def test_bad_options_are_usage_errors_naming_the_option(model, options, culprit):
     with pytest.raises(UsageError, match=culprit):

@@ -58,7 +58,7 @@ def test_ctrl_c_in_a_stage_exits_130_and_writes_nothing(inputs: tuple[str, str],
 def test_ctrl_c_while_writing_removes_what_was_written(
     inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files_before_interrupt: int
 ) -> None:
-    real_write = outputs.write_bytes_atomic
+    real_write = outputs.write_file_bytes
     calls = []
 
     def write_then_interrupt(target: Path, data: bytes) -> None:
@@ -67,7 +67,7 @@ def test_ctrl_c_while_writing_removes_what_was_written(
             raise KeyboardInterrupt
         real_write(target, data)
 
-    monkeypatch.setattr(outputs, "write_bytes_atomic", write_then_interrupt)
+    monkeypatch.setattr(outputs, "write_file_bytes", write_then_interrupt)
     out = tmp_path / "existing"
     out.mkdir()
     result = CliRunner().invoke(main, compile_bits(inputs, out))
@@ -76,7 +76,7 @@ def test_ctrl_c_while_writing_removes_what_was_written(
 
 
 def test_ctrl_c_in_analyze_and_energy_writes_nothing(inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(outputs, "write_bytes_atomic", interrupt)
+    monkeypatch.setattr(outputs, "write_file_bytes", interrupt)
     analyze = CliRunner().invoke(
         main, ["analyze", inputs[0], "--data", inputs[1], "--samples", "4", "--pgd-eps", "0.1", "--pgd-steps", "1", "-o", str(tmp_path / "a")]
     )
@@ -139,3 +139,31 @@ def test_command_line_of_the_run_is_recorded(inputs: tuple[str, str], tmp_path: 
     assert CliRunner().invoke(main, args).exit_code == 0
     run = (tmp_path / "out" / "run.json").read_text()
     assert f'"argv": [\n    "quanos",\n    "compile",\n    "{inputs[0]}"' in run
+
+
+@pytest.mark.parametrize(
+    ("command", "options_class"),
+    [
+        ("compile", "quanos_onnx.commands.compile.CompileOptions"),
+        ("analyze", "quanos_onnx.commands.analyze.AnalyzeOptions"),
+        ("evaluate", "quanos_onnx.commands.evaluate.EvaluateOptions"),
+        ("finetune", "quanos_onnx.commands.finetune.FinetuneOptions"),
+        ("energy", "quanos_onnx.commands.energy.EnergyOptions"),
+        ("export", "quanos_onnx.commands.export.ExportOptions"),
+    ],
+)
+def test_every_api_option_is_a_flag_of_the_same_name(command: str, options_class: str) -> None:
+    """The CLI builds the API's options dataclass from its parameters by name, and names an
+    error's argument by the flag of that name: no option may be missing or named otherwise."""
+    import importlib
+    from dataclasses import fields
+
+    from quanos_onnx.cli import flag_naming
+
+    module, _, name = options_class.rpartition(".")
+    parameters = {param.name for param in main.commands[command].params}
+    missing = {field.name for field in fields(getattr(importlib.import_module(module), name))} - parameters
+    assert missing == set()
+    naming = flag_naming(main.commands[command])
+    assert naming("model") in ("MODEL", "QMODEL") or command == "evaluate"
+    assert all(naming(field).startswith("--") for field in parameters - {"model", "models"})

@@ -248,4 +248,4 @@ def test_the_ans_weight_default_is_the_solvers():
     from quanos_onnx.commands.compile import CompileOptions
 
     option = next(p for p in compile_command.params if p.name == "ans_weight")
-    assert option.default == DEFAULT_ANS_WEIGHT == CompileOptions("m.onnx").ans_weight
+    assert option.default == DEFAULT_ANS_WEIGHT == CompileOptions().ans_weight

@@ -17,7 +17,7 @@ from quanos_onnx.harness.attacks import Attack
 from quanos_onnx.harness.evaluate import evaluate
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import load_model
-from quanos_onnx.commands.evaluate import EvaluateOptions, evaluation_attacks
+from quanos_onnx.commands.evaluate import EvaluateOptions
 from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import Plan
 
@@ -77,13 +77,13 @@ def test_accuracies_are_those_of_the_deployed_models(files):
 
 
 def test_paper_grid():
-    attacks = evaluation_attacks(EvaluateOptions(model_paths=("m.onnx",), paper=True))
+    attacks = EvaluateOptions(paper=True).attacks()
     assert [(a.method, round(a.eps, 4), a.steps) for a in attacks] == [
         *[("fgsm", eps, 1) for eps in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)],
         *[("pgd", round(eps / 255, 4), 7) for eps in (8, 16, 32)],
     ]
     assert all(a.step_size == pytest.approx(2 / 255) for a in attacks[6:])
-    assert len(evaluation_attacks(EvaluateOptions(model_paths=("m.onnx",), paper=True, attack="pgd"))) == 3
+    assert len(EvaluateOptions(paper=True, attack=("pgd",)).attacks()) == 3
 
 
 def test_refusals(files, tmp_path):

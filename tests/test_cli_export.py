@@ -45,7 +45,7 @@ def test_export_never_overwrites_its_input(qmodel):
     before = qmodel.read_bytes()
     result = CliRunner().invoke(main, ["export", str(qmodel), "--to", "qonnx", "-o", str(qmodel)])
     assert result.exit_code == 1
-    assert "refusing to overwrite the input model" in result.stderr
+    assert "refusing to overwrite an input file" in result.stderr
     assert qmodel.read_bytes() == before
 
 

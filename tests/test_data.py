@@ -14,8 +14,11 @@ from quanos_onnx.data import (
     DataSpec,
     IndexRange,
     InputSpec,
+    dataset_from,
+    check_input_range,
     dataset_from_arrays,
     dataset_from_batches,
+    describe_source,
     load_dataset,
 )
 from quanos_onnx.errors import DataError, ModelError, QuanosError, UsageError
@@ -232,7 +235,7 @@ def test_image_folder_errors(tmp_path):
     error_message(DataError, lambda: load_dataset(tmp_path, MNIST), "b/1.png")
     (tmp_path / "b" / "1.png").unlink()
     call = lambda: load_dataset(tmp_path, MNIST, layout="nchw")
-    error_message(UsageError, call, "--layout nchw", "NHWC")
+    error_message(UsageError, call, "layout nchw", "NHWC")
 
 
 def test_arrays_and_torch_style_batches():
@@ -242,6 +245,50 @@ def test_arrays_and_torch_style_batches():
     from_batches = dataset_from_batches(batches, MNIST)
     np.testing.assert_array_equal(from_arrays.x, from_batches.x)
     np.testing.assert_array_equal(from_batches.y, y)
+
+
+def test_dataset_from_takes_every_form_the_api_accepts(tmp_path):
+    """A path, (x, y), x alone, (x, y) batches and a CalibrationDataReader give the same inputs."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    x, y = pixels(10, 28, 28), np.arange(10) % 10
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    forms = [
+        ((x, y), "<arrays>", True),
+        (x, "<arrays>", False),
+        ([(x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4)], "<list>", True),
+        (Reader([{"Input3": x[i : i + 3, None]} for i in range(0, 10, 3)]), "<Reader>", False),
+    ]
+    expected = dataset_from(tmp_path / "d.npz", MNIST)
+    for data, name, labeled in forms:
+        got = dataset_from(data, MNIST)
+        np.testing.assert_array_equal(got.x, expected.x)
+        assert (got.y is not None) == labeled and describe_source(data) == name
+        if labeled:
+            np.testing.assert_array_equal(got.y, y)
+
+
+def test_dataset_from_refuses_what_is_not_data():
+    error_message(UsageError, lambda: dataset_from({"x": pixels(2, 28, 28)}, MNIST, argument="val"), "val: a dict is not data")
+    error_message(UsageError, lambda: dataset_from(3, MNIST), "data: a int is not data")
+
+
+def test_a_reader_feeding_other_inputs_is_a_data_error():
+    class Reader:
+        def __init__(self):
+            self.feeds = iter([{"a": pixels(1, 28, 28), "b": pixels(1, 28, 28)}])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    error_message(DataError, lambda: dataset_from(Reader(), MNIST), "CalibrationDataReader batch 0", "'Input3'")
 
 
 def test_batches_stop_once_the_samples_are_in():
@@ -319,7 +366,7 @@ def test_non_image_input_takes_flattened_images():
     mlp = InputSpec("features", ("N", 784))
     assert dataset_from_arrays(pixels(2, 28, 28), None, mlp).x.shape == (2, 784)
     call = lambda: dataset_from_arrays(pixels(2, 784), None, mlp, layout="nhwc")
-    error_message(UsageError, call, "--layout")
+    error_message(UsageError, call, "layout")
 
 
 # Scaling ------------------------------------------------------------------------------------
@@ -351,13 +398,13 @@ def test_mean_and_std_per_channel(spec, axis):
 
 def test_mean_with_the_wrong_number_of_channels():
     call = lambda: dataset_from_arrays(pixels(1, 3, 32, 32), None, CIFAR, mean="0.5,0.5")
-    error_message(UsageError, call, "--mean", "2 values", "3 channels")
+    error_message(UsageError, call, "mean", "2 values", "3 channels")
 
 
 @pytest.mark.parametrize(
     "option, culprit",
-    [({"scale": "1/0"}, "--scale"), ({"scale": -1}, "--scale"), ({"std": "0"}, "--std"),
-     ({"layout": "chw"}, "--layout"), ({"seed": -1}, "--seed"), ({"mean": "a,b"}, "--mean")],
+    [({"scale": "1/0"}, "scale"), ({"scale": -1}, "scale"), ({"std": "0"}, "std"),
+     ({"layout": "chw"}, "layout"), ({"seed": -1}, "seed"), ({"mean": "a,b"}, "mean")],
 )
 def test_bad_preprocessing_options(option, culprit):
     error_message(UsageError, lambda: DataSpec.from_options(**option), culprit)
@@ -404,13 +451,13 @@ def test_shuffle_without_samples_permutes_everything():
 
 @pytest.mark.parametrize(
     "options, error_type, culprits",
-    [({"samples": 21}, DataError, ("--samples 21", "20 samples")),
-     ({"data_range": "15:", "samples": 6}, DataError, ("--samples 6", "5 samples", "[15:]")),
-     ({"samples": 0}, UsageError, ("--samples 0",)),
-     ({"samples": -3}, UsageError, ("--samples -3",)),
-     ({"data_range": "9x:"}, UsageError, ("--data-range '9x:'",)),
-     ({"data_range": "0:30"}, DataError, ("--data-range 0:30", "20 samples")),
-     ({"data_range": "5:5"}, DataError, ("--data-range 5:5", "none"))],
+    [({"samples": 21}, DataError, ("samples 21", "20 samples")),
+     ({"data_range": "15:", "samples": 6}, DataError, ("samples 6", "5 samples", "[15:]")),
+     ({"samples": 0}, UsageError, ("samples 0",)),
+     ({"samples": -3}, UsageError, ("samples -3",)),
+     ({"data_range": "9x:"}, UsageError, ("data_range '9x:'",)),
+     ({"data_range": "0:30"}, DataError, ("data_range 0:30", "20 samples")),
+     ({"data_range": "5:5"}, DataError, ("data_range 5:5", "none"))],
 )
 def test_bad_selection(options, error_type, culprits):
     call = lambda: dataset_from_arrays(numbered(20), None, InputSpec("in", ("N", 1)), **options)
@@ -431,7 +478,7 @@ def test_batches_are_views_in_order():
     assert all(np.shares_memory(x, data.x) for x, _ in batches)
     np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.arange(10))
     assert not data.x.flags.writeable
-    error_message(UsageError, lambda: data.batches(0), "--batch-size 0")
+    error_message(UsageError, lambda: data.batches(0), "batch_size 0")
 
 
 # Bad data -----------------------------------------------------------------------------------
@@ -547,3 +594,30 @@ def test_example_script_reproduces_the_committed_file(shared_dir):
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_data_outside_the_input_range_is_refused_under_attack_and_warned_about_otherwise(caplog: pytest.LogCaptureFixture) -> None:
+    x = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    spec = InputSpec("x", (None, 3, 8, 8))
+    check_input_range(dataset_from_arrays(x * 1.005, None, spec), 0.0, 1.0, attacked=True)
+    raw = dataset_from_arrays(x * 255, None, spec)
+    with pytest.raises(DataError, match=r"inputs span .*\.\.25\d.* outside --input-range 0,1; attacks clip"):
+        check_input_range(raw, 0.0, 1.0, attacked=True)
+    check_input_range(raw, 0.0, 1.0, attacked=False)
+    assert "outside --input-range 0,1" in caplog.text
+    check_input_range(raw, 0.0, 255.0, attacked=True)
+
+
+def test_an_npz_array_declaring_more_than_the_limit_is_refused_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from quanos_onnx import data
+
+    np.savez_compressed(tmp_path / "zeros.npz", x=np.zeros((64, 3, 8, 8), np.float32))
+    monkeypatch.setattr(data, "MAX_ARRAY_BYTES", 1000)
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda self, key: pytest.fail("loaded"))
+    with pytest.raises(DataError, match="'x' in .*zeros.npz: declares 49280 bytes, over the"):
+        load_dataset(tmp_path / "zeros.npz", InputSpec("x", (None, 3, 8, 8)))
+
+
+def test_a_seed_beyond_32_bits_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match=r"seed 18446744073709551616 must be a whole number in 0\.\.4294967295"):
+        DataSpec(seed=2**64)

@@ -237,7 +237,7 @@ def test_export_file_writes_next_to_the_model_and_never_over_it(mixed, tmp_path)
     overrides = export_file(source, "ort-overrides", tmp_path / "o.json")
     assert overrides.warnings and read_ort_overrides(overrides.path)["nodes_to_exclude"] == []
     assert default_output(source, "ort-overrides") == tmp_path / "model.quanos.ort_overrides.json"
-    with pytest.raises(OutputError, match="refusing to overwrite the input model"):
+    with pytest.raises(OutputError, match="refusing to overwrite an input file"):
         export_file(source, "qonnx", source)
     with pytest.raises(UsageError, match="unknown target 'tflite'"):
         export_file(source, "tflite")

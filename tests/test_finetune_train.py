@@ -93,9 +93,9 @@ def test_refusals_name_the_problem():
     plan = Plan.uniform(list_layers(model), 3)
     with pytest.raises(DataError, match="labels"):
         finetune(model, plan, Dataset(train.x[:8], None, "unlabeled"), FinetuneSettings(epochs=1))
-    with pytest.raises(UsageError, match="--epochs"):
+    with pytest.raises(UsageError, match="epochs"):
         FinetuneSettings(epochs=0)
-    with pytest.raises(UsageError, match="--adv-weight"):
+    with pytest.raises(UsageError, match="adv_weight"):
         FinetuneSettings(epochs=1, adversarial_weight=0.0)
-    with pytest.raises(UsageError, match="--optimizer"):
+    with pytest.raises(UsageError, match="optimizer"):
         FinetuneSettings(epochs=1, optimizer="rmsprop")

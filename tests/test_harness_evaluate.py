@@ -66,7 +66,7 @@ def test_attack_grid_carries_the_input_range_and_rejects_empty_lists():
     assert grid[0].input_range.width == 255 and grid[0].step_size == pytest.approx(2 / 255)
     with pytest.raises(UsageError):
         attack_grid([], [0.1])
-    with pytest.raises(UsageError, match="--attack"):
+    with pytest.raises(UsageError, match="attack"):
         attack_grid(["deepfool"], [0.1])
 
 

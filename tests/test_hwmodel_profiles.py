@@ -117,3 +117,15 @@ def test_malformed_json_names_the_line(tmp_path: Path) -> None:
 def test_unknown_name_that_is_no_file(tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match="no such file and not a built-in profile"):
         load_profile(str(tmp_path / "tpu"))
+
+
+@pytest.mark.parametrize(("field", "value"), [("access_pj_per_bit", 1e308), ("mac_add_pj", 1e7), ("mac_multiply_reference_bits", 10**9)])
+def test_values_that_would_overflow_an_estimate_are_refused(tmp_path: Path, field: str, value: float) -> None:
+    profile = {
+        "format": "quanos-hardware-profile", "version": 1, "name": "big",
+        "access_pj_per_bit": 2.5, "mac_multiply_pj": 3.1, "mac_multiply_reference_bits": 32, "mac_add_pj": 0.1,
+        field: value,
+    }
+    (tmp_path / "big.json").write_text(json.dumps(profile))
+    with pytest.raises(ProfileError, match=field):
+        load_profile(tmp_path / "big.json")

@@ -15,10 +15,13 @@ from quanos_onnx.errors import ModelError, OutputError
 from quanos_onnx.model import (
     TARGET_OPSET,
     Runner,
+    check_finite_outputs,
     default_opset,
     dynamic_batch,
     load_model,
     normalize,
+    num_classes,
+    refuse_quantized,
     save_model,
 )
 
@@ -310,3 +313,57 @@ def test_a_fixed_batch_that_cannot_be_freed_runs_in_padded_chunks():
     (out,) = runner.run(x)
     expected = x + np.concatenate([offsets, offsets, offsets[:1]])
     np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_refuse_quantized_names_the_first_quantization_node() -> None:
+    model = vgg_chain(channels=(4, 8))
+    model.graph.initializer.extend([numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(0), "z")])
+    model.graph.node.insert(0, helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"))
+    model.graph.node.insert(1, helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"))
+    model.graph.node[2].input[0] = "xd"
+    with pytest.raises(ModelError, match=r"already quantized \(2 quantization node\(s\), the first 'q' \(QuantizeLinear\)\)"):
+        refuse_quantized(model, "m.onnx")
+    refuse_quantized(vgg_chain(channels=(4, 8)), "float.onnx")
+
+
+def test_num_classes_refuses_an_output_that_is_not_n_by_classes() -> None:
+    model = vgg_chain(channels=(4, 8))
+    assert num_classes(model) == 10
+    model.graph.output[0].type.tensor_type.shape.dim.add().dim_value = 1
+    with pytest.raises(ModelError, match=r"m.onnx: output 'classifier_out' has shape \[Nx10x1\]"):
+        num_classes(model, "m.onnx")
+
+
+def test_check_finite_outputs_names_the_output() -> None:
+    model = normalize(vgg_chain(channels=(4, 8)))
+    x = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    check_finite_outputs(model, x, "m.onnx")
+    with pytest.raises(ModelError, match="output 'classifier_out' is NaN or inf on 1 of the first 4"):
+        check_finite_outputs(model, np.where(np.arange(4)[:, None, None, None] == 2, np.inf, x).astype(np.float32), "m.onnx")
+
+
+def test_normalize_names_cycles_short_weights_and_double_producers() -> None:
+    cycle = vgg_chain(channels=(4, 8))
+    cycle.graph.node[0].input[0] = "relu2_out"
+    with pytest.raises(ModelError, match="the graph has a cycle: 'relu1' -> 'conv1' -> 'relu2' -> 'conv0' -> 'relu1'$"):
+        normalize(cycle, "m.onnx")
+    short = vgg_chain(channels=(4, 8))
+    weight = next(t for t in short.graph.initializer if t.name == "conv0.w")
+    weight.raw_data = weight.raw_data[:4]
+    with pytest.raises(ModelError, match="initializer 'conv0.w' has 4 bytes of data, but its shape"):
+        normalize(short, "m.onnx")
+    twice = vgg_chain(channels=(4, 8))
+    twice.graph.node.append(helper.make_node("Relu", ["x"], ["conv0_out"], name="again"))
+    with pytest.raises(ModelError, match="tensor 'conv0_out' is produced twice, by node 'conv0' and by node 'again'"):
+        normalize(twice, "m.onnx")
+
+
+def test_external_data_outside_the_folder_is_refused_from_its_name_alone(tmp_path: Path) -> None:
+    onnx.save(vgg_chain(channels=(4, 8)), tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    for location in ("../m.data", "/etc/hostname", "sub/../../m.data"):
+        for tensor in model.graph.initializer:
+            next(e for e in tensor.external_data if e.key == "location").value = location
+        onnx.save(model, tmp_path / "m.onnx")
+        with pytest.raises(ModelError, match=f"refers to external data '{location}', outside the model's folder"):
+            load_model(tmp_path / "m.onnx")

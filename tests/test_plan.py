@@ -129,3 +129,10 @@ def test_parameter_weighted_average_bits(layers):
     quantized = sum(params[layer.name] for layer in layers[:-1])
     expected = (4 * params["stem"] + 8 * (quantized - params["stem"])) / quantized
     assert plan.average_weight_bits(params) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_keep_float_must_be_a_json_boolean(value: object) -> None:
+    document = {"format": "quanos-plan", "version": PLAN_VERSION, "layers": [{"name": "a", "bits": 8, "keep_float": value}]}
+    with pytest.raises(PlanError, match="\"keep_float\" must be true or false"):
+        plan_from_json(document, "plan.json")

@@ -151,14 +151,20 @@ def test_weight_quantization_is_symmetric_per_channel_and_round_trips_at_16_bits
 
 
 def test_eight_bit_model_stays_close_to_float(models):
+    """The quantizer's error, measured with exact integer kernels. onnxruntime's default u8 x s8
+    kernels on x86 CPUs with AVX2 but no VNNI clamp pairs of products to int16 (docs/twin.md):
+    on such a CPU they moved this model's logits by 6% of their range against 0.8% exact;
+    session.x64quantprecision=1 makes them exact there (and changes nothing on other CPUs)."""
     model, layers = models["vgg"]
     x = random_inputs(model, 64, seed=3)
     quantized = _quantized(model, Plan.uniform(layers, 8), x)
     name = model.graph.input[0].name
     want = make_session(model).run(None, {name: x})[0]
-    got = make_session(quantized).run(None, {name: x})[0]
-    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    got = make_session(quantized, config=[("session.x64quantprecision", "1")]).run(None, {name: x})[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+    deployed = make_session(quantized).run(None, {name: x})[0]
+    assert (deployed.argmax(1) == want.argmax(1)).mean() >= 0.9
 
 
 def test_weight_storage_shrinks_about_four_times_at_8_bits(models):

@@ -70,5 +70,5 @@ def test_unknown_storage_is_refused_before_calibration():
         raise AssertionError("calibration data was read")
         yield
 
-    with pytest.raises(UsageError, match="--storage: unknown container 'int3'"):
+    with pytest.raises(UsageError, match="storage: unknown container 'int3'"):
         quantize_stage.quantize(float_model(), plan(LOW), never_read(), storage="int3")

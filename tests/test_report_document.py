@@ -18,11 +18,12 @@ from quanos_onnx.report import (
     data_input,
     dumps,
     energy_sections,
-    evaluation_report_files,
+    evaluation_report,
     file_input,
     layer_rows,
     output_entry,
     plan_summary,
+    report_files,
 )
 from quanos_onnx.report.document import report_document
 
@@ -100,20 +101,20 @@ def test_dumps_refuses_nan_rather_than_writing_invalid_json() -> None:
         dumps({"ans_mean": float("nan")})
 
 
-def test_evaluation_report_files_for_the_evaluate_command(tmp_path: Path) -> None:
+def test_evaluation_report_for_the_evaluate_command(tmp_path: Path) -> None:
     from report_documents import evaluation
 
     first, second = tmp_path / "float.onnx", tmp_path / "q" / "float.onnx"
     second.parent.mkdir()
     first.write_bytes(b"a")
     second.write_bytes(b"b")
-    files = evaluation_report_files(
-        [(str(first), evaluation(0.95, 0.9)), (str(second), evaluation(0.9, 0.5))],
-        run=RUN,
+    document = evaluation_report(
+        [(file_input(first), evaluation(0.95, 0.9)), (file_input(second), evaluation(0.9, 0.5))],
         data=data_input(tmp_path, 64),
         seed=3,
-        settings={"attack": "fgsm,pgd"},
+        settings={"attack": ["fgsm", "pgd"]},
     )
+    files = report_files(document, RUN)
     assert sorted(files) == ["report.html", "report.json", "report.md", "run.json"]
     document = json.loads(files["report.json"])
     assert validate(document, "urn:quanos:quanos-report", SCHEMAS) == []

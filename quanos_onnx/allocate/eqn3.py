@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ..errors import PlanError, UsageError
+from ..errors import PlanError, UsageError, arg
 from ..harness.ans import AnsResult
 from ..layers import Layer
 from ..plan import LayerPlan, Plan
@@ -51,9 +51,9 @@ def eqn3_bits(ans: float, k_init: int, k_min: int) -> int:
 
 def check_bit_range(k_init: int, k_min: int) -> None:
     if isinstance(k_init, bool) or not isinstance(k_init, int) or not 2 <= k_init <= K_INIT_MAX:
-        raise UsageError(f"--k-init {k_init!r} must be a whole number in 2..{K_INIT_MAX}")
+        raise UsageError(f"{arg('k_init')} {k_init!r} must be a whole number in 2..{K_INIT_MAX}")
     if isinstance(k_min, bool) or not isinstance(k_min, int) or not K_MIN_FLOOR <= k_min <= k_init:
-        raise UsageError(f"--k-min {k_min!r} must be a whole number in {K_MIN_FLOOR}..{k_init} (--k-init)")
+        raise UsageError(f"{arg('k_min')} {k_min!r} must be a whole number in {K_MIN_FLOOR}..{k_init} ({arg('k_init')})")
 
 
 def allocate(
@@ -121,7 +121,7 @@ def allocate_budgeted(
     check_bit_range(k_init, k_min)
     if not (math.isfinite(target_average_bits) and k_min <= target_average_bits <= k_init):
         raise UsageError(
-            f"--target-avg-bits {target_average_bits:g} must lie between --k-min {k_min} and --k-init {k_init}"
+            f"{arg('target_avg_bits')} {target_average_bits:g} must lie between {arg('k_min')} {k_min} and {arg('k_init')} {k_init}"
         )
     params = {layer.name: layer.params for layer in layers}
 
@@ -209,7 +209,7 @@ def allocate_iterative(
     measured and averaged ANS and its bits.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise UsageError(f"--rounds {rounds!r} must be a whole number of at least 1")
+        raise UsageError(f"{arg('rounds')} {rounds!r} must be a whole number of at least 1")
 
     def allocate_round(ans: Sequence[AnsResult]) -> Plan:
         if target_average_bits is not None:

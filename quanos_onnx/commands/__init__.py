@@ -1,2 +1,9 @@
-"""One module per command (compile, analyze, evaluate, finetune, energy); options.py holds
-what they share. Commands sit above every stage; nothing below imports them."""
+"""One room per command: compile, analyze, evaluate, finetune, energy, export, layers. Each
+holds the command's options dataclass (typed values, never command-line strings), its
+result (artifacts in memory, `save()` writing what the CLI writes) and `run_<command>`.
+options.py holds the option types and inputs they share, results.py the saving.
+
+The commands sit above every stage and below the API (quanos_onnx/__init__.py) and the
+CLI (cli.py), which both build the same options and call the same run functions; no
+stage imports a command.
+"""

@@ -2,42 +2,83 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..layers import list_layers
-from ..model import check_finite_initializers, load_model
+from ..layers import Layer, list_layers
+from ..model import check_finite_initializers, check_finite_outputs
 from ..progress import ProgressFactory, no_progress
-from .options import DataOptions, ans_samples, eps_list, first_samples, load_data, make_attack, rounded, settings_json, weights_and_biases
+from .options import (
+    check_data_range,
+    AttackOptions,
+    DataSource,
+    ModelSource,
+    ans_samples,
+    api_command_line,
+    data_entry,
+    first_samples,
+    input_paths,
+    load_data,
+    read_model,
+    rounded,
+    weights_and_biases,
+)
+from .results import check_output_dir, save_files
 
+if TYPE_CHECKING:
+    from ..report import RunInfo
 
 ANALYSIS_FILE = "analysis.json"
 
 
-@dataclass(frozen=True)
-class AnalyzeOptions(DataOptions):
-    """`quanos analyze`: the ANS attack and data options of compile, plus accuracy grids."""
+@dataclass(frozen=True, kw_only=True)
+class AnalyzeOptions(AttackOptions):
+    """The ANS attack and data options of compile, plus the accuracy grid's strengths."""
 
-    model_path: str
-    data_path: str | None = None
-    output_dir: str | None = None
-    fgsm_eps: str = "0.05,0.1,0.2"
-    pgd_eps: str = "2/255,8/255"
-    as_json: bool = False
-    eps: str = "0.05"
-    samples: int | None = None
-    attack: str = "fgsm"
-    pgd_steps: int = 10
-    pgd_alpha: str | None = None
-    input_range: str = "0,1"
-    batch_size: int = 64
+    fgsm_eps: tuple[float, ...] = (0.05, 0.1, 0.2)
+    pgd_eps: tuple[float, ...] = (2 / 255, 8 / 255)
+
+    def __post_init__(self) -> None:
+        from ..harness.attacks import check_fraction
+
+        super().__post_init__()
+        for name in ("fgsm_eps", "pgd_eps"):
+            for eps in getattr(self, name):
+                check_fraction(eps, name)
+
+    def accuracy_attacks(self) -> tuple[Any, ...]:
+        """FGSM at every `fgsm_eps`, PGD (`pgd_steps`) at every `pgd_eps` (either may be empty)."""
+        from ..harness.evaluate import attack_grid
+
+        value_range = self.value_range()
+        fgsm = attack_grid(["fgsm"], self.fgsm_eps, input_range=value_range) if self.fgsm_eps else ()
+        pgd = attack_grid(["pgd"], self.pgd_eps, steps=self.pgd_steps, input_range=value_range) if self.pgd_eps else ()
+        return (*fgsm, *pgd)
 
 
 @dataclass(frozen=True)
 class AnalyzeResult:
+    """`document` is the quanos-analysis document (analysis.json), `report` the report's."""
+
     document: Mapping[str, Any]
-    written: tuple[str, ...]
+    layers: tuple[Layer, ...]
+    report: Mapping[str, Any]
+    run: RunInfo
+    inputs: tuple[Path, ...] = ()
+    written: tuple[Path, ...] = ()
+
+    def files(self) -> dict[str, bytes | str]:
+        """The files `quanos analyze -o` writes: analysis.json and the report."""
+        from .. import report
+
+        return {ANALYSIS_FILE: report.dumps(self.document), **report.report_files(self.report, self.run)}
+
+    def save(self, directory: str | os.PathLike[str]) -> tuple[Path, ...]:
+        """Write files() into `directory`, all or nothing; never over an input file."""
+        return save_files(directory, self.files(), self.inputs)
 
     def summary_text(self) -> str:
         from ..report.text import format_table
@@ -65,59 +106,62 @@ class AnalyzeResult:
 
 
 def run_analyze(
+    model: ModelSource,
+    data: DataSource,
     options: AnalyzeOptions,
-    command_line: Sequence[str] = (),
+    *,
+    save_to: str | os.PathLike[str] | None = None,
+    command_line: Sequence[str] | None = None,
     progress: ProgressFactory = no_progress,
 ) -> AnalyzeResult:
     """Audit a model without quantizing it: ANS per layer and clean/FGSM/PGD accuracy."""
     from .. import report
     from ..errors import ModelError
     from ..harness.ans import measure_ans
-    from ..harness.attacks import InputRange, parse_eps
-    from ..harness.evaluate import attack_grid, evaluate
-    from ..outputs import OutputDir
+    from ..harness.evaluate import evaluate
+    from ..threads import using_threads
 
-    clock = report.RunClock.start(command_line)
-    inputs = [p for p in (options.model_path, options.data_path) if p]
-    output = OutputDir(options.output_dir, inputs=inputs) if options.output_dir else None
-    model = load_model(options.model_path)
-    layers = list_layers(model)
+    clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
+    inputs = input_paths(model, data)
+    check_output_dir(save_to, inputs, names=(ANALYSIS_FILE, *report.REPORT_FILES))
+    source = read_model(model)
+    layers = list_layers(source.proto)
     if not layers:
-        raise ModelError(f"{options.model_path}: no quantizable layer to analyze")
-    check_finite_initializers(model, weights_and_biases(layers), options.model_path)
-    dataset = load_data(options, model)
-    attack = make_attack(options)
-    count = ans_samples(options, dataset)
-    input_range = InputRange.parse(options.input_range)
-    attacks = (
-        *attack_grid(["fgsm"], eps_list(options.fgsm_eps, "--fgsm-eps", parse_eps), input_range=input_range),
-        *attack_grid(["pgd"], eps_list(options.pgd_eps, "--pgd-eps", parse_eps), steps=options.pgd_steps, input_range=input_range),
-    )
-    with progress(f"ANS ({attack.describe()})", count) as advance:
-        ans = measure_ans(model, layers, first_samples(dataset, count, options.batch_size), attack, seed=options.seed, progress=advance)
-    with progress("accuracy under attack", count) as advance:
-        evaluation = evaluate(model, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance)
+        raise ModelError(f"{source.name}: no quantizable layer to analyze")
+    check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
+    attack = options.ans_attack()
+    attacks = options.accuracy_attacks()
+    with using_threads(options.threads):
+        dataset = load_data(data, options, source.proto, model_name=source.name)
+        check_data_range(options.input_range, dataset, attacked=True)
+        check_finite_outputs(source.proto, dataset.x[: options.batch_size], source.name)
+        count = ans_samples(options.samples, dataset)
+        with progress(f"ANS ({attack.describe()})", count) as advance:
+            ans = measure_ans(
+                source.proto, layers, first_samples(dataset, count, options.batch_size), attack, seed=options.seed, progress=advance
+            )
+        with progress("accuracy under attack", count) as advance:
+            evaluation = evaluate(
+                source.proto, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance
+            )
     document = {
         "format": "quanos-analysis",
         "version": 1,
-        "model": options.model_path,
+        "model": source.name,
         "data": {"source": dataset.source, "samples": count},
         "ans": ans.to_json(),
         "evaluation": evaluation.to_json(),
     }
-    written: tuple[str, ...] = ()
-    if output is not None:
-        model_entry = report.file_input(options.model_path)
-        report_document = report.report_document(
-            "analyze",
-            models=[model_entry],
-            data=report.data_input(options.data_path, dataset.count, dataset.selection),
-            seed=options.seed,
-            settings=settings_json(options, exclude=("model_path", "data_path", "output_dir", "as_json")),
-            layers=report.layer_rows(layers, None, document["ans"]),
-            ans=document["ans"],
-            evaluations=[{"model": model_entry, "evaluation": document["evaluation"]}],
-        )
-        files = {ANALYSIS_FILE: report.dumps(document), **report.report_files(report_document, clock.finish())}
-        written = tuple(str(p) for p in output.write(files))
-    return AnalyzeResult(document, written)
+    model_entry = source.report_entry()
+    report_document = report.report_document(
+        "analyze",
+        models=[model_entry],
+        data=data_entry(data, dataset, dataset.count),
+        seed=options.seed,
+        settings=options.settings(),
+        layers=report.layer_rows(layers, None, document["ans"]),
+        ans=document["ans"],
+        evaluations=[{"model": model_entry, "evaluation": document["evaluation"]}],
+    )
+    result = AnalyzeResult(document, tuple(layers), report_document, clock.finish(), tuple(inputs))
+    return result if save_to is None else replace(result, written=result.save(save_to))

@@ -1,67 +1,165 @@
-"""`quanos compile`: load -> data -> plan (QUANOS, bits or plan file) -> QDQ -> write."""
+"""`quanos compile`: load -> data -> plan (QUANOS, bits or plan file) -> QDQ -> the model,
+plan, energy and report in memory; `CompileResult.save` writes them as the CLI does."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
 
 from ..allocate.solve import DEFAULT_ANS_WEIGHT
+from ..errors import UsageError, arg
 from ..layers import Layer, list_layers
-from ..model import check_finite_initializers, load_model
+from ..model import check_finite_initializers, check_finite_outputs, refuse_quantized
 from ..plan import MAX_BITS, MIN_BITS, Plan
 from ..progress import ProgressFactory, no_progress
 from ..quantize import quantize
-from .options import DataOptions, ans_samples, first_samples, load_data, make_attack, rounded, settings_json, weights_and_biases
+from .options import (
+    check_data_range,
+    AttackOptions,
+    Calibration,
+    DataSource,
+    ModelSource,
+    PlanSource,
+    Storage,
+    ans_samples,
+    api_command_line,
+    data_entry,
+    first_samples,
+    input_paths,
+    load_data,
+    read_model,
+    read_plan_input,
+    rounded,
+    weights_and_biases,
+)
+from .results import check_output_dir, save_files
+
+if TYPE_CHECKING:
+    from ..report import RunInfo
 
 MODEL_FILE = "model.quanos.onnx"
 PLAN_FILE = "plan.json"
+SEARCH_SAMPLES = 1000
+"""At most this many samples after the calibration samples judge plans during a milp search."""
+
+AllocationMethod = Literal["eqn3", "milp"]
+SensitivityMethod = Literal["kl", "mse", "fisher"]
 
 
-@dataclass(frozen=True)
-class CompileOptions(DataOptions):
-    """Everything `quanos-compile` takes; the CLI maps its options onto these fields."""
+@dataclass(frozen=True, kw_only=True)
+class CompileOptions(AttackOptions):
+    """Everything compile takes besides its inputs (model, data, plan). Without `bits` or a
+    plan, QUANOS: the ANS attack (AttackOptions), then `method` "eqn3" — Eqn 3 from
+    `k_init`/`k_min`, optionally a budget (`target_avg_bits`) and iterative `rounds` — or
+    "milp" — measured per-layer cost of bits `k_min`..`max_bits` (`sensitivity`), the exact
+    integer program under `budget` ("avg-bits=4", "bytes=N", "energy=dg:PJ", "bitops=N") with
+    the ANS term weighted by `ans_weight`, plans checked on the samples after calibration
+    (`max_accuracy_drop` points of float; without a budget the smallest plan that keeps it),
+    and with `pareto` a front over average-bits budgets. Then calibration and QDQ insertion."""
 
-    model_path: str
-    data_path: str | None = None
-    output_dir: str = "quanos-out"
     bits: int | None = None
-    plan_path: str | None = None
     quantize_output: bool = False
-    calibration: str = "minmax"
+    calibration: Calibration = "minmax"
     percentile: float = 99.99
     calibration_samples: int = 512
-    as_json: bool = False
+    storage: Storage = "int8"
     k_init: int = 16
     k_min: int = 2
-    eps: str = "0.05"
-    samples: int | None = None
-    attack: str = "fgsm"
-    pgd_steps: int = 10
-    pgd_alpha: str | None = None
     rounds: int = 1
     target_avg_bits: float | None = None
-    input_range: str = "0,1"
-    batch_size: int = 64
-    storage: str = "int8"
-    method: str = "eqn3"
-    ans_weight: float = DEFAULT_ANS_WEIGHT
+    method: AllocationMethod = "eqn3"
     budget: str | None = None
-    sensitivity: str = "kl"
+    ans_weight: float = DEFAULT_ANS_WEIGHT
+    max_accuracy_drop: float | None = None
+    sensitivity: SensitivityMethod = "kl"
     sensitivity_samples: int = 256
     max_bits: int = 8
-    max_accuracy_drop: float | None = None
     pareto: bool = False
+
+    def __post_init__(self) -> None:
+        from ..allocate import check_bit_range
+
+        super().__post_init__()
+        if self.bits is not None and not MIN_BITS <= self.bits <= MAX_BITS:
+            raise UsageError(f"{arg('bits')} {self.bits} is outside {MIN_BITS}..{MAX_BITS}")
+        if self.calibration_samples < 1:
+            raise UsageError(f"{arg('calibration_samples')} {self.calibration_samples} must be at least 1")
+        if not 50.0 < self.percentile <= 100.0:
+            raise UsageError(f"{arg('percentile')} {self.percentile} is outside (50, 100]")
+        check_bit_range(self.k_init, self.k_min)
+        if self.rounds < 1:
+            raise UsageError(f"{arg('rounds')} {self.rounds} must be at least 1")
+        if self.target_avg_bits is not None and not MIN_BITS <= self.target_avg_bits <= self.k_init:
+            raise UsageError(
+                f"{arg('target_avg_bits')} {self.target_avg_bits} is outside {MIN_BITS}..{self.k_init} ({arg('k_init')})"
+            )
+        self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        """Options of one allocation method are refused with the other, and checked early."""
+        if self.method == "eqn3":
+            given = [name for name, value in (("budget", self.budget), ("pareto", self.pareto or None),
+                                              ("max_accuracy_drop", self.max_accuracy_drop)) if value is not None]
+            if given:
+                raise UsageError(f"{arg(given[0])} needs {arg('method')} milp (Eqn 3 takes {arg('target_avg_bits')})")
+            return
+        if self.target_avg_bits is not None or self.rounds != 1:
+            raise UsageError(
+                f"{arg('target_avg_bits')} and {arg('rounds')} are Eqn 3's; with {arg('method')} milp give "
+                f"{arg('budget')} avg-bits=B"
+            )
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop < 100:
+            raise UsageError(f"{arg('max_accuracy_drop')} {self.max_accuracy_drop} must be in [0, 100) points")
+        if self.sensitivity_samples < 1:
+            raise UsageError(f"{arg('sensitivity_samples')} {self.sensitivity_samples} must be at least 1")
+        if not self.k_min <= self.max_bits <= MAX_BITS:
+            raise UsageError(f"{arg('max_bits')} {self.max_bits} is outside {arg('k_min')} {self.k_min}..{MAX_BITS}")
+        if self.budget is not None:
+            from ..allocate.solve import parse_budget
+
+            parse_budget(self.budget)
 
 
 @dataclass(frozen=True)
 class CompileResult:
-    layers: tuple[Layer, ...]
+    """The compiled model and everything the CLI writes beside it, in memory.
+
+    `model` is the QDQ model (plan in its metadata), `plan` the aligned plan (ANS and energy
+    in its details), `report` the report document (report.json), `run` the run's provenance.
+    """
+
+    model: onnx.ModelProto
     plan: Plan
-    written: tuple[str, ...]
+    layers: tuple[Layer, ...]
+    report: Mapping[str, Any]
+    run: RunInfo
+    inputs: tuple[Path, ...] = ()
+    written: tuple[Path, ...] = ()
+
+    @property
+    def energy(self) -> Mapping[str, Any]:
+        """The quanos-energy document of the plan (docs/hardware.md)."""
+        return self.plan.details["energy"]  # type: ignore[no-any-return]
+
+    def files(self) -> dict[str, bytes | str]:
+        """The files the CLI writes, by name: model.quanos.onnx, plan.json and the report."""
+        from .. import report
+
+        return {
+            MODEL_FILE: self.model.SerializeToString(),
+            PLAN_FILE: self.plan.dumps(),
+            **report.report_files(self.report, self.run),
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> tuple[Path, ...]:
+        """Write files() into `directory`, all or nothing; never over an input file."""
+        return save_files(directory, self.files(), self.inputs)
 
     def rows(self) -> list[dict[str, object]]:
         entries = self.plan.by_name()
@@ -89,7 +187,7 @@ class CompileResult:
             "method": self.plan.method,
             "allocation": self.plan.details.get("allocation"),
             "energy": self.plan.details.get("energy"),
-            "outputs": list(self.written),
+            "outputs": [str(path) for path in self.written],
         }
 
     def summary_text(self) -> str:
@@ -143,66 +241,73 @@ def _energy_lines(energy: Mapping[str, Any] | None) -> list[str]:
 
 
 def run_compile(
+    model: ModelSource,
+    data: DataSource,
     options: CompileOptions,
-    command_line: Sequence[str] = (),
+    *,
+    plan: PlanSource | None = None,
+    save_to: str | os.PathLike[str] | None = None,
+    command_line: Sequence[str] | None = None,
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
-    """load -> data -> plan (QUANOS, --bits or --plan) -> align -> calibrate -> QDQ -> write.
+    """load -> data -> plan (QUANOS, `bits` or `plan`) -> align -> calibrate -> QDQ.
 
-    Everything is computed before the first file is written, so a failure leaves nothing.
+    Everything is computed before the first file is written (with `save_to`, whose
+    directory is checked first), so a failure leaves nothing.
     """
-    from .. import report
-    from ..errors import ModelError, UsageError
-    from ..outputs import OutputDir
-    from ..plan import read_plan, validate_plan
+    from .. import __version__, report
+    from ..errors import ModelError
+    from ..model import stamp_producer
+    from ..plan import validate_plan
+    from ..threads import using_threads
 
-    clock = report.RunClock.start(command_line)
-    inputs = [p for p in (options.model_path, options.data_path, options.plan_path) if p]
-    output = OutputDir(options.output_dir, inputs=inputs)
-    if options.bits is not None and options.plan_path is not None:
-        raise UsageError("--bits and --plan exclude each other")
-    if options.bits is not None and not MIN_BITS <= options.bits <= MAX_BITS:
-        raise UsageError(f"--bits {options.bits} is outside {MIN_BITS}..{MAX_BITS}")
-    if options.calibration_samples < 1:
-        raise UsageError(f"--calibration-samples {options.calibration_samples} must be at least 1")
-    model = load_model(options.model_path)
-    layers = list_layers(model)
+    clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
+    inputs = input_paths(model, data, plan)
+    check_output_dir(save_to, inputs, names=(MODEL_FILE, PLAN_FILE, *report.REPORT_FILES))
+    if options.bits is not None and plan is not None:
+        raise UsageError(f"{arg('bits')} and {arg('plan')} exclude each other")
+    source = read_model(model)
+    refuse_quantized(source.proto, source.name)
+    layers = list_layers(source.proto)
     if not layers:
         raise ModelError(
-            f"{options.model_path}: no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
+            f"{source.name}: no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
         )
-    check_finite_initializers(model, weights_and_biases(layers), options.model_path)
-    dataset = load_data(options, model)
-    calibration = [x for x, _ in first_samples(dataset, options.calibration_samples, options.batch_size)]
-    check_method(options)
-    if options.bits is not None:
-        plan = Plan.uniform(layers, options.bits, keep_output_float=not options.quantize_output)
-    elif options.plan_path is not None:
-        plan = validate_plan(read_plan(options.plan_path), layers, options.plan_path)
-    elif options.method == "milp":
-        plan = _milp_plan(options, model, layers, dataset, calibration, progress)
-    else:
-        plan = _quanos_plan(options, model, layers, dataset, calibration, progress)
-    quantized = quantize(
-        model,
-        plan,
-        calibration,
-        layers=layers,
-        method=options.calibration,
-        percentile=options.percentile,
-        storage=options.storage,
-    )
+    check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
+    given_plan = None if plan is None else read_plan_input(plan)
+    with using_threads(options.threads, torch=options.bits is None and given_plan is None):
+        dataset = load_data(data, options, source.proto, model_name=source.name)
+        check_data_range(options.input_range, dataset, attacked=options.bits is None and given_plan is None)
+        calibration = [x for x, _ in first_samples(dataset, options.calibration_samples, options.batch_size)]
+        check_finite_outputs(source.proto, calibration[0], source.name)
+        if options.bits is not None:
+            chosen = Plan.uniform(layers, options.bits, keep_output_float=not options.quantize_output)
+        elif given_plan is not None:
+            chosen = validate_plan(given_plan.plan, layers, given_plan.name)
+        elif options.method == "milp":
+            chosen = _milp_plan(options, source.proto, layers, dataset, calibration, progress)
+        else:
+            chosen = _quanos_plan(options, source.proto, layers, dataset, calibration, progress)
+        quantized = quantize(
+            source.proto,
+            chosen,
+            calibration,
+            layers=layers,
+            method=options.calibration,
+            percentile=options.percentile,
+            storage=options.storage,
+        )
     energy, baselines = report.energy_sections(layers, quantized.plan)
     final_plan = quantized.plan.with_details(energy=energy)
-    model_bytes = _with_plan(quantized.model, final_plan).SerializeToString()
-    files: dict[str, bytes | str] = {MODEL_FILE: model_bytes, PLAN_FILE: final_plan.dumps()}
+    compiled = stamp_producer(_with_plan(quantized.model, final_plan), __version__)
+    files: dict[str, bytes | str] = {MODEL_FILE: compiled.SerializeToString(), PLAN_FILE: final_plan.dumps()}
     document = report.report_document(
         "compile",
-        models=[report.file_input(options.model_path)],
-        data=report.data_input(options.data_path, dataset.count, dataset.selection),
-        plan_file=report.file_input(options.plan_path) if options.plan_path else None,
+        models=[source.report_entry()],
+        data=data_entry(data, dataset, dataset.count),
+        plan_file=None if given_plan is None else given_plan.report_entry(),
         seed=options.seed,
-        settings=settings_json(options, exclude=("model_path", "data_path", "plan_path", "output_dir", "as_json")),
+        settings=options.settings(),
         layers=report.layer_rows(layers, final_plan, final_plan.details.get("ans")),
         summary=report.plan_summary(layers, final_plan),
         ans=final_plan.details.get("ans"),
@@ -210,9 +315,8 @@ def run_compile(
         baselines=baselines,
         outputs=[report.output_entry(name, content) for name, content in files.items()],
     )
-    files.update(report.report_files(document, clock.finish()))
-    written = output.write(files)
-    return CompileResult(tuple(layers), final_plan, tuple(str(p) for p in written))
+    result = CompileResult(compiled, final_plan, tuple(layers), document, clock.finish(), tuple(inputs))
+    return result if save_to is None else replace(result, written=result.save(save_to))
 
 
 def _quanos_plan(
@@ -224,49 +328,10 @@ def _quanos_plan(
     progress: ProgressFactory,
 ) -> Plan:
     """Attack -> ANS -> Eqn 3 (budgeted and/or iterative when asked)."""
-    from ..allocate import check_bit_range
-    from ..errors import UsageError
-
-    check_bit_range(options.k_init, options.k_min)
-    if options.rounds < 1:
-        raise UsageError(f"--rounds {options.rounds} must be at least 1")
-    if options.target_avg_bits is not None and not MIN_BITS <= options.target_avg_bits <= options.k_init:
-        raise UsageError(
-            f"--target-avg-bits {options.target_avg_bits} is outside {MIN_BITS}..{options.k_init} (--k-init)"
-        )
-    measure = _measure_ans(options, layers, dataset, progress)
-    first = measure(model, f"ANS ({make_attack(options).describe()})")
-    return _eqn3_plan(options, model, layers, calibration, first, measure)
-
-
-def _measure_ans(
-    options: CompileOptions, layers: Sequence[Layer], dataset: Any, progress: ProgressFactory
-) -> Callable[[onnx.ModelProto, str], Any]:
-    """The ANS measurement of the options (attack, sample count, batches, seed)."""
-    from ..harness.ans import measure_ans
-
-    attack = make_attack(options)
-    count = ans_samples(options, dataset)
-
-    def measure(proto: onnx.ModelProto, label: str) -> Any:
-        with progress(label, count) as advance:
-            batches = first_samples(dataset, count, options.batch_size)
-            return measure_ans(proto, layers, batches, attack, seed=options.seed, progress=advance)
-
-    return measure
-
-
-def _eqn3_plan(
-    options: CompileOptions,
-    model: onnx.ModelProto,
-    layers: Sequence[Layer],
-    calibration: Sequence[np.ndarray],
-    first: Any,
-    measure: Callable[[onnx.ModelProto, str], Any],
-) -> Plan:
-    """Eqn 3 on the measured ANS (budgeted and/or iterative when asked)."""
     from ..allocate import allocate, allocate_budgeted, allocate_iterative
 
+    measure = _measure_ans(options, layers, dataset, progress)
+    first = measure(model, f"ANS ({options.ans_attack().describe()})")
     allocation = dict(k_init=options.k_init, k_min=options.k_min, quantize_output=options.quantize_output)
     if options.rounds > 1:
         plan = allocate_iterative(
@@ -285,33 +350,21 @@ def _eqn3_plan(
     return plan.with_details(ans=first.to_json())
 
 
-METHODS = ("eqn3", "milp")
-SEARCH_SAMPLES = 1000
-"""At most this many samples after the calibration samples judge plans during the search."""
+def _measure_ans(
+    options: CompileOptions, layers: Sequence[Layer], dataset: Any, progress: ProgressFactory
+) -> Callable[[onnx.ModelProto, str], Any]:
+    """The ANS measurement of the options (attack, sample count, batches, seed)."""
+    from ..harness.ans import measure_ans
 
+    attack = options.ans_attack()
+    count = ans_samples(options.samples, dataset)
 
-def check_method(options: CompileOptions) -> None:
-    """Options that only make sense with one allocation method are refused with the other."""
-    from ..errors import UsageError
+    def measure(proto: onnx.ModelProto, label: str) -> Any:
+        with progress(label, count) as advance:
+            batches = first_samples(dataset, count, options.batch_size)
+            return measure_ans(proto, layers, batches, attack, seed=options.seed, progress=advance)
 
-    if options.method not in METHODS:
-        raise UsageError(f"--method {options.method!r}: use eqn3 (the paper's rule) or milp (measured, budgeted)")
-    if options.method == "eqn3":
-        given = [name for name, value in (("--budget", options.budget), ("--pareto", options.pareto or None),
-                                          ("--max-accuracy-drop", options.max_accuracy_drop)) if value is not None]
-        if given:
-            raise UsageError(f"{given[0]} needs --method milp (Eqn 3 takes --target-avg-bits)")
-        return
-    if options.target_avg_bits is not None or options.rounds != 1:
-        raise UsageError("--target-avg-bits and --rounds are Eqn 3's; with --method milp give --budget avg-bits=B")
-    if options.max_accuracy_drop is not None and not 0 <= options.max_accuracy_drop < 100:
-        raise UsageError(f"--max-accuracy-drop {options.max_accuracy_drop} must be in [0, 100) points")
-    if options.sensitivity_samples < 1:
-        raise UsageError(f"--sensitivity-samples {options.sensitivity_samples} must be at least 1")
-    if options.budget is not None:
-        from ..allocate.solve import parse_budget
-
-        parse_budget(options.budget)
+    return measure
 
 
 def _milp_plan(
@@ -344,7 +397,7 @@ def _milp_plan(
     joins = find_joins(model, layers)
     candidates = check_candidate_bits(list(range(options.k_min, options.max_bits + 1)))
     measure_ans = _measure_ans(options, layers, dataset, progress)
-    ans = measure_ans(model, f"ANS ({make_attack(options).describe()})")
+    ans = measure_ans(model, f"ANS ({options.ans_attack().describe()})")
     ans_means = {result.layer: result.mean for result in ans.layers}
     eqn3 = allocate(layers, ans.layers, k_init=options.k_init, k_min=options.k_min, quantize_output=options.quantize_output)
     sensitivity_batches = list(first_samples(dataset, min(options.sensitivity_samples, dataset.count), options.batch_size))

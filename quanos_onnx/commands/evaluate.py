@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from ..errors import UsageError, arg
 from ..layers import list_layers
-from ..model import load_model
 from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
-from .options import DataOptions, ans_samples, eps_list, first_samples, load_data, settings_json
+from .options import (
+    check_data_range,
+    AttackMethod,
+    DataOptions,
+    DataSource,
+    ModelSource,
+    ans_samples,
+    api_command_line,
+    data_entry,
+    first_samples,
+    input_paths,
+    load_data,
+    read_model,
+)
+from .results import check_output_dir, save_files
 
+if TYPE_CHECKING:
+    from ..report import RunInfo
 
 EVALUATION_FILE = "evaluation.json"
 PAPER_FGSM_EPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
@@ -22,28 +40,71 @@ PAPER_PGD_STEPS = 7
 PAPER_PGD_ALPHA = 2 / 255
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluateOptions(DataOptions):
-    """`quanos evaluate`: models side by side under one attack grid on one data set."""
+    """One attack grid for every model: each method of `attack` at each `eps`, or the
+    paper's grid (`paper`); `samples` evaluates the first N (default: all)."""
 
-    model_paths: tuple[str, ...]
-    data_path: str | None = None
-    output_dir: str | None = None
-    attack: str = "fgsm,pgd"
-    eps: str | None = None
+    attack: tuple[AttackMethod, ...] = ("fgsm", "pgd")
+    eps: tuple[float, ...] | None = None
     pgd_steps: int = 10
-    pgd_alpha: str | None = None
+    pgd_alpha: float | None = None
     paper: bool = False
     samples: int | None = None
-    as_json: bool = False
-    input_range: str = "0,1"
-    batch_size: int = 64
+    input_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.samples is not None and self.samples < 1:
+            raise UsageError(f"{arg('samples')} {self.samples} must be at least 1")
+        self.attacks()
+
+    def attacks(self) -> tuple[Any, ...]:
+        """The attack grid: `attack` x `eps`, or the paper's (`paper`)."""
+        from ..harness.attacks import InputRange
+        from ..harness.evaluate import attack_grid
+
+        value_range = InputRange(*self.input_range)
+        if self.paper:
+            if self.eps is not None or self.pgd_alpha is not None:
+                raise UsageError(
+                    f"{arg('paper')} sets eps and the PGD step itself: leave out {arg('eps')} and {arg('pgd_alpha')}"
+                )
+            grid: list[Any] = []
+            if "fgsm" in self.attack:
+                grid += attack_grid(["fgsm"], PAPER_FGSM_EPS, input_range=value_range)
+            if "pgd" in self.attack:
+                grid += attack_grid(
+                    ["pgd"], PAPER_PGD_EPS, steps=PAPER_PGD_STEPS, alpha=PAPER_PGD_ALPHA, input_range=value_range
+                )
+            return tuple(grid)
+        if self.eps is None:
+            raise UsageError(
+                f"{arg('eps')} is required (or {arg('paper')} for the paper's grid)",
+                hint=f"e.g. {arg('eps')} 0.05,0.1 or {arg('eps')} 8/255",
+            )
+        return attack_grid(self.attack, self.eps, steps=self.pgd_steps, alpha=self.pgd_alpha, input_range=value_range)
 
 
 @dataclass(frozen=True)
 class EvaluateResult:
+    """`document` is the quanos-evaluation document (evaluation.json), `report` the report's."""
+
     document: Mapping[str, Any]
-    written: tuple[str, ...]
+    report: Mapping[str, Any]
+    run: RunInfo
+    inputs: tuple[Path, ...] = ()
+    written: tuple[Path, ...] = ()
+
+    def files(self) -> dict[str, bytes | str]:
+        """The files `quanos evaluate -o` writes: evaluation.json and the report."""
+        from .. import report
+
+        return {EVALUATION_FILE: report.dumps(self.document), **report.report_files(self.report, self.run)}
+
+    def save(self, directory: str | os.PathLike[str]) -> tuple[Path, ...]:
+        """Write files() into `directory`, all or nothing; never over an input file."""
+        return save_files(directory, self.files(), self.inputs)
 
     def rows(self) -> list[dict[str, object]]:
         """One row per model for clean inputs and one per model and attack."""
@@ -81,89 +142,65 @@ def eps_label(eps: float) -> str:
     return f"{eps:g}"
 
 
-def evaluation_attacks(options: EvaluateOptions) -> tuple[Any, ...]:
-    """The attack grid: --attack x --eps, or the paper's (--paper)."""
-    from ..errors import UsageError
-    from ..harness.attacks import METHODS, InputRange, parse_eps
-    from ..harness.evaluate import attack_grid
-
-    input_range = InputRange.parse(options.input_range)
-    methods = [part.strip().lower() for part in options.attack.split(",") if part.strip()]
-    unknown = [method for method in methods if method not in METHODS]
-    if unknown:
-        raise UsageError(f"--attack {unknown[0]!r} is not one of {', '.join(METHODS)}")
-    if options.paper:
-        if options.eps is not None or options.pgd_alpha is not None:
-            raise UsageError("--paper sets eps and the PGD step itself: leave out --eps and --pgd-alpha")
-        grid: list[Any] = []
-        if "fgsm" in methods:
-            grid += attack_grid(["fgsm"], PAPER_FGSM_EPS, input_range=input_range)
-        if "pgd" in methods:
-            grid += attack_grid(["pgd"], PAPER_PGD_EPS, steps=PAPER_PGD_STEPS, alpha=PAPER_PGD_ALPHA, input_range=input_range)
-        return tuple(grid)
-    if options.eps is None:
-        raise UsageError("--eps is required (or --paper for the paper's grid)", hint="e.g. --eps 0.05,0.1 or --eps 8/255")
-    alpha = parse_eps(options.pgd_alpha, "--pgd-alpha") if options.pgd_alpha else None
-    return attack_grid(
-        methods, eps_list(options.eps, "--eps", parse_eps), steps=options.pgd_steps, alpha=alpha, input_range=input_range
-    )
-
-
 def run_evaluate(
+    models: ModelSource | Sequence[ModelSource],
+    data: DataSource,
     options: EvaluateOptions,
-    command_line: Sequence[str] = (),
+    *,
+    save_to: str | os.PathLike[str] | None = None,
+    command_line: Sequence[str] | None = None,
     progress: ProgressFactory = no_progress,
 ) -> EvaluateResult:
     """Clean and adversarial accuracy of every model on the same inputs and attacks.
 
     A compiled (QDQ) model is attacked through its fake-quant twin; all accuracies are
     counted by onnxruntime on the attacked inputs, so they describe the deployed files.
-    With an output directory: evaluation.json and the report files.
     """
-    from pathlib import Path
-
     from .. import report
-    from ..errors import DataError, UsageError
+    from ..errors import DataError
     from ..finetune.graph import compiled_plan, float_model_of
     from ..harness.evaluate import evaluate
     from ..model import input_shape
-    from ..outputs import OutputDir
+    from ..threads import using_threads
 
-    clock = report.RunClock.start(command_line)
-    if not options.model_paths:
-        raise UsageError("give at least one MODEL to evaluate")
-    inputs = [*options.model_paths, *([options.data_path] if options.data_path else [])]
-    output = OutputDir(options.output_dir, inputs=inputs) if options.output_dir else None
-    attacks = evaluation_attacks(options)
-    models = [(path, load_model(path)) for path in options.model_paths]
-    first_path, first_model = models[0]
-    dataset = load_data(options, first_model)
-    count = dataset.count if options.samples is None else ans_samples(options, dataset)
-    names = _short_names([path for path, _ in models])
+    clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
+    given = _model_list(models)
+    inputs = input_paths(*given, data)
+    check_output_dir(save_to, inputs, names=(EVALUATION_FILE, *report.REPORT_FILES))
+    attacks = options.attacks()
+    sources = [read_model(model, "models", f"<onnx.ModelProto #{index}>") for index, model in enumerate(given)]
+    first = sources[0]
+    names = _short_names([source.name for source in sources])
     entries = []
     evaluations = []
     labels = "data"
-    for (path, model), name in zip(models, names):
-        if input_shape(model)[1:] != input_shape(first_model)[1:]:
-            raise DataError(
-                f"{path}: input shape {list(input_shape(model))} differs from {first_path}'s "
-                f"{list(input_shape(first_model))}; evaluate models of one input shape together"
+    with using_threads(options.threads):
+        dataset = load_data(data, options, first.proto, model_name=first.name)
+        check_data_range(options.input_range, dataset, attacked=bool(attacks))
+        count = ans_samples(options.samples, dataset, default=None)
+        for source, name in zip(sources, names):
+            if input_shape(source.proto)[1:] != input_shape(first.proto)[1:]:
+                raise DataError(
+                    f"{source.name}: input shape {list(input_shape(source.proto))} differs from {first.name}'s "
+                    f"{list(input_shape(first.proto))}; evaluate models of one input shape together"
+                )
+            plan = compiled_plan(source.proto)
+            with progress(f"{name} ({len(attacks)} attacks)", count) as advance:
+                evaluation = evaluate(
+                    source.proto, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance
+                )
+            labels = evaluation.labels
+            evaluations.append((source.report_entry(), evaluation))
+            entries.append(
+                {
+                    "name": name,
+                    "path": source.name if source.path is None else str(source.path),
+                    "kind": "float" if plan is None else f"compiled ({plan.method})",
+                    "method": None if plan is None else plan.method,
+                    "average_weight_bits": None if plan is None else _average_bits(plan, float_model_of(source.proto)),
+                    "evaluation": evaluation.to_json(),
+                }
             )
-        plan = compiled_plan(model)
-        with progress(f"{name} ({len(attacks)} attacks)", count) as advance:
-            evaluation = evaluate(model, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance)
-        labels = evaluation.labels
-        evaluations.append((path, evaluation))
-        entries.append(
-            {
-                "name": name,
-                "path": str(Path(path)),
-                "kind": "float" if plan is None else f"compiled ({plan.method})",
-                "method": None if plan is None else plan.method,
-                "average_weight_bits": None if plan is None else _average_bits(plan, float_model_of(model)),
-                "evaluation": evaluation.to_json(),
-            }
-        )
     document = {
         "format": "quanos-evaluation",
         "version": 1,
@@ -171,20 +208,19 @@ def run_evaluate(
         "attacks": [attack.to_json() for attack in attacks],
         "models": entries,
     }
-    written: tuple[str, ...] = ()
-    if output is not None:
-        files = {
-            EVALUATION_FILE: report.dumps(document),
-            **report.evaluation_report_files(
-                evaluations,
-                run=clock.finish(),
-                data=report.data_input(options.data_path, count, dataset.selection),
-                seed=options.seed,
-                settings=settings_json(options, exclude=("model_paths", "data_path", "output_dir", "as_json")),
-            ),
-        }
-        written = tuple(str(p) for p in output.write(files))
-    return EvaluateResult(document, written)
+    report_document = report.evaluation_report(
+        evaluations, data=data_entry(data, dataset, count), seed=options.seed, settings=options.settings()
+    )
+    result = EvaluateResult(document, report_document, clock.finish(), tuple(inputs))
+    return result if save_to is None else replace(result, written=result.save(save_to))
+
+
+def _model_list(models: ModelSource | Sequence[ModelSource]) -> list[ModelSource]:
+    """One model or several, as a list; at least one."""
+    given = [models] if isinstance(models, (str, os.PathLike, onnx.ModelProto)) else list(models)
+    if not given:
+        raise UsageError(f"give at least one model in {arg('models')}")
+    return given
 
 
 def _average_bits(plan: Plan, float_model: onnx.ModelProto) -> float:
@@ -194,8 +230,6 @@ def _average_bits(plan: Plan, float_model: onnx.ModelProto) -> float:
 
 def _short_names(paths: Sequence[str]) -> list[str]:
     """File names, or parent/file where file names repeat (quanos-out/model.quanos.onnx)."""
-    from pathlib import Path
-
     names = [Path(path).name for path in paths]
     if len(set(names)) == len(names):
         return names

@@ -1,92 +1,328 @@
-"""What every command shares: the data options, reading the data, the ANS attack and
-sample counts, and the report's settings."""
+"""What every command shares: the typed option types, the inputs (model, data, plan) a
+caller may give as paths or in memory, and the helpers the commands run them through.
+
+Options are typed values (numbers, tuples, Literals), never command-line strings; the CLI
+parses its strings with the `*_from_text` functions here and builds the same dataclasses
+the Python API builds. Every option dataclass checks its fields against their annotations
+on construction, so `target_avg_bits="6"` fails at once as a UsageError naming the argument.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+import hashlib
+import os
+import sys
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import onnx
 
+from ..errors import UsageError, arg
 from ..layers import Layer
+from ..threads import DEFAULT_THREADS
+
+if TYPE_CHECKING:
+    from ..data import Dataset
+    from ..harness.attacks import Attack, InputRange
+    from ..plan import Plan
+
+Layout = Literal["auto", "nchw", "nhwc"]
+AttackMethod = Literal["fgsm", "pgd"]
+Calibration = Literal["minmax", "percentile"]
+Storage = Literal["int8", "int4", "int2"]
+Optimizer = Literal["adam", "sgd"]
+ExportTarget = Literal["qonnx", "ort-overrides"]
+
+ModelSource = Union[str, os.PathLike, onnx.ModelProto]
+"""A model: an ONNX file or an onnx.ModelProto in memory."""
+PlanSource = Union[str, os.PathLike, "Plan"]
+"""A bit plan: a plan.json file or a plan.Plan."""
+DataSource = Any
+"""Data (see data.dataset_from): a path in any format the CLI reads, numpy arrays `(x, y)` or
+`x` alone, an iterable of `(x, y)` batches (a torch DataLoader), or an onnxruntime
+CalibrationDataReader."""
 
 DEFAULT_ANS_SAMPLES = 1000
 
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """A command's settings; construction checks (and normalizes) every field's type:
+    ints where floats are asked become floats, lists where tuples are asked become tuples."""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for field in fields(self):
+            value = getattr(self, field.name)
+            try:
+                conformed = conform(value, hints[field.name])
+            except TypeError:
+                raise UsageError(
+                    f"{arg(field.name)} {value!r} is not {describe(hints[field.name])}"
+                ) from None
+            object.__setattr__(self, field.name, conformed)
+
+    def settings(self) -> dict[str, Any]:
+        """The options for the report (threads excepted: they change speed, not results)."""
+        return {key: value for key, value in asdict(self).items() if key != "threads"}
+
+
+def conform(value: Any, annotation: Any) -> Any:
+    """`value` as `annotation` wants it, or TypeError. Understands the annotations options
+    use: bool, int, float, str, None, Literal, tuple[T, ...], tuple[A, B] and unions."""
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return value
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if origin in (Union, types.UnionType):
+        for option in get_args(annotation):
+            try:
+                return conform(value, option)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is Literal:
+        if isinstance(value, str) and value in get_args(annotation):
+            return value
+        raise TypeError
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
+            raise TypeError
+        items = get_args(annotation)
+        if len(items) == 2 and items[1] is Ellipsis:
+            return tuple(conform(item, items[0]) for item in value)
+        if len(value) != len(items):
+            raise TypeError
+        return tuple(conform(item, wanted) for item, wanted in zip(value, items))
+    if annotation is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise TypeError
+    if annotation is int:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return int(value)
+        raise TypeError
+    if annotation is float:
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if isinstance(annotation, type) and isinstance(value, annotation):
+        return value
+    raise TypeError
+
+
+def describe(annotation: Any) -> str:
+    """What an annotation accepts, in words (for the error of a wrong type)."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(option) for option in get_args(annotation))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in get_args(annotation))
+    if origin is tuple:
+        items = get_args(annotation)
+        if len(items) == 2 and items[1] is Ellipsis:
+            return f"a tuple of ({describe(items[0])})"
+        return f"a tuple of {len(items)} ({', '.join(describe(item) for item in items)})"
+    names = {bool: "True or False", int: "a whole number", float: "a number", str: "a string", type(None): "None"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
 
 @dataclass(frozen=True, kw_only=True)
-class DataOptions:
-    """How every command reads and slices its data (cli.data_options); keyword-only, so
-    each command's own options keep their positions."""
+class DataOptions(Options):
+    """How every command that runs models reads, slices and batches its data, its seed,
+    and how many threads run the models (see data.py for layout, scale, mean and std)."""
 
-    layout: str = "auto"
-    scale: str | None = None
-    mean: str | None = None
-    std: str | None = None
-    data_range: str | None = None
+    layout: Layout = "auto"
+    scale: float | None = None
+    mean: float | tuple[float, ...] | None = None
+    std: float | tuple[float, ...] | None = None
+    data_range: tuple[int | None, int | None] | None = None
     seed: int = 0
+    batch_size: int = 64
+    threads: int | None = DEFAULT_THREADS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ..data import DataSpec
+
+        DataSpec.from_options(**self.read_options())
+        if self.batch_size < 1:
+            raise UsageError(f"{arg('batch_size')} {self.batch_size} must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"{arg('threads')} {self.threads} must be at least 1 (or None for the libraries' defaults)")
+
+    def read_options(self) -> dict[str, Any]:
+        """data.dataset_from's keyword arguments for these options."""
+        from ..data import IndexRange
+
+        return {
+            "layout": self.layout,
+            "scale": self.scale,
+            "mean": self.mean,
+            "std": self.std,
+            "data_range": None if self.data_range is None else IndexRange(*self.data_range),
+            "seed": self.seed,
+        }
 
 
-def settings_json(options: Any, *, exclude: Sequence[str]) -> dict[str, Any]:
-    """A command's options for the report: all but the paths (listed with their sha256)."""
-    return {key: value for key, value in asdict(options).items() if key not in exclude}
+@dataclass(frozen=True, kw_only=True)
+class AttackOptions(DataOptions):
+    """The ANS attack of compile and analyze, and how many samples it attacks."""
+
+    attack: AttackMethod = "fgsm"
+    eps: float = 0.05
+    pgd_steps: int = 10
+    pgd_alpha: float | None = None
+    samples: int | None = None
+    input_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.ans_attack()
+        if self.samples is not None and self.samples < 1:
+            raise UsageError(f"{arg('samples')} {self.samples} must be at least 1")
+
+    def value_range(self) -> InputRange:
+        from ..harness.attacks import InputRange
+
+        return InputRange(*self.input_range)
+
+    def ans_attack(self) -> Attack:
+        """The ANS attack (FGSM by default, as in the paper)."""
+        from ..harness.attacks import Attack
+
+        if self.attack == "fgsm":
+            return Attack.fgsm(self.eps, self.value_range())
+        return Attack.pgd(self.eps, steps=self.pgd_steps, alpha=self.pgd_alpha, input_range=self.value_range())
+
+
+# Inputs given as paths or in memory --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A model as the command runs it (normalized) and as the report names it."""
+
+    proto: onnx.ModelProto
+    name: str
+    path: Path | None
+    digest: str
+
+    def report_entry(self) -> dict[str, Any]:
+        return {"path": self.name, "sha256": self.digest}
+
+
+def read_model(model: ModelSource, argument: str = "model", label: str = "<onnx.ModelProto>") -> ModelInput:
+    """The model of a command: a path (read and normalized) or a ModelProto (normalized copy)."""
+    from ..model import file_sha256, load_model, normalize
+
+    if isinstance(model, onnx.ModelProto):
+        data = model.SerializeToString()
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return ModelInput(normalize(copy, label), label, None, hashlib.sha256(data).hexdigest())
+    if isinstance(model, (str, os.PathLike)):
+        proto = load_model(model)
+        return ModelInput(proto, str(model), Path(model), file_sha256(model))
+    raise UsageError(f"{arg(argument)} {_short_repr(model)} is not a path or an onnx.ModelProto")
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    plan: Plan
+    name: str
+    path: Path | None
+    digest: str
+
+    def report_entry(self) -> dict[str, Any]:
+        return {"path": self.name, "sha256": self.digest}
+
+
+def read_plan_input(plan: PlanSource, argument: str = "plan") -> PlanInput:
+    from ..model import file_sha256
+    from ..plan import Plan, read_plan
+
+    if isinstance(plan, Plan):
+        return PlanInput(plan, "<Plan>", None, hashlib.sha256(plan.dumps().encode()).hexdigest())
+    if isinstance(plan, (str, os.PathLike)):
+        return PlanInput(read_plan(plan), str(plan), Path(plan), file_sha256(plan))
+    raise UsageError(f"{arg(argument)} {_short_repr(plan)} is not a path or a quanos_onnx Plan")
+
+
+def data_name(data: DataSource) -> str:
+    """How the report names data: its path, or what kind of in-memory data it was."""
+    if isinstance(data, (str, os.PathLike)):
+        return str(data)
+    from ..data import describe_source
+
+    return describe_source(data)
+
+
+def data_entry(data: DataSource, dataset: Dataset, count: int) -> dict[str, Any]:
+    """The report's data input: a file with its sha256, or in-memory data (no file, no hash)."""
+    from .. import report
+
+    if isinstance(data, (str, os.PathLike)):
+        return report.data_input(data, count, dataset.selection)
+    return {"path": data_name(data), "sha256": None, "samples": count, "selection": dataset.selection}
+
+
+def input_paths(*sources: Any) -> list[Path]:
+    """The inputs given as files: an output may never overwrite them."""
+    return [Path(source) for source in sources if isinstance(source, (str, os.PathLike))]
+
+
+def load_data(
+    data: DataSource,
+    options: DataOptions,
+    model: onnx.ModelProto,
+    argument: str = "data",
+    *,
+    model_name: str = "<model>",
+    **extra: Any,
+) -> Dataset:
+    """The command's data, fitted to the model's input."""
+    from ..data import dataset_from
+    from ..model import input_spec, num_classes
+
+    if data is None:
+        raise UsageError(f"{arg(argument)} is required: attacks and calibration run on it")
+    return dataset_from(
+        data, input_spec(model), num_classes=num_classes(model, model_name), argument=argument, **options.read_options(), **extra
+    )
+
+
+def check_data_range(input_range: tuple[float, float], dataset: Dataset, *, attacked: bool) -> None:
+    """The data against the model's declared input range (data.check_input_range): refused
+    when it will be attacked (attacks clip into the range), a warning otherwise."""
+    from ..data import check_input_range
+
+    low, high = input_range
+    check_input_range(dataset, low, high, attacked=attacked)
 
 
 def weights_and_biases(layers: Sequence[Layer]) -> list[str]:
     return [name for layer in layers for name in (layer.weight, layer.bias) if name]
 
 
-def load_data(options: Any, model: onnx.ModelProto) -> Any:
-    from ..data import load_dataset
-    from ..errors import UsageError
-    from ..model import input_spec, num_classes
+def ans_samples(samples: int | None, dataset: Dataset, default: int | None = DEFAULT_ANS_SAMPLES) -> int:
+    """How many samples the attacks use: `samples`, else up to `default` (None: all)."""
+    from ..errors import DataError
 
-    if options.data_path is None:
-        raise UsageError("--data is required: attacks and calibration run on it")
-    return load_dataset(
-        options.data_path,
-        input_spec(model),
-        layout=options.layout,
-        scale=options.scale,
-        mean=options.mean,
-        std=options.std,
-        data_range=options.data_range,
-        seed=options.seed,
-        num_classes=num_classes(model),
-    )
+    if samples is None:
+        return dataset.count if default is None else min(default, dataset.count)
+    if samples > dataset.count:
+        raise DataError(f"{arg('samples')} {samples} is more than the {dataset.count} samples in {dataset.source}")
+    return samples
 
 
-def make_attack(options: Any) -> Any:
-    """The ANS attack of the options (FGSM by default, as in the paper)."""
-    from ..errors import UsageError
-    from ..harness.attacks import Attack, InputRange, parse_eps
-
-    input_range = InputRange.parse(options.input_range)
-    eps = parse_eps(options.eps)
-    if options.attack == "fgsm":
-        return Attack.fgsm(eps, input_range)
-    if options.attack == "pgd":
-        alpha = parse_eps(options.pgd_alpha, "--pgd-alpha") if options.pgd_alpha else None
-        return Attack.pgd(eps, steps=options.pgd_steps, alpha=alpha, input_range=input_range)
-    raise UsageError(f"--attack {options.attack!r} is not fgsm or pgd")
-
-
-def ans_samples(options: Any, dataset: Any) -> int:
-    from ..errors import DataError, UsageError
-
-    if options.samples is None:
-        return min(DEFAULT_ANS_SAMPLES, dataset.count)
-    if options.samples < 1:
-        raise UsageError(f"--samples {options.samples} must be at least 1")
-    if options.samples > dataset.count:
-        raise DataError(
-            f"--samples {options.samples} is more than the {dataset.count} samples in {dataset.source}"
-        )
-    return options.samples
-
-
-def first_samples(dataset: Any, count: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+def first_samples(dataset: Dataset, count: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """The first `count` samples of the dataset in batches."""
     taken = 0
     for x, y in dataset.batches(batch_size):
@@ -97,9 +333,72 @@ def first_samples(dataset: Any, count: int, batch_size: int) -> Iterator[tuple[n
         yield x[:keep], (None if y is None else y[:keep])
 
 
-def eps_list(text: str, option: str, parse: Callable[[str, str], float]) -> list[float]:
-    return [parse(part, option) for part in text.split(",") if part.strip()]
-
-
 def rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+def api_command_line() -> tuple[str, ...]:
+    """What started an API call, for the report's provenance: the Python script."""
+    return (Path(sys.executable).name, *sys.argv)
+
+
+# The CLI's text forms -------------------------------------------------------------------
+
+
+def eps_from_text(text: str, argument: str) -> float:
+    """'0.05' or '8/255'."""
+    from ..harness.attacks import parse_eps
+
+    return parse_eps(text, argument)
+
+
+def eps_list_from_text(text: str, argument: str) -> tuple[float, ...]:
+    """'0.05,0.1' or '2/255,8/255'."""
+    return tuple(eps_from_text(part, argument) for part in text.split(",") if part.strip())
+
+
+def input_range_from_text(text: str) -> tuple[float, float]:
+    """'0,1', '0,255' or '-1,1'."""
+    from ..harness.attacks import InputRange
+
+    parsed = InputRange.parse(text)
+    return (parsed.low, parsed.high)
+
+
+def data_range_from_text(text: str) -> tuple[int | None, int | None]:
+    """'932:', ':1000' or '0:500'."""
+    from ..data import IndexRange
+
+    parsed = IndexRange.parse(text)
+    return (parsed.start, parsed.stop)
+
+
+def scale_from_text(text: str) -> float:
+    """'1/255' or '0.5'."""
+    from ..data import DataSpec
+
+    return DataSpec.from_options(scale=text).scale  # type: ignore[return-value]
+
+
+def floats_from_text(text: str, argument: str) -> tuple[float, ...]:
+    """'0.5' or '0.485,0.456,0.406'."""
+    from ..data import DataSpec
+
+    return getattr(DataSpec.from_options(**{argument: text}), argument)  # type: ignore[no-any-return]
+
+
+def methods_from_text(text: str) -> tuple[str, ...]:
+    """'fgsm,pgd'; each checked against the attack methods."""
+    from ..harness.attacks import METHODS
+
+    methods = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise UsageError(f"{arg('attack')} {unknown[0]!r} is not one of {', '.join(METHODS)}")
+    return methods
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"<{type(value).__name__}>"
+

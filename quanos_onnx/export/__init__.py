@@ -16,8 +16,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
-from ..model import guard_output, read_model, save_model, write_bytes_atomic
+from ..errors import UsageError, arg
+from ..model import read_model
+from ..outputs import check_output_file, write_file
 from .ort import ORT_BITS, ort_quantize_options, read_ort_overrides, to_ort_overrides
 from .qonnx import QONNX_DOMAIN, QONNX_DOMAIN_VERSION, to_qonnx
 from .reading import ActivationGrid, ConstantDequant, activation_bits, read_quantizers, stored_plan
@@ -62,15 +63,15 @@ def export_file(
 ) -> Exported:
     """Read a quanos-compile model, export it to `target`, write it atomically next to it."""
     if target not in TARGETS:
-        raise UsageError(f"--to: unknown target '{target}' (use {' or '.join(TARGETS)})")
+        raise UsageError(f"{arg('to')}: unknown target '{target}' (use {' or '.join(TARGETS)})")
     source = Path(model_path)
     destination = Path(output) if output is not None else default_output(source, target)
-    guard_output(destination, [source])
+    check_output_file(destination, [source])
     proto = read_model(source)
     if target == "qonnx":
-        save_model(to_qonnx(proto, str(source)), destination, protect=[source])
+        write_file(destination, to_qonnx(proto, str(source)).SerializeToString(), [source])
         return Exported(destination, ())
     document, warnings = to_ort_overrides(proto, str(source))
-    write_bytes_atomic(destination, (json.dumps(document, indent=2) + "\n").encode())
+    write_file(destination, (json.dumps(document, indent=2) + "\n").encode(), [source])
     return Exported(destination, tuple(warnings))
 

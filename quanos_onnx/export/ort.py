@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import onnx
 
 from ..errors import DataError, ModelError
+from ..inputs import read_document
 from ..passes.qdq import WEIGHT_SOURCE_KEY
 from ..plan import LayerPlan
 from .reading import ActivationGrid, activation_bits, float_source, read_model, read_quantizers, stored_plan
@@ -128,12 +128,7 @@ def ort_quantize_options(document: Mapping[str, Any], source: str = "<overrides>
 def read_ort_overrides(path: str | os.PathLike[str]) -> dict[str, Any]:
     """quantize_static keyword arguments from a file `quanos export --to ort-overrides` wrote."""
     source = Path(path)
-    try:
-        document = json.loads(source.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{source}: overrides file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{source}: cannot read overrides: {exc}") from exc
+    document = read_document(source, DataError, "overrides file")
     if not isinstance(document, dict):
         raise DataError(f"{source}: not a JSON object")
     return ort_quantize_options(document, str(source))

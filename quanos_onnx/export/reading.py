@@ -9,7 +9,6 @@ node named rather than exported with wrong bits.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -20,6 +19,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from ..errors import ModelError
+from ..inputs import parse_json
 from ..layers import list_layers
 from ..model import TARGET_IR_VERSION, TARGET_OPSET
 from ..passes.initializers import new_initializer
@@ -141,10 +141,7 @@ def stored_plan(proto: onnx.ModelProto, source: str = "<model>") -> Plan:
     """The aligned plan that QDQ insertion attached to the model."""
     for entry in proto.metadata_props:
         if entry.key == PLAN_METADATA_KEY:
-            try:
-                data = json.loads(entry.value)
-            except json.JSONDecodeError as exc:
-                raise ModelError(f"{source}: metadata '{PLAN_METADATA_KEY}' is not JSON ({exc.msg})") from exc
+            data = parse_json(entry.value, f"{source}: metadata '{PLAN_METADATA_KEY}'", ModelError)
             return plan_from_json(data, f"{source}: metadata '{PLAN_METADATA_KEY}'")
     raise ModelError(
         f"{source}: no '{PLAN_METADATA_KEY}' metadata, so not a model written by quanos-compile",

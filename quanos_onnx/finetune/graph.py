@@ -20,7 +20,6 @@ not try to emulate onnxruntime's own bias quantization on top of it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from ..errors import ModelError, PlanError
+from ..inputs import parse_json
 from ..layers import Layer
 from ..passes.initializers import shared_initializer
 from ..passes.qdq import PLAN_METADATA_KEY, WEIGHT_SOURCE_KEY
@@ -214,10 +214,8 @@ def compiled_plan(model: onnx.ModelProto) -> Plan | None:
     """The aligned plan that quanos-compile stored in a QDQ model, or None for other models."""
     for entry in model.metadata_props:
         if entry.key == PLAN_METADATA_KEY:
-            try:
-                return plan_from_json(json.loads(entry.value), f"metadata '{PLAN_METADATA_KEY}'")
-            except json.JSONDecodeError as error:
-                raise PlanError(f"metadata '{PLAN_METADATA_KEY}' is not JSON: {error.msg}") from error
+            where = f"metadata '{PLAN_METADATA_KEY}'"
+            return plan_from_json(parse_json(entry.value, where, PlanError), where)
     return None
 
 

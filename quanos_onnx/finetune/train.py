@@ -31,7 +31,7 @@ import onnx
 import torch
 
 from ..data import Dataset
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, arg
 from ..harness.attacks import Attack, perturb, predictions
 from ..harness.evaluate import evaluate
 from ..layers import Layer, list_layers
@@ -69,17 +69,17 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise UsageError(f"--epochs {self.epochs!r} must be a whole number of at least 1")
+            raise UsageError(f"{arg('epochs')} {self.epochs!r} must be a whole number of at least 1")
         if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise UsageError(f"--lr {self.learning_rate} must be positive")
+            raise UsageError(f"{arg('optimizer')} {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UsageError(f"{arg('lr')} {self.learning_rate} must be a positive finite number")
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
+            raise UsageError(f"{arg('batch_size')} {self.batch_size} must be at least 1")
         if not 0.0 < self.adversarial_weight <= 1.0:
-            raise UsageError(f"--adv-weight {self.adversarial_weight} must be in (0, 1]")
+            raise UsageError(f"{arg('adv_weight')} {self.adversarial_weight} must be in (0, 1]")
         if self.calibration_samples < 1:
-            raise UsageError(f"--calibration-samples {self.calibration_samples} must be at least 1")
+            raise UsageError(f"{arg('calibration_samples')} {self.calibration_samples} must be at least 1")
 
     @property
     def rate(self) -> float:
@@ -186,9 +186,9 @@ def finetune(
     quanos-compile does with its --data.
     """
     torch.manual_seed(settings.seed)
-    _check_labelled(train, "--data")
+    _check_labelled(train, "data")
     if val is not None:
-        _check_labelled(val, "--val")
+        _check_labelled(val, "val")
     layers = list_layers(float_model)
     calibration = _leading_batches(train, settings.calibration_samples, settings.batch_size)
     trainer = _Trainer(float_model, layers, plan, calibration, settings)
@@ -206,6 +206,11 @@ def finetune(
             totals = trainer.train_epoch(epoch, train, rng, advance)
         trainer.recompile()
         record = trainer.validate(epoch, val, started, totals)
+        if record.train_loss is not None and not math.isfinite(record.train_loss):
+            raise UsageError(
+                f"--lr {settings.rate:g}: training diverged (loss {record.train_loss} in epoch {epoch})",
+                hint="lower --lr; nothing was written",
+            )
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -433,9 +438,9 @@ def _with_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
 
 def _check_labelled(dataset: Dataset, option: str) -> None:
     if dataset.y is None:
-        raise DataError(f"{option} {dataset.source}: fine-tuning needs labels and the data has none")
+        raise DataError(f"{arg(option)} {dataset.source}: fine-tuning needs labels and the data has none")
     if dataset.count == 0:
-        raise DataError(f"{option} {dataset.source}: no samples")
+        raise DataError(f"{arg(option)} {dataset.source}: no samples")
 
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, arg
 
 if TYPE_CHECKING:
     import onnx
@@ -46,9 +46,9 @@ class InputRange:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
-            raise UsageError(f"--input-range {self}: both ends must be finite numbers")
+            raise UsageError(f"{arg('input_range')} {self}: both ends must be finite numbers")
         if self.low >= self.high:
-            raise UsageError(f"--input-range {self}: LO must be below HI, e.g. 0,1 or 0,255")
+            raise UsageError(f"{arg('input_range')} {self}: LO must be below HI, e.g. 0,1 or 0,255")
 
     @classmethod
     def parse(cls, text: str) -> InputRange:
@@ -58,7 +58,7 @@ class InputRange:
             low, high = (float(part) for part in parts)
         except ValueError:
             raise UsageError(
-                f"--input-range {text!r} is not LO,HI", hint="e.g. 0,1 or 0,255"
+                f"{arg('input_range')} {text!r} is not LO,HI", hint="e.g. 0,1 or 0,255"
             ) from None
         return cls(low, high)
 
@@ -70,7 +70,7 @@ class InputRange:
         return f"{self.low:g},{self.high:g}"
 
 
-def parse_eps(text: str | float, option: str = "--eps") -> float:
+def parse_eps(text: str | float, option: str = "eps") -> float:
     """An eps (or PGD step) in [0,1] input units: '0.05', '8/255'; checked 0 < eps <= 1."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return check_fraction(float(text), option)
@@ -81,14 +81,14 @@ def parse_eps(text: str | float, option: str = "--eps") -> float:
         else:
             value = float(str(text))
     except (ValueError, ZeroDivisionError):
-        raise UsageError(f"{option} {text!r} is not a number (e.g. 0.05 or 8/255)") from None
+        raise UsageError(f"{arg(option)} {text!r} is not a number (e.g. 0.05 or 8/255)") from None
     return check_fraction(value, option)
 
 
 def check_fraction(value: float, option: str) -> float:
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise UsageError(
-            f"{option} {value:g} must be in (0, 1]: it is a fraction of the input range",
+            f"{arg(option)} {value:g} must be in (0, 1]: it is a fraction of the input range",
             hint="8/255 on a 0..255 model is written 8/255, not 8",
         )
     return value
@@ -111,14 +111,14 @@ class Attack:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise UsageError(f"--attack {self.method!r} is not one of {', '.join(METHODS)}")
-        check_fraction(self.eps, "--eps")
+            raise UsageError(f"{arg('attack')} {self.method!r} is not one of {', '.join(METHODS)}")
+        check_fraction(self.eps, "eps")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise UsageError(f"--pgd-steps {self.steps!r} must be a whole number of at least 1")
+            raise UsageError(f"{arg('pgd_steps')} {self.steps!r} must be a whole number of at least 1")
         if self.method == "fgsm" and (self.steps != 1 or self.alpha is not None or self.random_start):
-            raise UsageError("--attack fgsm takes one step of size eps: no --pgd-steps, --pgd-alpha or random start")
+            raise UsageError(f"{arg('attack')} fgsm takes one step of size eps: no {arg('pgd_steps')}, {arg('pgd_alpha')} or random start")
         if self.alpha is not None:
-            check_fraction(self.alpha, "--pgd-alpha")
+            check_fraction(self.alpha, "pgd_alpha")
 
     @classmethod
     def fgsm(cls, eps: float, input_range: InputRange | None = None) -> Attack:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, arg
 from ..model import Runner, output_names
 from .ans import Batches, Progress
 from .attacks import Attack, InputRange, LogitsModel, attack_labels, perturb, predictions, twin_of
@@ -60,7 +60,7 @@ def attack_grid(
 ) -> tuple[Attack, ...]:
     """Every method at every eps (`--attack fgsm,pgd --eps ...`), in that order."""
     if not methods or not eps_values:
-        raise UsageError("--attack and --eps need at least one value each")
+        raise UsageError(f"{arg('attack')} and {arg('eps')} need at least one value each")
     input_range = input_range or InputRange()
     attacks = []
     for method in methods:

@@ -33,6 +33,13 @@ _REQUIRED = (
 )
 _OPTIONAL = ("description", "provenance", "mac_scale")
 
+MAX_ENERGY_PJ = 1e6
+"""Largest energy constant a profile may give (pJ per bit or per MAC, and E_cfg): real
+accelerators are within 0.01-100 pJ, and the bound keeps every estimate finite."""
+
+MAX_WIDTH_BITS = 64
+"""Widest bit-width a profile may describe (mac_multiply_reference_bits, mac_scale keys)."""
+
 
 @dataclass(frozen=True)
 class HardwareProfile:
@@ -101,18 +108,14 @@ def builtin_profiles() -> tuple[HardwareProfile, ...]:
 
 
 def _load_profile_file(path: Path) -> HardwareProfile:
-    if not path.is_file():
+    from ..inputs import read_document
+
+    if not path.exists():
         raise ProfileError(
             f"hardware profile '{path}': no such file and not a built-in profile",
             hint=f"use one of {', '.join(BUILTIN_PROFILES)} or a JSON profile file",
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: cannot read hardware profile: {exc}") from exc
-    return parse_profile(data, str(path))
+    return parse_profile(read_document(path, ProfileError, "hardware profile"), str(path))
 
 
 def parse_profile(data: Any, source: str) -> HardwareProfile:
@@ -166,6 +169,8 @@ def _provenance(value: Any, source: str) -> tuple[str, ...]:
 def _number(value: Any, field: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ProfileError(f"{source}: field '{field}' must be a finite number, got {value!r}")
+    if abs(value) > MAX_ENERGY_PJ:
+        raise ProfileError(f"{source}: field '{field}' is {value!r}, above the limit of {MAX_ENERGY_PJ:g}")
     return float(value)
 
 
@@ -184,8 +189,8 @@ def _non_negative(value: Any, field: str, source: str) -> float:
 
 
 def _positive_int(value: Any, field: str, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ProfileError(f"{source}: field '{field}' must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_WIDTH_BITS:
+        raise ProfileError(f"{source}: field '{field}' must be an integer in 1..{MAX_WIDTH_BITS}, got {value!r}")
     return value
 
 
@@ -199,8 +204,8 @@ def _mac_scale(value: Any, source: str) -> tuple[float, ...]:
         )
     widths: dict[int, float] = {}
     for key, scale in value.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
-            raise ProfileError(f"{source}: field 'mac_scale.{key}' is not a bit-width (1, 2, ...)")
+        if not (isinstance(key, str) and key.isdigit() and len(key) <= 2 and 1 <= int(key) <= MAX_WIDTH_BITS):
+            raise ProfileError(f"{source}: field 'mac_scale.{key}' is not a bit-width (1..{MAX_WIDTH_BITS})")
         widths[int(key)] = _positive(scale, f"mac_scale.{key}", source)
     expected = set(range(1, max(widths) + 1))
     gaps = sorted(expected - set(widths))

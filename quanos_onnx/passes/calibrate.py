@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, arg
 from ..model import Runner
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,9 @@ def collect_ranges(
     percentile: float = 99.99,
 ) -> dict[str, Range]:
     if method not in METHODS:
-        raise UsageError(f"--calibration: unknown method '{method}' (use {' or '.join(METHODS)})")
+        raise UsageError(f"{arg('calibration')}: unknown method '{method}' (use {' or '.join(METHODS)})")
     if not 50.0 < percentile <= 100.0:
-        raise UsageError(f"--percentile: {percentile} is outside (50, 100]")
+        raise UsageError(f"{arg('percentile')}: {percentile} is outside (50, 100]")
     names = list(tensors)
     if not names:
         return {}

@@ -27,7 +27,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from ..errors import PlanError, QuanosError, UsageError
+from ..errors import PlanError, QuanosError, UsageError, arg
 from ..layers import NON_NEGATIVE_OPS, Layer
 from ..plan import Plan
 from .calibrate import Range
@@ -151,7 +151,7 @@ def weight_container(bits: int, storage: str) -> np.dtype:
 
 def check_storage(storage: str) -> str:
     if storage not in STORAGES:
-        raise UsageError(f"--storage: unknown container '{storage}' (use {', '.join(STORAGES)})")
+        raise UsageError(f"{arg('storage')}: unknown container '{storage}' (use {', '.join(STORAGES)})")
     return storage
 
 

@@ -38,6 +38,8 @@ REPORT_JSON = "report.json"
 RUN_JSON = "run.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+REPORT_FILES = (REPORT_JSON, RUN_JSON, REPORT_MD, REPORT_HTML)
+"""The names report_files writes, for OutputDir's up-front check of the inputs."""
 
 
 def report_files(document: Mapping[str, Any], run: RunInfo) -> dict[str, str]:
@@ -50,21 +52,21 @@ def report_files(document: Mapping[str, Any], run: RunInfo) -> dict[str, str]:
     }
 
 
-def evaluation_report_files(
-    evaluations: Sequence[tuple[str, Evaluation]],
+def evaluation_report(
+    evaluations: Sequence[tuple[Mapping[str, Any], Evaluation]],
     *,
-    run: RunInfo,
     data: Mapping[str, Any] | None = None,
     seed: int | None = None,
     settings: Mapping[str, Any] | None = None,
-) -> dict[str, str]:
-    """The report files of `quanos evaluate`: one (model path, Evaluation) per model evaluated.
+) -> dict[str, Any]:
+    """The report document of `quanos evaluate`: one (model input, Evaluation) per model,
+    the model input being file_input(path) or an entry of the same shape for a model in memory.
 
-    `data` is data_input(path, samples, selection); `settings` the attack options as given.
-    The report plots accuracy against eps per attack method with one line per model.
+    `data` is data_input(path, samples, selection); `settings` the attack options. The
+    report plots accuracy against eps per attack method with one line per model.
     """
-    models = [file_input(path) for path, _ in evaluations]
-    document = report_document(
+    models = [dict(model) for model, _ in evaluations]
+    return report_document(
         "evaluate",
         models=models,
         data=data,
@@ -75,7 +77,6 @@ def evaluation_report_files(
             for model, (_, evaluation) in zip(models, evaluations)
         ],
     )
-    return report_files(document, run)
 
 
 __all__ = [
@@ -88,7 +89,7 @@ __all__ = [
     "data_input",
     "dumps",
     "energy_sections",
-    "evaluation_report_files",
+    "evaluation_report",
     "file_input",
     "layer_rows",
     "output_entry",

@@ -1,8 +1,11 @@
-"""Plain-text tables for the terminal: aligned columns, numbers right-aligned."""
+"""Plain-text tables for the terminal: aligned columns, numbers right-aligned; names from
+the user's model with control characters escaped, so a cell cannot drive the terminal."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
+from ..errors import printable
 
 
 def _cell(value: object) -> str:
@@ -12,7 +15,7 @@ def _cell(value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return printable(str(value))
 
 
 def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:

@@ -24,15 +24,27 @@ dequantized input, and the unit's QuantizeLinear returns ORT's integers, with gr
 still flowing straight through the float path. Elementwise fused kernels (QLinearAdd,
 QLinearMul, QLinearGlobalAveragePool) round as the float path does except on exact ties
 and are not emulated.
+
+On x86 CPUs with AVX2 but without VNNI, onnxruntime's (MLAS) u8 x s8 kernels are not exact:
+they multiply with VPMADDUBSW, which adds each pair of adjacent u8 * s8 products along K in
+int16 with saturation before the int32 sum, so a pair whose sum leaves [-32768, 32767]
+(possible once 255 * (|w_a| + |w_b|) > 32767, i.e. with 8-bit weights) is clamped. Measured
+with onnxruntime 1.32 on an AMD EPYC (AVX2): the pairs are the raw (uncentered) uint8 input
+at K indices (2j, 2j + 1); K is the GEMM's inner axis for QGemm/QLinearMatMul and, per group,
+(kernel position, input channel) with the channel fastest for QLinearConv; padding holds the
+zero point; the depthwise kernel (one input and one output channel per group) and u8 x u8
+kernels are exact. A tiny probe session, run once per process (`pair_saturation`), tells
+whether the running onnxruntime does this, and the twin then clamps the same pairs.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +53,9 @@ import onnx
 import torch
 
 from ..model import make_session
-from .fakequant import broadcast_parameter, round_straight_through
+from .fakequant import CONTAINERS, broadcast_parameter, round_straight_through
 from .graph import QUANTIZER_OPS, CompiledGraph, Step, with_releases
+from .ops.nn import spatial_pads, strides_and_dilations, torch_pads
 from .registry import OpFunction
 
 log = logging.getLogger(__name__)
@@ -55,6 +68,14 @@ _BIASED_OPS = {"Conv": 2, "Gemm": 2}
 _ABSORBED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 _EXACT_FLOAT32 = 2**24
 """Integers up to here are exact in float32, so an integer conv with smaller partial sums is too."""
+_UINT8 = CONTAINERS[onnx.TensorProto.UINT8]
+_INT16 = CONTAINERS[onnx.TensorProto.INT16]
+_PROBE_SAMPLES = ((0, 1), (2, 3), (1, 2))
+"""K indices at 255 in each probe sample, with weights 127: two pairs (in the probe conv the
+second straddles two kernel positions) and two neighbours from different pairs."""
+_PROBE_SCALE = 512.0
+"""Output scale of the probe: a pair sum of 2 * 255 * 127 = 64770 requantizes to 127, one
+saturated to 32767 requantizes to 64."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,84 @@ class FusedKernels:
     """Conv/Gemm/MatMul nodes run as QLinearConv/QGemm/QLinearMatMul."""
     integer_bias: frozenset[str] = frozenset()
     """Conv/Gemm nodes whose float bias ORT rounds to the int32 grid."""
+    saturating_pairs: frozenset[str] = frozenset()
+    """Integer layers whose kernel adds adjacent u8 x s8 products in int16 with saturation
+    (AVX2 without VNNI; see the module docstring)."""
+
+
+@dataclass(frozen=True)
+class PairSaturation:
+    """Which of onnxruntime's u8 x s8 layer kernels on this CPU saturate sums of product pairs."""
+
+    conv: bool = False
+    """QLinearConv (not its depthwise kernel)."""
+    gemm: bool = False
+    """QGemm and QLinearMatMul."""
+
+
+@functools.cache
+def pair_saturation() -> PairSaturation:
+    """Ask onnxruntime, once per process, whether its fused kernels clamp pairs of products to int16."""
+    saturation = PairSaturation(conv=_probe_pairs("Conv"), gemm=_probe_pairs("MatMul"))
+    log.debug("onnxruntime's u8 x s8 kernels saturate pairs of products: %s", saturation)
+    return saturation
+
+
+def _probe_pairs(op_type: str) -> bool:
+    """True when the fused kernel of `op_type` clamps exactly the pairs (2j, 2j + 1) of its K axis."""
+    model, inputs = _probe_model(op_type)
+    requantized = make_session(model).run(None, {"x": inputs})[0].reshape(-1).tolist()
+    exact, saturated = round(2 * 255 * 127 / _PROBE_SCALE), round(_INT16.maximum / _PROBE_SCALE)
+    if requantized == [exact] * len(_PROBE_SAMPLES):
+        return False
+    if requantized == [saturated, saturated, exact]:
+        return True
+    log.warning(
+        "onnxruntime's integer %s kernel on this CPU sums u8 x s8 products in a way the twin does not know "
+        "(probe gave %s, exact is %d, pair saturation %d): fused layers with 8-bit weights may differ from the twin",
+        op_type,
+        requantized,
+        exact,
+        saturated,
+    )
+    return False
+
+
+def _probe_model(op_type: str) -> tuple[onnx.ModelProto, np.ndarray]:
+    """DQ(uint8) -> Conv or MatMul with int8 weights of 127 -> Q(uint8), and one input per probe sample.
+
+    The conv has 3 input channels and a 1x2 kernel, so K index = kernel position * 3 + channel."""
+    channels, positions = (3, 2) if op_type == "Conv" else (4, 1)
+    inputs = np.zeros((len(_PROBE_SAMPLES), positions * channels), np.uint8)
+    for sample, indices in enumerate(_PROBE_SAMPLES):
+        inputs[sample, list(indices)] = _UINT8.maximum
+    if op_type == "Conv":
+        inputs = inputs.reshape(-1, positions, channels).transpose(0, 2, 1).reshape(-1, channels, 1, positions)
+        weight_shape: tuple[int, ...] = (1, channels, 1, positions)
+    else:
+        weight_shape = (channels, 1)
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    initializers = [
+        numpy_helper.from_array(np.full(weight_shape, 127, np.int8), "w_q"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "unit_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "w_zp"),
+        numpy_helper.from_array(np.array(0, np.uint8), "x_zp"),
+        numpy_helper.from_array(np.array(_PROBE_SCALE, np.float32), "y_scale"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "unit_scale", "x_zp"], ["x_dq"]),
+        helper.make_node("DequantizeLinear", ["w_q", "unit_scale", "w_zp"], ["w_dq"]),
+        helper.make_node(op_type, ["x_dq", "w_dq"], ["layer"]),
+        helper.make_node("QuantizeLinear", ["layer", "y_scale", "x_zp"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pair_saturation_probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, inputs.shape)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), inputs
 
 
 def fused_kernels(model: onnx.ModelProto) -> FusedKernels:
@@ -76,11 +175,12 @@ def fused_kernels(model: onnx.ModelProto) -> FusedKernels:
         make_session(model, optimized_model_path=str(path))
         optimized = onnx.load(str(path), load_external_data=False)
     op_types = {node.name: node.op_type for node in model.graph.node}
-    integer_layers = frozenset(
-        name
-        for name in (_original_name(node.name) for node in optimized.graph.node if node.op_type in LAYER_KERNELS)
-        if op_types.get(name) in ("Conv", "Gemm", "MatMul")
-    )
+    layer_kernels = {
+        _original_name(node.name): node
+        for node in optimized.graph.node
+        if node.op_type in LAYER_KERNELS and op_types.get(_original_name(node.name)) in ("Conv", "Gemm", "MatMul")
+    }
+    integer_layers = frozenset(layer_kernels)
     quantized_bias = {
         t.name[: -len(BIAS_INITIALIZER_SUFFIX)]: t
         for t in optimized.graph.initializer
@@ -94,8 +194,42 @@ def fused_kernels(model: onnx.ModelProto) -> FusedKernels:
                 "and becomes INT_MIN: the deployed model adds a wrong bias there; the twin keeps the true one",
                 name,
             )
-    log.debug("onnxruntime fuses %d layer(s), quantizes %d bias(es)", len(integer_layers), len(integer_bias))
-    return FusedKernels(integer_layers, integer_bias)
+    initializers = {t.name: t for t in optimized.graph.initializer}
+    pairwise = {
+        name: node.op_type for name, node in layer_kernels.items() if _multiplies_u8_by_s8_in_pairs(node, initializers)
+    }
+    saturation = pair_saturation() if pairwise else PairSaturation()
+    saturating_pairs = frozenset(
+        name for name, op_type in pairwise.items() if (saturation.conv if op_type == "QLinearConv" else saturation.gemm)
+    )
+    log.debug(
+        "onnxruntime fuses %d layer(s) (%d with saturating pairs), quantizes %d bias(es)",
+        len(integer_layers),
+        len(saturating_pairs),
+        len(integer_bias),
+    )
+    return FusedKernels(integer_layers, integer_bias, saturating_pairs)
+
+
+def _multiplies_u8_by_s8_in_pairs(kernel: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> bool:
+    """Whether a fused layer runs the u8 x s8 GEMM that VPMADDUBSW serves: uint8 activations, int8
+    weights with zero point 0, and not the depthwise conv kernel (one input and one output channel
+    per group), which multiplies exactly. QLinearConv, QLinearMatMul and QGemm all take the
+    activation zero point, weight and weight zero point as inputs 2, 3 and 5."""
+    inputs = list(kernel.input) + [""] * 6
+    activation_zero_point, weight = initializers.get(inputs[2]), initializers.get(inputs[3])
+    if activation_zero_point is None or weight is None:
+        return False
+    if activation_zero_point.data_type != onnx.TensorProto.UINT8 or weight.data_type != onnx.TensorProto.INT8:
+        return False
+    weight_zero_point = initializers.get(inputs[5])
+    if weight_zero_point is not None and np.any(onnx.numpy_helper.to_array(weight_zero_point)):
+        log.debug("not emulating pair saturation in '%s': its weights' zero point is not 0", kernel.name)
+        return False
+    if kernel.op_type == "QLinearConv":
+        group = next((attribute.i for attribute in kernel.attribute if attribute.name == "group"), 1)
+        return not (weight.dims[1] == 1 and weight.dims[0] == group)
+    return True
 
 
 def _original_name(fused_name: str) -> str:
@@ -112,7 +246,8 @@ def emulate(compiled: CompiledGraph, kernels: FusedKernels) -> CompiledGraph:
     program = compiled.program
     plan = _Plan(list(program.steps), [*program.folded, *program.steps], dict(compiled.constants), compiled.parameters)
     for step in list(plan.steps):
-        if step.node_name in kernels.integer_layers and plan.integer_layer(step):
+        saturating = step.node_name in kernels.saturating_pairs
+        if step.node_name in kernels.integer_layers and plan.integer_layer(step, saturating=saturating):
             continue
         if step.node_name in kernels.integer_bias:
             plan.rounded_bias(step)
@@ -168,8 +303,9 @@ class _Plan:
             return None
         return self.constants[source.inputs[1]].float(), self.constants[weight.inputs[1]].float()
 
-    def integer_layer(self, layer: Step) -> bool:
-        """Rewrite layer -> [bias Add] -> [Relu/Clip] -> Q into ORT's integer arithmetic."""
+    def integer_layer(self, layer: Step, *, saturating: bool) -> bool:
+        """Rewrite layer -> [bias Add] -> [Relu/Clip] -> Q into ORT's integer arithmetic
+        (clamping pairs of products to int16 when `saturating`)."""
         source, weight_dq = self.dequantized_from(layer.inputs[0]), self.dequantized_from(layer.inputs[1])
         chain = self._chain_to_quantizer(layer)
         if source is None or weight_dq is None or chain is None or layer.inputs[1] not in self.constants:
@@ -207,6 +343,14 @@ class _Plan:
         bound = _accumulator_bound(source, centered, output_axis, self.constants)
         accumulate_dtype = torch.float32 if bound < _EXACT_FLOAT32 else torch.float64
         own_bias = layer.inputs[2] if len(layer.inputs) > 2 else ""
+        pair_inputs: tuple[str, ...] = ("",)
+        pairs = _saturable_pairs(layer, centered) if saturating else None
+        if pairs is not None:
+            pair_inputs = (
+                self.add_constant(prefix + "input_zero_point", _zero_point(source, self.constants)),
+                *(self.add_constant(f"{prefix}pair_{field.name}", getattr(pairs, field.name)) for field in fields(pairs)),
+            )
+            log.debug("'%s': %d pair(s) of products can saturate int16", layer.node_name, pairs.channels.numel())
         new_layer = replace(
             layer,
             function=_integer_accumulation(layer.function, accumulate_dtype),
@@ -219,6 +363,7 @@ class _Plan:
                 names["input_scale"],
                 names["output_scale"],
                 names["bias_scale"],
+                *pair_inputs,
             ),
             outputs=(layer.outputs[0], accumulator),
             emulated=True,
@@ -261,14 +406,122 @@ def _along(values: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
     return values.reshape(shape)
 
 
+def _zero_point(source: Step, constants: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The (per-tensor) zero point of a dequantized input, as a float scalar; 0 when omitted."""
+    has_zero_point = len(source.inputs) > 2 and bool(source.inputs[2])
+    return constants[source.inputs[2]].reshape(-1)[0].float() if has_zero_point else torch.zeros(())
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """The (output channel, pair of adjacent K entries) whose u8 x s8 product sum can leave int16."""
+
+    sources: torch.Tensor
+    """Input channel (Conv) or K index (Gemm/MatMul) of each pair's two entries, interleaved (2 * pairs, int64)."""
+    offsets: torch.Tensor
+    """Kernel position of each entry of a Conv, one column per spatial axis (2 * pairs, spatial); no columns otherwise."""
+    weight: torch.Tensor
+    """The two centered weights of each pair (pairs, 2)."""
+    channels: torch.Tensor
+    """The layer's output channel each pair belongs to (int64)."""
+
+
+def _saturable_pairs(layer: Step, centered: torch.Tensor) -> _Pairs | None:
+    """The pairs (2j, 2j + 1) of the kernel's K axis that a uint8 input can push out of int16; None if none can.
+
+    K is the weight's input axis for Gemm/MatMul and, for a Conv, (kernel position, channel
+    within the group) with the channel fastest, as onnxruntime's NHWC im2col orders it."""
+    if layer.op_type == "Conv":
+        outputs, group_channels, *kernel = centered.shape
+        by_k = centered.movedim(1, -1).reshape(outputs, -1)
+    elif layer.op_type == "Gemm" and layer.attributes.get("transB", 0):
+        by_k = centered
+    elif centered.dim() == 2:
+        by_k = centered.t()
+    else:
+        log.warning("not emulating pair saturation in '%s': its weight has %d axes", layer.node_name, centered.dim())
+        return None
+    depth = by_k.shape[1]
+    even = torch.nn.functional.pad(by_k, (0, depth % 2))
+    first, second = even[:, 0::2], even[:, 1::2]
+    highest = _UINT8.maximum * (first.clamp(min=0) + second.clamp(min=0))
+    lowest = _UINT8.maximum * (first.clamp(max=0) + second.clamp(max=0))
+    channels, pairs = torch.nonzero((highest > _INT16.maximum) | (lowest < _INT16.minimum), as_tuple=True)
+    if channels.numel() == 0:
+        return None
+    entries = torch.stack([2 * pairs, (2 * pairs + 1).clamp(max=depth - 1)], dim=1).reshape(-1)
+    weight = torch.stack([first[channels, pairs], second[channels, pairs]], dim=1)
+    if layer.op_type != "Conv":
+        return _Pairs(entries, torch.zeros(entries.numel(), 0, dtype=torch.int64), weight, channels)
+    group = (channels // (outputs // layer.attributes.get("group", 1))).repeat_interleave(2)
+    positions = torch.stack(torch.unravel_index(entries // group_channels, tuple(kernel)), dim=1)
+    return _Pairs(group * group_channels + entries % group_channels, positions, weight, channels)
+
+
+def _pair_saturation(
+    attrs: Mapping[str, Any],
+    integers: torch.Tensor,
+    kernel: Sequence[int],
+    zero_point: torch.Tensor,
+    pairs: _Pairs,
+    accumulator: torch.Tensor,
+) -> torch.Tensor:
+    """What clamping each pair's sum of raw uint8 x int8 products to int16 changes in the exact accumulator.
+
+    The raw input is the centered one plus the zero point (padding included), so a pair's raw
+    sum is its centered sum plus zp * (w_a + w_b)."""
+    axis = attrs["channel_axis"] % accumulator.dim()
+    weight = pairs.weight.to(integers.dtype)
+    sums = _pair_sums(attrs, integers, kernel, pairs.sources, pairs.offsets, weight)
+    sums += zero_point.to(integers.dtype) * _along(weight.sum(dim=1), axis, accumulator.dim())
+    excess = sums - torch.clamp(sums, _INT16.minimum, _INT16.maximum)
+    where = list(torch.nonzero(excess, as_tuple=True))
+    change = excess[tuple(where)].neg_()
+    where[axis] = pairs.channels[where[axis]]
+    return torch.zeros_like(accumulator).index_put_(tuple(where), change, accumulate=True)
+
+
+def _pair_sums(
+    attrs: Mapping[str, Any],
+    integers: torch.Tensor,
+    kernel: Sequence[int],
+    sources: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+) -> torch.Tensor:
+    """Each pair's sum of its two centered products, with the pairs along the layer's channel axis.
+
+    For a Conv the two inputs of each pair at every output position are gathered from the
+    padded input (padding, strides and dilations resolved as the Conv op does)."""
+    if offsets.shape[1] == 0:
+        gathered = integers.index_select(-1, sources).unflatten(-1, weight.shape)
+        return torch.addcmul(gathered[..., 0] * weight[:, 0], gathered[..., 1], weight[:, 1])
+    spatial = integers.dim() - 2
+    strides, dilations = strides_and_dilations(attrs, spatial)
+    pads = spatial_pads(attrs, integers.shape[2:], kernel, strides, dilations)
+    padded = torch.nn.functional.pad(integers, torch_pads(pads)).contiguous()
+    sizes = [
+        (size - dilation * (extent - 1) - 1) // stride + 1
+        for size, extent, stride, dilation in zip(padded.shape[2:], kernel, strides, dilations)
+    ]
+    start = sources * padded.stride(1)
+    window = torch.zeros((), dtype=torch.int64)
+    for axis in range(spatial):
+        step = padded.stride(2 + axis)
+        start = start + offsets[:, axis] * dilations[axis] * step
+        window = window.unsqueeze(-1) + torch.arange(sizes[axis]) * strides[axis] * step
+    index = (start.reshape(-1, *[1] * spatial) + window).reshape(-1)
+    gathered = padded.flatten(1).index_select(1, index).reshape(len(integers), *weight.shape, *sizes)
+    first, second = (weight[:, entry].reshape(-1, *[1] * spatial) for entry in (0, 1))
+    return torch.addcmul(gathered[:, :, 0] * first, gathered[:, :, 1], second)
+
+
 def _accumulator_bound(
     source: Step, centered: torch.Tensor, output_axis: int, constants: Mapping[str, torch.Tensor]
 ) -> float:
     """An upper bound on |accumulator| before the bias: max |x_q - zp_x| (8-bit input) times
     the largest output channel's sum of |w_q - zp_w|."""
-    has_zero_point = len(source.inputs) > 2 and bool(source.inputs[2])
-    zero_point = float(constants[source.inputs[2]].reshape(-1)[0]) if has_zero_point else 0.0
-    largest_input = 255.0 + abs(zero_point)
+    largest_input = 255.0 + abs(float(_zero_point(source, constants)))
     reduce = tuple(axis for axis in range(centered.dim()) if axis != output_axis) or (0,)
     return largest_input * float(centered.abs().sum(dim=reduce).max())
 
@@ -277,14 +530,21 @@ def _integer_accumulation(function: OpFunction, dtype: torch.dtype) -> OpFunctio
     """The layer computed as ORT's integer kernel: exact accumulator, float output = acc * s_x * s_w.
 
     Inputs: x (dequantized), centered integer weight, own bias or None, bias of a following
-    Add or None, s_x, s_x * s_w shaped for the output, s_x * s_w per channel. Outputs: the
-    layer's float output and the accumulator the unit's QuantizeLinear requantizes.
+    Add or None, s_x, s_x * s_w shaped for the output, s_x * s_w per channel, then for a kernel
+    that saturates pairs of products the input zero point and the _Pairs fields (else None).
+    Outputs: the layer's float output and the accumulator the unit's QuantizeLinear requantizes.
     """
 
     def run(attrs: Mapping[str, Any], inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        values, weight, own_bias, unit_bias, input_scale, output_scale, bias_scale = inputs
+        values, weight, own_bias, unit_bias, input_scale, output_scale, bias_scale, *pairs = inputs
         integers = round_straight_through(values / input_scale)
         accumulator = function(attrs, [integers.to(dtype), weight.to(dtype)])[0]
+        zero_point, *pair_fields = pairs
+        if zero_point is not None:
+            pair_integers = integers.detach().to(dtype)
+            accumulator = accumulator + _pair_saturation(
+                attrs, pair_integers, weight.shape[2:], zero_point, _Pairs(*pair_fields), accumulator
+            )
         if own_bias is not None:
             accumulator = accumulator + _on_grid(own_bias, bias_scale, attrs["channel_axis"], accumulator).to(dtype)
         output = accumulator.to(values.dtype) * output_scale

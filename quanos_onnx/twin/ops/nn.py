@@ -32,7 +32,7 @@ def _optional(inputs: Inputs, index: int) -> torch.Tensor | None:
     return inputs[index] if len(inputs) > index else None
 
 
-def _spatial_pads(
+def spatial_pads(
     attrs: Attributes, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
 ) -> list[tuple[int, int]]:
     """(begin, end) padding per spatial axis, resolving auto_pad against the input sizes."""
@@ -50,7 +50,7 @@ def _spatial_pads(
     return list(zip(flat[: len(kernel)], flat[len(kernel) :]))
 
 
-def _torch_pads(pads: Sequence[tuple[int, int]]) -> list[int]:
+def torch_pads(pads: Sequence[tuple[int, int]]) -> list[int]:
     """F.pad order: last axis first, (begin, end) each."""
     return [value for begin_end in reversed(pads) for value in begin_end]
 
@@ -61,10 +61,10 @@ def _pad_for_torch(
     """Symmetric padding torch can do itself is returned as `padding`; the rest is applied here."""
     if all(begin == end and begin <= extent // 2 for (begin, end), extent in zip(pads, kernel)):
         return values, [begin for begin, _ in pads]
-    return F.pad(values, _torch_pads(pads), value=fill), [0] * len(pads)
+    return F.pad(values, torch_pads(pads), value=fill), [0] * len(pads)
 
 
-def _window(attrs: Attributes, spatial: int) -> tuple[list[int], list[int]]:
+def strides_and_dilations(attrs: Attributes, spatial: int) -> tuple[list[int], list[int]]:
     return list(attrs.get("strides", [1] * spatial)), list(attrs.get("dilations", [1] * spatial))
 
 
@@ -73,12 +73,12 @@ def conv(attrs: Attributes, inputs: Inputs) -> list[torch.Tensor]:
     values, weight, bias = inputs[0], inputs[1], _optional(inputs, 2)
     spatial = values.dim() - 2
     kernel = list(weight.shape[2:])
-    strides, dilations = _window(attrs, spatial)
-    pads = _spatial_pads(attrs, values.shape[2:], kernel, strides, dilations)
+    strides, dilations = strides_and_dilations(attrs, spatial)
+    pads = spatial_pads(attrs, values.shape[2:], kernel, strides, dilations)
     if all(begin == end for begin, end in pads):
         padding = [begin for begin, _ in pads]
     else:
-        values, padding = F.pad(values, _torch_pads(pads)), [0] * spatial
+        values, padding = F.pad(values, torch_pads(pads)), [0] * spatial
     return [_CONV[spatial](values, weight, bias, strides, padding, dilations, attrs.get("group", 1))]
 
 
@@ -92,7 +92,7 @@ def _prepare_conv_transpose(node: onnx.NodeProto, attrs: dict[str, Any], types: 
 def conv_transpose(attrs: Attributes, inputs: Inputs) -> list[torch.Tensor]:
     values, weight, bias = inputs[0], inputs[1], _optional(inputs, 2)
     spatial = values.dim() - 2
-    strides, dilations = _window(attrs, spatial)
+    strides, dilations = strides_and_dilations(attrs, spatial)
     flat = [0] * (2 * spatial) if attrs.get("auto_pad") == "VALID" else attrs.get("pads", [0] * (2 * spatial))
     output_padding = list(attrs.get("output_padding", [0] * spatial))
     result = _CONV_TRANSPOSE[spatial](
@@ -113,8 +113,8 @@ def _prepare_max_pool(node: onnx.NodeProto, attrs: dict[str, Any], types: Sequen
 def max_pool(attrs: Attributes, inputs: Inputs) -> list[torch.Tensor]:
     values = inputs[0]
     kernel = list(attrs["kernel_shape"])
-    strides, dilations = _window(attrs, len(kernel))
-    pads = _spatial_pads(attrs, values.shape[2:], kernel, strides, dilations)
+    strides, dilations = strides_and_dilations(attrs, len(kernel))
+    pads = spatial_pads(attrs, values.shape[2:], kernel, strides, dilations)
     values, padding = _pad_for_torch(values, pads, kernel, -math.inf)
     pool = _MAX_POOL[len(kernel)]
     return [pool(values, kernel, strides, padding, dilations, ceil_mode=bool(attrs.get("ceil_mode", 0)))]
@@ -132,18 +132,18 @@ def average_pool(attrs: Attributes, inputs: Inputs) -> list[torch.Tensor]:
     kernel = list(attrs["kernel_shape"])
     spatial = len(kernel)
     strides = list(attrs.get("strides", [1] * spatial))
-    pads = _spatial_pads(attrs, values.shape[2:], kernel, strides, [1] * spatial)
+    pads = spatial_pads(attrs, values.shape[2:], kernel, strides, [1] * spatial)
     ceil_mode = bool(attrs.get("ceil_mode", 0))
     include_pad = bool(attrs.get("count_include_pad", 0))
     pool = _AVG_POOL[spatial]
     if all(begin == end and begin <= extent // 2 for (begin, end), extent in zip(pads, kernel)):
         padding = [begin for begin, _ in pads]
         return [pool(values, kernel, strides, padding, ceil_mode, include_pad)]
-    padded = F.pad(values, _torch_pads(pads))
+    padded = F.pad(values, torch_pads(pads))
     window_mean = pool(padded, kernel, strides, 0, ceil_mode, True)
     if include_pad:
         return [window_mean]
-    real = F.pad(torch.ones((1, 1, *values.shape[2:]), dtype=values.dtype, device=values.device), _torch_pads(pads))
+    real = F.pad(torch.ones((1, 1, *values.shape[2:]), dtype=values.dtype, device=values.device), torch_pads(pads))
     return [window_mean / pool(real, kernel, strides, 0, ceil_mode, True)]
 
 

@@ -1,0 +1,31 @@
+"""threads.py: one setting for torch and onnxruntime, restored afterwards; sessions never spin."""
+
+from __future__ import annotations
+
+from tiny_models import vgg_chain
+
+from quanos_onnx.model import make_session
+from quanos_onnx.threads import session_threads, using_threads
+
+
+def test_using_threads_sets_torch_and_session_threads_and_restores_them() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with using_threads(target):
+        assert torch.get_num_threads() == target and session_threads() == target
+        options = make_session(vgg_chain()).get_session_options()
+        assert options.intra_op_num_threads == target
+    assert torch.get_num_threads() == before and session_threads() is None
+
+
+def test_none_keeps_the_library_defaults() -> None:
+    with using_threads(None):
+        assert session_threads() is None
+        assert make_session(vgg_chain()).get_session_options().intra_op_num_threads == 0
+
+
+def test_sessions_do_not_spin_between_runs() -> None:
+    options = make_session(vgg_chain()).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
