@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import (
     DataError,
@@ -78,6 +78,14 @@ def compile(
     k_min: int = 2,
     rounds: int = 1,
     target_avg_bits: float | None = None,
+    method: Literal["eqn3", "milp"] = "eqn3",
+    budget: str | None = None,
+    ans_weight: float = 0.25,
+    max_accuracy_drop: float | None = None,
+    sensitivity: Literal["kl", "mse", "fisher"] = "kl",
+    sensitivity_samples: int = 256,
+    max_bits: int = 8,
+    pareto: bool = False,
     attack: AttackMethod = "fgsm",
     eps: float = 0.05,
     pgd_steps: int = 10,
@@ -95,7 +103,9 @@ def compile(
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
     """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`
-    -> Eqn 3 from `k_init`, floor `k_min`), or uniform `bits`, or a given `plan`.
+    -> Eqn 3 from `k_init`, floor `k_min`; or with `method="milp"` measured per-layer cost
+    + an exact integer program under `budget`, ANS weighted by `ans_weight`, checked against
+    `max_accuracy_drop`), or uniform `bits`, or a given `plan`.
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
     QUANOS, is attacked (`samples`, default up to 1000). See docs/api.md for every option.

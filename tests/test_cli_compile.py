@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from quanos_onnx.cli import compile_command, main
 from quanos_onnx.plan import read_plan
 
+from json_schema import load_schemas, validate
 from tiny_models import GraphBuilder, resnet_style, vgg_chain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,6 +204,7 @@ def test_milp_with_a_budget_keeps_it_and_says_how_far_it_moved_from_eqn3(workdir
     ])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
+    assert validate(summary, "urn:quanos:quanos-compile", load_schemas()) == []
     assert summary["method"] == "milp"
     allocation = summary["allocation"]
     assert allocation["how"] == "integer program within avg-bits=4"
