@@ -78,10 +78,9 @@ def compile(
     k_min: int = 2,
     rounds: int = 1,
     target_avg_bits: float | None = None,
-    method: Literal["eqn3", "milp"] = "eqn3",
+    method: Literal["eqn3", "milp"] = "milp",
     budget: str | None = None,
     ans_weight: float = 0.25,
-    max_accuracy_drop: float | None = None,
     sensitivity: Literal["kl", "mse", "fisher"] = "kl",
     sensitivity_samples: int = 256,
     max_bits: int = 8,
@@ -100,19 +99,33 @@ def compile(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    evaluate: bool = True,
+    eval_data: DataSource | None = None,
+    eval_fraction: float = 0.2,
+    eval_attacks: tuple[AttackMethod, ...] = ("fgsm", "pgd"),
+    eval_samples: int = 64,
+    max_accuracy_drop: float | None = 1.0,
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
-    """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`
-    -> Eqn 3 from `k_init`, floor `k_min`; or with `method="milp"` measured per-layer cost
-    + an exact integer program under `budget`, ANS weighted by `ans_weight`, checked against
-    `max_accuracy_drop`), or uniform `bits`, or a given `plan`.
+    """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`,
+    then by default `method="milp"`: measured per-layer cost of bits `k_min`..`max_bits`
+    and an exact integer program, ANS weighted by `ans_weight`, under `budget` or, without
+    one, the smallest plan within `max_accuracy_drop` of float on the samples after
+    calibration; or `method="eqn3"`: Eqn 3 from `k_init`, floor `k_min`), or uniform
+    `bits`, or a given `plan`.
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
-    QUANOS, is attacked (`samples`, default up to 1000). See docs/api.md for every option.
+    QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the
+    compiled model is then measured against float and uniform models (`result.verification`)
+    on `eval_data`, else on a held-out `eval_fraction` of `data` that nothing else sees;
+    `result.passed` is False when it lost more than `max_accuracy_drop` points of clean
+    accuracy (None: no guard). See docs/api.md for every option.
     """
     from .commands.compile import CompileOptions, run_compile
 
-    return run_compile(model, data, _options(CompileOptions, locals()), plan=plan, progress=progress)
+    return run_compile(
+        model, data, _options(CompileOptions, locals()), plan=plan, eval_data=eval_data, progress=progress
+    )
 
 
 def analyze(

@@ -45,6 +45,8 @@ EXIT_BAD_INPUT = 1
 EXIT_WRITTEN = 3
 """The outputs are complete on disk, but the command was cut short after writing them
 (stdout refused the result, or Ctrl-C came after the files were in place)."""
+EXIT_ACCURACY_GUARD = 4
+"""compile wrote its outputs, but the compiled model broke --max-accuracy-drop (docs/cli.md)."""
 EXIT_INTERRUPTED = 130
 INTERRUPTED = "error: interrupted; no output was written"
 
@@ -381,14 +383,19 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--k-min", type=int, default=2, show_default=True, help="Fewest bits a layer may get."),
         click.option("--rounds", type=int, default=1, show_default=True, help="Iterative QUANOS: re-measure ANS on the quantized model and allocate from the mean of all measurements, until the bits stop changing or N rounds."),
         click.option("--target-avg-bits", type=float, default=None, help="Scale ANS so the parameter-weighted average bits meet this budget."),
-        click.option("--method", type=click.Choice(["eqn3", "milp"]), default="eqn3", show_default=True, help="eqn3: the paper's rule (with --k-init, --rounds, --target-avg-bits); milp: measured per-layer sensitivity + an exact integer program, ANS-weighted, checked on the data (docs/method.md)."),
-        click.option("--budget", default=None, metavar="KIND=VALUE", help="milp: avg-bits=B, bytes=N, energy=PROFILE:PJ (standard, dg, dvafs or a profile file; pJ per image) or bitops=N. Without it: the smallest plan within --max-accuracy-drop."),
+        click.option("--method", type=click.Choice(["milp", "eqn3"]), default="milp", show_default=True, help="milp: measured per-layer cost + an exact integer program, ANS-weighted; without --budget the smallest plan within --max-accuracy-drop of float (docs/method.md). eqn3: the paper's rule (with --k-init, --rounds, --target-avg-bits)."),
+        click.option("--budget", default=None, metavar="KIND=VALUE", help="milp: avg-bits=B, bytes=N, energy=PROFILE:PJ (standard, dg, dvafs or a profile file; pJ per image) or bitops=N. Without it: the smallest plan within --max-accuracy-drop; with it and a guard, the plan is repaired (bits raised) until the guard holds on the samples after calibration."),
         click.option("--ans-weight", type=float, default=0.25, show_default=True, help="milp: share of the best predicted cost spent on giving high-ANS layers fewer bits (0: accuracy only)."),
-        click.option("--max-accuracy-drop", type=float, default=None, help="milp: allowed clean-accuracy drop from float in points on the search split (default 1 without --budget; with --budget, repair the plan until it holds)."),
         click.option("--sensitivity", type=click.Choice(["kl", "mse", "fisher"]), default="kl", show_default=True, help="milp: per-layer cost estimator (logit KL or MSE in onnxruntime, or the gradient score through the twin)."),
         click.option("--sensitivity-samples", type=int, default=256, show_default=True, help="milp: samples the sensitivity is measured on."),
         click.option("--max-bits", type=int, default=8, show_default=True, help="milp: widest candidate bits (candidates are --k-min..--max-bits; 8 keeps every layer in onnxruntime's integer kernels)."),
         click.option("--pareto", is_flag=True, help="milp: also solve and check one plan per average-bits budget and put the front (with uniform points) in the report."),
+        click.option("--eval-data", "eval_data", type=click.Path(dir_okay=True), default=None, help="Evaluate the compiled model on this data (read like --data) instead of a held-out part of --data."),
+        click.option("--eval-fraction", type=float, default=0.2, show_default=True, help="Share of --data held out to evaluate the compiled model (at least 100 samples, or half the data)."),
+        click.option("--eval-attacks", default="fgsm,pgd", show_default=True, help="Attacks of the verification at --eps (PGD: 7 steps), or none."),
+        click.option("--eval-samples", type=int, default=64, show_default=True, help="Held-out samples attacked per model (clean accuracy uses all of them)."),
+        click.option("--evaluate/--no-eval", "evaluate", default=True, help="Verify the compiled model on held-out data against float and uniform (default) or skip it."),
+        click.option("--max-accuracy-drop", default="1.0", show_default=True, help="Points of clean accuracy the compiled model may lose against float before compile exits 4; none: no guard."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -427,18 +434,29 @@ def compile_command(**options: Any) -> None:
     """Compile MODEL into a mixed-precision QDQ ONNX model (QUANOS, or --bits/--plan baselines)."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
     from .commands.compile import CompileOptions, run_compile
+    from .commands.options import methods_from_text
+    from .verify import parse_max_accuracy_drop
 
     typed = _typed(options)
+    typed["eval_attacks"] = methods_from_text(options["eval_attacks"], "eval_attacks")
+    typed["max_accuracy_drop"] = parse_max_accuracy_drop(options["max_accuracy_drop"])
     result = run_compile(
         typed["model"],
         typed["data"],
         _command_options(CompileOptions, typed),
         plan=typed["plan"],
+        eval_data=typed["eval_data"],
         save_to=typed["output"],
         command_line=_command_line(),
         progress=_progress_bar,
     )
     _echo_result(result.summary_json(), result.summary_text, as_json=options["as_json"])
+    if logging.getLogger().isEnabledFor(logging.WARNING):
+        for warning in result.warnings:
+            click.echo(f"warning: {printable(warning)}", err=True)
+    if not result.passed and result.verification is not None:
+        click.echo(f"error: {printable(result.verification.guard_line())}", err=True)
+        click.get_current_context().exit(EXIT_ACCURACY_GUARD)
 
 
 @main.command("analyze", cls=QuanosCommand)
@@ -493,7 +511,7 @@ def export_command(model: str, to: str, output: str | None, as_json: bool, verbo
 @main.command("evaluate", cls=QuanosCommand)
 @click.argument("models", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write evaluation.json and the report (report.html, report.md, report.json, run.json) here.")
-@click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated (fgsm, pgd).")
+@click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated (fgsm, pgd), or none for clean accuracy alone.")
 @click.option("--eps", default=None, help="Strengths in [0,1]-input units, comma-separated (e.g. 0.05,0.1 or 8/255,16/255).")
 @click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations.")
 @click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps).")

@@ -38,6 +38,13 @@ Subsetting: ``data_range`` ("START:STOP", either end optional, e.g. "932:") pick
 the source; within it ``samples`` takes the first N, or with ``shuffle`` a seeded random N
 (in shuffled order). Option errors (``samples`` <= 0, a range that does not parse) are
 UsageError; asking for more samples than the data holds is a DataError.
+
+Held-out split (``split_held_out``): compile checks its artifact on samples that nothing
+else saw. A seeded random ``DEFAULT_EVAL_FRACTION`` (20%) of the data, at least
+``MIN_EVAL_SAMPLES`` (100) or half the data when it has fewer than 200, becomes the
+evaluation part; the rest, in its original order, is the calibration part that calibration,
+ANS and any search use. The two never share a sample, and the same data and seed give the
+same split.
 """
 
 from __future__ import annotations
@@ -283,6 +290,64 @@ class Dataset:
         )
 
 
+DEFAULT_EVAL_FRACTION = 0.2
+"""The share of --data held out for evaluating the compiled model (``--eval-fraction``)."""
+MIN_EVAL_SAMPLES = 100
+"""The fewest samples held out (half the data when it has fewer than twice this)."""
+
+
+@dataclass(frozen=True, eq=False)
+class HeldOutSplit:
+    """--data cut in two: what the compiler may look at, and what only checks its output."""
+
+    calibration: Dataset
+    evaluation: Dataset
+
+
+def held_out_count(count: int, fraction: float = DEFAULT_EVAL_FRACTION, minimum: int = MIN_EVAL_SAMPLES) -> int:
+    """How many of `count` samples the evaluation part gets: the fraction (rounded up), at
+    least `minimum`, but no more of the minimum than half the data."""
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
+        raise UsageError(f"{arg('eval_fraction')} {fraction} must be a fraction between 0 and 1, e.g. 0.2")
+    return max(math.ceil(fraction * count), min(minimum, count // 2))
+
+
+def split_held_out(
+    dataset: Dataset,
+    fraction: float = DEFAULT_EVAL_FRACTION,
+    *,
+    seed: int = 0,
+    minimum: int = MIN_EVAL_SAMPLES,
+) -> HeldOutSplit:
+    """A deterministic, seeded split into a calibration part and an evaluation part.
+
+    The evaluation samples are a seeded random choice (so a file sorted by class gives
+    every class to both parts); each part keeps the source's order.
+    """
+    count = dataset.count
+    held = held_out_count(count, fraction, minimum)
+    if held < 1 or held >= count:
+        raise DataError(
+            f"{dataset.source}: {count} sample{'s' if count != 1 else ''} cannot be split into a "
+            "calibration part and an evaluation part",
+            hint=f"give more data, separate {arg('eval_data')}, or turn evaluation off (--no-eval, evaluate=False)",
+        )
+    chosen = np.zeros(count, bool)
+    chosen[np.random.default_rng(seed).permutation(count)[:held]] = True
+    evaluation, calibration = np.flatnonzero(chosen), np.flatnonzero(~chosen)
+    kept = count - held
+    return HeldOutSplit(
+        calibration=_subset(dataset, calibration, f"{dataset.selection}; calibration part, {kept} of {count} (seed {seed})"),
+        evaluation=_subset(dataset, evaluation, f"{dataset.selection}; evaluation part, {held} of {count} held out (seed {seed})"),
+    )
+
+
+def _subset(dataset: Dataset, indices: np.ndarray, selection: str) -> Dataset:
+    x = dataset.x[indices]
+    x.flags.writeable = False
+    return Dataset(x, None if dataset.y is None else dataset.y[indices], dataset.source, selection)
+
+
 @dataclass(frozen=True, eq=False)
 class _RawData:
     """A source's arrays as stored, with the names error messages use for them."""
@@ -397,7 +462,8 @@ def dataset_from(
 
 
 def describe_source(data: Any) -> str:
-    """What in-memory data was, for reports: '<arrays>', '<CalibrationDataReader>', '<DataLoader>'."""
+    """What in-memory data was, for reports: '<arrays>', or the class of the batches or
+    reader given ('<DataLoader>', '<list>', the CalibrationDataReader's class)."""
     if _is_array(data) or (isinstance(data, (tuple, list)) and data and _is_array(data[0])):
         return "<arrays>"
     return f"<{type(data).__name__}>"

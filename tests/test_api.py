@@ -96,10 +96,12 @@ def test_save_writes_the_cli_files_byte_for_byte(task, tmp_path: Path, monkeypat
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     cli = CliRunner().invoke(
         main, ["compile", task["model"], "--data", task["data"], "--plan", str(_plan(tmp_path)), "--eps", "8/255",
-               "--calibration-samples", "16", "--input-range", "0,1", "-o", str(cli_out)]
+               "--calibration-samples", "16", "--input-range", "0,1", "--max-accuracy-drop", "none", "-o", str(cli_out)]
     )
     assert cli.exit_code == 0, cli.output
-    result = qn.compile(task["model"], task["data"], plan=str(_plan(tmp_path)), eps=8 / 255, calibration_samples=16)
+    result = qn.compile(
+        task["model"], task["data"], plan=str(_plan(tmp_path)), eps=8 / 255, calibration_samples=16, max_accuracy_drop=None
+    )
     written = result.save(api_out)
     names = sorted(path.name for path in cli_out.iterdir())
     assert names == sorted(path.name for path in written) == sorted(result.files())
@@ -171,7 +173,7 @@ def test_errors_name_the_api_argument_and_the_cli_names_the_flag(task, tmp_path:
 @pytest.mark.parametrize(
     ("function", "options_class", "inputs"),
     [
-        (qn.compile, CompileOptions, {"model", "data", "plan", "progress"}),
+        (qn.compile, CompileOptions, {"model", "data", "plan", "eval_data", "progress"}),
         (qn.analyze, AnalyzeOptions, {"model", "data", "progress"}),
         (qn.evaluate, EvaluateOptions, {"models", "data", "progress"}),
         (qn.finetune, FinetuneOptions, {"model", "data", "plan", "val", "progress", "on_epoch"}),

@@ -97,3 +97,18 @@ def test_refusals(files, tmp_path):
     onnx.save(tiny_onnx(tiny_weights()), other)
     mismatch = _run(files["float"], other, "--data", files["data"], "--eps", "0.1")
     assert mismatch.exit_code == 1 and "other.onnx: input shape" in mismatch.output
+
+
+def test_attack_none_measures_clean_accuracy_alone(files, tmp_path):
+    result = _run(files["float"], files["compiled"], "--data", files["data"], "--attack", "none", "--json", "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["attacks"] == []
+    data = np.load(files["data"])
+    for entry, path in zip(document["models"], (files["float"], files["compiled"])):
+        expected = evaluate(load_model(path), [(data["x"], data["y"])], [])
+        assert entry["evaluation"]["attacks"] == []
+        assert entry["evaluation"]["clean_accuracy"] == pytest.approx(expected.clean_accuracy)
+    assert json.loads((tmp_path / "report.json").read_text())["evaluations"][0]["evaluation"]["attacks"] == []
+    with_eps = _run(files["float"], "--data", files["data"], "--attack", "none", "--eps", "0.1")
+    assert with_eps.exit_code == 2 and "clean accuracy alone" in with_eps.output

@@ -42,10 +42,11 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
     rng = np.random.default_rng(0)
     np.savez(data, x=rng.random((12, 3, 8, 8), dtype=np.float32), y=np.arange(12) % 10)
     common = ("--data", str(data), "--samples", "8", "--batch-size", "4")
+    unguarded = ("--eval-samples", "4", "--max-accuracy-drop", "none")  # a random model: verified, not judged
     found: dict[str, tuple[str, Any]] = {
         "layers": ("urn:quanos:quanos-layers", run_json("layers", str(model))),
-        "compile-bits": ("urn:quanos:quanos-compile", run_json("compile", str(model), "--data", str(data), "--bits", "6", "-o", str(tmp / "bits"))),
-        "compile-quanos": ("urn:quanos:quanos-compile", run_json("compile", str(model), *common, "-o", str(tmp / "quanos"))),
+        "compile-bits": ("urn:quanos:quanos-compile", run_json("compile", str(model), "--data", str(data), "--bits", "6", *unguarded, "-o", str(tmp / "bits"))),
+        "compile-quanos": ("urn:quanos:quanos-compile", run_json("compile", str(model), *common, "--eval-data", str(data), *unguarded, "-o", str(tmp / "quanos"))),
         "analyze": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--pgd-eps", "8/255", "-o", str(tmp / "analysis"))),
         "energy": ("urn:quanos:quanos-energy", run_json("energy", str(model), "--plan", str(tmp / "quanos" / "plan.json"), "--hw", "all", "-o", str(tmp / "energy"))),
         "export-qonnx": ("urn:quanos:quanos-export", run_json("export", str(tmp / "quanos" / "model.quanos.onnx"), "--to", "qonnx", "-o", str(tmp / "q.onnx"))),

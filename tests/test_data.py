@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from quanos_onnx.data import (
+    MIN_EVAL_SAMPLES,
     DataSpec,
     IndexRange,
     InputSpec,
@@ -18,8 +19,10 @@ from quanos_onnx.data import (
     check_input_range,
     dataset_from_arrays,
     dataset_from_batches,
+    held_out_count,
     describe_source,
     load_dataset,
+    split_held_out,
 )
 from quanos_onnx.errors import DataError, ModelError, QuanosError, UsageError
 
@@ -594,6 +597,59 @@ def test_example_script_reproduces_the_committed_file(shared_dir):
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _numbered(count: int, labeled: bool = True):
+    """Samples whose first value is their index, so a split can be traced back."""
+    x = np.zeros((count, 3, 2, 2), np.float32)
+    x[:, 0, 0, 0] = np.arange(count)
+    y = np.arange(count) % 10 if labeled else None
+    return dataset_from_arrays(x, y, InputSpec("x", ("N", 3, 2, 2)))
+
+
+def _indices(dataset) -> list[int]:
+    return dataset.x[:, 0, 0, 0].astype(int).tolist()
+
+
+@pytest.mark.parametrize("count", [7, 40, 300, 1001])
+def test_held_out_split_has_no_overlap_and_covers_the_data(count):
+    split = split_held_out(_numbered(count), seed=3)
+    calibration, evaluation = _indices(split.calibration), _indices(split.evaluation)
+    assert not set(calibration) & set(evaluation)
+    assert sorted(calibration + evaluation) == list(range(count))
+    assert calibration == sorted(calibration) and evaluation == sorted(evaluation)  # source order kept
+    assert split.evaluation.y.tolist() == [i % 10 for i in evaluation]
+    assert len(evaluation) == held_out_count(count)
+
+
+def test_held_out_split_is_deterministic_and_follows_the_seed():
+    data = _numbered(500)
+    first, again, other = split_held_out(data, seed=0), split_held_out(data, seed=0), split_held_out(data, seed=1)
+    assert _indices(first.evaluation) == _indices(again.evaluation)
+    assert _indices(first.evaluation) != _indices(other.evaluation)
+    assert "evaluation part, 100 of 500 held out (seed 0)" in first.evaluation.selection
+    assert "calibration part, 400 of 500" in first.calibration.selection
+
+
+def test_held_out_count_fraction_minimum_and_half():
+    assert held_out_count(9068) == 1814  # 20%, rounded up
+    assert held_out_count(300) == MIN_EVAL_SAMPLES  # 60 would be fewer than the minimum
+    assert held_out_count(40) == 20  # fewer than 200 samples: half
+    assert held_out_count(1000, 0.5) == 500
+
+
+def test_held_out_split_keeps_unlabeled_data_unlabeled():
+    split = split_held_out(_numbered(50, labeled=False))
+    assert split.calibration.y is None and split.evaluation.y is None
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 2])
+def test_held_out_fraction_out_of_range_is_a_usage_error(fraction):
+    error_message(UsageError, lambda: split_held_out(_numbered(50), fraction), "eval_fraction")
+
+
+def test_one_sample_cannot_be_split():
+    error_message(DataError, lambda: split_held_out(_numbered(1)), "cannot be split", "eval_data")
 
 
 def test_data_outside_the_input_range_is_refused_under_attack_and_warned_about_otherwise(caplog: pytest.LogCaptureFixture) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import onnx
 
+from ..data import DEFAULT_EVAL_FRACTION
 from ..allocate.solve import DEFAULT_ANS_WEIGHT
 from ..errors import UsageError, arg
 from ..layers import Layer, list_layers
@@ -19,8 +20,10 @@ from ..model import check_finite_initializers, check_finite_outputs, refuse_quan
 from ..plan import MAX_BITS, MIN_BITS, Plan
 from ..progress import ProgressFactory, no_progress
 from ..quantize import quantize
+from ..verify import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_ROBUST_SAMPLES
 from .options import (
     check_data_range,
+    AttackMethod,
     AttackOptions,
     Calibration,
     DataSource,
@@ -41,7 +44,9 @@ from .options import (
 from .results import check_output_dir, save_files
 
 if TYPE_CHECKING:
+    from ..data import Dataset
     from ..report import RunInfo
+    from ..verify import Verification, VerifySettings
 
 MODEL_FILE = "model.quanos.onnx"
 PLAN_FILE = "plan.json"
@@ -55,13 +60,14 @@ SensitivityMethod = Literal["kl", "mse", "fisher"]
 @dataclass(frozen=True, kw_only=True)
 class CompileOptions(AttackOptions):
     """Everything compile takes besides its inputs (model, data, plan). Without `bits` or a
-    plan, QUANOS: the ANS attack (AttackOptions), then `method` "eqn3" — Eqn 3 from
-    `k_init`/`k_min`, optionally a budget (`target_avg_bits`) and iterative `rounds` — or
-    "milp" — measured per-layer cost of bits `k_min`..`max_bits` (`sensitivity`), the exact
-    integer program under `budget` ("avg-bits=4", "bytes=N", "energy=dg:PJ", "bitops=N") with
-    the ANS term weighted by `ans_weight`, plans checked on the samples after calibration
-    (`max_accuracy_drop` points of float; without a budget the smallest plan that keeps it),
-    and with `pareto` a front over average-bits budgets. Then calibration and QDQ insertion."""
+    plan, QUANOS: the ANS attack (AttackOptions), then `method` "milp" (default) — measured
+    per-layer cost of bits `k_min`..`max_bits` (`sensitivity`), the exact integer program
+    under `budget` ("avg-bits=4", "bytes=N", "energy=dg:PJ", "bitops=N") with the ANS term
+    weighted by `ans_weight`, plans checked on the samples after calibration against the
+    accuracy guard (`max_accuracy_drop` points of float; without a budget the smallest plan
+    that keeps it, with one the plan repaired until it does), `pareto` a front over
+    average-bits budgets — or "eqn3": Eqn 3 from `k_init`/`k_min`, optionally a budget
+    (`target_avg_bits`) and iterative `rounds`. Then calibration and QDQ insertion."""
 
     bits: int | None = None
     quantize_output: bool = False
@@ -73,14 +79,19 @@ class CompileOptions(AttackOptions):
     k_min: int = 2
     rounds: int = 1
     target_avg_bits: float | None = None
-    method: AllocationMethod = "eqn3"
+    method: AllocationMethod = "milp"
     budget: str | None = None
     ans_weight: float = DEFAULT_ANS_WEIGHT
-    max_accuracy_drop: float | None = None
     sensitivity: SensitivityMethod = "kl"
     sensitivity_samples: int = 256
     max_bits: int = 8
     pareto: bool = False
+    evaluate: bool = True
+    """Verify the compiled model (verify.py) on held-out data: off is the CLI's --no-eval."""
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
+    eval_attacks: tuple[AttackMethod, ...] = ("fgsm", "pgd")
+    eval_samples: int = DEFAULT_ROBUST_SAMPLES
+    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP
 
     def __post_init__(self) -> None:
         from ..allocate import check_bit_range
@@ -99,23 +110,25 @@ class CompileOptions(AttackOptions):
             raise UsageError(
                 f"{arg('target_avg_bits')} {self.target_avg_bits} is outside {MIN_BITS}..{self.k_init} ({arg('k_init')})"
             )
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise UsageError(f"{arg('eval_fraction')} {self.eval_fraction} must be a fraction between 0 and 1, e.g. 0.2")
+        self.verify_settings()
         self._check_allocation()
 
     def _check_allocation(self) -> None:
         """Options of one allocation method are refused with the other, and checked early."""
+        if self.bits is not None:
+            return
         if self.method == "eqn3":
-            given = [name for name, value in (("budget", self.budget), ("pareto", self.pareto or None),
-                                              ("max_accuracy_drop", self.max_accuracy_drop)) if value is not None]
+            given = [name for name, value in (("budget", self.budget), ("pareto", self.pareto or None)) if value is not None]
             if given:
                 raise UsageError(f"{arg(given[0])} needs {arg('method')} milp (Eqn 3 takes {arg('target_avg_bits')})")
             return
         if self.target_avg_bits is not None or self.rounds != 1:
             raise UsageError(
-                f"{arg('target_avg_bits')} and {arg('rounds')} are Eqn 3's; with {arg('method')} milp give "
-                f"{arg('budget')} avg-bits=B"
+                f"{arg('target_avg_bits')} and {arg('rounds')} are Eqn 3's; give {arg('method')} eqn3, or "
+                f"{arg('budget')} avg-bits=B for the integer program"
             )
-        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop < 100:
-            raise UsageError(f"{arg('max_accuracy_drop')} {self.max_accuracy_drop} must be in [0, 100) points")
         if self.sensitivity_samples < 1:
             raise UsageError(f"{arg('sensitivity_samples')} {self.sensitivity_samples} must be at least 1")
         if not self.k_min <= self.max_bits <= MAX_BITS:
@@ -124,6 +137,18 @@ class CompileOptions(AttackOptions):
             from ..allocate.solve import parse_budget
 
             parse_budget(self.budget)
+
+    def verify_settings(self) -> VerifySettings:
+        """The checks of the compiled model (verify.py): the eval attacks at the ANS eps."""
+        from ..verify import VerifySettings, evaluation_attacks
+
+        return VerifySettings(
+            evaluation_attacks(",".join(self.eval_attacks) or "none", self.eps, self.value_range()),
+            robust_samples=self.eval_samples,
+            max_accuracy_drop=self.max_accuracy_drop,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -141,6 +166,20 @@ class CompileResult:
     run: RunInfo
     inputs: tuple[Path, ...] = ()
     written: tuple[Path, ...] = ()
+    verification: Verification | None = None
+    """The artifact against float and uniform on held-out data (verify.py); None when not evaluated."""
+
+    @property
+    def passed(self) -> bool:
+        """False when the compiled model broke the accuracy guard (its files are still complete)."""
+        return self.verification is None or self.verification.passed
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What a user must know before shipping the model (verify.py), with or without evaluation."""
+        from ..verify import kernel_warnings
+
+        return self.verification.warnings if self.verification else tuple(kernel_warnings(self.plan))
 
     @property
     def energy(self) -> Mapping[str, Any]:
@@ -187,14 +226,19 @@ class CompileResult:
             "method": self.plan.method,
             "allocation": self.plan.details.get("allocation"),
             "energy": self.plan.details.get("energy"),
+            "verification": None if self.verification is None else self.verification.to_json(),
             "outputs": [str(path) for path in self.written],
         }
 
     def summary_text(self) -> str:
         from ..report.text import format_table
 
+        from ..report.content import guard_text
+
         params = {layer.name: layer.params for layer in self.layers}
+        verified = self.verification
         lines = [
+            *([verified.headline(), f"accuracy guard: {guard_text(verified.to_json())}", ""] if verified else []),
             format_table(self.rows()),
             "",
             f"method {self.plan.method}; parameter-weighted average weight bits "
@@ -246,12 +290,16 @@ def run_compile(
     options: CompileOptions,
     *,
     plan: PlanSource | None = None,
+    eval_data: DataSource | None = None,
     save_to: str | os.PathLike[str] | None = None,
     command_line: Sequence[str] | None = None,
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
-    """load -> data -> plan (QUANOS, `bits` or `plan`) -> align -> calibrate -> QDQ.
+    """load -> data -> plan (QUANOS, `bits` or `plan`) -> align -> calibrate -> QDQ -> verify.
 
+    Verification (options.evaluate) measures the compiled model against float and uniform
+    models on `eval_data`, else on a held-out part of `data` that nothing else sees; a broken
+    accuracy guard is in `result.passed` and the report, and raises nothing.
     Everything is computed before the first file is written (with `save_to`, whose
     directory is checked first), so a failure leaves nothing.
     """
@@ -262,10 +310,15 @@ def run_compile(
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
-    inputs = input_paths(model, data, plan)
+    inputs = input_paths(model, data, plan, eval_data)
     check_output_dir(save_to, inputs, names=(MODEL_FILE, PLAN_FILE, *report.REPORT_FILES))
     if options.bits is not None and plan is not None:
         raise UsageError(f"{arg('bits')} and {arg('plan')} exclude each other")
+    if eval_data is not None and not options.evaluate:
+        raise UsageError(
+            f"{arg('eval_data')} is given but evaluation is turned off",
+            hint="leave out --no-eval (evaluate=False), or the evaluation data",
+        )
     source = read_model(model)
     refuse_quantized(source.proto, source.name)
     layers = list_layers(source.proto)
@@ -275,8 +328,12 @@ def run_compile(
         )
     check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
     given_plan = None if plan is None else read_plan_input(plan)
-    with using_threads(options.threads, torch=options.bits is None and given_plan is None):
-        dataset = load_data(data, options, source.proto, model_name=source.name)
+    checks = options.verify_settings() if options.evaluate else None
+    attacked = options.bits is None and given_plan is None
+    with using_threads(options.threads, torch=attacked or bool(checks and checks.attacks)):
+        dataset, evaluation = _split_data(
+            load_data(data, options, source.proto, model_name=source.name), eval_data, options, source
+        )
         check_data_range(options.input_range, dataset, attacked=options.bits is None and given_plan is None)
         calibration = [x for x, _ in first_samples(dataset, options.calibration_samples, options.batch_size)]
         check_finite_outputs(source.proto, calibration[0], source.name)
@@ -288,18 +345,30 @@ def run_compile(
             chosen = _milp_plan(options, source.proto, layers, dataset, calibration, progress)
         else:
             chosen = _quanos_plan(options, source.proto, layers, dataset, calibration, progress)
-        quantized = quantize(
-            source.proto,
-            chosen,
-            calibration,
-            layers=layers,
-            method=options.calibration,
-            percentile=options.percentile,
-            storage=options.storage,
-        )
-    energy, baselines = report.energy_sections(layers, quantized.plan)
-    final_plan = quantized.plan.with_details(energy=energy)
-    compiled = stamp_producer(_with_plan(quantized.model, final_plan), __version__)
+
+        def quantize_plan(wanted: Plan) -> Any:
+            return quantize(
+                source.proto,
+                wanted,
+                calibration,
+                layers=layers,
+                method=options.calibration,
+                percentile=options.percentile,
+                storage=options.storage,
+            )
+
+        quantized = quantize_plan(chosen)
+        energy, baselines = report.energy_sections(layers, quantized.plan)
+        final_plan = quantized.plan.with_details(energy=energy)
+        compiled = stamp_producer(_with_plan(quantized.model, final_plan), __version__)
+        verification = None
+        if checks is not None and evaluation is not None:
+            from ..verify import verify
+
+            verification = verify(
+                source.proto, compiled, final_plan, lambda wanted: quantize_plan(wanted).model, evaluation, checks,
+                layers=layers, progress=progress,
+            )
     files: dict[str, bytes | str] = {MODEL_FILE: compiled.SerializeToString(), PLAN_FILE: final_plan.dumps()}
     document = report.report_document(
         "compile",
@@ -313,10 +382,31 @@ def run_compile(
         ans=final_plan.details.get("ans"),
         energy=energy,
         baselines=baselines,
+        verification=None if verification is None else verification.to_json(),
         outputs=[report.output_entry(name, content) for name, content in files.items()],
     )
-    result = CompileResult(compiled, final_plan, tuple(layers), document, clock.finish(), tuple(inputs))
+    guard = None if verification is None else verification.guard.to_json()
+    run = replace(clock.finish(), accuracy_guard=guard)
+    result = CompileResult(compiled, final_plan, tuple(layers), document, run, tuple(inputs), verification=verification)
     return result if save_to is None else replace(result, written=result.save(save_to))
+
+
+def _split_data(dataset: Dataset, eval_data: DataSource | None, options: CompileOptions, source: Any) -> tuple[Dataset, Dataset | None]:
+    """(what the compiler may see, what only verification sees): `eval_data`, else a held-out
+    part of `data` (data.split_held_out); without evaluation all of `data` and nothing."""
+    from ..data import dataset_from, split_held_out
+    from ..model import input_spec, num_classes
+
+    if not options.evaluate:
+        return dataset, None
+    if eval_data is None:
+        split = split_held_out(dataset, options.eval_fraction, seed=options.seed)
+        return split.calibration, split.evaluation
+    read = {**options.read_options(), "data_range": None}  # the range slices `data` only
+    evaluation = dataset_from(
+        eval_data, input_spec(source.proto), num_classes=num_classes(source.proto, source.name), argument="eval_data", **read
+    )
+    return dataset, evaluation
 
 
 def _quanos_plan(

@@ -43,7 +43,8 @@ PAPER_PGD_ALPHA = 2 / 255
 @dataclass(frozen=True, kw_only=True)
 class EvaluateOptions(DataOptions):
     """One attack grid for every model: each method of `attack` at each `eps`, or the
-    paper's grid (`paper`); `samples` evaluates the first N (default: all)."""
+    paper's grid (`paper`); no method (`attack=()`, the CLI's `--attack none`) measures
+    clean accuracy alone; `samples` evaluates the first N (default: all)."""
 
     attack: tuple[AttackMethod, ...] = ("fgsm", "pgd")
     eps: tuple[float, ...] | None = None
@@ -65,6 +66,12 @@ class EvaluateOptions(DataOptions):
         from ..harness.evaluate import attack_grid
 
         value_range = InputRange(*self.input_range)
+        if not self.attack:
+            if self.eps is not None or self.paper:
+                raise UsageError(
+                    f"no {arg('attack')} (none) measures clean accuracy alone: leave out {arg('eps')} and {arg('paper')}"
+                )
+            return ()
         if self.paper:
             if self.eps is not None or self.pgd_alpha is not None:
                 raise UsageError(

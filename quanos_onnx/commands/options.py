@@ -387,14 +387,16 @@ def floats_from_text(text: str, argument: str) -> tuple[float, ...]:
     return getattr(DataSpec.from_options(**{argument: text}), argument)  # type: ignore[no-any-return]
 
 
-def methods_from_text(text: str) -> tuple[str, ...]:
-    """'fgsm,pgd'; each checked against the attack methods."""
+def methods_from_text(text: str, argument: str = "attack") -> tuple[str, ...]:
+    """'fgsm,pgd'; each checked against the attack methods; 'none' is no attack at all."""
     from ..harness.attacks import METHODS
 
     methods = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if methods == ("none",):
+        return ()
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
-        raise UsageError(f"{arg('attack')} {unknown[0]!r} is not one of {', '.join(METHODS)}")
+        raise UsageError(f"{arg(argument)} {unknown[0]!r} is not one of {', '.join(METHODS)}, or none")
     return methods
 
 

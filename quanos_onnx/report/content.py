@@ -47,6 +47,7 @@ def build_content(document: Mapping[str, Any], run: RunInfo) -> Content:
     tables = [
         table
         for table in (
+            _verification_table(document),
             _layers_table(document),
             _totals_table(document),
             _accuracy_table(document),
@@ -65,7 +66,7 @@ def build_content(document: Mapping[str, Any], run: RunInfo) -> Content:
 
 
 def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
-    items: list[tuple[str, str]] = []
+    items: list[tuple[str, str]] = list(verification_highlights(document.get("verification")))
     summary = document.get("summary")
     if summary:
         items.append(("method", summary["method"]))
@@ -84,9 +85,9 @@ def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
         attack = _attack_name(ans["attack"])
         items.append(
             (
-                "ANS attack",
-                f"{attack} on {ans['samples']} samples: accuracy {_percent(ans['clean_accuracy'])} clean, "
-                f"{_percent(ans['adversarial_accuracy'])} attacked (labels from {ans['labels']})",
+                "float model under the ANS attack",
+                f"{attack} on {ans['samples']} samples of the calibration data: {_percent(ans['clean_accuracy'])} "
+                f"clean, {_percent(ans['adversarial_accuracy'])} attacked (labels from {ans['labels']})",
             )
         )
         ranked = [row for row in document["layers"] if row["ans_mean"] is not None]
@@ -103,6 +104,94 @@ def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
             text += f", {_percent(worst)} under the strongest attack"
         items.append((f"accuracy, {label}", text))
     return items
+
+
+def verification_headline(verification: Mapping[str, Any]) -> str:
+    """'compiled: clean 91.2% (float 91.6%, uniform 4: 66.3%, uniform 8: 91.3%); PGD-7 eps=0.05: ...'."""
+    (metric, clean), *attacked = _verification_figures(verification)
+    return "; ".join([f"compiled: {metric} {clean}", *(f"{label}: {text}" for label, text in attacked)])
+
+
+def verification_highlights(verification: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """The guard, the compiled model's accuracies beside the others', then the warnings."""
+    if not verification:
+        return []
+    items = [("accuracy guard", guard_text(verification))]
+    (metric, clean), *attacked = _verification_figures(verification)
+    items += [(f"compiled model, {metric}", clean), *((f"compiled model, {label}", text) for label, text in attacked)]
+    items += [("warning", warning) for warning in verification["warnings"]]
+    return items
+
+
+def guard_text(verification: Mapping[str, Any]) -> str:
+    guard = verification["guard"]
+    metric = "agreement" if verification["labels"] == "float model" else "clean accuracy"
+    drop = f"{metric} {guard['accuracy_drop']:.1f} points below float on {verification['data']['samples']} evaluation samples"
+    if guard["max_accuracy_drop"] is None:
+        return f"off (--max-accuracy-drop none); {drop}"
+    verdict = "passed" if guard["passed"] else "FAILED"
+    return f"{verdict}: {drop} (--max-accuracy-drop {guard['max_accuracy_drop']:g})"
+
+
+def _verification_figures(verification: Mapping[str, Any]) -> list[tuple[str, str]]:
+    models = verification["models"]
+    from_float = verification["labels"] == "float model"
+    compiled, others = models[0], models[1:]
+    clean_others = [m for m in others if not (from_float and m["kind"] == "float")]
+    metric = "agreement with float" if from_float else "clean"
+    figures = [
+        (
+            metric,
+            f"{_percent(compiled['clean_accuracy'])} ({_compared(clean_others, lambda m: m['clean_accuracy'])})",
+        )
+    ]
+    for index, attack in enumerate(verification["attacks"]):
+        figures.append(
+            (
+                _attack_name(attack),
+                f"{_percent(compiled['attacks'][index]['accuracy'])} "
+                f"({_compared(others, lambda m, i=index: m['attacks'][i]['accuracy'])})",
+            )
+        )
+    return figures
+
+
+def _compared(models: Sequence[Mapping[str, Any]], value: Any) -> str:
+    return ", ".join(f"{m['name']}{':' if m['kind'] == 'uniform' else ''} {_percent(value(m))}" for m in models)
+
+
+def _verification_table(document: Mapping[str, Any]) -> Table | None:
+    verification = document.get("verification")
+    if not verification:
+        return None
+    attacks = [_attack_name(attack) for attack in verification["attacks"]]
+    profiles = list(verification["models"][0]["energy_pj"])
+    metric = "agreement" if verification["labels"] == "float model" else "clean"
+    columns = ("model", "avg weight bits", metric, *attacks, "weight memory", *(f"energy {p}" for p in profiles))
+    rows = tuple(
+        (
+            model["name"],
+            f"{model['average_weight_bits']:.2f}",
+            _percent(model["clean_accuracy"]),
+            *(_percent(result["accuracy"]) for result in model["attacks"]),
+            _kb(model["weight_memory_bits"]),
+            *(_uj(model["energy_pj"][p]) for p in profiles),
+        )
+        for model in verification["models"]
+    )
+    data = verification["data"]
+    labels = (
+        "labels are the float model's clean predictions, so accuracy is agreement with float"
+        if verification["labels"] == "float model"
+        else "labels from the data"
+    )
+    note = (
+        f"{metric.capitalize()} accuracy on {data['samples']} samples of {data['source']} ({data['selection']}); "
+        f"attacks on the first {data['robust_samples']}, white-box through each model's twin, counted by "
+        f"onnxruntime; {labels}. Uniform models are calibrated and quantized as the compiled one. "
+        f"Accuracy guard: {guard_text(verification)}."
+    )
+    return Table("verification", "Verification: the compiled model against float and uniform", columns, rows, note)
 
 
 def _layers_table(document: Mapping[str, Any]) -> Table | None:

@@ -42,6 +42,8 @@ class RunInfo:
     command_line: tuple[str, ...]
     started_at: str
     wall_time_s: float
+    accuracy_guard: Mapping[str, Any] | None = None
+    """A compile's verification guard (Guard.to_json()), so run.json says when it failed."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +56,7 @@ class RunInfo:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "packages": package_versions(),
+            "accuracy_guard": None if self.accuracy_guard is None else dict(self.accuracy_guard),
         }
 
 
@@ -197,6 +200,7 @@ def report_document(
     energy: Mapping[str, Any] | None = None,
     baselines: Sequence[Mapping[str, Any]] = (),
     evaluations: Sequence[Mapping[str, Any]] = (),
+    verification: Mapping[str, Any] | None = None,
     outputs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The quanos-report document (docs/json.md); sections a command lacks are null or empty."""
@@ -218,6 +222,7 @@ def report_document(
         "energy": None if energy is None else dict(energy),
         "baselines": [dict(baseline) for baseline in baselines],
         "evaluations": [dict(entry) for entry in evaluations],
+        "verification": None if verification is None else dict(verification),
         "outputs": [dict(entry) for entry in outputs],
     }
 

@@ -16,8 +16,9 @@ from .content import Content, Table, build_content
 from .document import RunInfo
 from .plots import Plot, figures
 
-SECTION_ORDER = ("ans", "bits", "layers", "layer-cost", "totals", "accuracy", "outputs")
-"""Figures and tables with the same key share a section: sensitivity, then what it bought."""
+SECTION_ORDER = ("verification", "ans", "bits", "layers", "layer-cost", "totals", "accuracy", "outputs")
+"""Figures and tables with the same key share a section: what the artifact does first, then
+sensitivity, then what it bought."""
 
 POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 

@@ -47,6 +47,8 @@ def figures(document: Mapping[str, Any]) -> list[Plot]:
     """Every figure the document has data for, in reading order."""
     layers = document["layers"]
     plots = []
+    if document.get("verification"):
+        plots.append(verification_plot(document["verification"]))
     if any(row["ans_mean"] is not None for row in layers):
         plots.append(ans_plot(layers, document.get("ans")))
     if any(row["keep_float"] is not None for row in layers):
@@ -57,6 +59,56 @@ def figures(document: Mapping[str, Any]) -> list[Plot]:
     if any(entry["evaluation"]["attacks"] for entry in document["evaluations"]):
         plots.append(accuracy_plot(document["evaluations"]))
     return plots
+
+
+VERIFY_COLORS = {"compiled": PLAN_COLOR, "float": "#111827", "uniform": "#9ca3af"}
+ATTACK_MARKERS = ("s", "^", "D", "v", "P", "X")
+
+
+def verification_plot(verification: Mapping[str, Any]) -> Plot:
+    """Accuracy against weight memory and against energy (first profile): the compiled model,
+    float and the uniform models; filled = clean, open = under each attack."""
+    models = verification["models"]
+    profile = next(iter(models[0]["energy_pj"]))
+    figure = _new_figure(10.0, 3.9)
+    panels = figure.subplots(1, 2, sharey=True)
+    costs = (
+        ("weight memory, kB", lambda m: m["weight_memory_bits"] / 8e3),
+        (f"energy per image on {profile}, uJ", lambda m: m["energy_pj"][profile] / 1e6),
+    )
+    attacks = [_describe_attack(attack) for attack in verification["attacks"]]
+    for axes, (label, cost) in zip(panels, costs):
+        names: dict[tuple[float, float], list[str]] = {}
+        for model in reversed(models):  # the compiled model last, on top
+            color = VERIFY_COLORS.get(model["kind"], "#9ca3af")
+            x = cost(model)
+            axes.scatter([x], [100 * model["clean_accuracy"]], s=60 if model["kind"] == "compiled" else 40, color=color, zorder=3)
+            names.setdefault((x, 100 * model["clean_accuracy"]), []).insert(0, model["name"])
+            for index, result in enumerate(model["attacks"]):
+                axes.scatter([x], [100 * result["accuracy"]], s=36, facecolors="none", edgecolors=color,
+                             marker=ATTACK_MARKERS[index % len(ATTACK_MARKERS)], zorder=3)
+        for index, (point, same) in enumerate(sorted(names.items())):  # models at one point share a label
+            offset = (4, 6) if index % 2 == 0 else (4, -14)  # neighbours alternate above and below
+            axes.annotate(" = ".join(same), point, xytext=offset, textcoords="offset points", fontsize=8, color="#374151")
+        axes.set_xlim(left=0, right=1.15 * max(cost(model) for model in models))
+        axes.set_xlabel(label)
+        axes.set_ylim(-2, 102)
+        _style(axes, grid_x=True)
+    metric = "agreement with float" if verification["labels"] == "float model" else "accuracy"
+    panels[0].set_ylabel(f"{metric}, %")
+    handles = [panels[0].scatter([], [], color="#4b5563", s=36, label="clean")]
+    handles += [
+        panels[0].scatter([], [], facecolors="none", edgecolors="#4b5563", s=36, marker=ATTACK_MARKERS[i % len(ATTACK_MARKERS)], label=name)
+        for i, name in enumerate(attacks)
+    ]
+    figure.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False)
+    data = verification["data"]
+    caption = (
+        f"Each model at its cost: filled = clean {metric} on {data['samples']} held-out samples, open = under each "
+        f"attack on the first {data['robust_samples']}. Up and to the left is better; the compiled model "
+        "should sit above the uniform model of its size."
+    )
+    return Plot("verification", "Verification: accuracy against size and energy", caption, _png(figure))
 
 
 def ans_plot(layers: Sequence[Mapping[str, Any]], ans: Mapping[str, Any] | None) -> Plot:
