@@ -14,7 +14,7 @@ from quanos_onnx.allocate.sensitivity import (
     measure,
     reference_plan,
 )
-from quanos_onnx.errors import UsageError
+from quanos_onnx.errors import PlanError, UsageError
 from quanos_onnx.layers import find_joins, list_layers
 from quanos_onnx.model import Runner, normalize, output_names
 from quanos_onnx.passes.align import align_plan
@@ -127,6 +127,8 @@ def test_predict_sums_the_table():
     ))
     assert table.predict(plan) == 3.5
     assert table.to_json()["cost"]["b"] == {"2": 5.0, "4": 0.5}
+    with pytest.raises(PlanError, match="layer 'a' at 8 bits"):
+        table.of("a", 8)
 
 
 def _entry(name, bits):

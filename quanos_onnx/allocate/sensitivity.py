@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..errors import UsageError
+from ..errors import PlanError, UsageError
 from ..layers import Join, Layer
 from ..passes.align import align_plan
 from ..passes.calibrate import Range, collect_ranges
@@ -55,6 +55,11 @@ class Sensitivity:
     seconds: float
 
     def of(self, layer: str, bits: int) -> float:
+        if layer not in self.layers or bits not in self.bits:
+            raise PlanError(
+                f"layer '{layer}' at {bits} bits: the sensitivity table covers {len(self.layers)} layers "
+                f"at {self.bits[0]}..{self.bits[-1]} bits"
+            )
         return self.cost[self.layers.index(layer)][self.bits.index(bits)]
 
     def predict(self, plan: Plan) -> float:
