@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import (
     DataError,
@@ -79,6 +79,13 @@ def compile(
     k_min: int = 2,
     rounds: int = 1,
     target_avg_bits: float | None = None,
+    method: Literal["eqn3", "milp"] = "milp",
+    budget: str | None = None,
+    ans_weight: float = 0.25,
+    sensitivity: Literal["kl", "mse", "fisher"] = "kl",
+    sensitivity_samples: int = 256,
+    max_bits: int = 8,
+    pareto: bool = False,
     attack: AttackMethod = "fgsm",
     eps: float = 0.05,
     pgd_steps: int = 10,
@@ -101,8 +108,12 @@ def compile(
     max_accuracy_drop: float | None = 1.0,
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
-    """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`
-    -> Eqn 3 from `k_init`, floor `k_min`), or uniform `bits`, or a given `plan`.
+    """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`,
+    then by default `method="milp"`: measured per-layer cost of bits `k_min`..`max_bits`
+    and an exact integer program, ANS weighted by `ans_weight`, under `budget` or, without
+    one, the smallest plan within `max_accuracy_drop` of float on the samples after
+    calibration; or `method="eqn3"`: Eqn 3 from `k_init`, floor `k_min`), or uniform
+    `bits`, or a given `plan`.
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
     QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the
