@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import (
     DataError,
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .commands.layers import LayersResult
     from .commands.options import (
         AttackMethod,
+        AuditMethod,
         Calibration,
         DataSource,
         ExportTarget,
@@ -78,6 +79,13 @@ def compile(
     k_min: int = 2,
     rounds: int = 1,
     target_avg_bits: float | None = None,
+    method: Literal["eqn3", "milp"] = "milp",
+    budget: str | None = None,
+    ans_weight: float = 0.25,
+    sensitivity: Literal["kl", "mse", "fisher"] = "kl",
+    sensitivity_samples: int = 256,
+    max_bits: int = 8,
+    pareto: bool = False,
     attack: AttackMethod = "fgsm",
     eps: float = 0.05,
     pgd_steps: int = 10,
@@ -100,8 +108,12 @@ def compile(
     max_accuracy_drop: float | None = 1.0,
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
-    """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`
-    -> Eqn 3 from `k_init`, floor `k_min`), or uniform `bits`, or a given `plan`.
+    """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`,
+    then by default `method="milp"`: measured per-layer cost of bits `k_min`..`max_bits`
+    and an exact integer program, ANS weighted by `ans_weight`, under `budget` or, without
+    one, the smallest plan within `max_accuracy_drop` of float on the samples after
+    calibration; or `method="eqn3"`: Eqn 3 from `k_init`, floor `k_min`), or uniform
+    `bits`, or a given `plan`.
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
     QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the
@@ -121,8 +133,11 @@ def analyze(
     model: ModelSource,
     data: DataSource,
     *,
-    fgsm_eps: tuple[float, ...] = (0.05, 0.1, 0.2),
-    pgd_eps: tuple[float, ...] = (2 / 255, 8 / 255),
+    audit_attacks: tuple[AuditMethod, ...] = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "transfer"),
+    audit_eps: tuple[float, ...] = (2 / 255, 8 / 255),
+    apgd_steps: int = 50,
+    apgd_restarts: int = 1,
+    large_eps: float = 0.5,
     lipschitz: bool = False,
     attack: AttackMethod = "fgsm",
     eps: float = 0.05,
@@ -140,9 +155,11 @@ def analyze(
     threads: int | None = 1,
     progress: ProgressFactory = no_progress,
 ) -> AnalyzeResult:
-    """Audit `model` without quantizing it: ANS per layer (`attack` at `eps`) and clean,
-    FGSM (`fgsm_eps`) and PGD (`pgd_eps`) accuracy on `data`; `lipschitz` adds each layer
-    block's Lipschitz bound and local ratios measured on the ANS samples."""
+    """Audit `model` (float or compiled) without quantizing it on `samples` of `data` (default
+    200): robust accuracy as the worst case per sample over `audit_attacks` at each `audit_eps`
+    (APGD with `apgd_steps` and `apgd_restarts`), gradient-masking checks (`large_eps` probe
+    included) and a verdict, ANS per layer (`attack` at `eps`) and the bits Eqn 3 gives it;
+    `lipschitz` adds each layer block's Lipschitz bound and local ratios on the ANS samples."""
     from .commands.analyze import AnalyzeOptions, run_analyze
 
     return run_analyze(model, data, _options(AnalyzeOptions, locals()), progress=progress)
@@ -152,11 +169,15 @@ def evaluate(
     models: ModelSource | Sequence[ModelSource],
     data: DataSource,
     *,
-    attack: tuple[AttackMethod, ...] = ("fgsm", "pgd"),
+    attack: tuple[AuditMethod, ...] = ("fgsm", "pgd"),
     eps: tuple[float, ...] | None = None,
     pgd_steps: int = 10,
     pgd_alpha: float | None = None,
     paper: bool = False,
+    audit: bool = False,
+    apgd_steps: int = 50,
+    apgd_restarts: int = 1,
+    large_eps: float = 0.5,
     samples: int | None = None,
     input_range: tuple[float, float] = (0.0, 1.0),
     layout: Layout = "auto",
@@ -170,7 +191,9 @@ def evaluate(
     progress: ProgressFactory = no_progress,
 ) -> EvaluateResult:
     """Clean and adversarial accuracy of one model or several (float or compiled) side by
-    side: every method of `attack` at every `eps`, or the paper's grid (`paper=True`)."""
+    side: every method of `attack` at every `eps`, or the paper's grid (`paper=True`). With
+    `audit=True` or an apgd-ce, apgd-dlr or transfer attack, each model also gets the
+    robustness audit (worst case per sample, masking checks, verdict; `document["models"][i]["audit"]`)."""
     from .commands.evaluate import EvaluateOptions, run_evaluate
 
     return run_evaluate(models, data, _options(EvaluateOptions, locals()), progress=progress)

@@ -309,6 +309,7 @@ def _typed(options: dict[str, Any], *, eps_lists: Sequence[str] = ()) -> dict[st
         "pgd_alpha": lambda value: text.eps_from_text(value, "pgd_alpha"),
         "adv_eps": lambda value: text.eps_from_text(value, "adv_eps"),
         "adv_alpha": lambda value: text.eps_from_text(value, "adv_alpha"),
+        "large_eps": lambda value: text.eps_from_text(value, "large_eps"),
         "input_range": text.input_range_from_text,
         "data_range": text.data_range_from_text,
         "scale": text.scale_from_text,
@@ -328,6 +329,18 @@ def _command_options(options_class: type[Any], values: dict[str, Any]) -> Any:
     from dataclasses import fields
 
     return options_class(**{field.name: values[field.name] for field in fields(options_class) if field.name in values})
+
+
+def audit_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The APGD settings and the large-eps probe of the robustness audit (analyze, evaluate)."""
+    options = [
+        click.option("--apgd-steps", type=int, default=50, show_default=True, help="APGD iterations per restart (the effort check doubles them)."),
+        click.option("--apgd-restarts", type=int, default=1, show_default=True, help="APGD random restarts (the effort check adds two)."),
+        click.option("--large-eps", default="0.5", show_default=True, help="Strength of the probe that should break every sample (masking check)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
 @click.group(name="quanos", cls=QuanosGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -384,6 +397,13 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--k-min", type=int, default=2, show_default=True, help="Fewest bits a layer may get."),
         click.option("--rounds", type=int, default=1, show_default=True, help="Iterative QUANOS: re-measure ANS on the quantized model and allocate from the mean of all measurements, until the bits stop changing or N rounds."),
         click.option("--target-avg-bits", type=float, default=None, help="Scale ANS so the parameter-weighted average bits meet this budget."),
+        click.option("--method", type=click.Choice(["milp", "eqn3"]), default="milp", show_default=True, help="milp: measured per-layer cost + an exact integer program, ANS-weighted; without --budget the smallest plan within --max-accuracy-drop of float (docs/method.md). eqn3: the paper's rule (with --k-init, --rounds, --target-avg-bits)."),
+        click.option("--budget", default=None, metavar="KIND=VALUE", help="milp: avg-bits=B, bytes=N, energy=PROFILE:PJ (standard, dg, dvafs or a profile file; pJ per image) or bitops=N. Without it: the smallest plan within --max-accuracy-drop; with it and a guard, the plan is repaired (bits raised) until the guard holds on the samples after calibration."),
+        click.option("--ans-weight", type=float, default=0.25, show_default=True, help="milp: share of the best predicted cost spent on giving high-ANS layers fewer bits (0: accuracy only)."),
+        click.option("--sensitivity", type=click.Choice(["kl", "mse", "fisher"]), default="kl", show_default=True, help="milp: per-layer cost estimator (logit KL or MSE in onnxruntime, or the gradient score through the twin)."),
+        click.option("--sensitivity-samples", type=int, default=256, show_default=True, help="milp: samples the sensitivity is measured on."),
+        click.option("--max-bits", type=int, default=8, show_default=True, help="milp: widest candidate bits (candidates are --k-min..--max-bits; 8 keeps every layer in onnxruntime's integer kernels)."),
+        click.option("--pareto", is_flag=True, help="milp: also solve and check one plan per average-bits budget and put the front (with uniform points) in the report."),
         click.option("--eval-data", "eval_data", type=click.Path(dir_okay=True), default=None, help="Evaluate the compiled model on this data (read like --data) instead of a held-out part of --data."),
         click.option("--eval-fraction", type=float, default=0.2, show_default=True, help="Share of --data held out to evaluate the compiled model (at least 100 samples, or half the data)."),
         click.option("--eval-attacks", default="fgsm,pgd", show_default=True, help="Attacks of the verification at --eps (PGD: 7 steps), or none."),
@@ -402,7 +422,7 @@ def attack_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--eps", default="0.05", show_default=True, help="Attack strength in [0,1]-input units (e.g. 0.05 or 8/255)."),
         click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations."),
         click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps)."),
-        click.option("--samples", type=int, default=None, help="Samples attacked for ANS (default: up to 1000)."),
+        click.option("--samples", type=int, default=None, help="Samples attacked for ANS (default: up to 1000; analyze: up to 200, for ANS and the audit)."),
         click.option("--input-range", default="0,1", show_default=True, help="LO,HI of the model's input (e.g. 0,255 for raw pixels); eps scales with it."),
         click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per attack/inference batch."),
     ]
@@ -456,19 +476,23 @@ def compile_command(**options: Any) -> None:
 @main.command("analyze", cls=QuanosCommand)
 @click.argument("model", metavar="MODEL", type=click.Path())
 @click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write analysis.json and the report (report.html, report.md, report.json, run.json) here.")
-@click.option("--fgsm-eps", default="0.05,0.1,0.2", show_default=True, help="FGSM strengths for the accuracy table.")
-@click.option("--pgd-eps", default="2/255,8/255", show_default=True, help="PGD strengths for the accuracy table.")
+@click.option("--audit-attacks", default="fgsm,pgd,apgd-ce,apgd-dlr,transfer", show_default=True, help="Attacks of the robustness audit (transfer: compiled models only).")
+@click.option("--audit-eps", default="2/255,8/255", show_default=True, help="Strengths of the robustness audit; every attack runs at each.")
+@audit_options
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
 @click.option("--lipschitz", is_flag=True, help="Also each layer block's Lipschitz bound and the local ratios measured on the ANS samples (docs/method.md).")
 @attack_options
 @data_options
 @common_options
 def analyze_command(**options: Any) -> None:
-    """Audit MODEL without quantizing it: ANS per layer, clean/FGSM/PGD accuracy."""
+    """Audit MODEL (float or compiled): robust accuracy as the worst case over FGSM, PGD, APGD-CE/DLR
+    and transfer attacks, gradient-masking checks and a verdict, ANS per layer and its Eqn-3 bits."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
     from .commands.analyze import AnalyzeOptions, run_analyze
+    from .commands.options import audit_methods_from_text
 
-    typed = _typed(options, eps_lists=("fgsm_eps", "pgd_eps"))
+    methods = audit_methods_from_text(options["audit_attacks"], "audit_attacks")
+    typed = _typed({**options, "audit_attacks": methods}, eps_lists=("audit_eps",))
     result = run_analyze(
         typed["model"],
         typed["data"],
@@ -506,7 +530,9 @@ def export_command(model: str, to: str, output: str | None, as_json: bool, verbo
 @main.command("evaluate", cls=QuanosCommand)
 @click.argument("models", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write evaluation.json and the report (report.html, report.md, report.json, run.json) here.")
-@click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated (fgsm, pgd), or none for clean accuracy alone.")
+@click.option("--attack", default="fgsm,pgd", show_default=True, help="Attacks, comma-separated: fgsm, pgd, apgd-ce, apgd-dlr, transfer (the last three run the robustness audit), or none for clean accuracy alone.")
+@click.option("--audit", is_flag=True, help="Run the robustness audit (worst case per sample, masking checks, verdict) for FGSM/PGD alone too.")
+@audit_options
 @click.option("--eps", default=None, help="Strengths in [0,1]-input units, comma-separated (e.g. 0.05,0.1 or 8/255,16/255).")
 @click.option("--pgd-steps", type=int, default=10, show_default=True, help="PGD iterations.")
 @click.option("--pgd-alpha", default=None, help="PGD step size (default 2.5*eps/steps).")
@@ -521,9 +547,9 @@ def evaluate_command(**options: Any) -> None:
     """Clean and adversarial accuracy of one or more models (float or compiled), side by side."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
     from .commands.evaluate import EvaluateOptions, run_evaluate
-    from .commands.options import methods_from_text
+    from .commands.options import audit_methods_from_text
 
-    typed = _typed({**options, "attack": methods_from_text(options["attack"])}, eps_lists=("eps",))
+    typed = _typed({**options, "attack": audit_methods_from_text(options["attack"], "attack")}, eps_lists=("eps",))
     result = run_evaluate(
         list(typed["models"]),
         typed["data"],

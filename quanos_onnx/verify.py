@@ -179,7 +179,7 @@ class Verification:
             f"{self.guard.accuracy_drop:.1f} points below float ({_percent(self.float_row.clean_accuracy)}) on "
             f"{self.samples} evaluation samples; --max-accuracy-drop is {self.guard.max_accuracy_drop:g}. "
             "The outputs were written for inspection and marked as failing the guard "
-            "(hint: give more bits, e.g. --target-avg-bits 8 or --bits 8, or --max-accuracy-drop none to accept it)"
+            "(hint: give more bits, e.g. --budget avg-bits=8 or --bits 8, or --max-accuracy-drop none to accept it)"
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -115,8 +115,8 @@ def test_analyze_evaluate_energy_and_export_save_what_their_commands_write(task,
     result = qn.compile(task["model"], task["data"], bits=4)
     compiled.write_bytes(result.model.SerializeToString())
     runs = {
-        "analyze": (qn.analyze(task["model"], task["data"], samples=8, fgsm_eps=(0.1,), pgd_eps=(), pgd_steps=2),
-                    ["analyze", task["model"], "--data", task["data"], "--samples", "8", "--fgsm-eps", "0.1", "--pgd-eps", "", "--pgd-steps", "2"]),
+        "analyze": (qn.analyze(task["model"], task["data"], samples=8, audit_attacks=("fgsm",), audit_eps=(0.1,), apgd_steps=2),
+                    ["analyze", task["model"], "--data", task["data"], "--samples", "8", "--audit-attacks", "fgsm", "--audit-eps", "0.1", "--apgd-steps", "2"]),
         "evaluate": (qn.evaluate([task["model"], str(compiled)], task["data"], attack=("fgsm",), eps=(0.1,)),
                      ["evaluate", task["model"], str(compiled), "--data", task["data"], "--attack", "fgsm", "--eps", "0.1"]),
         "energy": (qn.energy(task["model"], plan=result.plan, hw=("all",)), None),

@@ -362,7 +362,7 @@ OPTION_CASES = [
     Case("option-samples-zero", quanos_args("--samples", "0"), "--samples", USAGE),
     Case("option-samples-too-many", quanos_args("--samples", "999"), "--samples"),
     Case("option-rounds-zero", quanos_args("--rounds", "0"), "--rounds", USAGE),
-    Case("option-pgd-steps-zero", lambda tmp: ["analyze", "{model}", "--data", "{data}", "--pgd-steps", "0", "-o", "{out}"], "--pgd-steps", USAGE),
+    Case("option-pgd-steps-zero", lambda tmp: ["analyze", "{model}", "--data", "{data}", "--attack", "pgd", "--pgd-steps", "0", "-o", "{out}"], "--pgd-steps", USAGE),
     Case("option-k-min-above-k-init", quanos_args("--k-min", "9", "--k-init", "8"), "--k-min", USAGE),
     Case("option-bits-out-of-range", lambda tmp: compile_args()[:-2] + ["-o", "{out}", "--bits", "17"], "--bits", USAGE),
     Case("option-bits-and-plan", lambda tmp: compile_args("{model}", "{data}", "--plan", plan_file(tmp, plan_document())), "--plan", USAGE),
@@ -381,7 +381,7 @@ OPTION_CASES = [
     Case("option-not-an-int", lambda tmp: compile_args("{model}", "{data}", "--samples", "many"), "--samples", USAGE),
     Case("option-missing-argument", lambda tmp: ["compile", "--data", "{data}", "-o", "{out}"], "MODEL", USAGE),
     Case("option-unknown-command", lambda tmp: ["compiel", "{model}"], "compiel", USAGE),
-    Case("option-analyze-fgsm-eps", lambda tmp: ["analyze", "{model}", "--data", "{data}", "--fgsm-eps", "0.1,3", "-o", "{out}"], "--fgsm-eps", USAGE),
+    Case("option-analyze-audit-eps", lambda tmp: ["analyze", "{model}", "--data", "{data}", "--audit-eps", "0.1,3", "-o", "{out}"], "--audit-eps", USAGE),
     Case("option-energy-plan-unknown-layer", lambda tmp: ["energy", "{model}", "--plan", plan_file(tmp, plan_document(layers=[{"name": "fc", "bits": 4}])), "-o", "{out}"], "fc"),
 ]
 

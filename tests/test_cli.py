@@ -78,7 +78,7 @@ def test_ctrl_c_while_writing_removes_what_was_written(
 def test_ctrl_c_in_analyze_and_energy_writes_nothing(inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outputs, "write_file_bytes", interrupt)
     analyze = CliRunner().invoke(
-        main, ["analyze", inputs[0], "--data", inputs[1], "--samples", "4", "--pgd-eps", "0.1", "--pgd-steps", "1", "-o", str(tmp_path / "a")]
+        main, ["analyze", inputs[0], "--data", inputs[1], "--samples", "4", "--audit-eps", "0.1", "--audit-attacks", "fgsm", "--large-eps", "0.5", "-o", str(tmp_path / "a")]
     )
     energy = CliRunner().invoke(main, ["energy", inputs[0], "-o", str(tmp_path / "e")])
     assert (analyze.exit_code, energy.exit_code) == (130, 130)

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from quanos_onnx.cli import compile_command, main
 from quanos_onnx.plan import read_plan
 
+from json_schema import load_schemas, validate
 from tiny_models import GraphBuilder, resnet_style, vgg_chain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,3 +195,60 @@ def test_a_failed_write_removes_the_files_already_written(workdir: Path):
     assert result.exit_code == 1
     assert "plan.json" in result.output
     assert [p.name for p in (workdir / "out").iterdir()] == [PLAN_FILE]
+
+
+def test_milp_with_a_budget_keeps_it_and_says_how_far_it_moved_from_eqn3(workdir: Path):
+    result = _compile([
+        "model.onnx", "--data", "data.npz", "--method", "milp", "--budget", "avg-bits=4",
+        "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "--no-eval",
+        "-o", "out", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert validate(summary, "urn:quanos:quanos-compile", load_schemas()) == []
+    assert summary["method"] == "milp"
+    allocation = summary["allocation"]
+    assert allocation["how"] == "integer program within avg-bits=4"
+    assert allocation["search_samples"] == 16 and allocation["moved_from_eqn3"]["layers"] == 4
+    assert summary["average_weight_bits"] <= 4.0
+    plan = read_plan(workdir / "out" / PLAN_FILE)
+    assert {e.weight_bits for e in plan.layers if e.quantized} <= set(range(2, 9))
+    assert plan.details["allocation"]["sensitivity"]["method"] == "kl@7"
+
+
+def test_milp_without_a_budget_finds_the_smallest_plan_within_the_guard(workdir: Path):
+    result = _compile([
+        "model.onnx", "--data", "data.npz", "--method", "milp", "--max-accuracy-drop", "5", "--pareto",
+        "--max-bits", "6", "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16",
+        "--no-eval", "-o", "out", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    allocation = json.loads(result.output)["allocation"]
+    assert allocation["how"].startswith("smallest average-bits budget within 5 point(s)")
+    assert allocation["search_accuracy"] >= allocation["float_accuracy"] - 0.05
+    assert [point["budget"] for point in allocation["pareto"]] == [f"avg-bits={b}" for b in range(2, 7)]
+    assert all(point["size"] <= int(point["budget"].split("=")[1]) + 1e-9 for point in allocation["pareto"])
+    assert [row["bits"] for row in allocation["pareto_uniform"]] == list(range(2, 7))
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--method", "eqn3", "--budget", "avg-bits=4"], "--budget needs --method milp"),
+        (["--method", "milp", "--target-avg-bits", "4"], "--target-avg-bits and --rounds are Eqn 3's"),
+        (["--method", "milp", "--budget", "size=4"], "--budget 'size=4'"),
+    ],
+)
+def test_allocation_options_of_the_other_method_are_refused(workdir: Path, args, words):
+    result = _compile(["model.onnx", "--data", "data.npz", "-o", "out", *args])
+    assert result.exit_code == 2, result.output
+    assert words in result.output
+    assert not (workdir / "out").exists()
+
+
+def test_the_ans_weight_default_is_the_solvers():
+    from quanos_onnx.allocate.solve import DEFAULT_ANS_WEIGHT
+    from quanos_onnx.commands.compile import CompileOptions
+
+    option = next(p for p in compile_command.params if p.name == "ans_weight")
+    assert option.default == DEFAULT_ANS_WEIGHT == CompileOptions().ans_weight

@@ -99,6 +99,28 @@ def test_refusals(files, tmp_path):
     assert mismatch.exit_code == 1 and "other.onnx: input shape" in mismatch.output
 
 
+def test_apgd_and_transfer_attacks_run_the_audit_with_a_verdict_per_model(files, tmp_path):
+    result = _run(
+        files["float"], files["compiled"], "--data", files["data"], "--samples", 48, "--attack", "fgsm,apgd-ce,transfer",
+        "--eps", "0.05", "--apgd-steps", 5, "--json",
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    float_audit, compiled_audit = (entry["audit"] for entry in document["models"])
+    assert [a["method"] for a in float_audit["robustness"]["attacks"]] == ["fgsm", "apgd-ce"]
+    assert [a["method"] for a in compiled_audit["robustness"]["attacks"]] == ["fgsm", "apgd-ce", "transfer"]
+    assert compiled_audit["eqn3"] is None and compiled_audit["kind"].startswith("compiled")
+    worst = compiled_audit["robustness"]["worst_case"][0]
+    each = [a["accuracy"] for a in compiled_audit["robustness"]["attacks"]]
+    assert worst["accuracy"] <= min(each)
+    assert [a["method"] for a in document["models"][0]["evaluation"]["attacks"]] == ["fgsm"]
+
+
+def test_the_paper_grid_does_not_mix_with_the_audit(files):
+    result = _run(files["float"], "--data", files["data"], "--paper", "--attack", "fgsm,apgd-ce")
+    assert result.exit_code == 2 and "--paper" in result.output
+
+
 def test_attack_none_measures_clean_accuracy_alone(files, tmp_path):
     result = _run(files["float"], files["compiled"], "--data", files["data"], "--attack", "none", "--json", "-o", tmp_path)
     assert result.exit_code == 0, result.output

@@ -47,13 +47,14 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
         "layers": ("urn:quanos:quanos-layers", run_json("layers", str(model))),
         "compile-bits": ("urn:quanos:quanos-compile", run_json("compile", str(model), "--data", str(data), "--bits", "6", *unguarded, "-o", str(tmp / "bits"))),
         "compile-quanos": ("urn:quanos:quanos-compile", run_json("compile", str(model), *common, "--eval-data", str(data), *unguarded, "-o", str(tmp / "quanos"))),
-        "analyze": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--pgd-eps", "8/255", "-o", str(tmp / "analysis"))),
+        "analyze": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--audit-eps", "8/255", "--apgd-steps", "3", "-o", str(tmp / "analysis"))),
         "layers-lipschitz": ("urn:quanos:quanos-layers", run_json("layers", str(model), "--lipschitz")),
-        "analyze-lipschitz": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--pgd-eps", "", "--fgsm-eps", "0.1", "--lipschitz")),
+        "analyze-lipschitz": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--audit-eps", "8/255", "--audit-attacks", "fgsm", "--lipschitz")),
         "energy": ("urn:quanos:quanos-energy", run_json("energy", str(model), "--plan", str(tmp / "quanos" / "plan.json"), "--hw", "all", "-o", str(tmp / "energy"))),
         "export-qonnx": ("urn:quanos:quanos-export", run_json("export", str(tmp / "quanos" / "model.quanos.onnx"), "--to", "qonnx", "-o", str(tmp / "q.onnx"))),
         "export-ort": ("urn:quanos:quanos-export", run_json("export", str(tmp / "bits" / "model.quanos.onnx"), "--to", "ort-overrides", "-o", str(tmp / "o.json"))),
         "evaluate": ("urn:quanos:quanos-evaluation", run_json("evaluate", str(model), str(tmp / "bits" / "model.quanos.onnx"), *common, "--eps", "0.1", "--pgd-steps", "1", "-o", str(tmp / "evaluation"))),
+        "evaluate-audit": ("urn:quanos:quanos-evaluation", run_json("evaluate", str(model), str(tmp / "bits" / "model.quanos.onnx"), *common, "--attack", "fgsm,apgd-dlr,transfer", "--eps", "0.1", "--apgd-steps", "3", "-o", str(tmp / "audit"))),
         "finetune": ("urn:quanos:quanos-finetune", run_json("finetune", str(tmp / "bits" / "model.quanos.onnx"), "--data", str(data), "--val-split", "0.25", "--epochs", "1", "--batch-size", "4", "-o", str(tmp / "tuned.onnx"))),
     }
     files = {
@@ -65,7 +66,7 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
     }
     for name, (schema, relative) in files.items():
         found[name] = (schema, json.loads((tmp / relative).read_text()))
-    for run in ("bits", "quanos", "analysis", "energy", "evaluation"):
+    for run in ("bits", "quanos", "analysis", "energy", "evaluation", "audit"):
         found[f"report-{run}"] = ("urn:quanos:quanos-report", json.loads((tmp / run / "report.json").read_text()))
         found[f"run-{run}"] = ("urn:quanos:quanos-run", json.loads((tmp / run / "run.json").read_text()))
     return found
@@ -73,8 +74,8 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
 
 DOCUMENT_NAMES = [
     "layers", "layers-lipschitz", "compile-bits", "compile-quanos", "analyze", "analyze-lipschitz", "energy", "export-qonnx", "export-ort",
-    "evaluate", "finetune", "plan-bits", "plan-quanos", "analysis-file", "energy-file", "evaluation-file",
-    *(f"{kind}-{run}" for run in ("bits", "quanos", "analysis", "energy", "evaluation") for kind in ("report", "run")),
+    "evaluate", "evaluate-audit", "finetune", "plan-bits", "plan-quanos", "analysis-file", "energy-file", "evaluation-file",
+    *(f"{kind}-{run}" for run in ("bits", "quanos", "analysis", "energy", "evaluation", "audit") for kind in ("report", "run")),
 ]
 
 
@@ -91,6 +92,11 @@ def test_reports_carry_the_sections_their_command_produces(documents: dict[str, 
     assert documents["report-bits"][1]["ans"] is None
     analysis = documents["report-analysis"][1]
     assert analysis["summary"] is None and len(analysis["evaluations"]) == 1
+    assert [audit["kind"] for audit in analysis["audits"]] == ["float"]
+    audited = documents["report-audit"][1]
+    assert [audit["kind"] for audit in audited["audits"]] == ["float", "compiled (uniform-6)"]
+    transfer = [a for a in audited["audits"][1]["robustness"]["attacks"] if a["method"] == "transfer"]
+    assert len(transfer) == 1 and not any(a["method"] == "transfer" for a in audited["audits"][0]["robustness"]["attacks"])
     energy = documents["report-energy"][1]
     assert list(energy["energy"]["profiles"]) == ["standard", "dg", "dvafs"]
     assert energy["inputs"]["plan"]["sha256"] is not None

@@ -42,7 +42,7 @@ def command(kind: str, model: Path, data: Path, out: Path) -> list[str]:
         "bits": ["compile", str(model), "--data", str(data), "--bits", "5", "--calibration", "percentile"],
         "quanos": ["compile", str(model), "--data", str(data), *attack, "--target-avg-bits", "6",
                    "--eval-data", str(data), "--eval-samples", "4", "--max-accuracy-drop", "none"],
-        "analyze": ["analyze", str(model), "--data", str(data), *attack, "--fgsm-eps", "0.1", "--pgd-eps", "0.1", "--pgd-steps", "2"],
+        "analyze": ["analyze", str(model), "--data", str(data), *attack, "--audit-eps", "0.1", "--apgd-steps", "3"],
         "energy": ["energy", str(model), "--hw", "all"],
     }[kind] + ["-o", str(out)]
 

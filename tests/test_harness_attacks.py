@@ -12,6 +12,7 @@ from quanos_onnx.harness.attacks import (
     Attack,
     InputRange,
     attack_labels,
+    eps_text,
     parse_eps,
     perturb,
 )
@@ -162,3 +163,7 @@ def test_the_twin_of_the_onnx_model_gives_the_same_attack(model):
     np.testing.assert_array_equal(
         perturb(twin, x, y, Attack.fgsm(0.05)), perturb(model, x, y, Attack.fgsm(0.05))
     )
+
+
+def test_eps_reads_as_the_paper_writes_it():
+    assert eps_text(8 / 255) == "8/255" and eps_text(0.05) == "0.05" and eps_text(0.5) == "0.5"

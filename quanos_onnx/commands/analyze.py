@@ -1,8 +1,11 @@
-"""`quanos analyze`: audit a model without quantizing it (ANS per layer, accuracy under attack)."""
+"""`quanos analyze`: audit a model (float or compiled) without quantizing it: robustness under
+several attacks with gradient-masking checks and a verdict, ANS per layer and what it implies
+for Eqn 3."""
 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +16,12 @@ from ..model import check_finite_initializers, check_finite_outputs
 from ..progress import ProgressFactory, no_progress
 from .options import (
     check_data_range,
+    AUDIT_METHODS,
+    DEFAULT_AUDIT_SAMPLES,
     AttackOptions,
+    AuditMethod,
+    AuditSettings,
+    audit_model,
     DataSource,
     ModelSource,
     ans_samples,
@@ -36,29 +44,28 @@ ANALYSIS_FILE = "analysis.json"
 
 @dataclass(frozen=True, kw_only=True)
 class AnalyzeOptions(AttackOptions):
-    """The ANS attack and data options of compile, plus the accuracy grid's strengths."""
+    """The ANS attack and data options of compile, plus the robustness audit: every method of
+    `audit_attacks` at every `audit_eps` (FGSM, and PGD with the paper's 7 steps of 2/255),
+    APGD with `apgd_steps` and `apgd_restarts`, and the `large_eps` probe. `samples` (default
+    DEFAULT_AUDIT_SAMPLES) counts for ANS and the audit."""
 
-    fgsm_eps: tuple[float, ...] = (0.05, 0.1, 0.2)
-    pgd_eps: tuple[float, ...] = (2 / 255, 8 / 255)
+    audit_attacks: tuple[AuditMethod, ...] = AUDIT_METHODS
+    audit_eps: tuple[float, ...] = (2 / 255, 8 / 255)
+    apgd_steps: int = 50
+    apgd_restarts: int = 1
+    large_eps: float = 0.5
     lipschitz: bool = False
     """Also each layer block's Lipschitz bound and local ratios on the ANS samples."""
 
     def __post_init__(self) -> None:
-        from ..harness.attacks import check_fraction
-
         super().__post_init__()
-        for name in ("fgsm_eps", "pgd_eps"):
-            for eps in getattr(self, name):
-                check_fraction(eps, name)
+        self.audit_settings().suite(compiled=True)  # bad audit options fail before any work
 
-    def accuracy_attacks(self) -> tuple[Any, ...]:
-        """FGSM at every `fgsm_eps`, PGD (`pgd_steps`) at every `pgd_eps` (either may be empty)."""
-        from ..harness.evaluate import attack_grid
-
-        value_range = self.value_range()
-        fgsm = attack_grid(["fgsm"], self.fgsm_eps, input_range=value_range) if self.fgsm_eps else ()
-        pgd = attack_grid(["pgd"], self.pgd_eps, steps=self.pgd_steps, input_range=value_range) if self.pgd_eps else ()
-        return (*fgsm, *pgd)
+    def audit_settings(self) -> AuditSettings:
+        return AuditSettings(
+            self.audit_attacks, self.audit_eps, self.apgd_steps, self.apgd_restarts, self.large_eps,
+            self.input_range, names=("audit_attacks", "audit_eps"),
+        )
 
 
 @dataclass(frozen=True)
@@ -83,27 +90,32 @@ class AnalyzeResult:
         return save_files(directory, self.files(), self.inputs)
 
     def summary_text(self) -> str:
+        from ..report.audit import accuracy_rows, check_rows
         from ..report.text import format_table
 
         doc = self.document
+        audit = doc["audit"]
+        bits = audit["eqn3"]["bits"]
         ans_rows = [
-            {"layer": r["layer"], "ans_mean": rounded(r["ans_mean"]), "ans_std": rounded(r["ans_std"])}
+            {"layer": r["layer"], "ans_mean": rounded(r["ans_mean"]), "ans_std": rounded(r["ans_std"]),
+             "eqn3_bits": bits.get(r["layer"], "float")}
             for r in doc["ans"]["layers"]
         ]
         if doc.get("lipschitz") is not None:
             _add_lipschitz_columns(ans_rows, doc["lipschitz"])
-        evaluation = doc["evaluation"]
-        accuracy_rows = [{"attack": "clean", "eps": None, "accuracy": evaluation["clean_accuracy"]}] + [
-            {"attack": a["method"], "eps": round(a["eps"], 5), "accuracy": a["accuracy"]}
-            for a in evaluation["attacks"]
-        ]
         lines = [
-            f"ANS ({doc['ans']['attack']['method']} eps={doc['ans']['attack']['eps']:.4g}, "
-            f"{doc['ans']['samples']} samples)",
-            format_table(ans_rows),
+            textwrap.fill(audit["verdict"], width=100),
             "",
-            f"accuracy on {evaluation['samples']} samples (labels from {evaluation['labels']})",
-            format_table(accuracy_rows),
+            f"robust accuracy ({audit['robustness']['samples']} samples, labels from {audit['robustness']['labels']}; "
+            "counted by onnxruntime on the attacked inputs)",
+            format_table(accuracy_rows(audit["robustness"])),
+            "",
+            f"gradient-masking checks: {audit['masking']['verdict']}",
+            format_table(check_rows(audit["masking"])),
+            "",
+            f"ANS ({doc['ans']['attack']['method']} eps={doc['ans']['attack']['eps']:.4g}, "
+            f"{doc['ans']['samples']} samples); {audit['eqn3']['sentence']}",
+            format_table(ans_rows),
             *(f"wrote {path}" for path in self.written),
         ]
         return "\n".join(lines)
@@ -129,35 +141,39 @@ def run_analyze(
     command_line: Sequence[str] | None = None,
     progress: ProgressFactory = no_progress,
 ) -> AnalyzeResult:
-    """Audit a model without quantizing it: ANS per layer and clean/FGSM/PGD accuracy."""
+    """Audit a model (float or compiled) without quantizing it: the robustness audit with
+    masking checks and a verdict, ANS per layer and what it implies for Eqn 3."""
     from .. import report
     from ..errors import ModelError
+    from ..finetune.graph import compiled_plan, float_model_of
     from ..harness.ans import measure_ans
-    from ..harness.evaluate import evaluate
+    from ..report.audit import audit_section, eqn3_implication
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
     inputs = input_paths(model, data)
     check_output_dir(save_to, inputs, names=(ANALYSIS_FILE, *report.REPORT_FILES))
     source = read_model(model)
-    layers = list_layers(source.proto)
+    plan = compiled_plan(source.proto)
+    float_model = source.proto if plan is None else float_model_of(source.proto)
+    layers = list_layers(float_model)
     if not layers:
         raise ModelError(f"{source.name}: no quantizable layer to analyze")
-    check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
+    check_finite_initializers(float_model, weights_and_biases(layers), source.name)
     attack = options.ans_attack()
-    attacks = options.accuracy_attacks()
     with using_threads(options.threads):
         dataset = load_data(data, options, source.proto, model_name=source.name)
         check_data_range(options.input_range, dataset, attacked=True)
         check_finite_outputs(source.proto, dataset.x[: options.batch_size], source.name)
-        count = ans_samples(options.samples, dataset)
+        count = ans_samples(options.samples, dataset, default=DEFAULT_AUDIT_SAMPLES)
         with progress(f"ANS ({attack.describe()})", count) as advance:
             ans = measure_ans(
                 source.proto, layers, first_samples(dataset, count, options.batch_size), attack, seed=options.seed, progress=advance
             )
-        with progress("accuracy under attack", count) as advance:
-            evaluation = evaluate(
-                source.proto, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance
+        with progress("robustness audit", count) as advance:
+            robustness, masking = audit_model(
+                source.proto, first_samples(dataset, count, options.batch_size), options.audit_settings(),
+                seed=options.seed, progress=advance,
             )
         lipschitz = None
         if options.lipschitz:
@@ -165,15 +181,21 @@ def run_analyze(
 
             with progress("Lipschitz constants", count) as advance:
                 lipschitz = estimate_lipschitz(
-                    source.proto, layers, first_samples(dataset, count, options.batch_size), seed=options.seed, progress=advance
+                    float_model, layers, first_samples(dataset, count, options.batch_size), seed=options.seed, progress=advance
                 )
+    kind = "float" if plan is None else f"compiled ({plan.method})"
+    audit = audit_section(
+        robustness.to_json(), masking.to_json(), eqn3_implication(layers, ans.to_json()["layers"]),
+        model=Path(source.name).name, kind=kind,
+    )
     document = {
         "format": "quanos-analysis",
         "version": 1,
         "model": source.name,
         "data": {"source": dataset.source, "samples": count},
         "ans": ans.to_json(),
-        "evaluation": evaluation.to_json(),
+        "evaluation": robustness.evaluation().to_json(),
+        "audit": audit,
     }
     if lipschitz is not None:
         document["lipschitz"] = lipschitz.to_json()
@@ -187,6 +209,7 @@ def run_analyze(
         layers=report.layer_rows(layers, None, document["ans"]),
         ans=document["ans"],
         evaluations=[{"model": model_entry, "evaluation": document["evaluation"]}],
+        audits=[audit],
     )
     result = AnalyzeResult(document, tuple(layers), report_document, clock.finish(), tuple(inputs))
     return result if save_to is None else replace(result, written=result.save(save_to))

@@ -4,15 +4,16 @@ plan, energy and report in memory; `CompileResult.save` writes them as the CLI d
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
 
 from ..data import DEFAULT_EVAL_FRACTION
+from ..allocate.solve import DEFAULT_ANS_WEIGHT
 from ..errors import UsageError, arg
 from ..layers import Layer, list_layers
 from ..model import check_finite_initializers, check_finite_outputs, refuse_quantized
@@ -49,13 +50,24 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.quanos.onnx"
 PLAN_FILE = "plan.json"
+SEARCH_SAMPLES = 1000
+"""At most this many samples after the calibration samples judge plans during a milp search."""
+
+AllocationMethod = Literal["eqn3", "milp"]
+SensitivityMethod = Literal["kl", "mse", "fisher"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class CompileOptions(AttackOptions):
     """Everything compile takes besides its inputs (model, data, plan). Without `bits` or a
-    plan, QUANOS: the ANS attack (AttackOptions), Eqn 3 from `k_init`/`k_min`, optionally a
-    budget (`target_avg_bits`) and iterative `rounds`. Then calibration and QDQ insertion."""
+    plan, QUANOS: the ANS attack (AttackOptions), then `method` "milp" (default) — measured
+    per-layer cost of bits `k_min`..`max_bits` (`sensitivity`), the exact integer program
+    under `budget` ("avg-bits=4", "bytes=N", "energy=dg:PJ", "bitops=N") with the ANS term
+    weighted by `ans_weight`, plans checked on the samples after calibration against the
+    accuracy guard (`max_accuracy_drop` points of float; without a budget the smallest plan
+    that keeps it, with one the plan repaired until it does), `pareto` a front over
+    average-bits budgets — or "eqn3": Eqn 3 from `k_init`/`k_min`, optionally a budget
+    (`target_avg_bits`) and iterative `rounds`. Then calibration and QDQ insertion."""
 
     bits: int | None = None
     quantize_output: bool = False
@@ -67,6 +79,13 @@ class CompileOptions(AttackOptions):
     k_min: int = 2
     rounds: int = 1
     target_avg_bits: float | None = None
+    method: AllocationMethod = "milp"
+    budget: str | None = None
+    ans_weight: float = DEFAULT_ANS_WEIGHT
+    sensitivity: SensitivityMethod = "kl"
+    sensitivity_samples: int = 256
+    max_bits: int = 8
+    pareto: bool = False
     evaluate: bool = True
     """Verify the compiled model (verify.py) on held-out data: off is the CLI's --no-eval."""
     eval_fraction: float = DEFAULT_EVAL_FRACTION
@@ -94,6 +113,30 @@ class CompileOptions(AttackOptions):
         if not 0.0 < self.eval_fraction < 1.0:
             raise UsageError(f"{arg('eval_fraction')} {self.eval_fraction} must be a fraction between 0 and 1, e.g. 0.2")
         self.verify_settings()
+        self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        """Options of one allocation method are refused with the other, and checked early."""
+        if self.bits is not None:
+            return
+        if self.method == "eqn3":
+            given = [name for name, value in (("budget", self.budget), ("pareto", self.pareto or None)) if value is not None]
+            if given:
+                raise UsageError(f"{arg(given[0])} needs {arg('method')} milp (Eqn 3 takes {arg('target_avg_bits')})")
+            return
+        if self.target_avg_bits is not None or self.rounds != 1:
+            raise UsageError(
+                f"{arg('target_avg_bits')} and {arg('rounds')} are Eqn 3's; give {arg('method')} eqn3, or "
+                f"{arg('budget')} avg-bits=B for the integer program"
+            )
+        if self.sensitivity_samples < 1:
+            raise UsageError(f"{arg('sensitivity_samples')} {self.sensitivity_samples} must be at least 1")
+        if not self.k_min <= self.max_bits <= MAX_BITS:
+            raise UsageError(f"{arg('max_bits')} {self.max_bits} is outside {arg('k_min')} {self.k_min}..{MAX_BITS}")
+        if self.budget is not None:
+            from ..allocate.solve import parse_budget
+
+            parse_budget(self.budget)
 
     def verify_settings(self) -> VerifySettings:
         """The checks of the compiled model (verify.py): the eval attacks at the ANS eps."""
@@ -181,6 +224,7 @@ class CompileResult:
             "layers": self.rows(),
             "average_weight_bits": round(self.plan.average_weight_bits(params), 4),
             "method": self.plan.method,
+            "allocation": self.plan.details.get("allocation"),
             "energy": self.plan.details.get("energy"),
             "verification": None if self.verification is None else self.verification.to_json(),
             "outputs": [str(path) for path in self.written],
@@ -199,10 +243,28 @@ class CompileResult:
             "",
             f"method {self.plan.method}; parameter-weighted average weight bits "
             f"{self.plan.average_weight_bits(params):.2f}",
+            *_allocation_lines(self.plan.details.get("allocation")),
             *_energy_lines(self.plan.details.get("energy")),
             *(f"wrote {path}" for path in self.written),
         ]
         return "\n".join(lines)
+
+
+def _allocation_lines(allocation: Mapping[str, Any] | None) -> list[str]:
+    if not allocation:
+        return []
+    moved = allocation["moved_from_eqn3"]
+    lines = [
+        f"allocation: {allocation['how']}; {moved['layers_changed']} of {moved['layers']} layers differ from "
+        f"Eqn 3 (mean |change| {moved['mean_abs_bits']:.2f} bits, Eqn 3 average {moved['eqn3_average_bits']:.2f})"
+    ]
+    search = allocation.get("search_accuracy")
+    if search is not None:
+        lines.append(
+            f"search split ({allocation['search_samples']} samples): {100 * search:.2f}% vs float "
+            f"{100 * allocation['float_accuracy']:.2f}%"
+        )
+    return lines
 
 
 def _energy_lines(energy: Mapping[str, Any] | None) -> list[str]:
@@ -279,6 +341,8 @@ def run_compile(
             chosen = Plan.uniform(layers, options.bits, keep_output_float=not options.quantize_output)
         elif given_plan is not None:
             chosen = validate_plan(given_plan.plan, layers, given_plan.name)
+        elif options.method == "milp":
+            chosen = _milp_plan(options, source.proto, layers, dataset, calibration, progress)
         else:
             chosen = _quanos_plan(options, source.proto, layers, dataset, calibration, progress)
 
@@ -355,17 +419,9 @@ def _quanos_plan(
 ) -> Plan:
     """Attack -> ANS -> Eqn 3 (budgeted and/or iterative when asked)."""
     from ..allocate import allocate, allocate_budgeted, allocate_iterative
-    from ..harness.ans import measure_ans
 
-    attack = options.ans_attack()
-    count = ans_samples(options.samples, dataset)
-
-    def measure(proto: onnx.ModelProto, label: str) -> Any:
-        with progress(label, count) as advance:
-            batches = first_samples(dataset, count, options.batch_size)
-            return measure_ans(proto, layers, batches, attack, seed=options.seed, progress=advance)
-
-    first = measure(model, f"ANS ({attack.describe()})")
+    measure = _measure_ans(options, layers, dataset, progress)
+    first = measure(model, f"ANS ({options.ans_attack().describe()})")
     allocation = dict(k_init=options.k_init, k_min=options.k_min, quantize_output=options.quantize_output)
     if options.rounds > 1:
         plan = allocate_iterative(
@@ -382,6 +438,176 @@ def _quanos_plan(
     else:
         plan = allocate(layers, first.layers, **allocation)
     return plan.with_details(ans=first.to_json())
+
+
+def _measure_ans(
+    options: CompileOptions, layers: Sequence[Layer], dataset: Any, progress: ProgressFactory
+) -> Callable[[onnx.ModelProto, str], Any]:
+    """The ANS measurement of the options (attack, sample count, batches, seed)."""
+    from ..harness.ans import measure_ans
+
+    attack = options.ans_attack()
+    count = ans_samples(options.samples, dataset)
+
+    def measure(proto: onnx.ModelProto, label: str) -> Any:
+        with progress(label, count) as advance:
+            batches = first_samples(dataset, count, options.batch_size)
+            return measure_ans(proto, layers, batches, attack, seed=options.seed, progress=advance)
+
+    return measure
+
+
+def _milp_plan(
+    options: CompileOptions,
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    dataset: Any,
+    calibration: Sequence[np.ndarray],
+    progress: ProgressFactory,
+) -> Plan:
+    """ANS -> measured sensitivity -> integer program -> plans checked on a search split.
+
+    With --budget: the exact optimum within it, then repaired (bits raised) until the search
+    split's accuracy is within --max-accuracy-drop of float when that is given. Without a
+    budget: the smallest average-bits budget whose plan keeps the guard (default 1 point).
+    The search split is the data after the calibration samples (up to 1000), so the plans
+    are judged on samples calibration did not see; with no such samples, the calibration
+    samples themselves (logged).
+    """
+    import logging
+    import time
+
+    from ..allocate import allocate
+    from ..allocate.search import pareto_front, repair, smallest_within_guard
+    from ..allocate.sensitivity import check_candidate_bits, measure
+    from ..allocate.solve import Budget, parse_budget, solve
+    from ..layers import find_joins
+
+    started = time.perf_counter()
+    joins = find_joins(model, layers)
+    candidates = check_candidate_bits(list(range(options.k_min, options.max_bits + 1)))
+    measure_ans = _measure_ans(options, layers, dataset, progress)
+    ans = measure_ans(model, f"ANS ({options.ans_attack().describe()})")
+    ans_means = {result.layer: result.mean for result in ans.layers}
+    eqn3 = allocate(layers, ans.layers, k_init=options.k_init, k_min=options.k_min, quantize_output=options.quantize_output)
+    sensitivity_batches = list(first_samples(dataset, min(options.sensitivity_samples, dataset.count), options.batch_size))
+    with progress(f"sensitivity ({options.sensitivity})", 1) as advance:
+        table = measure(
+            options.sensitivity, model, layers, joins, [x for x, _ in sensitivity_batches],
+            labels=None if any(y is None for _, y in sensitivity_batches) else [y for _, y in sensitivity_batches],
+            bits=candidates, quantize_output=options.quantize_output,
+        )
+        advance(1)
+    evaluate, search = _search_split(options, model, layers, joins, dataset, calibration)
+    minimum = search.float_accuracy - (options.max_accuracy_drop if options.max_accuracy_drop is not None else 1.0) / 100
+    solve_options = dict(ans=ans_means, ans_weight=options.ans_weight, quantize_output=options.quantize_output)
+    if options.budget is not None:
+        budget = parse_budget(options.budget)
+        plan = solve(layers, joins, table, budget, **solve_options)
+        how = f"integer program within {budget.describe()}"
+        if options.max_accuracy_drop is not None:
+            checked = repair(plan, layers, joins, table, evaluate, minimum, budget=budget)
+            plan, how = checked.plan, how + f", repaired in {len(checked.steps)} step(s)"
+        accuracy = evaluate(plan)
+    else:
+        checked = smallest_within_guard(layers, joins, table, evaluate, minimum, **solve_options)
+        if not checked.passed:
+            logging.getLogger(__name__).warning(
+                "no plan with bits %d..%d keeps the search split within the guard; writing the widest",
+                candidates[0], candidates[-1],
+            )
+        plan, accuracy = checked.plan, checked.accuracy
+        how = f"smallest average-bits budget within {100 * (search.float_accuracy - minimum):.2g} point(s) of float"
+    details: dict[str, Any] = {
+        "how": how,
+        "sensitivity": table.to_json(),
+        "ans_weight": options.ans_weight,
+        "float_accuracy": search.float_accuracy,
+        "search_accuracy": accuracy,
+        "search_samples": search.samples,
+        "search_source": search.source,
+        "moved_from_eqn3": _moved(layers, eqn3, plan),
+    }
+    if options.pareto:
+        budgets = [Budget("avg-bits", float(b)) for b in candidates]
+        points = pareto_front(layers, joins, table, evaluate, budgets, **solve_options)
+        details["pareto"] = [point.to_json() for point in points]
+        details["pareto_uniform"] = [
+            {"bits": b, "accuracy": evaluate(Plan.uniform(layers, b, keep_output_float=not options.quantize_output))}
+            for b in candidates
+        ]
+    details["seconds"] = time.perf_counter() - started
+    return plan.with_details(ans=ans.to_json(), allocation=details)
+
+
+@dataclass(frozen=True)
+class _SearchSplit:
+    samples: int
+    source: str
+    float_accuracy: float
+
+
+def _search_split(
+    options: CompileOptions,
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    joins: Sequence[Any],
+    dataset: Any,
+    calibration: Sequence[np.ndarray],
+) -> tuple[Callable[[Plan], float], _SearchSplit]:
+    """The callback that compiles a plan and returns its clean accuracy on the search split."""
+    import logging
+
+    from ..model import Runner, output_names
+
+    first = sum(len(x) for x in calibration)
+    if dataset.count > first:
+        x = dataset.x[first : first + SEARCH_SAMPLES]
+        y = None if dataset.y is None else dataset.y[first : first + SEARCH_SAMPLES]
+        source = f"samples {first}..{first + len(x) - 1} (after the calibration samples)"
+    else:
+        logging.getLogger(__name__).warning(
+            "all %d samples calibrate; plans are judged on the calibration samples (give more data)", dataset.count
+        )
+        x, y = np.concatenate(list(calibration)), None if dataset.y is None else dataset.y[:first]
+        source = "the calibration samples"
+    name = output_names(model)[0]
+
+    def predictions(proto: onnx.ModelProto) -> np.ndarray:
+        runner = Runner(proto, [name])
+        batches = [x[i : i + options.batch_size] for i in range(0, len(x), options.batch_size)]
+        return np.concatenate([runner.run(b, [name])[0].reshape(len(b), -1).argmax(1) for b in batches])
+
+    float_predictions = predictions(model)
+    labels = float_predictions if y is None else np.asarray(y)
+
+    def evaluate(plan: Plan) -> float:
+        quantized = quantize(
+            model, plan, calibration, layers=layers, joins=joins,
+            method=options.calibration, percentile=options.percentile,
+        )
+        return float((predictions(quantized.model) == labels).mean())
+
+    return evaluate, _SearchSplit(len(x), source, float((float_predictions == labels).mean()))
+
+
+def _moved(layers: Sequence[Layer], eqn3: Plan, plan: Plan) -> dict[str, Any]:
+    """How far the measured plan is from the paper's Eqn 3 on the same ANS."""
+    params = {layer.name: layer.params for layer in layers}
+    ours, theirs = plan.by_name(), eqn3.by_name()
+    changes = {
+        name: (theirs[name].weight_bits, ours[name].weight_bits)
+        for name in ours
+        if ours[name].quantized and theirs[name].weight_bits != ours[name].weight_bits
+    }
+    quantized = [name for name in ours if ours[name].quantized]
+    return {
+        "layers": len(quantized),
+        "layers_changed": len(changes),
+        "mean_abs_bits": sum(abs((a or 0) - (b or 0)) for a, b in changes.values()) / max(len(quantized), 1),
+        "eqn3_average_bits": eqn3.average_weight_bits(params),
+        "eqn3_bits": {name: theirs[name].weight_bits for name in quantized},
+    }
 
 
 def _with_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:

@@ -16,7 +16,9 @@ from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
 from .options import (
     check_data_range,
-    AttackMethod,
+    AuditMethod,
+    AuditSettings,
+    audit_model,
     DataOptions,
     DataSource,
     ModelSource,
@@ -44,21 +46,45 @@ PAPER_PGD_ALPHA = 2 / 255
 class EvaluateOptions(DataOptions):
     """One attack grid for every model: each method of `attack` at each `eps`, or the
     paper's grid (`paper`); no method (`attack=()`, the CLI's `--attack none`) measures
-    clean accuracy alone; `samples` evaluates the first N (default: all)."""
+    clean accuracy alone; `samples` evaluates the first N (default: all).
 
-    attack: tuple[AttackMethod, ...] = ("fgsm", "pgd")
+    `audit` (or any of apgd-ce, apgd-dlr, transfer in `attack`) runs the robustness audit
+    instead: the worst case per sample, masking checks and a verdict per model, APGD with
+    `apgd_steps` and `apgd_restarts`, the `large_eps` probe (docs/method.md)."""
+
+    attack: tuple[AuditMethod, ...] = ("fgsm", "pgd")
     eps: tuple[float, ...] | None = None
     pgd_steps: int = 10
     pgd_alpha: float | None = None
     paper: bool = False
     samples: int | None = None
     input_range: tuple[float, float] = (0.0, 1.0)
+    audit: bool = False
+    apgd_steps: int = 50
+    apgd_restarts: int = 1
+    large_eps: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.samples is not None and self.samples < 1:
             raise UsageError(f"{arg('samples')} {self.samples} must be at least 1")
+        if self.paper and self.audits():
+            raise UsageError(
+                f"{arg('paper')} is the paper's FGSM/PGD grid; for the audit and APGD/transfer attacks give {arg('eps')}"
+            )
         self.attacks()
+        if self.audits():
+            self.audit_settings().suite(compiled=True)
+
+    def audits(self) -> bool:
+        """The robustness audit runs with `audit` or when an APGD or transfer attack is asked for."""
+        return self.audit or any(method not in ("fgsm", "pgd") for method in self.attack)
+
+    def audit_settings(self) -> AuditSettings:
+        return AuditSettings(
+            self.attack, self.eps or (), self.apgd_steps, self.apgd_restarts, self.large_eps, self.input_range,
+            pgd_steps=self.pgd_steps, pgd_alpha=self.pgd_alpha,
+        )
 
     def attacks(self) -> tuple[Any, ...]:
         """The attack grid: `attack` x `eps`, or the paper's (`paper`)."""
@@ -90,7 +116,10 @@ class EvaluateOptions(DataOptions):
                 f"{arg('eps')} is required (or {arg('paper')} for the paper's grid)",
                 hint=f"e.g. {arg('eps')} 0.05,0.1 or {arg('eps')} 8/255",
             )
-        return attack_grid(self.attack, self.eps, steps=self.pgd_steps, alpha=self.pgd_alpha, input_range=value_range)
+        grid_methods = [method for method in self.attack if method in ("fgsm", "pgd")]
+        if not grid_methods:
+            return ()
+        return attack_grid(grid_methods, self.eps, steps=self.pgd_steps, alpha=self.pgd_alpha, input_range=value_range)
 
 
 @dataclass(frozen=True)
@@ -136,9 +165,27 @@ class EvaluateResult:
             "attacks white-box through each model's twin, accuracy counted by onnxruntime",
             format_table(self.rows()),
             *(f"{entry['name']}: {entry['path']} ({entry['kind']})" for entry in doc["models"]),
-            *(f"wrote {path}" for path in self.written),
         ]
+        for entry in doc["models"]:
+            if "audit" in entry:
+                lines += ["", *_audit_lines(entry["audit"])]
+        lines += [f"wrote {path}" for path in self.written]
         return "\n".join(lines)
+
+
+def _audit_lines(audit: Mapping[str, Any]) -> list[str]:
+    """One model's verdict, robust-accuracy table (worst case per eps) and masking checks."""
+    import textwrap
+
+    from ..report.audit import accuracy_rows, check_rows
+    from ..report.text import format_table
+
+    return [
+        textwrap.fill(audit["verdict"], width=100),
+        format_table(accuracy_rows(audit["robustness"])),
+        f"gradient-masking checks: {audit['masking']['verdict']}",
+        format_table(check_rows(audit["masking"])),
+    ]
 
 
 def eps_label(eps: float) -> str:
@@ -168,6 +215,7 @@ def run_evaluate(
     from ..finetune.graph import compiled_plan, float_model_of
     from ..harness.evaluate import evaluate
     from ..model import input_shape
+    from ..report.audit import audit_section
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
@@ -180,10 +228,11 @@ def run_evaluate(
     names = _short_names([source.name for source in sources])
     entries = []
     evaluations = []
+    audits: list[dict[str, Any]] = []
     labels = "data"
     with using_threads(options.threads):
         dataset = load_data(data, options, first.proto, model_name=first.name)
-        check_data_range(options.input_range, dataset, attacked=bool(attacks))
+        check_data_range(options.input_range, dataset, attacked=bool(attacks) or options.audits())
         count = ans_samples(options.samples, dataset, default=None)
         for source, name in zip(sources, names):
             if input_shape(source.proto)[1:] != input_shape(first.proto)[1:]:
@@ -192,20 +241,33 @@ def run_evaluate(
                     f"{list(input_shape(first.proto))}; evaluate models of one input shape together"
                 )
             plan = compiled_plan(source.proto)
-            with progress(f"{name} ({len(attacks)} attacks)", count) as advance:
-                evaluation = evaluate(
-                    source.proto, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance
-                )
+            kind = "float" if plan is None else f"compiled ({plan.method})"
+            audit = None
+            if options.audits():
+                with progress(f"{name} (robustness audit)", count) as advance:
+                    robustness, masking = audit_model(
+                        source.proto, first_samples(dataset, count, options.batch_size), options.audit_settings(),
+                        seed=options.seed, progress=advance,
+                    )
+                evaluation = robustness.evaluation()
+                audit = audit_section(robustness.to_json(), masking.to_json(), None, model=name, kind=kind)
+                audits.append(audit)
+            else:
+                with progress(f"{name} ({len(attacks)} attacks)", count) as advance:
+                    evaluation = evaluate(
+                        source.proto, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance
+                    )
             labels = evaluation.labels
             evaluations.append((source.report_entry(), evaluation))
             entries.append(
                 {
                     "name": name,
                     "path": source.name if source.path is None else str(source.path),
-                    "kind": "float" if plan is None else f"compiled ({plan.method})",
+                    "kind": kind,
                     "method": None if plan is None else plan.method,
                     "average_weight_bits": None if plan is None else _average_bits(plan, float_model_of(source.proto)),
                     "evaluation": evaluation.to_json(),
+                    **({} if audit is None else {"audit": audit}),
                 }
             )
     document = {
@@ -216,7 +278,7 @@ def run_evaluate(
         "models": entries,
     }
     report_document = report.evaluation_report(
-        evaluations, data=data_entry(data, dataset, count), seed=options.seed, settings=options.settings()
+        evaluations, data=data_entry(data, dataset, count), seed=options.seed, settings=options.settings(), audits=audits
     )
     result = EvaluateResult(document, report_document, clock.finish(), tuple(inputs))
     return result if save_to is None else replace(result, written=result.save(save_to))

@@ -404,3 +404,92 @@ def _short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else f"<{type(value).__name__}>"
 
+
+
+# The robustness audit (analyze, evaluate) --------------------------------------------------
+
+AuditMethod = Literal["fgsm", "pgd", "apgd-ce", "apgd-dlr", "transfer"]
+AUDIT_METHODS: tuple[AuditMethod, ...] = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "transfer")
+
+DEFAULT_AUDIT_SAMPLES = 200
+"""analyze's default sample count: a robust accuracy of 0 reads as [0, 1.9%] (95% Wilson);
+docs/benchmarks.md has the timings on ResNet-20."""
+
+PAPER_PGD_STEPS = 7
+PAPER_PGD_ALPHA = 2 / 255
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The robustness audit's attacks, shared by analyze and evaluate (docs/method.md, robustness audit).
+
+    Every method runs at every eps; PGD with `pgd_steps` and `pgd_alpha` (analyze: the
+    paper's 7 steps of 2/255); APGD with `apgd_steps` and `apgd_restarts`; the effort check
+    doubles the steps and adds two restarts; `large_eps` is the probe that should break every
+    sample. `names` are the arguments that gave methods and eps, for errors.
+    """
+
+    methods: tuple[str, ...]
+    eps: tuple[float, ...]
+    apgd_steps: int
+    apgd_restarts: int
+    large_eps: float
+    input_range: tuple[float, float]
+    pgd_steps: int = PAPER_PGD_STEPS
+    pgd_alpha: float | None = PAPER_PGD_ALPHA
+    names: tuple[str, str] = ("attack", "eps")
+
+    def suite(self, *, compiled: bool) -> Any:
+        """The AttackSuite; transfer is left out for a float model (nothing to transfer from)."""
+        from ..harness.attacks import InputRange, check_fraction
+        from ..harness.robustness import audit_suite
+
+        if not self.eps:
+            raise UsageError(f"{arg(self.names[1])} needs at least one strength")
+        for eps in (*self.eps, self.large_eps):
+            check_fraction(eps, self.names[1] if eps in self.eps else "large_eps")
+        return audit_suite(
+            self.eps,
+            self.methods,
+            input_range=InputRange(*self.input_range),
+            apgd_steps=self.apgd_steps,
+            restarts=self.apgd_restarts,
+            pgd_steps=self.pgd_steps,
+            pgd_alpha=self.pgd_alpha,
+            large_eps=self.large_eps,
+            transfer=compiled,
+            option=self.names[0],
+        )
+
+
+def audit_model(
+    model: onnx.ModelProto,
+    batches: Iterator[tuple[np.ndarray, np.ndarray | None]],
+    settings: AuditSettings,
+    *,
+    seed: int,
+    progress: Any,
+) -> tuple[Any, Any]:
+    """(RobustnessAudit, MaskingDiagnosis) of one model; a compiled model's transfer attacks
+    are crafted on its float graph (finetune.graph.float_model_of)."""
+    from ..finetune.graph import compiled_plan, float_model_of
+    from ..harness.attacks import twin_of
+    from ..harness.masking import diagnose
+    from ..harness.robustness import audit_robustness
+
+    compiled = compiled_plan(model) is not None
+    suite = settings.suite(compiled=compiled)
+    source = twin_of(float_model_of(model)) if compiled and suite.needs_source() else None
+    audit = audit_robustness(model, batches, suite, source=source, seed=seed, progress=progress)
+    return audit, diagnose(audit)
+
+
+def audit_methods_from_text(text: str, argument: str) -> tuple[str, ...]:
+    """'fgsm,pgd,apgd-ce'; each checked against the audit's attack methods; 'none' is no attack."""
+    methods = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if methods == ("none",):
+        return ()
+    unknown = [method for method in methods if method not in AUDIT_METHODS]
+    if unknown:
+        raise UsageError(f"{arg(argument)} {unknown[0]!r} is not one of {', '.join(AUDIT_METHODS)}, or none")
+    return methods

@@ -85,6 +85,14 @@ def parse_eps(text: str | float, option: str = "eps") -> float:
     return check_fraction(value, option)
 
 
+def eps_text(eps: float) -> str:
+    """0.05 stays 0.05; multiples of 1/255 read as n/255, as the paper writes PGD strengths."""
+    steps = eps * 255
+    if abs(steps - round(steps)) < 1e-6 and abs(eps * 20 - round(eps * 20)) > 1e-6:
+        return f"{round(steps)}/255"
+    return f"{eps:g}"
+
+
 def check_fraction(value: float, option: str) -> float:
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise UsageError(

@@ -58,11 +58,13 @@ def evaluation_report(
     data: Mapping[str, Any] | None = None,
     seed: int | None = None,
     settings: Mapping[str, Any] | None = None,
+    audits: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The report document of `quanos evaluate`: one (model input, Evaluation) per model,
     the model input being file_input(path) or an entry of the same shape for a model in memory.
 
-    `data` is data_input(path, samples, selection); `settings` the attack options. The
+    `data` is data_input(path, samples, selection); `settings` the attack options; `audits`
+    the robustness audits (report.audit.audit_section) when they ran. The
     report plots accuracy against eps per attack method with one line per model.
     """
     models = [dict(model) for model, _ in evaluations]
@@ -76,6 +78,7 @@ def evaluation_report(
             {"model": model, "evaluation": evaluation.to_json()}
             for model, (_, evaluation) in zip(models, evaluations)
         ],
+        audits=audits,
     )
 
 

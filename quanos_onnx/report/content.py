@@ -47,6 +47,7 @@ def build_content(document: Mapping[str, Any], run: RunInfo) -> Content:
     tables = [
         table
         for table in (
+            *_audit_tables(document),
             _verification_table(document),
             _layers_table(document),
             _totals_table(document),
@@ -66,7 +67,8 @@ def build_content(document: Mapping[str, Any], run: RunInfo) -> Content:
 
 
 def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
-    items: list[tuple[str, str]] = list(verification_highlights(document.get("verification")))
+    items: list[tuple[str, str]] = [(f"verdict, {audit['model']}", audit["verdict"]) for audit in document.get("audits", [])]
+    items += verification_highlights(document.get("verification"))
     summary = document.get("summary")
     if summary:
         items.append(("method", summary["method"]))
@@ -100,7 +102,7 @@ def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
         evaluation = entry["evaluation"]
         worst = min((a["accuracy"] for a in evaluation["attacks"]), default=None)
         text = f"{_percent(evaluation['clean_accuracy'])} clean on {evaluation['samples']} samples"
-        if worst is not None:
+        if worst is not None and not document.get("audits"):
             text += f", {_percent(worst)} under the strongest attack"
         items.append((f"accuracy, {label}", text))
     return items
@@ -247,6 +249,34 @@ def _accuracy_table(document: Mapping[str, Any]) -> Table | None:
     labels = sorted({entry["evaluation"]["labels"] for entry in evaluations})
     note = f"Labels from {' and '.join(labels)}; adversarial loss = clean accuracy - attacked accuracy."
     return Table("accuracy", "Accuracy under attack", ("model", "attack", "eps", "accuracy", "adversarial loss"), tuple(rows), note)
+
+
+def _audit_tables(document: Mapping[str, Any]) -> list[Table]:
+    """Per audited model: robust accuracy per attack and eps with the worst case, and the masking checks."""
+    from .audit import accuracy_rows, check_rows
+
+    tables = []
+    for number, audit in enumerate(document.get("audits", [])):
+        rows = accuracy_rows(audit["robustness"])
+        tables.append(
+            Table(
+                f"robustness-{number}",
+                f"Robust accuracy, {audit['model']}",
+                tuple(rows[0].keys()),
+                tuple(tuple("-" if value is None else str(value) for value in row.values()) for row in rows),
+                "Counted by onnxruntime on the attacked inputs; worst case = correct under every attack at that eps.",
+            )
+        )
+        checks = check_rows(audit["masking"])
+        tables.append(
+            Table(
+                f"masking-{number}",
+                f"Gradient-masking checks, {audit['model']}: {audit['masking']['verdict']}",
+                ("check", "result", "evidence"),
+                tuple((row["check"], str(row["flagged"]), str(row["evidence"])) for row in checks),
+            )
+        )
+    return tables
 
 
 def _outputs_table(document: Mapping[str, Any]) -> Table | None:

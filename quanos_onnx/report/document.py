@@ -200,6 +200,7 @@ def report_document(
     energy: Mapping[str, Any] | None = None,
     baselines: Sequence[Mapping[str, Any]] = (),
     evaluations: Sequence[Mapping[str, Any]] = (),
+    audits: Sequence[Mapping[str, Any]] = (),
     verification: Mapping[str, Any] | None = None,
     outputs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
@@ -222,6 +223,7 @@ def report_document(
         "energy": None if energy is None else dict(energy),
         "baselines": [dict(baseline) for baseline in baselines],
         "evaluations": [dict(entry) for entry in evaluations],
+        "audits": [dict(entry) for entry in audits],
         "verification": None if verification is None else dict(verification),
         "outputs": [dict(entry) for entry in outputs],
     }

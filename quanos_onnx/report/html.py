@@ -61,11 +61,10 @@ def render_html(document: Mapping[str, Any], run: RunInfo) -> str:
     content = build_content(document, run)
     plots = {plot.key: plot for plot in figures(document)}
     tables = {table.key: table for table in content.tables}
-    sections = [
-        (key, plots[key].title if key in plots else tables[key].title)
-        for key in SECTION_ORDER
-        if key in plots or key in tables
-    ]
+    ordered = [key for key in SECTION_ORDER if key in plots or key in tables]
+    # per-model sections (the robustness audit's) come first, in the order content gives them
+    audit_keys = [table.key for table in content.tables if table.key not in SECTION_ORDER]
+    sections = [(key, plots[key].title if key in plots else tables[key].title) for key in [*audit_keys, *ordered]]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',

@@ -21,10 +21,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from .errors import PlanError, UsageError, arg
-from .harness.ans import AnsResult
-from .layers import Layer
-from .plan import LayerPlan, Plan
+from ..errors import PlanError, UsageError, arg
+from ..harness.ans import AnsResult
+from ..layers import Layer
+from ..plan import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
 

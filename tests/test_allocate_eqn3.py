@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from quanos_onnx.allocate import (
+from quanos_onnx.allocate.eqn3 import (
     allocate,
     allocate_budgeted,
     allocate_iterative,

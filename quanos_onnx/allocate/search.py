@@ -1,0 +1,255 @@
+"""Plans checked on the artifact: verify-and-repair, the smallest plan within a guard, a Pareto front.
+
+The predicted cost (sensitivity.py) is additive and measured one layer at a time, so a plan
+the solver likes can still break the accuracy guard once every layer is quantized together.
+These searches therefore judge plans by an `Evaluate` callback: compile the plan and return
+its clean accuracy on a held-out split (the verify stage's evaluation). Every search counts
+its evaluations and says what it changed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import UsageError
+from ..layers import Join, Layer
+from ..plan import Plan
+from .sensitivity import Sensitivity
+from .solve import DEFAULT_ANS_WEIGHT, Budget, alignment_constraints, layer_price, plan_price, solve
+
+Evaluate = Callable[[Plan], float]
+"""Compile the plan and return its clean accuracy (0..1) on the held-out split."""
+
+
+@dataclass(frozen=True)
+class RepairStep:
+    layers: tuple[str, ...]
+    from_bits: int
+    to_bits: int
+    accuracy: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "from_bits": self.from_bits, "to_bits": self.to_bits, "accuracy": self.accuracy}
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A plan with its measured accuracy, whether it keeps the guard, and how it was reached."""
+
+    plan: Plan
+    accuracy: float
+    passed: bool
+    evaluations: int
+    steps: tuple[RepairStep, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "passed": self.passed,
+            "evaluations": self.evaluations,
+            "repairs": [step.to_json() for step in self.steps],
+        }
+
+
+def _groups(layers: Sequence[Layer], joins: Sequence[Join], plan: Plan) -> list[tuple[str, ...]]:
+    """Layers whose bits move together (residual alignment's equal pairs), in layer order."""
+    names = [e.name for e in plan.layers if e.quantized]
+    parent = {name: name for name in names}
+
+    def find(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    for first, second in alignment_constraints(layers, joins, names).equal:
+        parent[find(first)] = find(second)
+    grouped: dict[str, list[str]] = {}
+    for name in names:
+        grouped.setdefault(find(name), []).append(name)
+    return [tuple(members) for members in grouped.values()]
+
+
+def _raise_at_least(layers: Sequence[Layer], joins: Sequence[Join], bits: dict[str, int]) -> None:
+    """Restore `wide >= narrow` after a raise (a shortcut conv takes its join's widest bits)."""
+    pairs = alignment_constraints(layers, joins, list(bits)).at_least
+    changed = True
+    while changed:
+        changed = False
+        for wide, narrow in pairs:
+            if bits[wide] < bits[narrow]:
+                bits[wide] = bits[narrow]
+                changed = True
+
+
+def repair(
+    plan: Plan,
+    layers: Sequence[Layer],
+    joins: Sequence[Join],
+    sensitivity: Sensitivity,
+    evaluate: Evaluate,
+    minimum_accuracy: float,
+    *,
+    budget: Budget | None = None,
+    max_evaluations: int = 24,
+) -> Verified:
+    """Raise bits until the plan's measured accuracy reaches `minimum_accuracy`.
+
+    Each step raises one alignment group to its next candidate bit-width: the group with the
+    largest predicted gain (drop of predicted cost) per unit of added price (the budget's
+    quantity; parameter-bits without a budget). Stops when the guard holds, when every layer
+    is at the widest candidate, or after `max_evaluations` evaluations.
+    """
+    if max_evaluations < 1:
+        raise UsageError(f"max_evaluations {max_evaluations} must be at least 1")
+    pricing = budget or Budget("avg-bits", float(max(sensitivity.bits)))
+    by_name = {layer.name: layer for layer in layers}
+    candidates = sensitivity.bits
+    bits = {e.name: e.weight_bits for e in plan.layers if e.quantized and e.weight_bits is not None}
+    accuracy = evaluate(plan)
+    evaluations = 1
+    steps: list[RepairStep] = []
+    groups = _groups(layers, joins, plan)
+    while accuracy < minimum_accuracy and evaluations < max_evaluations:
+        best: tuple[float, float, tuple[str, ...], int] | None = None
+        for group in groups:
+            current = bits[group[0]]
+            higher = [b for b in candidates if b > current]
+            if not higher:
+                continue
+            target = higher[0]
+            gain = math.fsum(sensitivity.of(n, current) - sensitivity.of(n, target) for n in group if n in sensitivity.layers)
+            price = math.fsum(
+                layer_price(pricing, by_name[n], target) - layer_price(pricing, by_name[n], current) for n in group
+            )
+            key = (gain / max(price, 1e-12), gain, group, target)
+            if best is None or key[:2] > best[:2]:
+                best = key
+        if best is None:
+            break
+        _, _, group, target = best
+        before = bits[group[0]]
+        for name in group:
+            bits[name] = target
+        _raise_at_least(layers, joins, bits)
+        plan = _with(plan, bits)
+        accuracy = evaluate(plan)
+        evaluations += 1
+        steps.append(RepairStep(group, before, target, accuracy))
+    passed = accuracy >= minimum_accuracy
+    repaired = plan.with_details(
+        repair={"steps": [step.to_json() for step in steps], "passed": passed, "accuracy": accuracy},
+    )
+    return Verified(repaired, accuracy, passed, evaluations, tuple(steps))
+
+
+def _with(plan: Plan, bits: Mapping[str, int]) -> Plan:
+    return plan.with_layers(
+        replace(e, weight_bits=bits[e.name], act_bits=bits[e.name]) if e.name in bits else e for e in plan.layers
+    )
+
+
+def budget_range(
+    budget_kind: str, layers: Sequence[Layer], sensitivity: Sensitivity, profile: Any = None, quantize_output: bool = False
+) -> tuple[float, float]:
+    """The budget values of the all-narrowest and all-widest plans (the search interval)."""
+    narrow = Plan.uniform(layers, min(sensitivity.bits), keep_output_float=not quantize_output)
+    wide = Plan.uniform(layers, max(sensitivity.bits), keep_output_float=not quantize_output)
+    budget = Budget(budget_kind, 1.0, profile)
+    return plan_price(budget, layers, narrow), plan_price(budget, layers, wide)
+
+
+def smallest_within_guard(
+    layers: Sequence[Layer],
+    joins: Sequence[Join],
+    sensitivity: Sensitivity,
+    evaluate: Evaluate,
+    minimum_accuracy: float,
+    *,
+    budget_kind: str = "avg-bits",
+    profile: Any = None,
+    ans: Mapping[str, float] | None = None,
+    ans_weight: float = DEFAULT_ANS_WEIGHT,
+    tolerance: float | None = None,
+    max_evaluations: int = 10,
+    quantize_output: bool = False,
+) -> Verified:
+    """Accuracy-target mode: the smallest budget whose solved plan keeps the guard.
+
+    Bisection over the budget value between the all-narrowest and all-widest plans; every
+    probe is solved and evaluated. The answer is the passing plan of the smallest budget
+    found (its details list every probe). When even the widest plan fails, that plan is
+    returned with `passed` false. `tolerance` defaults to 1/8 bit on average bits and to
+    1% of the interval otherwise.
+    """
+    low, high = budget_range(budget_kind, layers, sensitivity, profile, quantize_output)
+    tolerance = tolerance if tolerance is not None else (0.125 if budget_kind == "avg-bits" else 0.01 * (high - low))
+    probes: list[dict[str, Any]] = []
+
+    def probe(value: float) -> tuple[Plan, float]:
+        plan = solve(
+            layers, joins, sensitivity, Budget(budget_kind, value, profile),
+            ans=ans, ans_weight=ans_weight, quantize_output=quantize_output,
+        )
+        accuracy = evaluate(plan)
+        probes.append({"budget": value, "achieved": plan.details["achieved"], "accuracy": accuracy})
+        return plan, accuracy
+
+    best_plan, best_accuracy = probe(high)
+    if best_accuracy < minimum_accuracy:
+        return Verified(best_plan.with_details(search=probes), best_accuracy, False, len(probes))
+    while high - low > tolerance and len(probes) < max_evaluations:
+        middle = (low + high) / 2
+        plan, accuracy = probe(middle)
+        if accuracy >= minimum_accuracy:
+            high, best_plan, best_accuracy = middle, plan, accuracy
+        else:
+            low = middle
+    return Verified(best_plan.with_details(search=probes), best_accuracy, True, len(probes))
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    budget: Budget
+    plan: Plan
+    size: float
+    accuracy: float
+    dominated: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget.describe(),
+            "size": self.size,
+            "accuracy": self.accuracy,
+            "dominated": self.dominated,
+            "bits": {e.name: e.weight_bits for e in self.plan.layers},
+        }
+
+
+def pareto_front(
+    layers: Sequence[Layer],
+    joins: Sequence[Join],
+    sensitivity: Sensitivity,
+    evaluate: Evaluate,
+    budgets: Sequence[Budget],
+    *,
+    ans: Mapping[str, float] | None = None,
+    ans_weight: float = DEFAULT_ANS_WEIGHT,
+    quantize_output: bool = False,
+) -> list[ParetoPoint]:
+    """Solve and evaluate one plan per budget; mark the points another beats on both axes."""
+    measured = []
+    for budget in budgets:
+        plan = solve(layers, joins, sensitivity, budget, ans=ans, ans_weight=ans_weight, quantize_output=quantize_output)
+        measured.append((budget, plan, plan_price(budget, layers, plan), evaluate(plan)))
+    points = []
+    for budget, plan, size, accuracy in measured:
+        dominated = any(
+            other_size <= size and other_accuracy >= accuracy and (other_size < size or other_accuracy > accuracy)
+            for other_budget, _, other_size, other_accuracy in measured
+            if other_budget.kind == budget.kind
+        )
+        points.append(ParetoPoint(budget, plan, size, accuracy, dominated))
+    return points

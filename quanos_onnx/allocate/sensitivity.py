@@ -1,0 +1,366 @@
+"""What each candidate bit-width of each layer costs, measured on calibration data.
+
+Two estimators, both from ONE calibration of activation ranges (the ranges of every
+quantizer any measured plan needs are collected in a single onnxruntime pass, then reused):
+
+- `measure_divergence` ("kl" or "mse"): the deployed numerics. For every layer l and
+  candidate b, the model with l at b bits (its weights, its input activation and the
+  residual-join quantizers alignment ties to it) and every other layer at background bits
+  (default 7) runs in onnxruntime; the cost is how much further its logits are from the
+  float model's than the background plan's. L x |B| small onnxruntime runs.
+- `measure_gradient` ("fisher"): ModelOpt AutoQuantize's score through the torch twin:
+  sum over samples of (dL/dY_l)^2 (Q_b(Y_l) - Y_l)^2, where Y_l is the layer's output and
+  Q_b(Y_l) the same layer run on b-bit weights and a b-bit input. One forward/backward of
+  the float twin per batch, then one layer op per (l, b).
+
+Both return a `Sensitivity`: a table cost[l][b] whose sum over a plan predicts that plan's
+damage (docs/method.md says which predicts measured accuracy better, and why).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import PlanError, UsageError
+from ..layers import Join, Layer
+from ..passes.align import align_plan
+from ..passes.calibrate import Range, collect_ranges
+from ..passes.points import QuantPoints, plan_points
+from ..passes.qdq import activation_quantizer, insert_qdq, quantize_weight
+from ..plan import MAX_BITS, MIN_BITS, Plan
+
+DEFAULT_BITS = tuple(range(2, 9))
+"""2..8: every layer stays in onnxruntime's integer (uint8/int8) kernels."""
+
+DIVERGENCES = ("kl", "mse")
+METHODS = (*DIVERGENCES, "fisher")
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """cost[i][j]: predicted damage of layer `layers[i]` at `bits[j]` bits (see the measure_* functions)."""
+
+    layers: tuple[str, ...]
+    bits: tuple[int, ...]
+    cost: tuple[tuple[float, ...], ...]
+    method: str
+    samples: int
+    seconds: float
+
+    def of(self, layer: str, bits: int) -> float:
+        if layer not in self.layers or bits not in self.bits:
+            raise PlanError(
+                f"layer '{layer}' at {bits} bits: the sensitivity table covers {len(self.layers)} layers "
+                f"at {self.bits[0]}..{self.bits[-1]} bits"
+            )
+        return self.cost[self.layers.index(layer)][self.bits.index(bits)]
+
+    def predict(self, plan: Plan) -> float:
+        """Sum of the costs of the plan's bits (layers the table lacks or keeps float cost 0)."""
+        return math.fsum(
+            self.of(entry.name, entry.weight_bits)
+            for entry in plan.layers
+            if entry.quantized and entry.weight_bits is not None and entry.name in self.layers
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "bits": list(self.bits),
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "cost": {name: dict(zip(map(str, self.bits), row)) for name, row in zip(self.layers, self.cost)},
+        }
+
+
+def check_candidate_bits(bits: Sequence[int]) -> tuple[int, ...]:
+    candidates = tuple(sorted(set(bits)))
+    if not candidates or any(isinstance(b, bool) or not isinstance(b, int) for b in candidates):
+        raise UsageError(f"--bits-candidates {list(bits)!r}: give whole numbers")
+    if candidates[0] < MIN_BITS or candidates[-1] > MAX_BITS:
+        raise UsageError(f"--bits-candidates {list(candidates)}: bits must lie in {MIN_BITS}..{MAX_BITS}")
+    return candidates
+
+
+def allocatable(layers: Sequence[Layer], quantize_output: bool = False) -> list[Layer]:
+    """The layers the allocator gives bits to (output layers stay float unless asked)."""
+    return [layer for layer in layers if quantize_output or not layer.is_output]
+
+
+def reference_plan(layers: Sequence[Layer], bits: int, quantize_output: bool = False) -> Plan:
+    return Plan.uniform(layers, bits, keep_output_float=not quantize_output)
+
+
+BACKGROUND_BITS = 7
+"""Default bits of the other layers while one layer's candidates are measured: the widest
+grid whose uint8 x int8 products cannot saturate onnxruntime's AVX2 integer convolution
+(it adds pairs of u8*s8 products in int16: 2 * 127 * 127 fits, 2 * 255 * 127 does not), so
+the background runs the same fused integer kernels as the deployed plan and stays near
+float on every x86 CPU. On this project's 2-core VM (AVX2, no VNNI) uniform 8-bit ResNet-20
+is further from float (logit KL 0.157) than uniform 7-bit (0.019)."""
+
+
+class QdqBuilder:
+    """Writes QDQ models of plans over one fixed set of calibrated ranges.
+
+    `quantize.quantize` calibrates every call; measuring L x |B| plans that way would run the
+    calibration data through onnxruntime L x |B| times for the same ranges. Here the ranges of
+    every tensor any of the given plans quantizes are collected once.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        layers: Sequence[Layer],
+        joins: Sequence[Join],
+        plans: Sequence[Plan],
+        calibration: Sequence[np.ndarray],
+    ) -> None:
+        self.model, self.layers, self.joins = model, list(layers), list(joins)
+        tensors = sorted({t for plan in plans for group in self._points(plan).groups for t in group.tensors})
+        self.ranges: dict[str, Range] = collect_ranges(model, tensors, calibration)
+
+    def _points(self, plan: Plan) -> QuantPoints:
+        return plan_points(self.model, self.layers, align_plan(plan, self.layers, self.joins))
+
+    def _quantizers(self, points: QuantPoints) -> dict[str, Any]:
+        return {
+            group.name: activation_quantizer(
+                group.bits,
+                Range(min(self.ranges[t].low for t in group.tensors), max(self.ranges[t].high for t in group.tensors)),
+            )
+            for group in points.groups
+        }
+
+    def build(self, plan: Plan) -> onnx.ModelProto:
+        """The QDQ model of the whole plan (aligned), as quantize.quantize writes it."""
+        aligned = align_plan(plan, self.layers, self.joins)
+        points = plan_points(self.model, self.layers, aligned)
+        return insert_qdq(self.model, self.layers, aligned, points, self._quantizers(points))
+
+    def single_layer(self, reference: Plan, layer: Layer, bits: int) -> onnx.ModelProto:
+        """The float model with only `layer` at `bits`: its weights, its input quantizer, the
+        residual-join quantizers alignment ties to it and the shortcut convs those joins fix.
+
+        The quantizers are exactly those the full `reference` plan with this layer changed
+        would give it, so a plan's predicted cost counts each quantizer once (a layer's output
+        is quantized by its consumer, not here).
+        """
+        aligned = align_plan(with_bits(reference, layer.name, bits), self.layers, self.joins)
+        owned = {
+            join.name
+            for join in aligned.joins
+            if join.downstream == layer.name or (join.downstream is None and layer.block_output in join.operands)
+        }
+        tied = {layer.name, *(s for join in self.joins if join.name in owned for s in join.shortcut_layers)}
+        points = plan_points(self.model, self.layers, aligned)
+        groups = {p.group for p in points.points if p.owner in owned or any((t, 0) in p.consumers for t in tied)}
+        kept = QuantPoints(
+            tuple(p for p in points.points if p.group in groups),
+            tuple(g for g in points.groups if g.name in groups),
+        )
+        weights = aligned.with_layers(
+            e if e.name in tied else replace(e, weight_bits=None, act_bits=None, keep_float=True)
+            for e in aligned.layers
+        )
+        return insert_qdq(self.model, self.layers, weights, kept, self._quantizers(kept))
+
+
+def with_bits(plan: Plan, name: str, bits: int) -> Plan:
+    return plan.with_layers(replace(e, weight_bits=bits, act_bits=bits) if e.name == name else e for e in plan.layers)
+
+
+def measure_divergence(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    joins: Sequence[Join],
+    calibration: Sequence[np.ndarray],
+    *,
+    bits: Sequence[int] = DEFAULT_BITS,
+    metric: str = "kl",
+    background: int | None = BACKGROUND_BITS,
+    quantize_output: bool = False,
+) -> Sensitivity:
+    """Logit divergence (KL or MSE) from the float model when one layer changes, per candidate.
+
+    With `background` bits, every other layer is quantized at those bits (the deployed fused
+    integer kernels) and the cost is D(background plan with l at b) - D(background plan).
+    With `background=None`, every other layer stays float and the cost is D(l alone at b):
+    onnxruntime then runs l's Conv in float on dequantized values (no fused kernel).
+    """
+    from ..model import Runner, output_names
+
+    if metric not in DIVERGENCES:
+        raise UsageError(f"--sensitivity {metric!r}: use one of {', '.join(METHODS)}")
+    started = time.perf_counter()
+    candidates = check_candidate_bits(bits)
+    targets = allocatable(layers, quantize_output)
+    reference = reference_plan(layers, background or candidates[-1], quantize_output)
+    variants = {(layer.name, b): with_bits(reference, layer.name, b) for layer in targets for b in candidates}
+    builder = QdqBuilder(model, layers, joins, [reference, *variants.values()], calibration)
+    output = output_names(model)[0]
+
+    def logits(proto: onnx.ModelProto) -> np.ndarray:
+        runner = Runner(proto, [output])
+        return np.concatenate([runner.run(batch, [output])[0].reshape(len(batch), -1) for batch in calibration])
+
+    float_logits = logits(model)
+    divergence = _kl if metric == "kl" else _mse
+    base = 0.0 if background is None else divergence(float_logits, logits(builder.build(reference)))
+
+    def variant(layer: Layer, b: int) -> onnx.ModelProto:
+        if background is None:
+            return builder.single_layer(reference, layer, b)
+        return builder.build(variants[(layer.name, b)])
+
+    table = tuple(
+        tuple(
+            0.0 if b == background else divergence(float_logits, logits(variant(layer, b))) - base
+            for b in candidates
+        )
+        for layer in targets
+    )
+    return Sensitivity(
+        tuple(layer.name for layer in targets),
+        candidates,
+        table,
+        metric if background is None else f"{metric}@{background}",
+        len(float_logits),
+        time.perf_counter() - started,
+    )
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _kl(reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean over samples of KL(softmax(reference) || softmax(other))."""
+    log_p, log_q = _log_softmax(reference), _log_softmax(other)
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+
+
+def _mse(reference: np.ndarray, other: np.ndarray) -> float:
+    return float(np.mean((reference.astype(np.float64) - other) ** 2))
+
+
+def measure_gradient(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    joins: Sequence[Join],
+    calibration: Sequence[np.ndarray],
+    *,
+    labels: Sequence[np.ndarray] | None = None,
+    bits: Sequence[int] = DEFAULT_BITS,
+    quantize_output: bool = False,
+) -> Sensitivity:
+    """ModelOpt's score sum (dL/dY)^2 (Q(Y) - Y)^2 per layer and candidate, through the twin.
+
+    L is the cross-entropy against `labels` (the float model's own predictions when None),
+    summed over the batch, so each sample's dL/dY is its own. Q(Y) runs the layer's op on
+    its b-bit weights (absmax per channel, as the QDQ writer does) and its input on the
+    b-bit grid of the same calibrated range the QDQ model would use.
+    """
+    import torch
+
+    from ..twin import build_twin
+
+    started = time.perf_counter()
+    candidates = check_candidate_bits(bits)
+    targets = allocatable(layers, quantize_output)
+    builder = QdqBuilder(model, layers, joins, [reference_plan(layers, candidates[-1], quantize_output)], calibration)
+    twin = build_twin(model)
+    twin.eval()
+    steps = {step.node_name: step for step in twin.program.steps}
+    weights = {**twin.constants_by_name(), **twin.parameters_by_name()}
+    quantized_weights = {
+        (layer.name, b): _fake_weight(weights[layer.weight].detach(), b, layer.weight_axis)
+        for layer in targets
+        for b in candidates
+    }
+    scores = np.zeros((len(targets), len(candidates)))
+    samples = 0
+    captured_names = sorted({name for layer in targets for name in (layer.input, layer.output)})
+    for index, batch in enumerate(calibration):
+        image = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).requires_grad_(True)
+        inputs = {twin.input_names[0]: image}
+        outputs, captured = twin.run(inputs, captured_names)
+        logits = outputs[0].reshape(len(batch), -1)
+        target = (
+            torch.from_numpy(np.asarray(labels[index], dtype=np.int64))
+            if labels is not None
+            else logits.argmax(dim=1)
+        )
+        loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        grads = torch.autograd.grad(loss, [captured[layer.output] for layer in targets])
+        samples += len(batch)
+        with torch.no_grad():
+            for row, (layer, grad) in enumerate(zip(targets, grads)):
+                step = steps[layer.name]
+                x = captured[layer.input].detach()
+                y = captured[layer.output].detach()
+                extra = [weights[name].detach() if name in weights else None for name in step.inputs[2:]]
+                value_range = builder.ranges.get(layer.input) or Range(float(x.min()), float(x.max()))
+                for column, b in enumerate(candidates):
+                    q_x = _fake_activation(x, b, value_range)
+                    q_y = step.function(step.attributes, [q_x, quantized_weights[(layer.name, b)], *extra])[0]
+                    scores[row, column] += float(((grad.detach() ** 2) * (q_y - y) ** 2).sum())
+    scores /= max(samples, 1)
+    return Sensitivity(
+        tuple(layer.name for layer in targets),
+        candidates,
+        tuple(tuple(float(v) for v in row) for row in scores),
+        "fisher",
+        samples,
+        time.perf_counter() - started,
+    )
+
+
+def _fake_weight(weight: Any, bits: int, axis: int | None) -> Any:
+    import torch
+
+    integers, scale = quantize_weight(weight.numpy(), bits, axis)
+    shape = [1] * weight.ndim
+    if axis is not None:
+        shape[axis] = -1
+    return torch.from_numpy(integers.astype(np.float32) * scale.reshape(shape))
+
+
+def _fake_activation(x: Any, bits: int, value_range: Range) -> Any:
+    """x on the b-bit activation grid the QDQ writer gives this range (round half to even)."""
+    import torch
+
+    grid = activation_quantizer(bits, value_range)
+    low, high = grid.levels
+    q = torch.clamp(torch.round(x / grid.scale) + grid.zero_point, low, high)
+    return (q - grid.zero_point) * grid.scale
+
+
+def measure(
+    method: str,
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    joins: Sequence[Join],
+    calibration: Sequence[np.ndarray],
+    *,
+    labels: Sequence[np.ndarray] | None = None,
+    bits: Sequence[int] = DEFAULT_BITS,
+    background: int | None = BACKGROUND_BITS,
+    quantize_output: bool = False,
+) -> Sensitivity:
+    """Dispatch on the method name ("kl", "mse" or "fisher"; `background` is for kl and mse)."""
+    if method == "fisher":
+        return measure_gradient(
+            model, layers, joins, calibration, labels=labels, bits=bits, quantize_output=quantize_output
+        )
+    return measure_divergence(
+        model, layers, joins, calibration, bits=bits, metric=method, background=background, quantize_output=quantize_output
+    )

@@ -1,0 +1,294 @@
+"""The exact integer program: one bit-width per layer under one budget (scipy's HiGHS).
+
+Variables: x[l, b] in {0, 1} for every allocatable layer l and candidate b, one per layer
+(sum_b x[l, b] = 1). Minimize
+
+    sum_{l,b} cost[l][b] x[l, b]  +  ans_weight * C0 * sum_{l,b} share_l (b - b_min)/(b_max - b_min) x[l, b]
+
+where cost is the measured sensitivity (sensitivity.py), share_l = ANS_l / sum ANS (the
+layers that carry adversarial noise pay more for their bits), and C0 is the optimum of the
+same program without the ANS term: `ans_weight` is the fraction of the best predicted cost
+one accepts to spend on moving the whole ANS mass from b_max to b_min (scale-free, so one
+default serves every model). Subject to one budget, a sum of per-layer prices:
+
+- avg-bits: sum p_l b x[l, b] <= B * sum p_l (parameter-weighted, as Plan.average_weight_bits);
+- bytes: packed weight bytes, sum p_l b / 8, plus float layers at 4 bytes per parameter;
+- energy: the hardware model's pJ per image on a profile (hwmodel.price_layer), float layers at 32 bits;
+- bitops: sum MACs_l * b_w * b_a, float layers at 32 x 32.
+
+Residual alignment (passes/align.py) as constraints, so the solver's plan is already the
+aligned one: a shortcut conv feeding a join with a quantized layer downstream takes that
+layer's bits (x[s, b] = x[d, b] for every b); a shortcut conv feeding a join with no
+quantized layer downstream takes the widest bits among the layers feeding the join
+(sum_b b x[s, b] >= sum_b b x[f, b]).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+from ..hwmodel.energy import FLOAT_BITS, price_layer
+from ..hwmodel.profiles import HardwareProfile, load_profile
+from ..layers import Join, Layer
+from ..plan import LayerPlan, Plan
+from .sensitivity import Sensitivity
+
+BUDGET_KINDS = ("avg-bits", "bytes", "energy", "bitops")
+DEFAULT_ANS_WEIGHT = 0.25
+"""Chosen by measurement on ResNet-20 (docs/method.md, "The integer program")."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One constraint on the plan: `kind` (BUDGET_KINDS) at most `value`.
+
+    Units: avg-bits in bits, bytes in bytes, energy in pJ per image on `profile`, bitops in
+    bit-operations per image.
+    """
+
+    kind: str
+    value: float
+    profile: HardwareProfile | None = None
+
+    def describe(self) -> str:
+        if self.kind == "energy" and self.profile is not None:
+            return f"energy={self.profile.name}:{self.value:g}"
+        return f"{self.kind}={self.value:g}"
+
+
+def parse_budget(text: str) -> Budget:
+    """'avg-bits=4', 'bytes=150000', 'energy=dg:2.5e6' (profile name or file), 'bitops=1e9'."""
+    kind, separator, value_text = text.partition("=")
+    kind = kind.strip()
+    if not separator or kind not in BUDGET_KINDS:
+        raise UsageError(f"--budget {text!r}: write KIND=VALUE with KIND one of {', '.join(BUDGET_KINDS)}")
+    profile = None
+    if kind == "energy":
+        profile_name, colon, value_text = value_text.rpartition(":")
+        if not colon or not profile_name:
+            raise UsageError(f"--budget {text!r}: an energy budget is energy=PROFILE:PJ (e.g. energy=dg:2.5e6)")
+        profile = load_profile(profile_name)
+    try:
+        value = float(value_text)
+    except ValueError:
+        raise UsageError(f"--budget {text!r}: {value_text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"--budget {text!r}: the value must be a positive number")
+    return Budget(kind, value, profile)
+
+
+def layer_price(budget: Budget, layer: Layer, bits: int | None) -> float:
+    """What a layer at `bits` (None: float) adds to the budget's sum."""
+    width = FLOAT_BITS if bits is None else bits
+    if budget.kind == "avg-bits":
+        return layer.params * width
+    if budget.kind == "bytes":
+        return layer.params * width / 8
+    if budget.kind == "bitops":
+        return layer.macs * width * width
+    if budget.profile is None:
+        raise UsageError("an energy budget needs a hardware profile")
+    return price_layer(layer, width, width, budget.profile).energy_pj
+
+
+def plan_price(budget: Budget, layers: Sequence[Layer], plan: Plan) -> float:
+    """The plan's value of the budgeted quantity (average bits: over its quantized layers)."""
+    entries = plan.by_name()
+    if budget.kind == "avg-bits":
+        return plan.average_weight_bits({layer.name: layer.params for layer in layers})
+    return math.fsum(
+        layer_price(budget, layer, None if entries[layer.name].keep_float else entries[layer.name].weight_bits)
+        for layer in layers
+    )
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Constraints from residual joins: equal bits, and at-least pairs (wide >= narrow)."""
+
+    equal: tuple[tuple[str, str], ...]
+    at_least: tuple[tuple[str, str], ...]
+
+
+def alignment_constraints(layers: Sequence[Layer], joins: Sequence[Join], allocated: Sequence[str]) -> Alignment:
+    """What align_plan would enforce on a plan that quantizes exactly `allocated`."""
+    names = set(allocated)
+    feeding = {layer.block_output: layer.name for layer in layers}
+    equal, at_least = [], []
+    for join in joins:
+        shortcuts = [s for s in join.shortcut_layers if s in names]
+        downstream = next((d for d in join.downstream_layers if d in names), None)
+        for shortcut in shortcuts:
+            if downstream is not None:
+                if downstream != shortcut:
+                    equal.append((shortcut, downstream))
+                continue
+            for tensor in join.inputs:
+                other = feeding.get(tensor)
+                if other in names and other != shortcut:
+                    at_least.append((shortcut, other))
+    return Alignment(tuple(equal), tuple(at_least))
+
+
+def solve(
+    layers: Sequence[Layer],
+    joins: Sequence[Join],
+    sensitivity: Sensitivity,
+    budget: Budget,
+    *,
+    ans: Mapping[str, float] | None = None,
+    ans_weight: float = DEFAULT_ANS_WEIGHT,
+    quantize_output: bool = False,
+) -> Plan:
+    """The plan minimizing predicted cost (+ the ANS term) within the budget, exactly."""
+    if not (math.isfinite(ans_weight) and ans_weight >= 0):
+        raise UsageError(f"--ans-weight {ans_weight!r} must be a non-negative number")
+    started = time.perf_counter()
+    problem = _Problem(layers, joins, sensitivity, budget, quantize_output)
+    base = problem.optimum(problem.cost)
+    shares = _ans_shares(problem.names, ans)
+    chosen = base
+    if ans_weight > 0 and shares is not None:
+        chosen = problem.optimum(problem.cost + ans_weight * max(base.value, 0.0) * problem.ans_term(shares))
+    bits = problem.bits_of(chosen.x)
+    plan = _plan(layers, bits, ans, problem.candidates)
+    return plan.with_details(
+        mode="milp",
+        budget=budget.describe(),
+        achieved=plan_price(budget, layers, plan),
+        predicted_cost=sensitivity.predict(plan),
+        predicted_cost_without_ans=base.value,
+        sensitivity=sensitivity.method,
+        ans_weight=ans_weight if shares is not None else 0.0,
+        candidates=list(problem.candidates),
+        solve_seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass(frozen=True)
+class _Optimum:
+    x: np.ndarray
+    value: float
+
+
+class _Problem:
+    """The fixed part of the program (variables, constraints); objectives vary."""
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        joins: Sequence[Join],
+        sensitivity: Sensitivity,
+        budget: Budget,
+        quantize_output: bool,
+    ) -> None:
+        from scipy.optimize import LinearConstraint
+
+        self.budget = budget
+        by_name = {layer.name: layer for layer in layers}
+        allocated = [layer for layer in layers if quantize_output or not layer.is_output]
+        missing = [layer.name for layer in allocated if layer.name not in sensitivity.layers]
+        if missing:
+            raise UsageError(f"layer '{missing[0]}': the sensitivity table has no row for it")
+        self.names = [layer.name for layer in allocated]
+        self.candidates = sensitivity.bits
+        width = len(self.candidates)
+        self.size = len(self.names) * width
+        self.cost = np.array([sensitivity.of(name, b) for name in self.names for b in self.candidates])
+        if not np.all(np.isfinite(self.cost)):
+            raise UsageError("the sensitivity table has non-finite costs; measure it on more or other data")
+        rows, lower, upper = [], [], []
+        for index in range(len(self.names)):
+            row = np.zeros(self.size)
+            row[index * width : (index + 1) * width] = 1.0
+            rows.append(row)
+            lower.append(1.0)
+            upper.append(1.0)
+        price = np.array([layer_price(budget, by_name[name], b) for name in self.names for b in self.candidates])
+        fixed = math.fsum(layer_price(budget, layer, None) for layer in layers if layer not in allocated)
+        if budget.kind == "avg-bits":
+            limit = budget.value * sum(by_name[name].params for name in self.names)
+        else:
+            limit = budget.value - fixed
+        rows.append(price)
+        lower.append(-np.inf)
+        upper.append(limit)
+        alignment = alignment_constraints(layers, joins, self.names)
+        position = {name: index for index, name in enumerate(self.names)}
+        for first, second in alignment.equal:
+            for column in range(width):
+                row = np.zeros(self.size)
+                row[position[first] * width + column] = 1.0
+                row[position[second] * width + column] = -1.0
+                rows.append(row)
+                lower.append(0.0)
+                upper.append(0.0)
+        for wide, narrow in alignment.at_least:
+            row = np.zeros(self.size)
+            row[position[wide] * width : (position[wide] + 1) * width] = self.candidates
+            row[position[narrow] * width : (position[narrow] + 1) * width] -= np.asarray(self.candidates, float)
+            rows.append(row)
+            lower.append(0.0)
+            upper.append(np.inf)
+        self.constraints = LinearConstraint(np.vstack(rows), np.array(lower), np.array(upper))
+        smallest = float(price.reshape(len(self.names), width).min(axis=1).sum())
+        if smallest > limit * (1 + 1e-9):
+            floor = smallest / sum(by_name[n].params for n in self.names) if budget.kind == "avg-bits" else smallest + fixed
+            raise UsageError(
+                f"--budget {budget.describe()}: no plan with bits {self.candidates[0]}..{self.candidates[-1]} fits "
+                f"(the smallest needs {floor:g})"
+            )
+
+    def ans_term(self, shares: np.ndarray) -> np.ndarray:
+        low, high = self.candidates[0], self.candidates[-1]
+        span = max(high - low, 1)
+        steps = np.array([(b - low) / span for b in self.candidates])
+        return np.concatenate([share * steps for share in shares])
+
+    def optimum(self, objective: np.ndarray) -> _Optimum:
+        from scipy.optimize import Bounds, milp
+
+        result = milp(
+            objective,
+            constraints=self.constraints,
+            integrality=np.ones(self.size),
+            bounds=Bounds(0, 1),
+        )
+        if result.status != 0 or result.x is None:
+            raise UsageError(f"--budget {self.budget.describe()}: the integer program has no solution ({result.message})")
+        x = np.round(result.x)
+        return _Optimum(x, float(self.cost @ x))
+
+    def bits_of(self, x: np.ndarray) -> dict[str, int]:
+        width = len(self.candidates)
+        return {
+            name: self.candidates[int(np.argmax(x[index * width : (index + 1) * width]))]
+            for index, name in enumerate(self.names)
+        }
+
+
+def _ans_shares(names: Sequence[str], ans: Mapping[str, float] | None) -> np.ndarray | None:
+    if ans is None:
+        return None
+    values = np.array([max(float(ans.get(name, 0.0)), 0.0) for name in names])
+    total = values.sum()
+    if not math.isfinite(total) or total <= 0:
+        return None
+    return values / total
+
+
+def _plan(layers: Sequence[Layer], bits: Mapping[str, int], ans: Mapping[str, float] | None, candidates: Sequence[int]) -> Plan:
+    entries = []
+    for layer in layers:
+        ans_mean = None if ans is None else ans.get(layer.name)
+        if layer.name in bits:
+            entries.append(LayerPlan(layer.name, bits[layer.name], bits[layer.name], ans_mean=ans_mean))
+        else:
+            entries.append(LayerPlan(layer.name, None, None, keep_float=True, ans_mean=ans_mean))
+    return Plan(tuple(entries), k_init=max(candidates), k_min=min(candidates), method="milp")

@@ -1,0 +1,125 @@
+"""allocate/search.py: repair until a guard holds, the smallest plan within it, a Pareto front."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quanos_onnx.allocate.search import pareto_front, repair, smallest_within_guard
+from quanos_onnx.allocate.sensitivity import Sensitivity
+from quanos_onnx.allocate.solve import Budget, solve
+from quanos_onnx.layers import find_joins, list_layers
+from quanos_onnx.model import normalize
+from quanos_onnx.passes.align import align_plan
+from quanos_onnx.plan import Plan
+
+from tiny_models import resnet_style
+
+BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model = normalize(resnet_style())
+    layers = list_layers(model)
+    return layers, find_joins(model, layers)
+
+
+def _table(layers) -> Sensitivity:
+    names = [layer.name for layer in layers if not layer.is_output]
+    rng = np.random.default_rng(1)
+    rows = tuple(tuple(float(rng.uniform(0.5, 2) * 2.0 ** -b) for b in BITS) for _ in names)
+    return Sensitivity(tuple(names), BITS, rows, "test", 0, 0.0)
+
+
+def _bits(plan: Plan) -> dict[str, int]:
+    return {e.name: e.weight_bits for e in plan.layers if e.quantized}
+
+
+class Counting:
+    """A guard callback: 'accuracy' 1.0 when `layer` has at least `needed` bits, else 0.5."""
+
+    def __init__(self, layer: str, needed: int) -> None:
+        self.layer, self.needed, self.calls = layer, needed, 0
+
+    def __call__(self, plan: Plan) -> float:
+        self.calls += 1
+        return 1.0 if plan.by_name()[self.layer].weight_bits >= self.needed else 0.5
+
+
+def test_repair_raises_bits_until_the_guard_passes(resnet):
+    layers, joins = resnet
+    table = _table(layers)
+    plan = solve(layers, joins, table, Budget("avg-bits", 3.0))
+    assert _bits(plan)["block1.conv2"] < 7
+    guard = Counting("block1.conv2", 7)
+    result = repair(plan, layers, joins, table, guard, 0.99, max_evaluations=200)
+    assert result.passed and result.accuracy == 1.0
+    assert result.evaluations == guard.calls == len(result.steps) + 1
+    before, after = _bits(plan), _bits(result.plan)
+    assert after["block1.conv2"] >= 7
+    assert all(after[name] >= before[name] for name in before)
+    assert all(step.to_bits > step.from_bits for step in result.steps)
+    assert result.steps[-1].accuracy == 1.0 and all(step.accuracy == 0.5 for step in result.steps[:-1])
+    assert result.plan.details["repair"]["passed"] is True
+    # the repaired plan is still aligned
+    aligned = align_plan(result.plan, layers, joins).by_name()
+    assert all(aligned[name].weight_bits == bits for name, bits in after.items())
+
+
+def test_repair_takes_the_best_predicted_gain_per_bit_first(resnet):
+    layers, joins = resnet
+    table = _table(layers)
+    plan = Plan.uniform(layers, 2)
+    result = repair(plan, layers, joins, table, lambda p: 0.0, 0.5, max_evaluations=2)
+    params = {layer.name: layer.params for layer in layers}
+    gains = {
+        name: (table.of(name, 2) - table.of(name, 3)) / params[name]
+        for name in table.layers
+    }
+    assert result.steps[0].layers[0] == max(gains, key=gains.get)
+    assert not result.passed and result.evaluations == 2
+
+
+def test_repair_of_a_passing_plan_changes_nothing(resnet):
+    layers, joins = resnet
+    plan = Plan.uniform(layers, 4)
+    result = repair(plan, layers, joins, _table(layers), lambda p: 0.9, 0.8)
+    assert result.passed and result.steps == () and _bits(result.plan) == _bits(plan)
+
+
+def test_accuracy_target_finds_the_smallest_passing_budget(resnet):
+    layers, joins = resnet
+    table = _table(layers)
+    params = {layer.name: layer.params for layer in layers}
+
+    def accuracy(plan: Plan) -> float:
+        return 0.9 if plan.average_weight_bits(params) >= 5.0 else 0.3
+
+    result = smallest_within_guard(layers, joins, table, accuracy, 0.8, ans=None, max_evaluations=12)
+    assert result.passed
+    average = result.plan.average_weight_bits(params)
+    assert 5.0 <= average <= 5.0 + 0.25
+    probes = result.plan.details["search"]
+    assert probes[0]["budget"] == 8.0 and len(probes) == result.evaluations
+
+
+def test_accuracy_target_reports_failure_when_even_the_widest_plan_fails(resnet):
+    layers, joins = resnet
+    result = smallest_within_guard(layers, joins, _table(layers), lambda p: 0.1, 0.8)
+    assert not result.passed and result.evaluations == 1
+    assert set(_bits(result.plan).values()) == {8}
+
+
+def test_pareto_marks_dominated_points(resnet):
+    layers, joins = resnet
+    params = {layer.name: layer.params for layer in layers}
+    # accuracy that falls at 6 bits: the 6-bit point is beaten by the smaller 5-bit one
+    scores = {3: 0.5, 4: 0.7, 5: 0.8, 6: 0.6}
+
+    def accuracy(plan: Plan) -> float:
+        return scores[round(plan.average_weight_bits(params))]
+
+    points = pareto_front(layers, joins, _table(layers), accuracy, [Budget("avg-bits", b) for b in scores])
+    assert [p.dominated for p in points] == [False, False, False, True]
+    assert all(p.size <= p.budget.value + 1e-9 for p in points)

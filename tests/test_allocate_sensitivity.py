@@ -1,0 +1,146 @@
+"""allocate/sensitivity.py: per-layer costs from one calibration, in onnxruntime and through the twin."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from quanos_onnx.allocate import sensitivity as sensitivity_module
+from quanos_onnx.allocate.sensitivity import (
+    QdqBuilder,
+    Sensitivity,
+    check_candidate_bits,
+    measure,
+    reference_plan,
+)
+from quanos_onnx.errors import PlanError, UsageError
+from quanos_onnx.layers import find_joins, list_layers
+from quanos_onnx.model import Runner, normalize, output_names
+from quanos_onnx.passes.align import align_plan
+from quanos_onnx.plan import Plan
+from quanos_onnx.quantize import quantize
+
+from tiny_models import random_inputs, resnet_style
+
+BITS = (2, 4, 6)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model = normalize(resnet_style())
+    layers = list_layers(model)
+    calibration = [random_inputs(model, 16, seed) for seed in range(2)]
+    return model, layers, find_joins(model, layers), calibration
+
+
+def _count_range_collections(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = sensitivity_module.collect_ranges
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity_module, "collect_ranges", counting)
+    return calls
+
+
+@pytest.mark.parametrize("background", [5, None])
+def test_divergence_table_comes_from_one_calibration(resnet, monkeypatch, background):
+    model, layers, joins, calibration = resnet
+    calls = _count_range_collections(monkeypatch)
+    table = measure("kl", model, layers, joins, calibration, bits=BITS, background=background)
+    assert calls == [1]
+    assert table.layers == tuple(layer.name for layer in layers if not layer.is_output)
+    assert table.bits == BITS and table.samples == 32
+    for name, row in zip(table.layers, table.cost):
+        assert all(np.isfinite(row))
+        # the shortcut conv's bits are set by alignment (the widest layer feeding its join)
+        assert row[0] > row[-1] or (name == "block2.shortcut" and row[0] == row[-1])
+    if background is None:
+        assert all(value >= 0 for row in table.cost for value in row)
+
+
+def test_background_costs_are_the_divergence_the_layer_adds(resnet):
+    """cost(l, b) = KL(background plan with l at b) - KL(background plan), measured independently."""
+    model, layers, joins, calibration = resnet
+    table = measure("kl", model, layers, joins, calibration, bits=BITS, background=5)
+    name = output_names(model)[0]
+    inputs = np.concatenate(calibration)
+    float_logits = Runner(model, [name]).run(inputs, [name])[0]
+
+    def kl(plan: Plan) -> float:
+        logits = Runner(quantize(model, plan, calibration, layers=layers).model, [name]).run(inputs, [name])[0]
+        return sensitivity_module._kl(float_logits, logits)
+
+    background = reference_plan(layers, 5)
+    changed = sensitivity_module.with_bits(background, "block1.conv1", 2)
+    assert table.of("block1.conv1", 2) == pytest.approx(kl(changed) - kl(background), rel=1e-4, abs=1e-7)
+
+
+def test_single_layer_model_quantizes_only_that_layer_and_its_joins(resnet):
+    model, layers, joins, calibration = resnet
+    reference = reference_plan(layers, 8)
+    builder = QdqBuilder(model, layers, joins, [reference], calibration)
+    single = builder.single_layer(reference, next(l for l in layers if l.name == "block2.conv1"), 3)
+    weights = {n.name for n in single.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.name}
+    assert len(weights) == 1 and all("block2.conv1" in w for w in weights)
+    # block1.add feeds block2.conv1, so its operands' shared quantizer is this layer's, at 3 bits.
+    quantized_inputs = {n.input[0] for n in single.graph.node if n.op_type == "QuantizeLinear"}
+    aligned = align_plan(reference, layers, joins)
+    block1 = next(j for j in aligned.joins if j.name == "block1.add")
+    assert set(block1.operands) <= quantized_inputs
+    # the shortcut conv is tied to the classifier (quantized) or to the widest feeding layer:
+    shortcut = builder.single_layer(reference, next(l for l in layers if l.name == "block2.conv2"), 3)
+    weights = {n.name for n in shortcut.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.name}
+    assert any("block2.shortcut" in w for w in weights) and any("block2.conv2" in w for w in weights)
+
+
+def test_gradient_score_grows_as_bits_shrink(resnet):
+    model, layers, joins, calibration = resnet
+    labels = [np.arange(len(batch)) % 10 for batch in calibration]
+    table = measure("fisher", model, layers, joins, calibration, labels=labels, bits=BITS)
+    assert table.method == "fisher" and table.samples == 32
+    for row in table.cost:
+        assert row[0] > row[1] > row[2] > 0
+
+
+def test_fake_activation_lands_on_the_qdq_grid():
+    import torch
+
+    from quanos_onnx.passes.calibrate import Range
+    from quanos_onnx.passes.qdq import activation_quantizer
+
+    x = torch.linspace(-1.3, 2.1, 301)
+    grid = activation_quantizer(3, Range(-1.3, 2.1))
+    q = sensitivity_module._fake_activation(x, 3, Range(-1.3, 2.1))
+    levels = torch.round(q / grid.scale) + grid.zero_point
+    assert torch.allclose(q, (levels - grid.zero_point) * grid.scale)
+    assert len(torch.unique(levels)) <= 8
+
+
+def test_predict_sums_the_table():
+    table = Sensitivity(("a", "b"), (2, 4), ((3.0, 1.0), (5.0, 0.5)), "test", 1, 0.0)
+    plan = Plan((
+        _entry("a", 2), _entry("b", 4), _entry("c", None),
+    ))
+    assert table.predict(plan) == 3.5
+    assert table.to_json()["cost"]["b"] == {"2": 5.0, "4": 0.5}
+    with pytest.raises(PlanError, match="layer 'a' at 8 bits"):
+        table.of("a", 8)
+
+
+def _entry(name, bits):
+    from quanos_onnx.plan import LayerPlan
+
+    return LayerPlan(name, None, None, keep_float=True) if bits is None else LayerPlan(name, bits, bits)
+
+
+def test_candidate_bits_are_checked():
+    assert check_candidate_bits([8, 2, 4, 4]) == (2, 4, 8)
+    for bad in ([], [1, 4], [4, 17], [2.5]):
+        with pytest.raises(UsageError):
+            check_candidate_bits(bad)
+    with pytest.raises(UsageError, match="--sensitivity"):
+        measure("hessian", onnx.ModelProto(), [], [], [])

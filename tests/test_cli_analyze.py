@@ -1,0 +1,79 @@
+"""`quanos analyze`: the audit report flags a gradient-masked model and clears a smooth one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from harness_models import tiny_inputs
+from masked_models import smooth_model, stepped_model
+from quanos_onnx.cli import main
+from quanos_onnx.model import Runner
+
+AUDIT = ("--samples", "60", "--audit-eps", "0.05,0.1", "--apgd-steps", "5", "--json")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("analyze")
+    paths = {"smooth": folder / "smooth.onnx", "stepped": folder / "stepped.onnx", "data": folder / "data.npz"}
+    onnx.save(smooth_model(), paths["smooth"])
+    onnx.save(stepped_model(), paths["stepped"])
+    x = tiny_inputs(60)
+    # labels: the stepped model's own predictions, so every sample starts correctly classified
+    labels = Runner(stepped_model()).run(x)[0].argmax(1)
+    np.savez(paths["data"], x=x, y=labels)
+    return paths
+
+
+def _analyze(model: Path, data: Path, *extra: str) -> dict:
+    result = CliRunner().invoke(main, ["analyze", str(model), "--data", str(data), *AUDIT, *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_the_audit_of_a_hard_step_model_says_robustness_is_overestimated(files):
+    document = _analyze(files["stepped"], files["data"])
+    audit = document["audit"]
+    assert audit["masking"]["verdict"] == "robustness likely overestimated"
+    assert audit["verdict"].startswith("stepped.onnx (float) classifies 100.0%")
+    assert "Robustness likely overestimated" in audit["verdict"]
+    assert "input gradients are non-zero" in audit["verdict"]
+    methods = {attack["method"] for attack in audit["robustness"]["attacks"]}
+    assert methods == {"fgsm", "pgd", "apgd-ce", "apgd-dlr"}  # a float model has no transfer source
+    assert [row["eps"] for row in audit["robustness"]["worst_case"]] == [0.05, 0.1]
+    assert audit["eqn3"]["quantized_layers"] == 2
+    # the documents' FGSM/PGD rows are the audit's
+    assert [a["method"] for a in document["evaluation"]["attacks"]] == ["fgsm", "pgd", "fgsm", "pgd"]
+
+
+def test_the_audit_of_a_smooth_model_finds_no_masking(files):
+    audit = _analyze(files["smooth"], files["data"])["audit"]
+    flagged = [check["check"] for check in audit["masking"]["checks"] if check["flagged"]]
+    assert flagged == []
+    assert "None of the 6 gradient-masking checks" in audit["verdict"]
+
+
+def test_the_summary_starts_with_the_verdict_and_writes_the_report(files, tmp_path):
+    result = CliRunner().invoke(
+        main, ["analyze", str(files["stepped"]), "--data", str(files["data"]), *AUDIT[:-1], "-o", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("stepped.onnx (float) classifies")
+    assert "gradient-masking checks: robustness likely overestimated" in result.stdout
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "**verdict, stepped.onnx**" in markdown and "## Gradient-masking checks, stepped.onnx" in markdown
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="robustness-0"' in html and 'id="masking-0"' in html
+
+
+def test_an_unknown_audit_attack_is_a_usage_error(files):
+    result = CliRunner().invoke(
+        main, ["analyze", str(files["smooth"]), "--data", str(files["data"]), "--audit-attacks", "fgsm,cw"]
+    )
+    assert result.exit_code == 2 and "'cw' is not one of" in result.output
