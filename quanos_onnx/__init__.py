@@ -42,6 +42,7 @@ from .progress import ProgressFactory, no_progress
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .allocate.solve import RobustnessSignal
     from .commands.analyze import AnalyzeResult
     from .commands.compile import CompileResult
     from .commands.energy import EnergyResult
@@ -82,6 +83,7 @@ def compile(
     method: Literal["eqn3", "milp"] = "milp",
     budget: str | None = None,
     ans_weight: float = 0.25,
+    robustness_signal: RobustnessSignal = "ans",
     sensitivity: Literal["kl", "mse", "fisher"] = "kl",
     sensitivity_samples: int = 256,
     max_bits: int = 8,
@@ -110,7 +112,8 @@ def compile(
 ) -> CompileResult:
     """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`,
     then by default `method="milp"`: measured per-layer cost of bits `k_min`..`max_bits`
-    and an exact integer program, ANS weighted by `ans_weight`, under `budget` or, without
+    and an exact integer program, ANS (or the Lipschitz bounds, `robustness_signal`) weighted
+    by `ans_weight`, under `budget` or, without
     one, the smallest plan within `max_accuracy_drop` of float on the samples after
     calibration; or `method="eqn3"`: Eqn 3 from `k_init`, floor `k_min`), or uniform
     `bits`, or a given `plan`.

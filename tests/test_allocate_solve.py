@@ -174,6 +174,53 @@ def test_ans_weight_pushes_the_high_ans_layer_down(resnet):
     assert pushed["block1.conv2"].weight_bits < pushed["block1.conv1"].weight_bits
 
 
+@pytest.mark.parametrize("signal", ["lipschitz", "both"])
+def test_the_lipschitz_and_combined_terms_are_optimized_exactly(resnet, signal):
+    """Lipschitz: share_l (b_max - b)/span; both: the mean of the two terms."""
+    layers, joins = resnet
+    names = [layer.name for layer in _allocated(layers, False)]
+    table = _table(names, seed=4)
+    ans = {name: value for name, value in zip(names, [1.4, 0.2, 0.9, 1.1, 0.3, 0.7])}
+    bounds = {name: value for name, value in zip(names, [2.0, 9.0, 1.5, 4.0, 3.0, 0.5])}
+    budget = Budget("avg-bits", 4.0)
+    weight = 2.0
+    plan = solve(layers, joins, table, budget, ans=ans, ans_weight=weight, lipschitz=bounds, robustness_signal=signal)
+    base = plan.details["predicted_cost_without_ans"]
+    span = BITS[-1] - BITS[0]
+
+    def term(n, b):
+        lipschitz = bounds[n] / sum(bounds.values()) * (BITS[-1] - b) / span
+        if signal == "lipschitz":
+            return lipschitz
+        return (lipschitz + ans[n] / sum(ans.values()) * (b - BITS[0]) / span) / 2
+
+    def objective(bits):
+        return sum(table.of(n, b) + weight * base * term(n, b) for n, b in bits.items())
+
+    best_value, _ = _brute_force(layers, joins, table, budget, False, objective)
+    chosen = {e.name: e.weight_bits for e in plan.layers if e.quantized}
+    assert objective(chosen) == pytest.approx(best_value, rel=1e-9)
+    assert plan.details["robustness_signal"] == signal
+
+
+def test_the_lipschitz_term_keeps_bits_on_the_high_bound_layer(resnet):
+    """Equal size, near-equal cost: the layer with the larger bound keeps more bits."""
+    layers, joins = resnet
+    names = [layer.name for layer in _allocated(layers, False)]
+    base = _table(names, seed=5)
+    rows = list(base.cost)
+    conv1, conv2 = names.index("block1.conv1"), names.index("block1.conv2")
+    rows[conv1] = tuple(v * 1.05 for v in rows[conv2])
+    table = Sensitivity(base.layers, base.bits, tuple(rows), "test", 0, 0.0)
+    bounds = {name: 1.0 for name in names} | {"block1.conv2": 20.0}
+    budget = Budget("avg-bits", 4.0)
+    without = solve(layers, joins, table, budget, lipschitz=bounds, ans_weight=0.0, robustness_signal="lipschitz").by_name()
+    kept = solve(layers, joins, table, budget, lipschitz=bounds, ans_weight=1.0, robustness_signal="lipschitz").by_name()
+    assert without["block1.conv1"].weight_bits >= without["block1.conv2"].weight_bits
+    assert kept["block1.conv2"].weight_bits > without["block1.conv2"].weight_bits
+    assert kept["block1.conv2"].weight_bits > kept["block1.conv1"].weight_bits
+
+
 def test_a_budget_no_plan_fits_is_a_usage_error(resnet):
     layers, joins = resnet
     names = [layer.name for layer in _allocated(layers, False)]

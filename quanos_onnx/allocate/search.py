@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..layers import Join, Layer
 from ..plan import Plan
 from .sensitivity import Sensitivity
-from .solve import DEFAULT_ANS_WEIGHT, Budget, alignment_constraints, layer_price, plan_price, solve
+from .solve import DEFAULT_ANS_WEIGHT, Budget, RobustnessSignal, alignment_constraints, layer_price, plan_price, solve
 
 Evaluate = Callable[[Plan], float]
 """Compile the plan and return its clean accuracy (0..1) on the held-out split."""
@@ -172,6 +172,8 @@ def smallest_within_guard(
     profile: Any = None,
     ans: Mapping[str, float] | None = None,
     ans_weight: float = DEFAULT_ANS_WEIGHT,
+    lipschitz: Mapping[str, float] | None = None,
+    robustness_signal: RobustnessSignal = "ans",
     tolerance: float | None = None,
     max_evaluations: int = 10,
     quantize_output: bool = False,
@@ -191,7 +193,8 @@ def smallest_within_guard(
     def probe(value: float) -> tuple[Plan, float]:
         plan = solve(
             layers, joins, sensitivity, Budget(budget_kind, value, profile),
-            ans=ans, ans_weight=ans_weight, quantize_output=quantize_output,
+            ans=ans, ans_weight=ans_weight, lipschitz=lipschitz, robustness_signal=robustness_signal,
+            quantize_output=quantize_output,
         )
         accuracy = evaluate(plan)
         probes.append({"budget": value, "achieved": plan.details["achieved"], "accuracy": accuracy})
@@ -237,12 +240,17 @@ def pareto_front(
     *,
     ans: Mapping[str, float] | None = None,
     ans_weight: float = DEFAULT_ANS_WEIGHT,
+    lipschitz: Mapping[str, float] | None = None,
+    robustness_signal: RobustnessSignal = "ans",
     quantize_output: bool = False,
 ) -> list[ParetoPoint]:
     """Solve and evaluate one plan per budget; mark the points another beats on both axes."""
     measured = []
     for budget in budgets:
-        plan = solve(layers, joins, sensitivity, budget, ans=ans, ans_weight=ans_weight, quantize_output=quantize_output)
+        plan = solve(
+            layers, joins, sensitivity, budget, ans=ans, ans_weight=ans_weight, lipschitz=lipschitz,
+            robustness_signal=robustness_signal, quantize_output=quantize_output,
+        )
         measured.append((budget, plan, plan_price(budget, layers, plan), evaluate(plan)))
     points = []
     for budget, plan, size, accuracy in measured:

@@ -9,7 +9,14 @@ where cost is the measured sensitivity (sensitivity.py), share_l = ANS_l / sum A
 layers that carry adversarial noise pay more for their bits), and C0 is the optimum of the
 same program without the ANS term: `ans_weight` is the fraction of the best predicted cost
 one accepts to spend on moving the whole ANS mass from b_max to b_min (scale-free, so one
-default serves every model). Subject to one budget, a sum of per-layer prices:
+default serves every model). `robustness_signal` "lipschitz" replaces the ANS term with
+
+    ans_weight * C0 * sum_{l,b} lshare_l (b_max - b)/(b_max - b_min) x[l, b],
+
+lshare_l = L_l / sum L with L_l the layer block's Lipschitz bound (harness/lipschitz.py):
+a block that stretches its input passes more of its quantization noise on, so it pays for
+few bits; "both" adds the two terms at half weight each (docs/method.md). Subject to one
+budget, a sum of per-layer prices:
 
 - avg-bits: sum p_l b x[l, b] <= B * sum p_l (parameter-weighted, as Plan.average_weight_bits);
 - bytes: packed weight bytes, sum p_l b / 8, plus float layers at 4 bytes per parameter;
@@ -29,6 +36,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -42,6 +50,9 @@ from .sensitivity import Sensitivity
 BUDGET_KINDS = ("avg-bits", "bytes", "energy", "bitops")
 DEFAULT_ANS_WEIGHT = 0.25
 """Chosen by measurement on ResNet-20 (docs/method.md, "The integer program")."""
+
+RobustnessSignal = Literal["ans", "lipschitz", "both"]
+ROBUSTNESS_SIGNALS: tuple[RobustnessSignal, ...] = ("ans", "lipschitz", "both")
 
 
 @dataclass(frozen=True)
@@ -144,18 +155,29 @@ def solve(
     *,
     ans: Mapping[str, float] | None = None,
     ans_weight: float = DEFAULT_ANS_WEIGHT,
+    lipschitz: Mapping[str, float] | None = None,
+    robustness_signal: RobustnessSignal = "ans",
     quantize_output: bool = False,
 ) -> Plan:
-    """The plan minimizing predicted cost (+ the ANS term) within the budget, exactly."""
+    """The plan minimizing predicted cost (+ the robustness term) within the budget, exactly.
+
+    The robustness term is ANS's (`ans`), the Lipschitz bounds' (`lipschitz`) or both, as
+    `robustness_signal` says; a signal without values (or all zero) adds nothing.
+    """
     if not (math.isfinite(ans_weight) and ans_weight >= 0):
         raise UsageError(f"--ans-weight {ans_weight!r} must be a non-negative number")
+    if robustness_signal not in ROBUSTNESS_SIGNALS:
+        raise UsageError(f"--robustness-signal {robustness_signal!r} is not one of {', '.join(ROBUSTNESS_SIGNALS)}")
     started = time.perf_counter()
     problem = _Problem(layers, joins, sensitivity, budget, quantize_output)
     base = problem.optimum(problem.cost)
-    shares = _ans_shares(problem.names, ans)
+    term = problem.robustness_term(
+        _ans_shares(problem.names, ans) if robustness_signal != "lipschitz" else None,
+        _ans_shares(problem.names, lipschitz) if robustness_signal != "ans" else None,
+    )
     chosen = base
-    if ans_weight > 0 and shares is not None:
-        chosen = problem.optimum(problem.cost + ans_weight * max(base.value, 0.0) * problem.ans_term(shares))
+    if ans_weight > 0 and term is not None:
+        chosen = problem.optimum(problem.cost + ans_weight * max(base.value, 0.0) * term)
     bits = problem.bits_of(chosen.x)
     plan = _plan(layers, bits, ans, problem.candidates)
     return plan.with_details(
@@ -165,7 +187,8 @@ def solve(
         predicted_cost=sensitivity.predict(plan),
         predicted_cost_without_ans=base.value,
         sensitivity=sensitivity.method,
-        ans_weight=ans_weight if shares is not None else 0.0,
+        ans_weight=ans_weight if term is not None else 0.0,
+        robustness_signal=robustness_signal,
         candidates=list(problem.candidates),
         solve_seconds=time.perf_counter() - started,
     )
@@ -250,6 +273,23 @@ class _Problem:
         span = max(high - low, 1)
         steps = np.array([(b - low) / span for b in self.candidates])
         return np.concatenate([share * steps for share in shares])
+
+    def lipschitz_term(self, shares: np.ndarray) -> np.ndarray:
+        """Few bits cost a layer in proportion to its Lipschitz share (b_max: nothing)."""
+        low, high = self.candidates[0], self.candidates[-1]
+        span = max(high - low, 1)
+        steps = np.array([(high - b) / span for b in self.candidates])
+        return np.concatenate([share * steps for share in shares])
+
+    def robustness_term(self, ans_shares: np.ndarray | None, lipschitz_shares: np.ndarray | None) -> np.ndarray | None:
+        """The ANS term, the Lipschitz term, or their mean when both signals are given."""
+        terms = [
+            term
+            for shares, build in ((ans_shares, self.ans_term), (lipschitz_shares, self.lipschitz_term))
+            if shares is not None
+            for term in [build(shares)]
+        ]
+        return sum(terms) / len(terms) if terms else None
 
     def optimum(self, objective: np.ndarray) -> _Optimum:
         from scipy.optimize import Bounds, milp

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ..data import DEFAULT_EVAL_FRACTION
-from ..allocate.solve import DEFAULT_ANS_WEIGHT
+from ..allocate.solve import DEFAULT_ANS_WEIGHT, RobustnessSignal
 from ..errors import UsageError, arg
 from ..layers import Layer, list_layers
 from ..model import check_finite_initializers, check_finite_outputs, refuse_quantized
@@ -82,6 +82,8 @@ class CompileOptions(AttackOptions):
     method: AllocationMethod = "milp"
     budget: str | None = None
     ans_weight: float = DEFAULT_ANS_WEIGHT
+    robustness_signal: RobustnessSignal = "ans"
+    """The milp's robustness term: ANS, the layers' Lipschitz bounds, or both (docs/method.md)."""
     sensitivity: SensitivityMethod = "kl"
     sensitivity_samples: int = 256
     max_bits: int = 8
@@ -120,7 +122,12 @@ class CompileOptions(AttackOptions):
         if self.bits is not None:
             return
         if self.method == "eqn3":
-            given = [name for name, value in (("budget", self.budget), ("pareto", self.pareto or None)) if value is not None]
+            milp_only = (
+                ("budget", self.budget),
+                ("pareto", self.pareto or None),
+                ("robustness_signal", None if self.robustness_signal == "ans" else self.robustness_signal),
+            )
+            given = [name for name, value in milp_only if value is not None]
             if given:
                 raise UsageError(f"{arg(given[0])} needs {arg('method')} milp (Eqn 3 takes {arg('target_avg_bits')})")
             return
@@ -500,7 +507,17 @@ def _milp_plan(
         advance(1)
     evaluate, search = _search_split(options, model, layers, joins, dataset, calibration)
     minimum = search.float_accuracy - (options.max_accuracy_drop if options.max_accuracy_drop is not None else 1.0) / 100
-    solve_options = dict(ans=ans_means, ans_weight=options.ans_weight, quantize_output=options.quantize_output)
+    lipschitz = None
+    if options.robustness_signal != "ans":
+        from ..harness.lipschitz import operator_bounds
+
+        with progress("Lipschitz bounds", len(layers)) as advance:
+            lipschitz = {bound.layer: bound.bound for bound in operator_bounds(model, layers, seed=options.seed)}
+            advance(len(layers))
+    solve_options = dict(
+        ans=ans_means, ans_weight=options.ans_weight, lipschitz=lipschitz,
+        robustness_signal=options.robustness_signal, quantize_output=options.quantize_output,
+    )
     if options.budget is not None:
         budget = parse_budget(options.budget)
         plan = solve(layers, joins, table, budget, **solve_options)
@@ -522,6 +539,7 @@ def _milp_plan(
         "how": how,
         "sensitivity": table.to_json(),
         "ans_weight": options.ans_weight,
+        "robustness_signal": options.robustness_signal,
         "float_accuracy": search.float_accuracy,
         "search_accuracy": accuracy,
         "search_samples": search.samples,
