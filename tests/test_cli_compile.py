@@ -216,6 +216,22 @@ def test_milp_with_a_budget_keeps_it_and_says_how_far_it_moved_from_eqn3(workdir
     assert plan.details["allocation"]["sensitivity"]["method"] == "kl@7"
 
 
+@pytest.mark.parametrize("signal", ["lipschitz", "both"])
+def test_milp_takes_the_lipschitz_robustness_signal(workdir: Path, signal: str):
+    result = _compile([
+        "model.onnx", "--data", "data.npz", "--budget", "avg-bits=4", "--robustness-signal", signal,
+        "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "--no-eval",
+        "-o", "out", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert validate(summary, "urn:quanos:quanos-compile", load_schemas()) == []
+    assert summary["allocation"]["robustness_signal"] == signal
+    assert summary["average_weight_bits"] <= 4.0
+    plan = read_plan(workdir / "out" / PLAN_FILE)
+    assert plan.details["allocation"]["robustness_signal"] == signal
+
+
 def test_milp_without_a_budget_finds_the_smallest_plan_within_the_guard(workdir: Path):
     result = _compile([
         "model.onnx", "--data", "data.npz", "--method", "milp", "--max-accuracy-drop", "5", "--pareto",
@@ -237,6 +253,7 @@ def test_milp_without_a_budget_finds_the_smallest_plan_within_the_guard(workdir:
         (["--method", "eqn3", "--budget", "avg-bits=4"], "--budget needs --method milp"),
         (["--method", "milp", "--target-avg-bits", "4"], "--target-avg-bits and --rounds are Eqn 3's"),
         (["--method", "milp", "--budget", "size=4"], "--budget 'size=4'"),
+        (["--method", "eqn3", "--robustness-signal", "lipschitz"], "--robustness-signal needs --method milp"),
     ],
 )
 def test_allocation_options_of_the_other_method_are_refused(workdir: Path, args, words):
