@@ -49,7 +49,7 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
         "compile-quanos": ("urn:quanos:quanos-compile", run_json("compile", str(model), *common, "--eval-data", str(data), *unguarded, "-o", str(tmp / "quanos"))),
         "analyze": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--audit-eps", "8/255", "--apgd-steps", "3", "-o", str(tmp / "analysis"))),
         "layers-lipschitz": ("urn:quanos:quanos-layers", run_json("layers", str(model), "--lipschitz")),
-        "analyze-lipschitz": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--audit-eps", "8/255", "--audit-attacks", "fgsm", "--lipschitz")),
+        "analyze-lipschitz": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--audit-eps", "8/255", "--audit-attacks", "fgsm", "--lipschitz", "-o", str(tmp / "analysis-lipschitz"))),
         "energy": ("urn:quanos:quanos-energy", run_json("energy", str(model), "--plan", str(tmp / "quanos" / "plan.json"), "--hw", "all", "-o", str(tmp / "energy"))),
         "export-qonnx": ("urn:quanos:quanos-export", run_json("export", str(tmp / "quanos" / "model.quanos.onnx"), "--to", "qonnx", "-o", str(tmp / "q.onnx"))),
         "export-ort": ("urn:quanos:quanos-export", run_json("export", str(tmp / "bits" / "model.quanos.onnx"), "--to", "ort-overrides", "-o", str(tmp / "o.json"))),
@@ -69,11 +69,12 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
     for run in ("bits", "quanos", "analysis", "energy", "evaluation", "audit"):
         found[f"report-{run}"] = ("urn:quanos:quanos-report", json.loads((tmp / run / "report.json").read_text()))
         found[f"run-{run}"] = ("urn:quanos:quanos-run", json.loads((tmp / run / "run.json").read_text()))
+    found["report-analysis-lipschitz"] = ("urn:quanos:quanos-report", json.loads((tmp / "analysis-lipschitz" / "report.json").read_text()))
     return found
 
 
 DOCUMENT_NAMES = [
-    "layers", "layers-lipschitz", "compile-bits", "compile-quanos", "analyze", "analyze-lipschitz", "energy", "export-qonnx", "export-ort",
+    "layers", "layers-lipschitz", "compile-bits", "compile-quanos", "analyze", "analyze-lipschitz", "report-analysis-lipschitz", "energy", "export-qonnx", "export-ort",
     "evaluate", "evaluate-audit", "finetune", "plan-bits", "plan-quanos", "analysis-file", "energy-file", "evaluation-file",
     *(f"{kind}-{run}" for run in ("bits", "quanos", "analysis", "energy", "evaluation", "audit") for kind in ("report", "run")),
 ]
@@ -136,3 +137,15 @@ def test_the_shipped_schemas_are_the_documented_ones_and_valid() -> None:
     assert SCHEMAS == schemas_in_page(DOCS_JSON.read_text())
     for schema in SCHEMAS.values():
         jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_analyze_lipschitz_puts_bound_and_local_ratio_beside_ans(documents: dict[str, tuple[str, Any]]) -> None:
+    _, analysis = documents["analyze-lipschitz"]
+    _, report = documents["report-analysis-lipschitz"]
+    bounds = {row["layer"]: row["bound"] for row in analysis["lipschitz"]["bounds"]}
+    local = {row["layer"]: row for row in analysis["lipschitz"]["local"]["layers"]}
+    assert set(bounds) == {row["layer"] for row in analysis["ans"]["layers"]}
+    for row in report["layers"]:
+        assert row["lipschitz_bound"] == bounds[row["name"]]
+        assert row["lipschitz_local"] == local[row["name"]]["local_mean"]
+        assert local[row["name"]]["local_max"] <= bounds[row["name"]] * (1 + 1e-6)

@@ -206,7 +206,7 @@ def run_analyze(
         data=data_entry(data, dataset, dataset.count),
         seed=options.seed,
         settings=options.settings(),
-        layers=report.layer_rows(layers, None, document["ans"]),
+        layers=report.layer_rows(layers, None, document["ans"], document.get("lipschitz")),
         ans=document["ans"],
         evaluations=[{"model": model_entry, "evaluation": document["evaluation"]}],
         audits=[audit],

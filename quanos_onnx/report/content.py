@@ -205,6 +205,8 @@ def _layers_table(document: Mapping[str, Any]) -> Table | None:
     columns = ["layer", "op", "params", "MACs"]
     columns += ["weight bits", "act bits"] if planned else []
     columns += ["ANS mean", "ANS std"] if measured else []
+    lipschitz = any(row.get("lipschitz_bound") is not None for row in layers)
+    columns += ["Lipschitz bound", "local Lipschitz"] if lipschitz else []
     rows = []
     for row in layers:
         cells = [row["name"], row["op"], f"{row['params']:,}", f"{row['macs']:,}"]
@@ -212,6 +214,8 @@ def _layers_table(document: Mapping[str, Any]) -> Table | None:
             cells += ["float", "float"] if row["keep_float"] else [str(row["weight_bits"]), str(row["act_bits"])]
         if measured:
             cells += [_number(row["ans_mean"]), _number(row["ans_std"])]
+        if lipschitz:
+            cells += [_number(row.get("lipschitz_bound")), _number(row.get("lipschitz_local"))]
         rows.append(tuple(cells))
     return Table("layers", "Layers", tuple(columns), tuple(rows))
 

@@ -109,12 +109,17 @@ def output_entry(name: str, content: bytes | str) -> dict[str, Any]:
 
 
 def layer_rows(
-    layers: Sequence[Layer], plan: Plan | None = None, ans: Mapping[str, Any] | None = None
+    layers: Sequence[Layer],
+    plan: Plan | None = None,
+    ans: Mapping[str, Any] | None = None,
+    lipschitz: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per layer: shape facts, the plan's bits (None without a plan) and ANS.
 
     ANS comes from the plan's entries (the values its bits were derived from) and
-    otherwise from an ANS measurement document (AnsMeasurement.to_json()).
+    otherwise from an ANS measurement document (AnsMeasurement.to_json()). With a
+    `lipschitz` part (LipschitzEstimates.to_json()), each row also has the block's bound
+    and mean local ratio.
     """
     entries = plan.by_name() if plan is not None else {}
     measured = {row["layer"]: row for row in (ans or {}).get("layers", [])}
@@ -140,6 +145,12 @@ def layer_rows(
                 "ans_std": ans_std,
             }
         )
+    if lipschitz is not None:
+        bounds = {row["layer"]: row["bound"] for row in lipschitz["bounds"]}
+        local = {row["layer"]: row["local_mean"] for row in (lipschitz["local"] or {}).get("layers", [])}
+        for row in rows:
+            row["lipschitz_bound"] = bounds.get(row["name"])
+            row["lipschitz_local"] = local.get(row["name"])
     return rows
 
 
