@@ -75,7 +75,6 @@ class Sensitivity:
             "method": self.method,
             "bits": list(self.bits),
             "samples": self.samples,
-            "seconds": self.seconds,
             "cost": {name: dict(zip(map(str, self.bits), row)) for name, row in zip(self.layers, self.cost)},
         }
 

@@ -26,7 +26,6 @@ quantized layer downstream takes the widest bits among the layers feeding the jo
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -149,7 +148,6 @@ def solve(
     """The plan minimizing predicted cost (+ the ANS term) within the budget, exactly."""
     if not (math.isfinite(ans_weight) and ans_weight >= 0):
         raise UsageError(f"--ans-weight {ans_weight!r} must be a non-negative number")
-    started = time.perf_counter()
     problem = _Problem(layers, joins, sensitivity, budget, quantize_output)
     base = problem.optimum(problem.cost)
     shares = _ans_shares(problem.names, ans)
@@ -167,7 +165,6 @@ def solve(
         sensitivity=sensitivity.method,
         ans_weight=ans_weight if shares is not None else 0.0,
         candidates=list(problem.candidates),
-        solve_seconds=time.perf_counter() - started,
     )
 
 

@@ -475,7 +475,6 @@ def _milp_plan(
     samples themselves (logged).
     """
     import logging
-    import time
 
     from ..allocate import allocate
     from ..allocate.search import pareto_front, repair, smallest_within_guard
@@ -483,7 +482,6 @@ def _milp_plan(
     from ..allocate.solve import Budget, parse_budget, solve
     from ..layers import find_joins
 
-    started = time.perf_counter()
     joins = find_joins(model, layers)
     candidates = check_candidate_bits(list(range(options.k_min, options.max_bits + 1)))
     measure_ans = _measure_ans(options, layers, dataset, progress)
@@ -536,7 +534,6 @@ def _milp_plan(
             {"bits": b, "accuracy": evaluate(Plan.uniform(layers, b, keep_output_float=not options.quantize_output))}
             for b in candidates
         ]
-    details["seconds"] = time.perf_counter() - started
     return plan.with_details(ans=ans.to_json(), allocation=details)
 
 
