@@ -334,7 +334,8 @@ def run_compile(
         dataset, evaluation = _split_data(
             load_data(data, options, source.proto, model_name=source.name), eval_data, options, source
         )
-        check_data_range(options.input_range, dataset, attacked=options.bits is None and given_plan is None)
+        attacked = (options.bits is None and given_plan is None) or (options.evaluate and bool(options.eval_attacks))
+        check_data_range(options.input_range, dataset, attacked=attacked)
         calibration = [x for x, _ in first_samples(dataset, options.calibration_samples, options.batch_size)]
         check_finite_outputs(source.proto, calibration[0], source.name)
         if options.bits is not None:
