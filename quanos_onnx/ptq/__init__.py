@@ -25,6 +25,7 @@ from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_
 from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
 from .bias import bias_shifts, corrected_grids
+from .equalize import equalize
 from .ranges import RANGE_METHODS, check_range_method, choose_range, collect_histograms
 from .weights import WEIGHT_CLIPPINGS, clipped_grids, input_moments
 
@@ -39,14 +40,17 @@ class PtqSettings:
 
     act_range: minmax | percentile | entropy | mse | auto (mse up to 6 bits, minmax above:
       see the measurements). percentile: for act_range percentile.
-    weight_clipping: absmax | mse (per-channel clipping search on the weight error).
+    weight_clipping: absmax | mse | output (per-channel clipping search on the weight error
+      or on the layer's output error).
     bias_correction: add each layer's measured mean output shift to its bias.
+    equalize: cross-layer equalization of the float model first (data-free, same function).
     """
 
     act_range: str = AUTO
     percentile: float = 99.99
-    weight_clipping: str = "mse"
+    weight_clipping: str = "output"
     bias_correction: bool = True
+    equalize: bool = False
 
     def __post_init__(self) -> None:
         if self.act_range != AUTO:
@@ -86,6 +90,8 @@ def apply_ptq(
     `weight_grids` given by the caller are kept as they are (not clipped again); bias
     correction adjusts the bias of those that bring none.
     """
+    if settings.equalize:
+        model = equalize(model)
     batches = calibration if isinstance(calibration, Sequence) else list(calibration)
     total = sum(len(batch) for batch in batches)
     tensors = sorted({t for group in points.groups for t in group.tensors})
