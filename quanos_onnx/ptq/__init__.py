@@ -1,0 +1,1 @@
+"""Post-training quantization stages that choose a quantized model's weights and ranges."""
