@@ -110,3 +110,32 @@ def test_method_and_percentile_override_the_settings(resnet):
 def test_bad_settings_are_usage_errors_naming_the_option(options, culprit):
     with pytest.raises(UsageError, match=culprit):
         PtqSettings(**options)
+
+
+@pytest.mark.parametrize("rounding", ["adaround", "brecq"])
+def test_learned_rounding_is_wired_in_and_repeatable(resnet, tmp_path, rounding):
+    model, layers = resnet
+    x = random_inputs(model, 32)
+    plan = mixed_plan(layers, [(3, 4)] * 6 + [(8, 8)])
+    settings = PtqSettings(rounding=rounding, rounding_iterations=30, seed=1)
+    nearest = quantize(model, plan, [x[:16], x[16:]], ptq=PtqSettings(rounding="nearest"))
+    learned = quantize(model, plan, [x[:16], x[16:]], ptq=settings)
+    again = quantize(model, plan, [x[:16], x[16:]], ptq=settings)
+    assert learned.model.SerializeToString() == again.model.SerializeToString()
+    names = [f"{layer.name}.weight_w{entry.weight_bits}_quantized" for layer, entry in zip(layers, learned.plan.layers)]
+    changed = [not np.array_equal(initializer(learned.model, n), initializer(nearest.model, n)) for n in names]
+    assert any(changed)
+    for name, entry in zip(names, learned.plan.layers):
+        assert np.abs(initializer(learned.model, name)).max() <= 2 ** (entry.weight_bits - 1) - 1
+    # the rounding keeps the clipped scales, so only the integers move
+    for layer, entry in zip(layers, learned.plan.layers):
+        scale = f"{layer.name}.weight_w{entry.weight_bits}_scale"
+        np.testing.assert_array_equal(initializer(learned.model, scale), initializer(nearest.model, scale))
+    assert optimized_ops(learned.model, tmp_path) == optimized_ops(nearest.model, tmp_path)
+
+
+def test_bad_rounding_settings_name_the_option():
+    with pytest.raises(UsageError, match="--rounding:"):
+        PtqSettings(rounding="stochastic")
+    with pytest.raises(UsageError, match="--rounding-iterations"):
+        PtqSettings(rounding="adaround", rounding_iterations=0)

@@ -3,10 +3,12 @@
 The stages, in order, each optional and each on any plan (any bits 2..16 per layer):
 cross-layer equalization of the float weights (equalize.py), activation ranges for each
 quantizer group's bits from histograms of the calibration set (ranges.py), per-channel
-weight clipping (weights.py), and bias correction measured through the QDQ model (bias.py).
-All of them only choose scales, integers and biases: the output is always passes/qdq's
-exact k-bit QDQ form, so onnxruntime's integer fusions are unchanged. Nothing here draws
-random numbers; the result depends only on the model, the plan, the data and the settings.
+weight clipping (weights.py), learned rounding on those grids (reconstruct.py: AdaRound,
+BRECQ/QDrop), and bias correction measured through the QDQ model (bias.py). All of them
+only choose scales, integers and biases: the output is always passes/qdq's exact k-bit QDQ
+form, so onnxruntime's integer fusions are unchanged. Only the rounding draws random numbers
+(batches, QDrop masks), from `seed`; the result depends only on the model, the plan, the
+data and the settings.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -26,6 +29,8 @@ from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
 from .bias import bias_shifts, corrected_grids
 from .equalize import equalize
+from .reconstruct import DEFAULT_ITERATIONS
+from .reconstruct import METHODS as ROUNDING_METHODS
 from .ranges import RANGE_METHODS, check_range_method, choose_range, collect_histograms
 from .weights import WEIGHT_CLIPPINGS, clipped_grids, input_moments
 
@@ -42,21 +47,30 @@ class PtqSettings:
       see the measurements). percentile: for act_range percentile.
     weight_clipping: absmax | mse | output (per-channel clipping search on the weight error
       or on the layer's output error).
-    bias_correction: add each layer's measured mean output shift to its bias.
+    bias_correction: add each layer's measured mean output shift to its bias (after rounding).
     equalize: cross-layer equalization of the float model first (data-free, same function).
+    rounding: nearest | adaround | brecq (ptq/reconstruct.py, through the torch twin), with
+      rounding_iterations per layer or block and `seed` for its batches and QDrop masks.
     """
 
-    act_range: str = AUTO
+    act_range: Literal["auto", "minmax", "percentile", "entropy", "mse"] = AUTO
     percentile: float = 99.99
-    weight_clipping: str = "output"
+    weight_clipping: Literal["absmax", "mse", "output"] = "output"
     bias_correction: bool = True
     equalize: bool = False
+    rounding: Literal["nearest", "adaround", "brecq"] = "nearest"
+    rounding_iterations: int = DEFAULT_ITERATIONS
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.act_range != AUTO:
             check_range_method(self.act_range, self.percentile)
         elif not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"--percentile: {self.percentile} is outside (50, 100]")
+        if self.rounding not in ROUNDINGS:
+            raise UsageError(f"--rounding: unknown method '{self.rounding}' (use {', '.join(ROUNDINGS)})")
+        if self.rounding_iterations < 1:
+            raise UsageError(f"--rounding-iterations: must be at least 1, got {self.rounding_iterations}")
         if self.weight_clipping not in WEIGHT_CLIPPINGS:
             raise UsageError(
                 f"--weight-clipping: unknown method '{self.weight_clipping}' (use {', '.join(WEIGHT_CLIPPINGS)})"
@@ -71,6 +85,7 @@ class PtqSettings:
 
 AUTO_MSE_MAX_BITS = 6
 ACT_RANGES = (AUTO, *RANGE_METHODS)
+ROUNDINGS = ("nearest", *ROUNDING_METHODS)
 
 
 def apply_ptq(
@@ -95,7 +110,10 @@ def apply_ptq(
     batches = calibration if isinstance(calibration, Sequence) else list(calibration)
     total = sum(len(batch) for batch in batches)
     tensors = sorted({t for group in points.groups for t in group.tensors})
-    histograms = collect_histograms(model, tensors, batches, progress=progress, total=total)
+    counted = {t for g in points.groups if settings.range_method(g.bits) != "minmax" for t in g.tensors}
+    histograms = collect_histograms(
+        model, tensors, batches, extremes_only=set(tensors) - counted, progress=progress, total=total
+    )
     quantizers = {}
     for group in points.groups:
         first, *rest = (histograms[t] for t in group.tensors)
@@ -106,6 +124,9 @@ def apply_ptq(
     moments = input_moments(model, layers, plan, batches) if settings.weight_clipping == "output" else {}
     grids = _weight_grids(weights, layers, plan, settings, moments) | dict(weight_grids or {})
     quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
+    if settings.rounding != "nearest":
+        grids = _rounded(model, quantized, layers, plan, batches, settings, grids, weight_grids or {}, progress)
+        quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
     if not settings.bias_correction:
         return quantized
     given = {name for name, grid in (weight_grids or {}).items() if grid.bias is not None}
@@ -118,6 +139,34 @@ def apply_ptq(
     log.info("bias correction on %d layers", len(shifts))
     corrected = corrected_grids(grids, shifts, biases)
     return insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=corrected)
+
+
+def _rounded(
+    model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    layers: Sequence[Layer],
+    plan: Plan,
+    batches: Sequence[np.ndarray],
+    settings: PtqSettings,
+    grids: Mapping[str, WeightGrid],
+    given: Mapping[str, WeightGrid],
+    progress: ProgressFactory,
+) -> dict[str, WeightGrid]:
+    """The grids with learned rounding; a caller's own grids stay as given."""
+    from .reconstruct import reconstruct_weights
+
+    learned = reconstruct_weights(
+        model,
+        quantized,
+        layers,
+        plan,
+        batches,
+        method=settings.rounding,
+        iterations=settings.rounding_iterations,
+        seed=settings.seed,
+        progress=progress,
+    )
+    return {**grids, **{name: grid for name, grid in learned.items() if name not in given}}
 
 
 def _weight_grids(

@@ -28,6 +28,9 @@ from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
 
 CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm")
+BIAS_SAMPLES = 128
+"""Calibration samples the shifts are measured on: a mean over samples x positions settles
+long before that, and the pass runs the QDQ model with two probes per layer."""
 
 
 def bias_shifts(
@@ -40,7 +43,7 @@ def bias_shifts(
     progress: ProgressFactory = no_progress,
     total: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Per layer, E[W x] - E[Wq xq] per output channel over the calibration data."""
+    """Per layer, E[W x] - E[Wq xq] per output channel, on the first BIAS_SAMPLES samples."""
     nodes = {node.name: node for node in quantized.graph.node}
     entries = plan.by_name()
     probes = [
@@ -58,8 +61,13 @@ def bias_shifts(
     sums = {layer.name: np.zeros(0) for layer in probes}
     counts = dict.fromkeys(sums, 0)
     names = [name for pair in outputs.values() for name in pair]
-    with progress("bias correction", total) as advance:
+    with progress("bias correction", min(total, BIAS_SAMPLES)) as advance:
+        seen = 0
         for batch in calibration:
+            if seen >= BIAS_SAMPLES:
+                break
+            batch = batch[: BIAS_SAMPLES - seen]
+            seen += len(batch)
             values = dict(zip(names, runner.run(batch, names)))
             for layer in probes:
                 float_name, quant_name = outputs[layer.name]

@@ -25,7 +25,7 @@ at least 512 levels is finer than the histogram, and clipping gains nothing ther
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +51,8 @@ class TensorHistogram:
     """Streaming statistics of one tensor: exact extremes and |x| histograms per sign."""
 
     bins: int = HISTOGRAM_BINS
+    counting: bool = True
+    """False keeps only the extremes (a tensor only min/max ranges are asked of)."""
     low: float = np.inf
     high: float = -np.inf
     limit: float = 0.0
@@ -70,13 +72,21 @@ class TensorHistogram:
         flat = np.asarray(values, dtype=np.float32).reshape(-1)
         if not flat.size:
             return
-        if not np.all(np.isfinite(flat)):
+        low, high = float(flat.min()), float(flat.max())
+        if not (np.isfinite(low) and np.isfinite(high)):
             raise DataError("calibration: a tensor of the float model is not finite on the calibration data")
-        self.low = min(self.low, float(flat.min()))
-        self.high = max(self.high, float(flat.max()))
+        self.low, self.high = min(self.low, low), max(self.high, high)
+        if not self.counting:
+            return
         self.grow(max(-self.low, self.high))
-        self.positive += self._counts(flat[flat >= 0])
-        self.negative += self._counts(-flat[flat < 0])
+        if self.limit == 0.0:
+            self.positive[0] += flat.size
+            return
+        index = np.minimum((np.abs(flat) * np.float32(self.bins / self.limit)).astype(np.int32), self.bins - 1)
+        index += (flat < 0).astype(np.int32) * self.bins
+        counts = np.bincount(index, minlength=2 * self.bins)
+        self.positive += counts[: self.bins]
+        self.negative += counts[self.bins :]
 
     def grow(self, magnitude: float) -> None:
         """Double R (merging bin pairs) until it covers `magnitude`; exact, no re-binning error."""
@@ -91,7 +101,7 @@ class TensorHistogram:
 
     def merged(self, others: Sequence[TensorHistogram]) -> TensorHistogram:
         """One histogram of this tensor and `others` together (a quantizer group)."""
-        total = TensorHistogram(self.bins)
+        total = TensorHistogram(self.bins, self.counting and all(part.counting for part in others))
         for part in (self, *others):
             if part.limit == 0.0 and part.low > part.high:
                 continue
@@ -108,13 +118,6 @@ class TensorHistogram:
             total.negative = total.negative + negative
         return total
 
-    def _counts(self, magnitudes: np.ndarray) -> np.ndarray:
-        if not magnitudes.size or self.limit == 0.0:
-            return np.bincount(np.zeros(magnitudes.size, dtype=np.int64), minlength=self.bins)[: self.bins]
-        index = np.minimum((magnitudes * (self.bins / self.limit)).astype(np.int64), self.bins - 1)
-        return np.bincount(index, minlength=self.bins)
-
-
 def _merge_pairs(counts: np.ndarray) -> np.ndarray:
     merged = counts.reshape(-1, 2).sum(axis=1)
     return np.concatenate([merged, np.zeros(counts.size - merged.size)])
@@ -125,15 +128,17 @@ def collect_histograms(
     tensors: Sequence[str],
     batches: Iterable[np.ndarray],
     *,
+    extremes_only: Collection[str] = (),
     progress: ProgressFactory = no_progress,
     total: int = 0,
 ) -> dict[str, TensorHistogram]:
-    """Histograms of the named tensors of the float model over every calibration batch."""
+    """Histograms of the named tensors of the float model over every calibration batch
+    (only the extremes for the tensors in `extremes_only`)."""
     names = list(tensors)
     if not names:
         return {}
     runner = Runner(proto, names)
-    histograms = {name: TensorHistogram() for name in names}
+    histograms = {name: TensorHistogram(counting=name not in extremes_only) for name in names}
     seen = 0
     with progress("calibrate", total) as advance:
         for batch in batches:
@@ -153,6 +158,8 @@ def choose_range(histogram: TensorHistogram, bits: int, method: str, percentile:
     low, high = min(histogram.low, 0.0), max(histogram.high, 0.0)
     if method == "minmax" or histogram.limit == 0.0:
         return Range(low, high)
+    if not histogram.counting:
+        raise ValueError(f"a {method} range needs a histogram; this tensor kept only its extremes")
     if method == "percentile":
         return _percentile_range(histogram, percentile)
     if bits > SEARCH_MAX_BITS:

@@ -26,7 +26,7 @@ from ..plan import Plan
 WEIGHT_CLIPPINGS = ("absmax", "mse", "output")
 CLIP_RATIOS = np.linspace(1.0, 0.1, 46)
 """Candidate ratios of each channel's absmax, widest first (steps of 0.02)."""
-MOMENT_SAMPLES = 256
+MOMENT_SAMPLES = 32
 """Calibration samples H is estimated on: a layer's patches outnumber its D^2 entries by far
 already, and the D x D products are the expensive part of the stage."""
 
@@ -114,24 +114,25 @@ def input_moments(
             seen += len(batch)
             values = dict(zip(inputs, runner.run(batch, inputs)))
             for name, shaper in patches.items():
-                grouped = shaper(torch.from_numpy(np.ascontiguousarray(values[by_name[name].input], dtype=np.float32)))
-                product = torch.bmm(grouped.transpose(1, 2), grouped).numpy().astype(np.float64)
+                columns = shaper(torch.from_numpy(np.ascontiguousarray(values[by_name[name].input], dtype=np.float32)))
+                product = _second_moments(columns)
                 sums[name] = sums[name] + product if name in sums else product
-                counts[name] += grouped.shape[1]
+                counts[name] += columns.shape[0] * columns.shape[-1]
     return {name: sums[name] / max(counts[name], 1) for name in sums}
 
 
 def _patch_shaper(layer: Layer, node: onnx.NodeProto):
-    """A function from the layer's input batch to its patches (groups x N x D), or None."""
+    """A function from the layer's input batch to its patches, samples x groups x D x
+    positions, or None when this module does not form them."""
     import torch.nn.functional as functional
 
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if layer.op == "Gemm":
         if attributes.get("transA", 0):
             return None
-        return lambda x: x.reshape(1, x.shape[0], -1)
+        return lambda x: x.reshape(1, 1, x.shape[0], -1).transpose(2, 3)
     if layer.op == "MatMul":
-        return lambda x: x.reshape(1, -1, x.shape[-1])
+        return lambda x: x.reshape(1, 1, -1, x.shape[-1]).transpose(2, 3)
     if layer.op != "Conv" or len(layer.kernel) != 2 or attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return None
     groups = int(attributes.get("group", 1))
@@ -141,10 +142,17 @@ def _patch_shaper(layer: Layer, node: onnx.NodeProto):
     def shaper(x):
         padded = functional.pad(x, (left, right, top, bottom))
         columns = functional.unfold(padded, tuple(layer.kernel), dilation=dilations, stride=tuple(layer.strides))
-        per_group = columns.reshape(x.shape[0], groups, -1, columns.shape[-1])
-        return per_group.permute(1, 0, 3, 2).reshape(groups, -1, per_group.shape[2])
+        return columns.reshape(x.shape[0], groups, -1, columns.shape[-1])
 
     return shaper
+
+
+def _second_moments(columns) -> np.ndarray:  # noqa: ANN001 - torch.Tensor, imported lazily
+    """Sum over samples and positions of p p^T per group, from samples x groups x D x positions."""
+    samples, groups, size, positions = columns.shape
+    flat = columns.reshape(samples * groups, size, positions)
+    products = (flat @ flat.transpose(1, 2)).reshape(samples, groups, size, size).sum(dim=0)
+    return products.double().numpy()
 
 
 def _errors(deltas: np.ndarray, moments: np.ndarray | None) -> np.ndarray:
