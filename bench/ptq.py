@@ -48,18 +48,34 @@ METHODS: dict[str, dict[str, Any]] = {
     "mse + output clip": {"act_range": "mse", "weight_clipping": "output", "bias_correction": False},
     "mse + output clip + bias corr.": {"act_range": "mse", "weight_clipping": "output", "bias_correction": True},
     "auto + output clip + bias corr.": {"act_range": "auto", "weight_clipping": "output", "bias_correction": True},
+    "minmax + output clip + bias corr.": {"act_range": "minmax", "weight_clipping": "output", "bias_correction": True},
+    "entropy + output clip + bias corr.": {"act_range": "entropy", "weight_clipping": "output", "bias_correction": True},
+    "auto + output clip + brecq + bias corr.": {
+        "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+    },
+    "auto + output clip + adaround + bias corr.": {
+        "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "adaround",
+    },
+    "mse + output clip + bias corr. + equalize": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "equalize": True,
+    },
     "auto + output clip + bias corr., first conv W8A8": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "first_layer_bits": 8,
     },
 }
 """Each row names its settings in full, so a later change of PtqSettings' defaults does not
-change what a row measured. `auto` differs from `mse` only where activations have 8 bits."""
+change what a row measured. `auto` is entropy up to 6 activation bits, min/max above."""
 ONLY_AT = {
     "percentile 99.99": ("W8A8", "W4A4", "W3A3"),
     "entropy": ("W8A8", "W4A4", "W3A3"),
     "mse + weight-mse clip": ("W8A8", "W4A4", "W3A3"),
     "mse + output clip": ("W8A8", "W4A4", "W3A3"),
     "auto + output clip + bias corr.": ("W8A8", "W4A8"),
+    "minmax + output clip + bias corr.": ("W6A6", "W5A5"),
+    "mse + output clip + bias corr. + equalize": ("W4A4", "W3A3"),
+    "entropy + output clip + bias corr.": ("W6A6", "W5A5", "W4A4", "W3A3", "W2A4"),
+    "auto + output clip + brecq + bias corr.": ("W4A4", "W2A4", "W3A3"),
+    "auto + output clip + adaround + bias corr.": ("W4A4",),
 }
 """Diagnostic rows run at a few configurations only (the 2-core machine is shared)."""
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")

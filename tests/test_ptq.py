@@ -86,8 +86,8 @@ def test_the_defaults_beat_round_to_nearest_at_four_bits():
 
 def test_auto_ranges_search_at_low_bits_and_keep_minmax_at_eight():
     settings = PtqSettings()
-    assert [settings.range_method(bits) for bits in (2, 4, 6, 7, 8, 16)] == ["mse"] * 3 + ["minmax"] * 3
-    assert PtqSettings(act_range="entropy").range_method(3) == "entropy"
+    assert [settings.range_method(bits) for bits in (2, 4, 6, 7, 8, 16)] == ["entropy"] * 3 + ["minmax"] * 3
+    assert PtqSettings(act_range="mse").range_method(3) == "mse"
 
 
 def test_method_and_percentile_override_the_settings(resnet):

@@ -56,6 +56,8 @@ class TensorHistogram:
     low: float = np.inf
     high: float = -np.inf
     limit: float = 0.0
+    zeros: float = 0.0
+    """Exact zeros (a Relu's spike): on every grid exactly, so entropy leaves them out."""
     positive: np.ndarray = field(default_factory=lambda: np.zeros(0))
     negative: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
@@ -78,6 +80,7 @@ class TensorHistogram:
         self.low, self.high = min(self.low, low), max(self.high, high)
         if not self.counting:
             return
+        self.zeros += float(np.count_nonzero(flat == 0))
         self.grow(max(-self.low, self.high))
         if self.limit == 0.0:
             self.positive[0] += flat.size
@@ -116,6 +119,7 @@ class TensorHistogram:
                 limit *= 2.0
             total.positive = total.positive + positive
             total.negative = total.negative + negative
+            total.zeros += part.zeros
         return total
 
 def _merge_pairs(counts: np.ndarray) -> np.ndarray:
@@ -218,9 +222,13 @@ def _mse_ratio(centres: np.ndarray, counts: np.ndarray, low: float, high: float,
 
 
 def _entropy_ratio(histogram: TensorHistogram, low: float, high: float, bits: int) -> float:
-    """TensorRT's KL calibration with the window [low, high] x ratio and 2^k levels."""
+    """TensorRT's KL calibration with the window [low, high] x ratio and 2^k levels.
+
+    Exact zeros are left out: spread over the first level's bins by Q they would make every
+    wide window look bad and pull ReLU outputs to ranges a few bins wide."""
     levels = 2**bits
-    negative, positive = histogram.negative, histogram.positive
+    negative, positive = histogram.negative, histogram.positive.copy()
+    positive[0] -= histogram.zeros
     width = histogram.limit / histogram.bins
     best, best_ratio = np.inf, 1.0
     for ratio in CLIP_RATIOS:
