@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from quanos_onnx import model as onnx_model  # noqa: E402
-from quanos_onnx.layers import list_layers  # noqa: E402
+from quanos_onnx.layers import Layer, list_layers  # noqa: E402
 from quanos_onnx.plan import LayerPlan, Plan  # noqa: E402
 from quanos_onnx.ptq.reconstruct import DEFAULT_ITERATIONS, reconstruct_weights  # noqa: E402
 from quanos_onnx.quantize import quantize  # noqa: E402
@@ -38,7 +39,7 @@ def top1(proto, x: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(1) == y).mean())
 
 
-def bench_plan(layers, weight_bits: int, act_bits: int, *, paper: bool) -> Plan:  # noqa: ANN001
+def bench_plan(layers: Sequence[Layer], weight_bits: int, act_bits: int, *, paper: bool) -> Plan:
     """W/A bits for every layer; the output layer float (Plan.uniform's default), or with
     `paper` the first and output layers at W8A8."""
     entries = []

@@ -23,8 +23,9 @@ and their measurements are in docs/quantization.md, "Rounding optimization".
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -37,14 +38,21 @@ from ..passes.qdq import WeightGrid
 from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..twin import OnnxTwin
+
 log = logging.getLogger(__name__)
 
 METHODS = ("adaround", "brecq")
 DEFAULT_ITERATIONS = 1000
-"""Adam steps per layer (adaround) or block (brecq); chosen by measurement (docs)."""
+"""Adam steps per layer (adaround) or block (brecq) for callers to default to; chosen on
+ResNet-20 by measurement (docs/benchmarks.md)."""
 BATCH_SIZE = 32
 MAX_SAMPLES = 1024
-"""Calibration samples kept for reconstruction; more cost memory and barely help."""
+"""The first calibration samples are used, at most this many: each unit keeps its inputs
+and target for all of them in memory."""
 LEARNING_RATE = 1e-3
 REGULARIZER_WEIGHT = 0.01
 BETA_START, BETA_END = 20.0, 2.0
@@ -94,7 +102,7 @@ class RoundedWeight:
         shape[self.axis] = -1
         return self.scale.reshape(shape)
 
-    def dequantized(self, integers: np.ndarray):  # noqa: ANN201 - torch.Tensor, imported lazily
+    def dequantized(self, integers: np.ndarray) -> torch.Tensor:
         import torch
 
         return torch.from_numpy((integers * self.broadcast_scale).astype(np.float32))
@@ -108,8 +116,8 @@ def reconstruct_weights(
     calibration: Sequence[np.ndarray],
     *,
     method: str,
-    iterations: int = DEFAULT_ITERATIONS,
-    seed: int = 0,
+    iterations: int,
+    seed: int,
     progress: ProgressFactory = no_progress,
 ) -> dict[str, WeightGrid]:
     """Learned up/down rounding for every quantized layer, on the quantized model's grid.
@@ -190,7 +198,6 @@ class _Graph:
         self.node_index = {id(node): i for i, node in enumerate(self.nodes)}
         self.index = {name: i for i, node in enumerate(self.nodes) for name in node.output}
         self.initializers = {t.name for t in model.graph.initializer}
-        self.inputs = {value.name for value in model.graph.input} - self.initializers
         self.live = data_dependent_tensors(model)
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in self.nodes:
@@ -419,17 +426,17 @@ class SoftRounding:
         logits = -np.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
         self.logits = torch.from_numpy(logits).float().requires_grad_()
 
-    def rectified(self):  # noqa: ANN201 - torch.Tensor, imported lazily
+    def rectified(self) -> torch.Tensor:
         import torch
 
         return torch.clamp(torch.sigmoid(self.logits) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
-    def soft_weight(self):  # noqa: ANN201
+    def soft_weight(self) -> torch.Tensor:
         import torch
 
         return self.scale * torch.clamp(self.floor + self.rectified(), -self.limit, self.limit)
 
-    def regularizer(self, beta: float):  # noqa: ANN201
+    def regularizer(self, beta: float) -> torch.Tensor:
         return (1.0 - (2.0 * self.rectified() - 1.0).abs().pow(beta)).sum()
 
     def integers(self) -> np.ndarray:
@@ -442,9 +449,9 @@ class UnitData:
     """A unit's training data over the calibration samples (torch tensors): the quantized
     model's values for each activation feed, the float input (for QDrop) and the target."""
 
-    quantized: Mapping[str, object]
-    float_input: object | None
-    target: object
+    quantized: Mapping[str, torch.Tensor]
+    float_input: torch.Tensor | None
+    target: torch.Tensor
 
 
 def _samples(calibration: Sequence[np.ndarray]) -> np.ndarray:
@@ -454,7 +461,7 @@ def _samples(calibration: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(batches)[:MAX_SAMPLES]
 
 
-def _twin(model: onnx.ModelProto):  # noqa: ANN202 - OnnxTwin, imported lazily
+def _twin(model: onnx.ModelProto) -> OnnxTwin:
     from ..twin import build_twin
 
     return build_twin(model, trainable=False)
@@ -472,7 +479,7 @@ class Collector:
         self.session = make_session(with_outputs(model, [name for name in names if name != self.input_name]))
         self.fixed_batch = input_shape(model)[0]
 
-    def run(self, samples: np.ndarray, names: Sequence[str], feeds: Mapping[str, object]) -> dict[str, object]:
+    def run(self, samples: np.ndarray, names: Sequence[str], feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch
 
         computed = [name for name in names if name != self.input_name]
@@ -490,7 +497,7 @@ class Collector:
         return found
 
 
-def reconstruction_error(output, target):  # noqa: ANN001, ANN201
+def reconstruction_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over channels, averaged over samples and positions (BRECQ's)."""
     squared = (output - target) ** 2
     return squared.sum(1).mean() if squared.ndim > 1 else squared.mean()
@@ -502,7 +509,7 @@ def _beta(step: int, warmup: int, iterations: int) -> float:
     return BETA_END + (BETA_START - BETA_END) * max(0.0, 1.0 - progress)
 
 
-def _feeds(data: UnitData, index, generator) -> dict[str, object]:  # noqa: ANN001
+def _feeds(data: UnitData, index: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """One batch of the unit's activation inputs; with QDrop, each element is the float
     activation with probability DROP_PROBABILITY (one mask for all copies of the input)."""
     import torch
@@ -514,7 +521,17 @@ def _feeds(data: UnitData, index, generator) -> dict[str, object]:  # noqa: ANN0
     return {name: torch.where(mask, float_input, values[index]) for name, values in data.quantized.items()}
 
 
-def _optimize(twin, roundings: Sequence[SoftRounding], weights: Sequence[RoundedWeight], data: UnitData, iterations: int, generator, advance) -> None:  # noqa: ANN001
+def _optimize(
+    twin: OnnxTwin,
+    roundings: Sequence[SoftRounding],
+    weights: Sequence[RoundedWeight],
+    data: UnitData,
+    iterations: int,
+    generator: torch.Generator,
+    advance: Callable[[int], None],
+) -> None:
+    """Adam on the rounding variables: reconstruction error, plus the annealed regularizer
+    after the warm-up."""
     import torch
 
     optimizer = torch.optim.Adam([rounding.logits for rounding in roundings], lr=LEARNING_RATE)
@@ -536,7 +553,7 @@ def _optimize(twin, roundings: Sequence[SoftRounding], weights: Sequence[Rounded
         advance(1)
 
 
-def _unit_error(twin, data: UnitData, weights: Mapping[str, object]) -> float:  # noqa: ANN001
+def _unit_error(twin: OnnxTwin, data: UnitData, weights: Mapping[str, torch.Tensor]) -> float:
     """The unit's output error over the first calibration samples for fixed (hard) weights, with
     the quantized inputs (no drop): what the deployed model sees."""
     import torch
