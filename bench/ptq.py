@@ -48,6 +48,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "mse + output clip": {"act_range": "mse", "weight_clipping": "output", "bias_correction": False},
     "mse + output clip + bias corr.": {"act_range": "mse", "weight_clipping": "output", "bias_correction": True},
     "auto + output clip + bias corr.": {"act_range": "auto", "weight_clipping": "output", "bias_correction": True},
+    "entropy + output clip": {"act_range": "entropy", "weight_clipping": "output", "bias_correction": False},
     "minmax + output clip + bias corr.": {"act_range": "minmax", "weight_clipping": "output", "bias_correction": True},
     "entropy + output clip + bias corr.": {"act_range": "entropy", "weight_clipping": "output", "bias_correction": True},
     "auto + output clip + brecq + bias corr.": {
@@ -71,7 +72,9 @@ ONLY_AT = {
     "mse + weight-mse clip": ("W8A8", "W4A4", "W3A3"),
     "mse + output clip": ("W8A8", "W4A4", "W3A3"),
     "auto + output clip + bias corr.": ("W8A8", "W4A8"),
+    "auto + output clip + bias corr., first conv W8A8": ("W6A6", "W4A4", "W3A3", "W2A4"),
     "minmax + output clip + bias corr.": ("W6A6", "W5A5"),
+    "entropy + output clip": ("W6A6", "W5A5", "W4A4", "W3A3", "W2A4"),
     "mse + output clip + bias corr. + equalize": ("W4A4", "W3A3"),
     "entropy + output clip + bias corr.": ("W6A6", "W5A5", "W4A4", "W3A3", "W2A4"),
     "auto + output clip + brecq + bias corr.": ("W4A4", "W2A4", "W3A3"),
