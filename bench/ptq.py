@@ -222,7 +222,7 @@ def table(out: Path, model: str) -> str:
     by_key = {(r["method"], r["config"]): r for r in rows}
     for method in methods:
         cells = [
-            f"{by_key[(method, c)]['top1']:.1%} ({by_key[(method, c)]['seconds']:.0f} s)" if (method, c) in by_key else "n/a"
+            f"{by_key[(method, c)]['top1']:.1%} ({by_key[(method, c)]['seconds']:.0f} s)" if (method, c) in by_key else "—"
             for c in CONFIGS
         ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
