@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = ("adaround", "brecq")
-DEFAULT_ITERATIONS = 1000
+DEFAULT_ITERATIONS = 500
 """Adam steps per layer (adaround) or block (brecq) for callers to default to; chosen on
 ResNet-20 by measurement (docs/benchmarks.md)."""
 BATCH_SIZE = 32
