@@ -12,12 +12,16 @@ from quanos_onnx.errors import UsageError
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import make_session, normalize, with_outputs
 from quanos_onnx.plan import LayerPlan, Plan
+from quanos_onnx.ptq import PtqSettings
 from quanos_onnx.ptq.reconstruct import reconstruct_weights, reconstruction_units
 from quanos_onnx.quantize import quantize
 
 from tiny_models import random_inputs, resnet_style, vgg_chain
 
 ITERATIONS = 150
+ROUND_TO_NEAREST = PtqSettings(act_range="minmax", weight_clipping="absmax", bias_correction=False)
+"""The baseline these tests measure learned rounding against: min/max ranges and absmax
+scales (PtqSettings' defaults clip the weights for the output error already)."""
 
 
 def _setup(model: onnx.ModelProto, bits: dict[str, tuple[int, int]] | int, samples: int = 64):
@@ -26,7 +30,7 @@ def _setup(model: onnx.ModelProto, bits: dict[str, tuple[int, int]] | int, sampl
     chosen = bits if isinstance(bits, dict) else {layer.name: (bits, bits) for layer in layers}
     plan = Plan(tuple(LayerPlan(layer.name, *chosen[layer.name]) for layer in layers))
     calibration = [random_inputs(model, samples, seed=1)]
-    return model, layers, plan, calibration, quantize(model, plan, calibration)
+    return model, layers, plan, calibration, quantize(model, plan, calibration, ptq=ROUND_TO_NEAREST)
 
 
 def _outputs(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
@@ -51,7 +55,7 @@ def test_grids_are_k_bit_integers_that_quantize_writes(method: str) -> None:
         limit = 2 ** (aligned[name].weight_bits - 1) - 1
         assert np.issubdtype(grid.integers.dtype, np.integer)
         assert np.abs(grid.integers).max() <= limit
-    written = quantize(model, plan, calibration, weight_grids=grids).model
+    written = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
     onnx.checker.check_model(written)
     logits = _outputs(written, [written.graph.output[0].name], random_inputs(model, 8, seed=2))
     assert np.all(np.isfinite(next(iter(logits.values()))))
@@ -61,7 +65,7 @@ def test_adaround_lowers_the_layer_output_errors() -> None:
     model, layers, plan, calibration, nearest = _setup(vgg_chain(), 3)
     grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
                                 method="adaround", iterations=ITERATIONS, seed=0)
-    learned = quantize(model, plan, calibration, weight_grids=grids).model
+    learned = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
     x = calibration[0]
     learned_errors = [_error(learned, model, layer.block_output, x) for layer in layers]
     nearest_errors = [_error(nearest.model, model, layer.block_output, x) for layer in layers]
@@ -78,7 +82,7 @@ def test_brecq_reconstructs_residual_blocks_and_lowers_their_output_error() -> N
     assert units[1].input == units[0].output and units[2].input == units[1].output
     grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
                                 method="brecq", iterations=ITERATIONS, seed=0)
-    learned = quantize(model, plan, calibration, weight_grids=grids).model
+    learned = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
     x = calibration[0]
     for unit in units[1:3]:
         assert _error(learned, model, unit.output, x) < _error(nearest.model, model, unit.output, x)
@@ -92,7 +96,7 @@ def test_same_seed_same_rounding_and_kept_float_layers_are_left_alone() -> None:
     plan = Plan(tuple(LayerPlan(n, *bits[n]) if n in bits else LayerPlan(n, None, None, keep_float=True)
                       for n in (layer.name for layer in layers)))
     calibration = [random_inputs(model, 48, seed=3)]
-    nearest = quantize(model, plan, calibration)
+    nearest = quantize(model, plan, calibration, ptq=ROUND_TO_NEAREST)
     runs = [
         reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
                             method="brecq", iterations=40, seed=7)
