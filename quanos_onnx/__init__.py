@@ -59,7 +59,9 @@ if TYPE_CHECKING:
         ModelSource,
         Optimizer,
         PlanSource,
+        Rounding,
         Storage,
+        WeightClipping,
     )
     from .finetune.train import EpochRecord
 
@@ -71,8 +73,13 @@ def compile(
     plan: PlanSource | None = None,
     bits: int | None = None,
     quantize_output: bool = False,
-    calibration: Calibration = "minmax",
+    calibration: Calibration = "auto",
     percentile: float = 99.99,
+    weight_clipping: WeightClipping = "output",
+    bias_correction: bool = True,
+    equalize: bool = False,
+    rounding: Rounding = "nearest",
+    rounding_iterations: int = 500,
     calibration_samples: int = 512,
     storage: Storage = "int8",
     k_init: int = 16,
@@ -114,6 +121,11 @@ def compile(
     one, the smallest plan within `max_accuracy_drop` of float on the samples after
     calibration; or `method="eqn3"`: Eqn 3 from `k_init`, floor `k_min`), or uniform
     `bits`, or a given `plan`.
+
+    The grids come from the PTQ stack (docs/quantization.md): activation ranges by
+    `calibration` ("auto": entropy up to 6 bits, min/max above), per-channel weight
+    clipping `weight_clipping`, `bias_correction`, cross-layer `equalize`, and `rounding`
+    optimization ("adaround", "brecq") of `rounding_iterations` steps per layer or block.
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
     QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the

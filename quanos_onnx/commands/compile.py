@@ -26,6 +26,8 @@ from .options import (
     AttackMethod,
     AttackOptions,
     Calibration,
+    Rounding,
+    WeightClipping,
     DataSource,
     ModelSource,
     PlanSource,
@@ -46,6 +48,7 @@ from .results import check_output_dir, save_files
 if TYPE_CHECKING:
     from ..data import Dataset
     from ..report import RunInfo
+    from ..ptq import PtqSettings
     from ..verify import Verification, VerifySettings
 
 MODEL_FILE = "model.quanos.onnx"
@@ -71,8 +74,13 @@ class CompileOptions(AttackOptions):
 
     bits: int | None = None
     quantize_output: bool = False
-    calibration: Calibration = "minmax"
+    calibration: Calibration = "auto"
     percentile: float = 99.99
+    weight_clipping: WeightClipping = "output"
+    bias_correction: bool = True
+    equalize: bool = False
+    rounding: Rounding = "nearest"
+    rounding_iterations: int = 500
     calibration_samples: int = 512
     storage: Storage = "int8"
     k_init: int = 16
@@ -103,6 +111,7 @@ class CompileOptions(AttackOptions):
             raise UsageError(f"{arg('calibration_samples')} {self.calibration_samples} must be at least 1")
         if not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"{arg('percentile')} {self.percentile} is outside (50, 100]")
+        self.ptq_settings()
         check_bit_range(self.k_init, self.k_min)
         if self.rounds < 1:
             raise UsageError(f"{arg('rounds')} {self.rounds} must be at least 1")
@@ -137,6 +146,22 @@ class CompileOptions(AttackOptions):
             from ..allocate.solve import parse_budget
 
             parse_budget(self.budget)
+
+    def ptq_settings(self, *, rounding: bool = True) -> PtqSettings:
+        """How the plan's grids are chosen (ptq/); without `rounding`, round-to-nearest,
+        for the many trial plans of a search."""
+        from ..ptq import PtqSettings
+
+        return PtqSettings(
+            act_range=self.calibration,
+            percentile=self.percentile,
+            weight_clipping=self.weight_clipping,
+            bias_correction=self.bias_correction,
+            equalize=self.equalize,
+            rounding=self.rounding if rounding else "nearest",
+            rounding_iterations=self.rounding_iterations,
+            seed=self.seed,
+        )
 
     def verify_settings(self) -> VerifySettings:
         """The checks of the compiled model (verify.py): the eval attacks at the ANS eps."""
@@ -353,9 +378,9 @@ def run_compile(
                 wanted,
                 calibration,
                 layers=layers,
-                method=options.calibration,
-                percentile=options.percentile,
                 storage=options.storage,
+                ptq=options.ptq_settings(),
+                progress=progress,
             )
 
         quantized = quantize_plan(chosen)
@@ -428,7 +453,7 @@ def _quanos_plan(
         plan = allocate_iterative(
             layers,
             first.layers,
-            quantize=lambda p: quantize(model, p, calibration, layers=layers).model,
+            quantize=lambda p: quantize(model, p, calibration, layers=layers, ptq=options.ptq_settings(rounding=False)).model,
             measure=lambda q: measure(q, "ANS on the quantized model").layers,
             rounds=options.rounds,
             target_average_bits=options.target_avg_bits,
@@ -581,8 +606,7 @@ def _search_split(
 
     def evaluate(plan: Plan) -> float:
         quantized = quantize(
-            model, plan, calibration, layers=layers, joins=joins,
-            method=options.calibration, percentile=options.percentile,
+            model, plan, calibration, layers=layers, joins=joins, ptq=options.ptq_settings(rounding=False),
         )
         return float((predictions(quantized.model) == labels).mean())
 

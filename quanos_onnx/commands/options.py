@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 Layout = Literal["auto", "nchw", "nhwc"]
 AttackMethod = Literal["fgsm", "pgd"]
-Calibration = Literal["minmax", "percentile"]
+Calibration = Literal["auto", "minmax", "percentile", "entropy", "mse"]
+WeightClipping = Literal["absmax", "mse", "output"]
+Rounding = Literal["nearest", "adaround", "brecq"]
 Storage = Literal["int8", "int4", "int2"]
 Optimizer = Literal["adam", "sgd"]
 ExportTarget = Literal["qonnx", "ort-overrides"]

@@ -37,6 +37,7 @@ from ..harness.evaluate import evaluate
 from ..layers import Layer, list_layers
 from ..model import Runner, dynamic_batch
 from ..progress import ProgressFactory, no_progress
+from ..ptq import PtqSettings
 from ..quantize import Quantized, quantize
 from ..plan import Plan
 from ..twin import OnnxTwin, build_twin
@@ -277,9 +278,19 @@ class _Trainer:
             plan,
             self.calibration,
             layers=self.layers,
-            method=settings.calibration_method,
-            percentile=settings.percentile,
             storage=settings.storage,
+            ptq=self.plain_ptq(),
+        )
+
+    def plain_ptq(self) -> PtqSettings:
+        """Round-to-nearest absmax weights, no bias correction: the training graph
+        (finetune/graph.py) quantizes the float weights this way at every step, so the
+        compiled model is exactly the function that was trained."""
+        return PtqSettings(
+            act_range=self.settings.calibration_method,  # type: ignore[arg-type]
+            percentile=self.settings.percentile,
+            weight_clipping="absmax",
+            bias_correction=False,
         )
 
     def _twin(self, float_model: onnx.ModelProto) -> OnnxTwin:
