@@ -462,7 +462,8 @@ def dataset_from(
 
 
 def describe_source(data: Any) -> str:
-    """What in-memory data was, for reports: '<arrays>', '<CalibrationDataReader>', '<DataLoader>'."""
+    """What in-memory data was, for reports: '<arrays>', or the class of the batches or
+    reader given ('<DataLoader>', '<list>', the CalibrationDataReader's class)."""
     if _is_array(data) or (isinstance(data, (tuple, list)) and data and _is_array(data[0])):
         return "<arrays>"
     return f"<{type(data).__name__}>"
