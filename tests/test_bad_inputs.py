@@ -669,7 +669,6 @@ def test_float_pixels_0_to_255_without_an_attack_are_warned_about(tiny_inputs: t
     assert "outside --input-range 0,1" in result.stderr and "--scale 1/255" in result.stderr
     evaluated = CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "8", "-o", str(tmp_path / "out2")])
     assert evaluated.exit_code == 1 and not (tmp_path / "out2").exists()
-    assert "outside --input-range 0,1" in result.stderr and "--scale 1/255" in result.stderr
 
 
 def test_a_byte_order_mark_before_the_csv_header_keeps_the_label_column(tmp_path: Path) -> None:
