@@ -32,6 +32,7 @@ from ..errors import PlanError, UsageError
 from ..layers import Join, Layer
 from ..passes.align import align_plan
 from ..passes.calibrate import Range
+from ..ptq.ranges import choose_range, collect_histograms
 from ..passes.points import QuantPoints, plan_points
 from ..passes.qdq import activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, MIN_BITS, Plan
@@ -124,8 +125,6 @@ class QdqBuilder:
     ) -> None:
         self.model, self.layers, self.joins = model, list(layers), list(joins)
         tensors = sorted({t for plan in plans for group in self._points(plan).groups for t in group.tensors})
-        from ..ptq.ranges import choose_range, collect_histograms
-
         # One min/max calibration for every candidate plan: the table ranks layers, and
         # min/max ranges do not depend on the bits (the PTQ range searches do).
         extremes = collect_histograms(model, tensors, calibration, extremes_only=tensors)
