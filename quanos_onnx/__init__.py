@@ -21,6 +21,7 @@ name are imported by module path (`from quanos_onnx.finetune import apply_plan`)
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .commands.options import (
         AttackMethod,
         Calibration,
+        ChannelOrder,
         DataSource,
         ExportTarget,
         Layout,
@@ -92,6 +94,12 @@ def compile(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
     """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`
@@ -125,6 +133,12 @@ def analyze(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
     progress: ProgressFactory = no_progress,
 ) -> AnalyzeResult:
     """Audit `model` without quantizing it: ANS per layer (`attack` at `eps`) and clean,
@@ -153,6 +167,12 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
     progress: ProgressFactory = no_progress,
 ) -> EvaluateResult:
     """Clean and adversarial accuracy of one model or several (float or compiled) side by
@@ -190,6 +210,12 @@ def finetune(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
     progress: ProgressFactory = no_progress,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> FinetuneResult:
@@ -224,11 +250,12 @@ def export(model: ModelSource, *, to: ExportTarget) -> ExportResult:
     return run_export(model, _options(ExportOptions, locals()))
 
 
-def layers(model: ModelSource) -> LayersResult:
-    """The quantizable layers of `model` and its residual joins."""
+def layers(model: ModelSource, *, input_shape: tuple[int, ...] | None = None) -> LayersResult:
+    """The quantizable layers of `model` and its residual joins (`input_shape` fixes its
+    dynamic input dims, e.g. (3, 224, 224))."""
     from .commands.layers import run_layers
 
-    return run_layers(model)
+    return run_layers(model, input_shape)
 
 
 def _options(options_class: type[Any], arguments: dict[str, Any]) -> Any:

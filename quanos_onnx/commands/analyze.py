@@ -8,6 +8,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..layers import Layer, list_layers
 from ..model import check_finite_initializers, check_finite_outputs
 from ..progress import ProgressFactory, no_progress
@@ -124,7 +126,7 @@ def run_analyze(
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
     inputs = input_paths(model, data)
     check_output_dir(save_to, inputs, names=(ANALYSIS_FILE, *report.REPORT_FILES))
-    source = read_model(model)
+    source = read_model(model, input_shape=options.input_shape)
     layers = list_layers(source.proto)
     if not layers:
         raise ModelError(f"{source.name}: no quantizable layer to analyze")
@@ -134,7 +136,7 @@ def run_analyze(
     with using_threads(options.threads):
         dataset = load_data(data, options, source.proto, model_name=source.name)
         check_data_range(options.input_range, dataset, attacked=True)
-        check_finite_outputs(source.proto, dataset.x[: options.batch_size], source.name)
+        check_finite_outputs(source.proto, np.asarray(dataset.x[: options.batch_size]), source.name)
         count = ans_samples(options.samples, dataset)
         with progress(f"ANS ({attack.describe()})", count) as advance:
             ans = measure_ans(

@@ -203,7 +203,7 @@ def run_compile(
     check_output_dir(save_to, inputs, names=(MODEL_FILE, PLAN_FILE, *report.REPORT_FILES))
     if options.bits is not None and plan is not None:
         raise UsageError(f"{arg('bits')} and {arg('plan')} exclude each other")
-    source = read_model(model)
+    source = read_model(model, input_shape=options.input_shape)
     refuse_quantized(source.proto, source.name)
     layers = list_layers(source.proto)
     if not layers:

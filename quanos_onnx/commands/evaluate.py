@@ -168,7 +168,7 @@ def run_evaluate(
     inputs = input_paths(*given, data)
     check_output_dir(save_to, inputs, names=(EVALUATION_FILE, *report.REPORT_FILES))
     attacks = options.attacks()
-    sources = [read_model(model, "models", f"<onnx.ModelProto #{index}>") for index, model in enumerate(given)]
+    sources = [read_model(model, "models", f"<onnx.ModelProto #{index}>", options.input_shape) for index, model in enumerate(given)]
     first = sources[0]
     names = _short_names([source.name for source in sources])
     entries = []

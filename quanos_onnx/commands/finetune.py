@@ -166,7 +166,7 @@ def run_finetune(
         check_model_output(save_to, inputs)
     if val is not None and options.val_split is not None:
         raise UsageError(f"{arg('val')} and {arg('val_split')} exclude each other")
-    source = read_model(model)
+    source = read_model(model, input_shape=options.input_shape)
     stored_plan = compiled_plan(source.proto)
     float_model = source.proto if stored_plan is None else float_model_of(source.proto)
     layers = list_layers(float_model)
