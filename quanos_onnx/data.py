@@ -20,8 +20,15 @@ Sources (``--data``):
   field is ``label`` means the label is the first column (Kaggle's MNIST CSVs). Values that
   are all whole numbers 0..255 are read as 8-bit pixels (so divided by 255 by default).
 - A folder of images (read with Pillow) with one subfolder per class; the class index is
-  the subfolder's position in sorted name order. A folder with images and no subfolders is
-  read unlabeled. All images must have one size.
+  the subfolder's position in sorted name order. With ``labels`` (a CSV of ``file,label``
+  rows, spaces after the comma allowed, an optional header; files relative to the folder,
+  as ImageNet's validation labels come) exactly the listed images are read, in its order.
+  A folder with images, no subfolders and no labels file is read unlabeled. ``resize``
+  scales each image's shorter side to that many pixels (bilinear, as torchvision's
+  Resize), ``crop`` then cuts the centre (one size or (height, width)), and
+  ``channel_order="bgr"`` reverses the colour channels (Caffe-style models). After them
+  all images must have one size (checked from the headers before any work). The pixels
+  are decoded per batch (``LazyImages``), so a folder larger than memory streams.
 
 Preprocessing, in this order:
 
@@ -33,6 +40,9 @@ Preprocessing, in this order:
    divided by 255 (images on disk are 0..255, models expect [0,1]); anything else, int64
    included, is left as is. Pass ``scale=1`` for a model that takes raw 0..255 pixels.
 3. ``mean`` / ``std`` per channel (or one value for all): ``(x - mean) / std``.
+
+Labels: ``label_offset`` is added to every label (1 for a 1001-class model whose class 0 is
+background, as TensorFlow's MobileNets: ImageNet label k is its class k+1).
 
 Subsetting: ``data_range`` ("START:STOP", either end optional, e.g. "932:") picks a slice of
 the source; within it ``samples`` takes the first N, or with ``shuffle`` a seeded random N
