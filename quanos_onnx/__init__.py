@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         AttackMethod,
         Calibration,
         ChannelOrder,
+        Device,
         DataSource,
         ExportTarget,
         Layout,
@@ -100,6 +101,7 @@ def compile(
     resize: int | None = None,
     crop: int | tuple[int, int] | None = None,
     channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
     """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`
@@ -139,6 +141,7 @@ def analyze(
     resize: int | None = None,
     crop: int | tuple[int, int] | None = None,
     channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
 ) -> AnalyzeResult:
     """Audit `model` without quantizing it: ANS per layer (`attack` at `eps`) and clean,
@@ -173,6 +176,7 @@ def evaluate(
     resize: int | None = None,
     crop: int | tuple[int, int] | None = None,
     channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
 ) -> EvaluateResult:
     """Clean and adversarial accuracy of one model or several (float or compiled) side by
@@ -216,6 +220,7 @@ def finetune(
     resize: int | None = None,
     crop: int | tuple[int, int] | None = None,
     channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> FinetuneResult:

@@ -847,6 +847,7 @@ def make_session(
     """
     import onnxruntime as ort
 
+    from .device import ort_providers
     from .threads import session_threads
 
     options = ort.SessionOptions()
@@ -863,7 +864,7 @@ def make_session(
         options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            proto.SerializeToString(), options, providers=ort_providers()
         )
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot run the model: {_first_line(exc)}") from exc

@@ -112,3 +112,15 @@ def test_image_options_parse_and_check() -> None:
         DataOptions(resize=0)
     with pytest.raises(UsageError, match="label_offset"):
         DataOptions(label_offset=-1)
+
+
+def test_device_is_cpu_by_default_and_cuda_without_a_gpu_is_one_usage_error() -> None:
+    import torch
+
+    assert DataOptions().device == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal cannot happen")
+    with pytest.raises(UsageError) as caught:
+        DataOptions(device="cuda")
+    assert caught.value.arguments == ("device",)
+    assert "sees no CUDA GPU" in str(caught.value) and "\n" not in caught.value.one_line()

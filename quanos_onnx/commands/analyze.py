@@ -121,6 +121,7 @@ def run_analyze(
     from ..errors import ModelError
     from ..harness.ans import measure_ans
     from ..harness.evaluate import evaluate
+    from ..device import using_device
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
@@ -133,7 +134,7 @@ def run_analyze(
     check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
     attack = options.ans_attack()
     attacks = options.accuracy_attacks()
-    with using_threads(options.threads):
+    with using_threads(options.threads), using_device(options.device):
         dataset = load_data(data, options, source.proto, model_name=source.name)
         check_data_range(options.input_range, dataset, attacked=True)
         check_finite_outputs(source.proto, np.asarray(dataset.x[: options.batch_size]), source.name)

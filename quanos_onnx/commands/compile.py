@@ -196,6 +196,7 @@ def run_compile(
     from ..errors import ModelError
     from ..model import stamp_producer
     from ..plan import validate_plan
+    from ..device import using_device
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
@@ -212,7 +213,7 @@ def run_compile(
         )
     check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
     given_plan = None if plan is None else read_plan_input(plan)
-    with using_threads(options.threads, torch=options.bits is None and given_plan is None):
+    with using_threads(options.threads, torch=options.bits is None and given_plan is None), using_device(options.device):
         dataset = load_data(data, options, source.proto, model_name=source.name)
         check_data_range(options.input_range, dataset, attacked=options.bits is None and given_plan is None)
         calibration = [x for x, _ in first_samples(dataset, options.calibration_samples, options.batch_size)]

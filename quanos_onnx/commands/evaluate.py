@@ -161,6 +161,7 @@ def run_evaluate(
     from ..finetune.graph import compiled_plan, float_model_of
     from ..harness.evaluate import evaluate
     from ..model import input_shape
+    from ..device import using_device
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
@@ -174,7 +175,7 @@ def run_evaluate(
     entries = []
     evaluations = []
     labels = "data"
-    with using_threads(options.threads):
+    with using_threads(options.threads), using_device(options.device):
         dataset = load_data(data, options, first.proto, model_name=first.name)
         check_data_range(options.input_range, dataset, attacked=bool(attacks))
         count = ans_samples(options.samples, dataset, default=None)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 Layout = Literal["auto", "nchw", "nhwc"]
 ChannelOrder = Literal["rgb", "bgr"]
+Device = Literal["cpu", "cuda"]
 AttackMethod = Literal["fgsm", "pgd"]
 Calibration = Literal["minmax", "percentile"]
 Storage = Literal["int8", "int4", "int2"]
@@ -160,10 +161,14 @@ class DataOptions(Options):
     resize: int | None = None
     crop: int | tuple[int, int] | None = None
     channel_order: ChannelOrder = "rgb"
+    device: Device = "cpu"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from ..data import DataSpec
+        from ..device import check_device
+
+        check_device(self.device)
 
         if self.labels is not None:
             object.__setattr__(self, "labels", os.fspath(self.labels))
