@@ -21,6 +21,7 @@ name are imported by module path (`from quanos_onnx.finetune import apply_plan`)
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
         AttackMethod,
         AuditMethod,
         Calibration,
+        ChannelOrder,
+        Device,
         DataSource,
         ExportTarget,
         Layout,
@@ -113,6 +116,13 @@ def compile(
     eval_attacks: tuple[AttackMethod, ...] = ("fgsm", "pgd"),
     eval_samples: int = 64,
     max_accuracy_drop: float | None = 1.0,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
     """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`,
@@ -164,6 +174,13 @@ def analyze(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
 ) -> AnalyzeResult:
     """Audit `model` (float or compiled) without quantizing it on `samples` of `data` (default
@@ -198,6 +215,13 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
 ) -> EvaluateResult:
     """Clean and adversarial accuracy of one model or several (float or compiled) side by
@@ -237,6 +261,13 @@ def finetune(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> FinetuneResult:
@@ -271,11 +302,12 @@ def export(model: ModelSource, *, to: ExportTarget) -> ExportResult:
     return run_export(model, _options(ExportOptions, locals()))
 
 
-def layers(model: ModelSource) -> LayersResult:
-    """The quantizable layers of `model` and its residual joins."""
+def layers(model: ModelSource, *, input_shape: tuple[int, ...] | None = None) -> LayersResult:
+    """The quantizable layers of `model` and its residual joins (`input_shape` fixes its
+    dynamic input dims, e.g. (3, 224, 224))."""
     from .commands.layers import run_layers
 
-    return run_layers(model)
+    return run_layers(model, input_shape)
 
 
 def _options(options_class: type[Any], arguments: dict[str, Any]) -> Any:

@@ -332,6 +332,7 @@ def run_compile(
     from ..errors import ModelError
     from ..model import stamp_producer
     from ..plan import validate_plan
+    from ..device import using_device
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
@@ -344,7 +345,7 @@ def run_compile(
             f"{arg('eval_data')} is given but evaluation is turned off",
             hint="leave out --no-eval (evaluate=False), or the evaluation data",
         )
-    source = read_model(model)
+    source = read_model(model, input_shape=options.input_shape)
     refuse_quantized(source.proto, source.name)
     layers = list_layers(source.proto)
     if not layers:
@@ -355,7 +356,7 @@ def run_compile(
     given_plan = None if plan is None else read_plan_input(plan)
     checks = options.verify_settings() if options.evaluate else None
     attacked = options.bits is None and given_plan is None
-    with using_threads(options.threads, torch=attacked or bool(checks and checks.attacks)):
+    with using_threads(options.threads, torch=attacked or bool(checks and checks.attacks)), using_device(options.device):
         dataset, evaluation = _split_data(
             load_data(data, options, source.proto, model_name=source.name), eval_data, options, source
         )

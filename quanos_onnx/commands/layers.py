@@ -44,7 +44,8 @@ class LayersResult:
         return f"{text}\n\n{format_table(rows)}"
 
 
-def run_layers(model: ModelSource) -> LayersResult:
-    source = read_model(model)
+def run_layers(model: ModelSource, input_shape: tuple[int, ...] | None = None) -> LayersResult:
+    """`input_shape` fixes the model's dynamic input dims (model.fix_input_shape)."""
+    source = read_model(model, input_shape=input_shape)
     layers = list_layers(source.proto)
     return LayersResult(source.name, tuple(layers), tuple(find_joins(source.proto, layers)))
