@@ -104,7 +104,7 @@ class Bench:
                 labels=_batches(self.cal_y[:SENSITIVITY]), background=int(background) if background else None,
             )
             print(f"sensitivity {estimator}: {table.seconds:.0f} s", flush=True)
-            return {**table.to_json(), "layers": list(table.layers), "rows": [list(r) for r in table.cost]}
+            return {**table.to_json(), "seconds": table.seconds, "layers": list(table.layers), "rows": [list(r) for r in table.cost]}
 
         data = cached(f"sensitivity-{estimator}.json", compute)
         return Sensitivity(tuple(data["layers"]), tuple(data["bits"]), tuple(tuple(r) for r in data["rows"]),

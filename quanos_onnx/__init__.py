@@ -21,6 +21,7 @@ name are imported by module path (`from quanos_onnx.finetune import apply_plan`)
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -54,13 +55,17 @@ if TYPE_CHECKING:
         AttackMethod,
         AuditMethod,
         Calibration,
+        ChannelOrder,
+        Device,
         DataSource,
         ExportTarget,
         Layout,
         ModelSource,
         Optimizer,
         PlanSource,
+        Rounding,
         Storage,
+        WeightClipping,
     )
     from .finetune.train import EpochRecord
 
@@ -72,8 +77,13 @@ def compile(
     plan: PlanSource | None = None,
     bits: int | None = None,
     quantize_output: bool = False,
-    calibration: Calibration = "minmax",
+    calibration: Calibration = "auto",
     percentile: float = 99.99,
+    weight_clipping: WeightClipping = "output",
+    bias_correction: bool = True,
+    equalize: bool = False,
+    rounding: Rounding = "nearest",
+    rounding_iterations: int = 500,
     calibration_samples: int = 512,
     storage: Storage = "int8",
     k_init: int = 16,
@@ -108,6 +118,13 @@ def compile(
     eval_attacks: tuple[AttackMethod, ...] = ("fgsm", "pgd"),
     eval_samples: int = 64,
     max_accuracy_drop: float | None = 1.0,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
     """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`,
@@ -117,6 +134,11 @@ def compile(
     one, the smallest plan within `max_accuracy_drop` of float on the samples after
     calibration; or `method="eqn3"`: Eqn 3 from `k_init`, floor `k_min`), or uniform
     `bits`, or a given `plan`.
+
+    The grids come from the PTQ stack (docs/quantization.md): activation ranges by
+    `calibration` ("auto": entropy up to 6 bits, min/max above), per-channel weight
+    clipping `weight_clipping`, `bias_correction`, cross-layer `equalize`, and `rounding`
+    optimization ("adaround", "brecq") of `rounding_iterations` steps per layer or block.
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
     QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the
@@ -156,6 +178,13 @@ def analyze(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
 ) -> AnalyzeResult:
     """Audit `model` (float or compiled) without quantizing it on `samples` of `data` (default
@@ -191,6 +220,13 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
 ) -> EvaluateResult:
     """Clean and adversarial accuracy of one model or several (float or compiled) side by
@@ -230,6 +266,13 @@ def finetune(
     seed: int = 0,
     batch_size: int = 64,
     threads: int | None = 1,
+    input_shape: tuple[int, ...] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    channel_order: ChannelOrder = "rgb",
+    device: Device = "cpu",
     progress: ProgressFactory = no_progress,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> FinetuneResult:
@@ -264,12 +307,15 @@ def export(model: ModelSource, *, to: ExportTarget) -> ExportResult:
     return run_export(model, _options(ExportOptions, locals()))
 
 
-def layers(model: ModelSource, *, lipschitz: bool = False) -> LayersResult:
-    """The quantizable layers of `model` and its residual joins; `lipschitz` adds each
-    block's operator-norm Lipschitz bound (imports torch)."""
+def layers(
+    model: ModelSource, *, input_shape: tuple[int, ...] | None = None, lipschitz: bool = False
+) -> LayersResult:
+    """The quantizable layers of `model` and its residual joins (`input_shape` fixes its
+    dynamic input dims, e.g. (3, 224, 224)); `lipschitz` adds each block's operator-norm
+    Lipschitz bound (imports torch)."""
     from .commands.layers import run_layers
 
-    return run_layers(model, lipschitz=lipschitz)
+    return run_layers(model, input_shape, lipschitz=lipschitz)
 
 
 def _options(options_class: type[Any], arguments: dict[str, Any]) -> Any:

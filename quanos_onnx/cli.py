@@ -291,6 +291,13 @@ def data_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--mean", default=None, help="Per-channel mean to subtract (comma-separated)."),
         click.option("--std", default=None, help="Per-channel std to divide by (comma-separated)."),
         click.option("--data-range", default=None, help="START:STOP slice of the data's samples (e.g. 932:)."),
+        click.option("--input-shape", default=None, help="Fix the model's dynamic input dims: 3x224x224 (or 1x3x224x224; the batch stays dynamic)."),
+        click.option("--labels", type=click.Path(dir_okay=False), default=None, help="Labels of an image folder: a CSV of file,label rows (files relative to the folder)."),
+        click.option("--label-offset", type=int, default=0, show_default=True, help="Add this to every label (1 for a 1001-class model with background class 0)."),
+        click.option("--resize", type=int, default=None, help="Resize images' shorter side to this many pixels (bilinear)."),
+        click.option("--crop", default=None, help="Crop the images' centre: SIZE or HEIGHTxWIDTH (after --resize)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the twin (attacks, ANS, fine-tuning) and onnxruntime compute; cuda needs a GPU and a CUDA build of torch (onnxruntime-gpu for onnxruntime)."),
+        click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Channel order the model takes for colour images."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and attacks."),
         click.option("--threads", type=int, default=DEFAULT_THREADS or 0, show_default=True, help="Threads of torch and of onnxruntime (intra-op), set together; 0 keeps the libraries' defaults (docs/benchmarks.md)."),
     ]
@@ -315,6 +322,8 @@ def _typed(options: dict[str, Any], *, eps_lists: Sequence[str] = ()) -> dict[st
         "scale": text.scale_from_text,
         "mean": lambda value: text.floats_from_text(value, "mean"),
         "std": lambda value: text.floats_from_text(value, "std"),
+        "input_shape": text.shape_from_text,
+        "crop": text.crop_from_text,
     }
     for name in eps_lists:
         converters[name] = lambda value, name=name: text.eps_list_from_text(value, name)
@@ -352,14 +361,16 @@ def main() -> None:
 @main.command("layers", cls=QuanosCommand)
 @click.argument("model", metavar="MODEL", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--input-shape", default=None, help="Fix the model's dynamic input dims: 3x224x224 (the batch stays dynamic).")
 @click.option("--lipschitz", is_flag=True, help="Add each layer block's Lipschitz upper bound (operator norm, BatchNorm folded; imports torch).")
 @common_options
-def layers_command(model: str, as_json: bool, lipschitz: bool, verbose: int, quiet: bool, debug: bool) -> None:
+def layers_command(model: str, as_json: bool, input_shape: str | None, lipschitz: bool, verbose: int, quiet: bool, debug: bool) -> None:
     """List the quantizable layers of MODEL and the residual joins."""
     _configure_logging(verbose, quiet)
     from .commands.layers import run_layers
+    from .commands.options import shape_from_text
 
-    result = run_layers(model, lipschitz=lipschitz)
+    result = run_layers(model, None if input_shape is None else shape_from_text(input_shape), lipschitz=lipschitz)
     _echo_result(result.document(), result.summary_text, as_json=as_json)
 
 
@@ -388,8 +399,13 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--bits", type=int, default=None, help="Uniform bits for every layer (a baseline) instead of QUANOS."),
         click.option("--plan", "plan", type=click.Path(), default=None, help="Per-layer bits from a plan.json instead of QUANOS."),
         click.option("--quantize-output", is_flag=True, help="Quantize the output layer too (kept float by default)."),
-        click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True, help="Activation range estimator."),
+        click.option("--calibration", type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]), default="auto", show_default=True, help="Activation range estimator, per quantizer at its bits (auto: entropy up to 6 bits, min/max above; docs/quantization.md)."),
         click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile."),
+        click.option("--weight-clipping", type=click.Choice(["absmax", "mse", "output"]), default="output", show_default=True, help="Per-channel weight scales: absmax, or the clipping that minimizes the weight's (mse) or the layer output's (output) error."),
+        click.option("--bias-correction/--no-bias-correction", default=True, show_default=True, help="Correct each layer's mean output shift on the calibration data (layers with inputs of 4+ bits)."),
+        click.option("--equalize/--no-equalize", default=False, show_default=True, help="Cross-layer equalization of Conv -> ReLU -> Conv chains before quantizing."),
+        click.option("--rounding", type=click.Choice(["nearest", "adaround", "brecq"]), default="nearest", show_default=True, help="Weight rounding: nearest, or optimized through the twin per layer (adaround) or per residual block with QDrop (brecq)."),
+        click.option("--rounding-iterations", type=int, default=500, show_default=True, help="Optimization steps per layer or block for --rounding adaround|brecq."),
         click.option("--calibration-samples", type=int, default=512, show_default=True, help="Samples used to calibrate activation ranges."),
         click.option("--storage", type=click.Choice(["int8", "int4", "int2"]), default="int8", show_default=True, help="Weight containers: int4/int2 store layers of <= 4 / <= 2 bits packed (smaller file; see docs/interop.md)."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),

@@ -20,8 +20,15 @@ Sources (``--data``):
   field is ``label`` means the label is the first column (Kaggle's MNIST CSVs). Values that
   are all whole numbers 0..255 are read as 8-bit pixels (so divided by 255 by default).
 - A folder of images (read with Pillow) with one subfolder per class; the class index is
-  the subfolder's position in sorted name order. A folder with images and no subfolders is
-  read unlabeled. All images must have one size.
+  the subfolder's position in sorted name order. With ``labels`` (a CSV of ``file,label``
+  rows, spaces after the comma allowed, an optional header; files relative to the folder,
+  as ImageNet's validation labels come) exactly the listed images are read, in its order.
+  A folder with images, no subfolders and no labels file is read unlabeled. ``resize``
+  scales each image's shorter side to that many pixels (bilinear, as torchvision's
+  Resize), ``crop`` then cuts the centre (one size or (height, width)), and
+  ``channel_order="bgr"`` reverses the colour channels (Caffe-style models). After them
+  all images must have one size (checked from the headers before any work). The pixels
+  are decoded per batch (``LazyImages``), so a folder larger than memory streams.
 
 Preprocessing, in this order:
 
@@ -33,6 +40,9 @@ Preprocessing, in this order:
    divided by 255 (images on disk are 0..255, models expect [0,1]); anything else, int64
    included, is left as is. Pass ``scale=1`` for a model that takes raw 0..255 pixels.
 3. ``mean`` / ``std`` per channel (or one value for all): ``(x - mean) / std``.
+
+Labels: ``label_offset`` is added to every label (1 for a 1001-class model whose class 0 is
+background, as TensorFlow's MobileNets: ImageNet label k is its class k+1).
 
 Subsetting: ``data_range`` ("START:STOP", either end optional, e.g. "932:") picks a slice of
 the source; within it ``samples`` takes the first N, or with ``shuffle`` a seeded random N
@@ -71,6 +81,7 @@ from quanos_onnx.inputs import check_regular_file
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("auto", "nchw", "nhwc")
+CHANNEL_ORDERS = ("rgb", "bgr")
 FLOAT_INPUT_TYPES = ("float16", "float32", "float64", "bfloat16")
 
 _X_ALTERNATES = ("X", "images", "inputs", "data")
@@ -94,6 +105,8 @@ MAX_IMAGE_PIXELS = 89_478_485
 """Largest image read from an image folder (Pillow's decompression-bomb limit)."""
 # Samples per step when scanning for NaN/inf: bounded memory on memory-mapped inputs.
 _SCAN_CHUNK = 1024
+# Images decoded at once when a whole image folder is scanned (its range): bounded memory.
+_LAZY_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,11 @@ class DataSpec:
     data_range: IndexRange | None = None
     seed: int = 0
     shuffle: bool = False
+    labels: Path | None = None
+    label_offset: int = 0
+    resize: int | None = None
+    crop: tuple[int, int] | None = None
+    channel_order: str = "rgb"
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -196,6 +214,21 @@ class DataSpec:
             raise UsageError(f"{arg('samples')} {self.samples} must be a whole number of at least 1")
         if not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed <= MAX_SEED:
             raise UsageError(f"{arg('seed')} {self.seed} must be a whole number in 0..{MAX_SEED}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise UsageError(
+                f"{arg('channel_order')} {self.channel_order!r} is not one of {', '.join(CHANNEL_ORDERS)}"
+            )
+        if not isinstance(self.label_offset, (int, np.integer)) or self.label_offset < 0:
+            raise UsageError(f"{arg('label_offset')} {self.label_offset} must be a whole number of at least 0")
+        if self.resize is not None and (not isinstance(self.resize, (int, np.integer)) or self.resize < 1):
+            raise UsageError(f"{arg('resize')} {self.resize} must be a whole number of pixels, at least 1")
+        if self.crop is not None and not all(isinstance(d, (int, np.integer)) and d >= 1 for d in self.crop):
+            raise UsageError(f"{arg('crop')} {_dims(self.crop)} must be whole numbers of pixels, at least 1")
+
+    @property
+    def reshapes_images(self) -> bool:
+        """Whether options that only an image folder can follow are set."""
+        return self.labels is not None or self.resize is not None or self.crop is not None or self.channel_order != "rgb"
 
     @classmethod
     def from_options(
@@ -209,9 +242,19 @@ class DataSpec:
         data_range: IndexRange | slice | str | None = None,
         seed: int = 0,
         shuffle: bool = False,
+        labels: str | os.PathLike[str] | None = None,
+        label_offset: int = 0,
+        resize: int | None = None,
+        crop: int | Sequence[int] | None = None,
+        channel_order: str = "rgb",
     ) -> DataSpec:
         """Accepts the command line's strings ("1/255", "0.5,0.5,0.5", "932:") or Python values."""
         return cls(
+            labels=None if labels is None else Path(labels),
+            label_offset=label_offset,
+            resize=resize,
+            crop=_parse_crop(crop),
+            channel_order=str(channel_order).lower(),
             layout=str(layout).lower(),
             scale=_parse_scale(scale),
             mean=_parse_floats(mean, "mean"),
@@ -221,6 +264,18 @@ class DataSpec:
             seed=seed,
             shuffle=shuffle,
         )
+
+
+def _parse_crop(value: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """224 (square) or (height, width)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        return (int(value), int(value))
+    crop = tuple(value)
+    if len(crop) != 2:
+        raise UsageError(f"{arg('crop')} {value!r} is not one size or (height, width)")
+    return crop  # type: ignore[return-value]
 
 
 def _parse_scale(value: float | str | None) -> float | None:
@@ -267,10 +322,12 @@ class Dataset:
     """Inputs ready for the model (float32, its layout and per-sample shape) and int64 labels.
 
     ``x`` is read-only; it may be a memory-mapped .npy or share memory with the caller's
-    array when no conversion was needed, so batches never copy the whole set.
+    array when no conversion was needed, so batches never copy the whole set. For an image
+    folder it is a LazyImages: images are decoded per batch, so a folder larger than memory
+    streams (``np.asarray`` of a slice reads that slice).
     """
 
-    x: np.ndarray
+    x: np.ndarray | LazyImages
     y: np.ndarray | None
     source: str
     selection: str = "all"
@@ -343,8 +400,11 @@ def split_held_out(
 
 
 def _subset(dataset: Dataset, indices: np.ndarray, selection: str) -> Dataset:
-    x = dataset.x[indices]
-    x.flags.writeable = False
+    if isinstance(dataset.x, LazyImages):  # an image folder stays lazy: its parts are file lists
+        x: Any = dataset.x.select(indices)
+    else:
+        x = dataset.x[indices]
+        x.flags.writeable = False
     return Dataset(x, None if dataset.y is None else dataset.y[indices], dataset.source, selection)
 
 
@@ -373,6 +433,11 @@ def load_dataset(
     seed: int = 0,
     num_classes: int | None = None,
     shuffle: bool = False,
+    labels: str | os.PathLike[str] | None = None,
+    label_offset: int = 0,
+    resize: int | None = None,
+    crop: int | Sequence[int] | None = None,
+    channel_order: str = "rgb",
 ) -> Dataset:
     """Read ``--data`` (any source in the module docstring) and fit it to ``input_spec``.
 
@@ -380,11 +445,29 @@ def load_dataset(
     """
     spec = DataSpec.from_options(
         layout=layout, scale=scale, mean=mean, std=std, samples=samples,
-        data_range=data_range, seed=seed, shuffle=shuffle,
+        data_range=data_range, seed=seed, shuffle=shuffle, labels=labels,
+        label_offset=label_offset, resize=resize, crop=crop, channel_order=channel_order,
     )
     _check_model_input(input_spec)
-    raw = _read_source(Path(path), input_spec)
+    path = Path(path)
+    if path.is_dir():
+        return _image_dataset(path, input_spec, spec, num_classes)
+    _refuse_image_options(spec, str(path))
+    raw = _read_source(path, input_spec)
     return _prepare(raw, input_spec, spec, num_classes)
+
+
+def _refuse_image_options(spec: DataSpec, source: str) -> None:
+    """labels, resize, crop and channel_order describe image files; other data has none."""
+    if spec.reshapes_images:
+        given = [name for name, value in (
+            ("labels", spec.labels), ("resize", spec.resize), ("crop", spec.crop),
+            ("channel_order", None if spec.channel_order == "rgb" else spec.channel_order),
+        ) if value is not None]
+        raise UsageError(
+            f"{arg(given[0])} applies to an image folder; {source} is not one",
+            hint="resize/crop arrays before passing them, and give their labels as y",
+        )
 
 
 def dataset_from_arrays(
@@ -402,6 +485,7 @@ def dataset_from_arrays(
     """
     spec = DataSpec.from_options(**options)
     _check_model_input(input_spec)
+    _refuse_image_options(spec, "<arrays>")
     raw = _RawData(
         _as_array(x, "x (array)"),
         None if y is None else _as_array(y, "y (array)"),
@@ -426,6 +510,7 @@ def dataset_from_batches(
     """
     spec = DataSpec.from_options(**options)
     _check_model_input(input_spec)
+    _refuse_image_options(spec, "<batches>")
     raw = _collect_batches(batches, _samples_needed(spec))
     return _prepare(raw, input_spec, spec, num_classes)
 
@@ -531,8 +616,6 @@ def _first_line(err: BaseException) -> str:
 def _read_source(path: Path, input_spec: InputSpec) -> _RawData:
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
-    if path.is_dir():
-        return _read_image_folder(path, _channels(input_spec))
     check_regular_file(path, DataError, "data file")
     name = path.name.lower()
     if name.endswith((".npz", ".npy")):
@@ -721,59 +804,242 @@ def _read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot be read as idx ({_first_line(err)})") from err
 
 
-def _read_image_folder(folder: Path, channels: int | None) -> _RawData:
-    try:
+
+# Image folders: read lazily ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageDecoder:
+    """How one image file becomes model-ready pixels: Pillow decodes it in ``mode``, resizes
+    its shorter side to ``resize`` (bilinear, the other side keeping the aspect ratio, as
+    torchvision's Resize), crops the centre ``crop`` (height, width) and flips RGB to BGR."""
+
+    mode: str | None
+    resize: int | None
+    crop: tuple[int, int] | None
+    bgr: bool
+
+    def size(self, width: int, height: int, file: Path) -> tuple[int, int]:
+        """(height, width) of the pixels this decoder makes from a width x height image."""
+        if self.resize is not None:
+            width, height = _resized(width, height, self.resize)
+        if self.crop is not None:
+            crop_height, crop_width = self.crop
+            if crop_height > height or crop_width > width:
+                raise DataError(
+                    f"{file}: {width}x{height} pixels{' after resize' if self.resize else ''} "
+                    f"are smaller than {arg('crop')} {crop_width}x{crop_height} (width x height)",
+                    hint="resize the shorter side to at least the crop, e.g. --resize 256 --crop 224",
+                )
+            return crop_height, crop_width
+        return height, width
+
+    def decode(self, file: Path) -> np.ndarray:
+        """HxW (grey) or HxWxC uint8 pixels of one image."""
         from PIL import Image
-    except ImportError as err:
-        raise DataError(
-            f"{folder}: reading an image folder needs Pillow", hint="pip install pillow"
-        ) from err
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if class_dirs:
-        files = [(file, label) for label, d in enumerate(class_dirs) for file in _image_files(d)]
-    else:
-        files = [(file, None) for file in _image_files(folder)]
-    if not files:
-        raise DataError(
-            f"{folder}: no images ({' '.join(_IMAGE_SUFFIXES)}) in it or its class subfolders"
-        )
-    mode = _PIL_MODES.get(channels) if channels is not None else None
-    pixels = None
-    for index, (file, _) in enumerate(files):
+
         try:
             with Image.open(file) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise DataError(
-                        f"{file}: {image.width}x{image.height} pixels, over the limit of "
-                        f"{MAX_IMAGE_PIXELS} (a decompression bomb?)",
-                        hint="resize the images to the model's input size first",
-                    )
-                mode = mode or ("L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
-                array = np.asarray(image.convert(mode))
+                _check_pixels(image.width, image.height, file)
+                mode = self.mode or _natural_mode(image.mode)
+                image = image.convert(mode)
+                if self.resize is not None:
+                    image = image.resize(_resized(image.width, image.height, self.resize), Image.BILINEAR)
+                if self.crop is not None:
+                    height, width = self.crop
+                    top = int(round((image.height - height) / 2.0))
+                    left = int(round((image.width - width) / 2.0))
+                    image = image.crop((left, top, left + width, top + height))
+                pixels = np.asarray(image)
         except (OSError, ValueError, Image.DecompressionBombError) as err:  # PIL.UnidentifiedImageError is an OSError
             raise DataError(f"{file}: cannot be read as an image ({_first_line(err)})") from err
-        if pixels is None:
-            pixels = np.empty((len(files), *array.shape), np.uint8)
-        elif array.shape != pixels.shape[1:]:
-            raise DataError(
-                f"{file}: image is {_dims(array.shape)} "
-                f"but {files[0][0]} is {_dims(pixels.shape[1:])}",
-                hint="images in one folder must share one size; resize them beforehand",
-            )
-        pixels[index] = array
-    if class_dirs:
-        names = ", ".join(f"{label}={d.name}" for label, d in enumerate(class_dirs))
-        logger.info("classes in %s: %s", folder, names)
-    labels = np.array([label for _, label in files], np.int64) if class_dirs else None
-    return _RawData(
-        pixels,
-        labels,
-        x_name=f"images in {folder}",
-        y_name=f"class subfolders of {folder}",
-        source=str(folder),
-        layout="nhwc",
-    )
+        if self.bgr and pixels.ndim == 3:
+            pixels = pixels[..., ::-1]
+        return pixels
 
+
+def _resized(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``shorter``, as torchvision's Resize(int)."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def _natural_mode(mode: str) -> str:
+    return "L" if mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+
+
+def _check_pixels(width: int, height: int, file: Path) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"{file}: {width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS} (a decompression bomb?)",
+            hint="resize the images to the model's input size first",
+        )
+
+
+class LazyImages:
+    """The inputs of an image folder, decoded and fitted to the model per slice.
+
+    It answers ``len``, ``shape`` and ``dtype`` like an array; slicing gives another
+    LazyImages (nothing decoded), and ``np.asarray`` (or indexing with integers or index
+    arrays) decodes the images it covers into a read-only float32 array. So
+    ``Dataset.batches`` holds one batch of images at a time.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        decoder: ImageDecoder,
+        fit: Any,
+        sample_shape: tuple[int, ...],
+    ) -> None:
+        self.files = tuple(files)
+        self.decoder = decoder
+        self.fit = fit  # uint8 [N,H,W(,C)] -> float32 in the model's layout
+        self.sample_shape = sample_shape
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.files), *self.sample_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.sample_shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return LazyImages(self.files[key], self.decoder, self.fit, self.sample_shape)
+        if isinstance(key, (int, np.integer)):
+            return self._decoded([self.files[key]])[0]
+        if isinstance(key, (np.ndarray, list, range)) and np.asarray(key).dtype.kind in "iu":
+            return self._decoded([self.files[int(index)] for index in np.asarray(key)])
+        return np.asarray(self)[key]
+
+    def select(self, indices: np.ndarray) -> LazyImages:
+        """The images at `indices`, still undecoded."""
+        return LazyImages([self.files[int(index)] for index in indices], self.decoder, self.fit, self.sample_shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self._decoded(self.files)
+        return array if dtype is None else array.astype(dtype)
+
+    def _decoded(self, files: Sequence[Path]) -> np.ndarray:
+        if not files:
+            return np.empty((0, *self.sample_shape), np.float32)
+        array = self.fit(np.stack([self.decoder.decode(file) for file in files]))
+        array.flags.writeable = False
+        return array
+
+
+def _image_dataset(folder: Path, input_spec: InputSpec, spec: DataSpec, num_classes: int | None) -> Dataset:
+    """An image folder (class subfolders, or a labels file, or unlabeled) as a lazy Dataset.
+
+    Every image's header is read here, so a file that is not an image, over the pixel
+    limit, or of another size than the rest is named before any work starts; the pixels
+    are decoded per batch.
+    """
+    try:
+        import PIL  # noqa: F401
+    except ImportError as err:
+        raise DataError(f"{folder}: reading an image folder needs Pillow", hint="pip install pillow") from err
+    files, labels, y_name = _listed_images(folder, spec.labels)
+    channels = _channels(input_spec)
+    decoder = ImageDecoder(
+        _PIL_MODES.get(channels) if channels is not None else None, spec.resize, spec.crop, spec.channel_order == "bgr"
+    )
+    picked, selection = _select(len(files), spec, f"images in {folder}")
+    files = [files[int(index)] for index in np.arange(len(files))[_as_slice_or_array(picked)]]
+    y = None if labels is None else _checked_labels(_take(labels, picked), y_name, picked, num_classes, spec.label_offset)
+    _check_one_size(files, decoder)
+    x_name = f"images in {folder}"
+    layout = _storage_layout(_RawData(np.empty(0), None, x_name, y_name, str(folder), "nhwc"), spec)
+
+    def fit(pixels: np.ndarray) -> np.ndarray:
+        return _to_float32(_fit_shape(pixels, input_spec, layout, x_name), spec, input_spec)
+
+    first = fit(decoder.decode(files[0])[None])
+    lazy = LazyImages(files, decoder, fit, first.shape[1:])
+    if labels is not None and spec.labels is None:
+        classes = sorted({file.parent.name for file in files})
+        logger.info("classes in %s: %s", folder, ", ".join(f"{i}={name}" for i, name in enumerate(classes)))
+    logger.info(
+        "data %s (%s): %d images as %s float32, read per batch, %s",
+        folder, selection, len(lazy), _dims(lazy.sample_shape), "unlabeled" if y is None else "labeled",
+    )
+    return Dataset(lazy, y, str(folder), selection)
+
+
+def _as_slice_or_array(picked: range | np.ndarray) -> slice | np.ndarray:
+    return slice(picked.start, picked.stop) if isinstance(picked, range) else picked
+
+
+def _listed_images(folder: Path, labels_file: Path | None) -> tuple[list[Path], np.ndarray | None, str]:
+    """The images and their labels: from a labels file, class subfolders, or none."""
+    if labels_file is not None:
+        files, labels = _read_labels_file(labels_file, folder)
+        return files, labels, str(labels_file)
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_dirs:
+        pairs = [(file, label) for label, d in enumerate(class_dirs) for file in _image_files(d)]
+    else:
+        pairs = [(file, -1) for file in _image_files(folder)]
+    if not pairs:
+        raise DataError(f"{folder}: no images ({' '.join(_IMAGE_SUFFIXES)}) in it or its class subfolders")
+    labels = np.array([label for _, label in pairs], np.int64) if class_dirs else None
+    return [file for file, _ in pairs], labels, f"class subfolders of {folder}"
+
+
+def _read_labels_file(labels_file: Path, folder: Path) -> tuple[list[Path], np.ndarray]:
+    """A CSV of ``file,label`` rows (spaces after the comma allowed; a first row whose
+    label is not a whole number is a header); files are relative to the image folder."""
+    import csv
+
+    check_regular_file(labels_file, DataError, "labels file")
+    try:
+        with open(labels_file, encoding="utf-8-sig", newline="") as handle:
+            rows = [row for row in csv.reader(handle, skipinitialspace=True) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{labels_file}: cannot be read ({_first_line(err)})") from err
+    if rows and (len(rows[0]) != 2 or not rows[0][1].strip().lstrip("-").isdigit()):
+        rows = rows[1:]  # a header
+    if not rows:
+        raise DataError(f"{labels_file}: no rows of file,label")
+    files, labels = [], []
+    for number, row in enumerate(rows, start=1):
+        if len(row) != 2 or not row[1].strip().lstrip("-").isdigit():
+            raise DataError(f"{labels_file}: row {number} {','.join(row)!r} is not file,label (a whole number)")
+        file = folder / row[0].strip()
+        if not file.is_file():
+            raise DataError(f"{labels_file}: row {number} names {row[0].strip()!r}, which is not a file in {folder}")
+        files.append(file)
+        labels.append(int(row[1]))
+    return files, np.array(labels, np.int64)
+
+
+def _check_one_size(files: Sequence[Path], decoder: ImageDecoder) -> None:
+    """Every image opens (header only) and gives pixels of one size after resize/crop."""
+    from PIL import Image
+
+    first_size = None
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                _check_pixels(image.width, image.height, file)
+                size = decoder.size(image.width, image.height, file)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise DataError(f"{file}: cannot be read as an image ({_first_line(err)})") from err
+        if first_size is None:
+            first_size = size
+        elif size != first_size:
+            raise DataError(
+                f"{file}: image is {_dims(size)} but {files[0]} is {_dims(first_size)}",
+                hint="images in one folder must share one size; pass --resize and --crop to fit them",
+            )
 
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
@@ -833,7 +1099,7 @@ def _prepare(
     picked, selection = _select(len(x), spec, raw.x_name)
     x = _take(x, picked)
     if y is not None:
-        y = _checked_labels(_take(y, picked), raw.y_name, picked, num_classes)
+        y = _checked_labels(_take(y, picked), raw.y_name, picked, num_classes, spec.label_offset)
     x = _fit_shape(x, input_spec, _storage_layout(raw, spec), raw.x_name)
     x = _to_float32(x, spec, input_spec)
     _check_finite(x, raw.x_name, picked)
@@ -897,8 +1163,10 @@ def _take(array: np.ndarray, picked: range | np.ndarray) -> np.ndarray:
 
 
 def _checked_labels(
-    y: np.ndarray, culprit: str, picked: range | np.ndarray, num_classes: int | None
+    y: np.ndarray, culprit: str, picked: range | np.ndarray, num_classes: int | None, offset: int = 0
 ) -> np.ndarray:
+    """int64 class indices, shifted by ``offset`` (label_offset: a 1001-class model with a
+    background class 0 takes ImageNet label k as class k+1), within the model's classes."""
     if np.issubdtype(y.dtype, np.floating):
         fractional = ~(np.isfinite(y) & (y == np.round(y)))
         if fractional.any():
@@ -908,7 +1176,9 @@ def _checked_labels(
             )
     elif not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{culprit}: dtype {y.dtype} is not integer class labels")
-    labels = y.astype(np.int64)
+    labels = y.astype(np.int64) + offset
+    if offset:
+        culprit = f"{culprit} (+{arg('label_offset')} {offset})"
     if (labels < 0).any():
         first = int(np.argmax(labels < 0))
         raise DataError(f"{culprit}: negative label {labels[first]} at sample {picked[first]}")
@@ -1114,11 +1384,12 @@ def check_input_range(dataset: Dataset, low: float, high: float, *, attacked: bo
     logger.warning("%s (hint: %s)", message, hint)
 
 
-def _extremes(x: np.ndarray) -> tuple[float, float]:
+def _extremes(x: np.ndarray | LazyImages) -> tuple[float, float]:
     """Smallest and largest value, in chunks (bounded memory on memory-mapped inputs)."""
     lowest, highest = math.inf, -math.inf
-    for start in range(0, len(x), _SCAN_CHUNK):
-        chunk = x[start : start + _SCAN_CHUNK]
+    step = _LAZY_CHUNK if isinstance(x, LazyImages) else _SCAN_CHUNK
+    for start in range(0, len(x), step):
+        chunk = np.asarray(x[start : start + step])
         lowest, highest = min(lowest, float(chunk.min())), max(highest, float(chunk.max()))
     return lowest, highest
 

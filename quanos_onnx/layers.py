@@ -126,7 +126,7 @@ class _Graph:
         if shape is None or any(d is None for d in shape[1:]):
             raise ModelError(
                 f"layer '{context}': the shape of tensor '{tensor}' cannot be inferred",
-                hint="give the model a static input size (only the batch may be dynamic)",
+                hint="fix its dynamic input dims with --input-shape (API: input_shape), e.g. 3x224x224",
             )
         return (1, *shape[1:]) if shape else ()
 

@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from .errors import ModelError, OutputError, UnsupportedOpError
+from .errors import ModelError, OutputError, UnsupportedOpError, UsageError, arg
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -185,6 +185,48 @@ def normalize(proto: onnx.ModelProto, source: str = "<model>") -> onnx.ModelProt
     proto = infer_shapes(proto, source)
     check_model(proto, source)
     return proto
+
+
+def fix_input_shape(
+    proto: onnx.ModelProto, input_shape: Sequence[int] | None, source: str = "<model>"
+) -> onnx.ModelProto:
+    """The model with its input's dynamic dims fixed to ``input_shape`` (``--input-shape``),
+    and shapes inferred again from there, so layers, MACs and the twin see static sizes.
+
+    ``input_shape`` gives the sample dims (3x224x224) or all dims (1x3x224x224); the batch
+    dim keeps what the model has (usually dynamic), so the batch entry is not used. A dim
+    the model already fixes must be given its own size. None returns the model unchanged.
+    """
+    if input_shape is None:
+        return proto
+    model = ir.serde.deserialize_model(proto)
+    value = model.graph.inputs[0]
+    dims = list(value.shape) if value.shape is not None else []
+    given = tuple(int(dim) for dim in input_shape)
+    if len(given) == len(dims):
+        given = given[1:]
+    shape_text = "x".join(map(str, input_shape))
+    if len(given) != len(dims) - 1:
+        raise UsageError(
+            f"{arg('input_shape')} {shape_text} has {len(input_shape)} dims; "
+            f"{source} input '{value.name}' has {len(dims)} (batch included)",
+            hint=f"give the {len(dims) - 1} sample dims, e.g. {'x'.join(['3', '224', '224'][: len(dims) - 1]) or '...'}",
+        )
+    for axis, (old, new) in enumerate(zip(dims[1:], given), start=1):
+        if isinstance(old, int) and old != new:
+            raise UsageError(
+                f"{arg('input_shape')} {shape_text}: {source} input '{value.name}' has size {old} "
+                f"in dimension {axis}, not {new}",
+                hint="only dynamic dims can be fixed",
+            )
+    value.shape = ir.Shape([dims[0], *given])
+    outputs = set(model.graph.outputs)
+    for node in model.graph:
+        for output in node.outputs:
+            if output not in outputs:
+                output.shape = None  # inferred again from the fixed input below
+    log.info("%s: input '%s' fixed to [%s,%s]", source, value.name, dims[0], ",".join(map(str, given)))
+    return infer_shapes(ir.serde.serialize_model(model), source)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -805,6 +847,7 @@ def make_session(
     """
     import onnxruntime as ort
 
+    from .device import ort_providers
     from .threads import session_threads
 
     options = ort.SessionOptions()
@@ -821,7 +864,7 @@ def make_session(
         options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            proto.SerializeToString(), options, providers=ort_providers()
         )
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot run the model: {_first_line(exc)}") from exc

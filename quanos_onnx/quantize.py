@@ -14,10 +14,11 @@ import onnx
 
 from .layers import Join, Layer, find_joins, list_layers
 from .passes.align import align_plan
-from .passes.calibrate import Range, collect_ranges
 from .passes.points import plan_points
-from .passes.qdq import WeightGrid, activation_quantizer, check_storage, insert_qdq
+from .passes.qdq import WeightGrid, check_storage
 from .plan import MAX_BITS, Plan
+from .progress import ProgressFactory, no_progress
+from .ptq import PtqSettings, apply_ptq
 
 log = logging.getLogger(__name__)
 
@@ -35,31 +36,33 @@ def quantize(
     *,
     layers: Sequence[Layer] | None = None,
     joins: Sequence[Join] | None = None,
-    method: str = "minmax",
-    percentile: float = 99.99,
+    method: str | None = None,
+    percentile: float | None = None,
     storage: str = "int8",
     weight_grids: Mapping[str, WeightGrid] | None = None,
+    ptq: PtqSettings = PtqSettings(),
+    progress: ProgressFactory = no_progress,
 ) -> Quantized:
-    """Align the plan, calibrate its quantizers in onnxruntime, and write the QDQ model.
+    """Align the plan, choose its grids on the calibration data (ptq/), write the QDQ model.
 
+    `ptq` says how ranges, weight scales and biases are chosen (the default is the measured
+    best, docs/quantization.md); `method` and `percentile`, when given, override its
+    activation range method (the commands' --calibration / --percentile).
     `storage` picks the weight containers (passes.qdq.STORAGES); values are the same in all.
-    `weight_grids` (layer name -> passes.qdq.WeightGrid) are weights a PTQ stage put on the
-    plan's grid; the other layers get absmax round-to-nearest.
+    `weight_grids` (layer name -> passes.qdq.WeightGrid) are weights a caller already put
+    on the plan's grid; the PTQ stage chooses the others.
     """
     check_storage(storage)
+    if method is not None or percentile is not None:
+        ptq = replace(ptq, act_range=method or ptq.act_range, percentile=percentile or ptq.percentile)
     layers = list_layers(model) if layers is None else layers
     joins = find_joins(model, layers) if joins is None else joins
     aligned = align_plan(float_above_containers(plan), layers, joins)
     points = plan_points(model, layers, aligned)
-    tensors = sorted({t for group in points.groups for t in group.tensors})
-    ranges = collect_ranges(model, tensors, calibration, method=method, percentile=percentile)
-    quantizers = {
-        group.name: activation_quantizer(group.bits, _union(ranges[t] for t in group.tensors))
-        for group in points.groups
-    }
-    return Quantized(
-        insert_qdq(model, layers, aligned, points, quantizers, storage=storage, weight_grids=weight_grids), aligned
+    quantized = apply_ptq(
+        model, layers, aligned, points, calibration, ptq, storage=storage, weight_grids=weight_grids, progress=progress
     )
+    return Quantized(quantized, aligned)
 
 
 def float_above_containers(plan: Plan) -> Plan:
@@ -77,7 +80,3 @@ def float_above_containers(plan: Plan) -> Plan:
         for e in plan.layers
     )
 
-
-def _union(ranges: Iterable[Range]) -> Range:
-    collected = list(ranges)
-    return Range(min(r.low for r in collected), max(r.high for r in collected))

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from quanos_onnx.ptq import PtqSettings
 from quanos_onnx.allocate import sensitivity as sensitivity_module
 from quanos_onnx.allocate.sensitivity import (
     QdqBuilder,
@@ -34,15 +35,19 @@ def resnet():
     return model, layers, find_joins(model, layers), calibration
 
 
+MINMAX_NEAREST = PtqSettings(act_range="minmax", weight_clipping="absmax", bias_correction=False)
+"""The table's quantizer: one min/max calibration, round-to-nearest absmax weights."""
+
+
 def _count_range_collections(monkeypatch) -> list[int]:
     calls: list[int] = []
-    original = sensitivity_module.collect_ranges
+    original = sensitivity_module.collect_histograms
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sensitivity_module, "collect_ranges", counting)
+    monkeypatch.setattr(sensitivity_module, "collect_histograms", counting)
     return calls
 
 
@@ -71,7 +76,8 @@ def test_background_costs_are_the_divergence_the_layer_adds(resnet):
     float_logits = Runner(model, [name]).run(inputs, [name])[0]
 
     def kl(plan: Plan) -> float:
-        logits = Runner(quantize(model, plan, calibration, layers=layers).model, [name]).run(inputs, [name])[0]
+        rounded = quantize(model, plan, calibration, layers=layers, ptq=MINMAX_NEAREST).model
+        logits = Runner(rounded, [name]).run(inputs, [name])[0]
         return sensitivity_module._kl(float_logits, logits)
 
     background = reference_plan(layers, 5)

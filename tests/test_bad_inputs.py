@@ -660,12 +660,15 @@ def test_a_plan_inside_the_output_folder_is_refused_before_any_work(
 
 
 def test_float_pixels_0_to_255_without_an_attack_are_warned_about(tiny_inputs: tuple[str, str], tmp_path: Path) -> None:
-    """--bits runs no attack, so --input-range is not used: a warning, not a refusal."""
+    """--bits --no-eval runs no attack, so --input-range is not used: a warning, not a refusal;
+    the artifact's evaluation attacks it, so there the same data is refused."""
     model, _ = tiny_inputs
     data = npz(tmp_path, "raw.npz", x=good_x() * 255, y=good_y())
-    result = CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "8", "-o", str(tmp_path / "out")])
+    result = CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "8", "--no-eval", "-o", str(tmp_path / "out")])
     assert result.exit_code == 0
     assert "outside --input-range 0,1" in result.stderr and "--scale 1/255" in result.stderr
+    evaluated = CliRunner().invoke(main, ["compile", model, "--data", data, "--bits", "8", "-o", str(tmp_path / "out2")])
+    assert evaluated.exit_code == 1 and not (tmp_path / "out2").exists()
 
 
 def test_a_byte_order_mark_before_the_csv_header_keeps_the_label_column(tmp_path: Path) -> None:

@@ -134,6 +134,22 @@ def test_help_imports_no_heavy_module() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_layers_imports_neither_torch_nor_matplotlib(tmp_path: Path) -> None:
+    """`quanos layers` only reads the graph: torch, matplotlib and onnxruntime (seconds of
+    imports on a loaded machine) stay out of it."""
+    from tiny_models import vgg_chain
+
+    onnx.save(vgg_chain(), tmp_path / "chain.onnx")
+    code = (
+        "import sys; from click.testing import CliRunner; from quanos_onnx.cli import main; "
+        f"result = CliRunner().invoke(main, ['layers', {str(tmp_path / 'chain.onnx')!r}]); "
+        "assert result.exit_code == 0, result.output; "
+        "print(sorted(m for m in ('torch', 'matplotlib', 'onnxruntime', 'scipy') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert result.stdout.strip() == "[]"
+
+
 def test_command_line_of_the_run_is_recorded(inputs: tuple[str, str], tmp_path: Path) -> None:
     args = compile_bits(inputs, tmp_path / "out")
     assert CliRunner().invoke(main, args).exit_code == 0

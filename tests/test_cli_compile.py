@@ -199,7 +199,7 @@ def test_a_failed_write_removes_the_files_already_written(workdir: Path):
 
 def test_milp_with_a_budget_keeps_it_and_says_how_far_it_moved_from_eqn3(workdir: Path):
     result = _compile([
-        "model.onnx", "--data", "data.npz", "--method", "milp", "--budget", "avg-bits=4",
+        "model.onnx", "--data", "data.npz", "--method", "milp", "--budget", "avg-bits=4", "--max-accuracy-drop", "none",
         "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "--no-eval",
         "-o", "out", "--json",
     ])

@@ -134,3 +134,45 @@ def test_attack_none_measures_clean_accuracy_alone(files, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["evaluations"][0]["evaluation"]["attacks"] == []
     with_eps = _run(files["float"], "--data", files["data"], "--attack", "none", "--eps", "0.1")
     assert with_eps.exit_code == 2 and "clean accuracy alone" in with_eps.output
+
+
+def test_dynamic_size_model_on_a_labelled_image_folder(tmp_path: Path) -> None:
+    """--input-shape fixes the model's dynamic height and width; the images (of two sizes)
+    are resized, centre-cropped and labelled by a labels file, offset by one class."""
+    from PIL import Image
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+            helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+            helper.make_node("Gemm", ["f", "fc_w"], ["y"], name="fc", transB=1),
+        ],
+        "dynamic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "fc_w"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "dynamic.onnx")
+    (tmp_path / "images").mkdir()
+    rows = []
+    for number in range(6):
+        size = (12, 10) if number % 2 else (10, 14)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{number}.jpg")
+        rows.append(f"{number}.jpg, {number % 3}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    common = [tmp_path / "dynamic.onnx", "--data", tmp_path / "images", "--labels", tmp_path / "labels.csv",
+              "--resize", 10, "--crop", 8, "--label-offset", 1, "--attack", "fgsm", "--eps", "0.05", "--json"]
+    refused = CliRunner().invoke(main, ["layers", str(tmp_path / "dynamic.onnx")])
+    assert refused.exit_code == 1 and "--input-shape" in refused.output
+    listed = CliRunner().invoke(main, ["layers", str(tmp_path / "dynamic.onnx"), "--input-shape", "3x8x8", "--json"])
+    assert [layer["name"] for layer in json.loads(listed.output)["layers"]] == ["conv", "fc"]
+    result = _run(*common, "--input-shape", "3x8x8")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["data"]["samples"] == 6

@@ -20,7 +20,9 @@ from quanos_onnx.commands.options import (
     floats_from_text,
     input_range_from_text,
     methods_from_text,
+    crop_from_text,
     scale_from_text,
+    shape_from_text,
 )
 from quanos_onnx.errors import UsageError
 
@@ -88,3 +90,37 @@ def test_attack_and_evaluation_options_build_their_attacks() -> None:
         EvaluateOptions()
     with pytest.raises(UsageError, match="^batch_size 0 must be at least 1"):
         DataOptions(batch_size=0)
+
+
+def test_image_options_parse_and_check() -> None:
+    from pathlib import Path
+
+    assert shape_from_text("1x3x224x224") == (1, 3, 224, 224)
+    assert shape_from_text("3,224,224") == (3, 224, 224)
+    assert crop_from_text("224") == 224 and crop_from_text("224x192") == (224, 192)
+    for bad in ("3xx224", "0x224", "a"):
+        with pytest.raises(UsageError, match="input_shape"):
+            shape_from_text(bad)
+    with pytest.raises(UsageError, match="crop"):
+        crop_from_text("1x2x3")
+    options = DataOptions(labels=Path("labels.csv"), input_shape=[3, 224, 224], crop=(224, 192), channel_order="bgr")
+    assert options.labels == "labels.csv" and options.input_shape == (3, 224, 224)
+    assert options.read_options()["crop"] == (224, 192)
+    with pytest.raises(UsageError, match="channel_order"):
+        DataOptions(channel_order="grb")
+    with pytest.raises(UsageError, match="resize 0"):
+        DataOptions(resize=0)
+    with pytest.raises(UsageError, match="label_offset"):
+        DataOptions(label_offset=-1)
+
+
+def test_device_is_cpu_by_default_and_cuda_without_a_gpu_is_one_usage_error() -> None:
+    import torch
+
+    assert DataOptions().device == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal cannot happen")
+    with pytest.raises(UsageError) as caught:
+        DataOptions(device="cuda")
+    assert caught.value.arguments == ("device",)
+    assert "sees no CUDA GPU" in str(caught.value) and "\n" not in caught.value.one_line()

@@ -12,6 +12,7 @@ import pytest
 
 from quanos_onnx.data import (
     MIN_EVAL_SAMPLES,
+    Dataset,
     DataSpec,
     IndexRange,
     InputSpec,
@@ -677,3 +678,130 @@ def test_an_npz_array_declaring_more_than_the_limit_is_refused_before_loading(tm
 def test_a_seed_beyond_32_bits_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match=r"seed 18446744073709551616 must be a whole number in 0\.\.4294967295"):
         DataSpec(seed=2**64)
+
+
+# Image folders as people have them: labels file, resize, crop, channel order, offset ----------
+
+RGB8 = InputSpec("input", ("N", 3, 8, 8))
+
+
+def save_flat(folder: Path, arrays: list[np.ndarray], suffix: str = ".png") -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"img{number}{suffix}" for number in range(len(arrays))]
+    for name, array in zip(names, arrays):
+        Image.fromarray(array).save(folder / name)
+    return names
+
+
+def test_labels_file_gives_the_listed_images_in_its_order(tmp_path):
+    pytest.importorskip("PIL")
+    images = [np.full((8, 8, 3), shade, np.uint8) for shade in (10, 20, 30)]
+    names = save_flat(tmp_path / "images", images)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"{names[2]}, 7\n{names[0]},3\n")  # a space after the comma, as ImageNet's
+    data = load_dataset(tmp_path / "images", RGB8, labels=labels)
+    np.testing.assert_array_equal(data.y, [7, 3])
+    np.testing.assert_array_equal(np.asarray(data.x)[:, 0, 0, 0], np.float32([30, 10]) / np.float32(255))
+    labels.write_text(f"file,label\n{names[1]},5\n")
+    np.testing.assert_array_equal(load_dataset(tmp_path / "images", RGB8, labels=labels).y, [5])
+
+
+def test_labels_file_errors_name_the_row(tmp_path):
+    pytest.importorskip("PIL")
+    names = save_flat(tmp_path / "images", [pixels(8, 8, 3)])
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"{names[0]},1\nmissing.png,2\n")
+    error_message(DataError, lambda: load_dataset(tmp_path / "images", RGB8, labels=labels), "labels.csv", "row 2", "missing.png")
+    labels.write_text(f"{names[0]},1\n{names[0]},cat\n")
+    error_message(DataError, lambda: load_dataset(tmp_path / "images", RGB8, labels=labels), "row 2", "file,label")
+    error_message(UsageError, lambda: dataset_from_arrays(pixels(2, 8, 8, 3), None, RGB8, labels=labels), "labels", "image folder")
+
+
+def test_label_offset_shifts_labels_for_a_background_class(tmp_path):
+    x, y = pixels(3, 8, 8, 3), np.array([0, 2, 999])
+    data = dataset_from_arrays(x, y, RGB8, label_offset=1, num_classes=1001)
+    np.testing.assert_array_equal(data.y, [1, 3, 1000])
+    call = lambda: dataset_from_arrays(x, y, RGB8, label_offset=2, num_classes=1001)
+    error_message(DataError, call, "label 1001", "label_offset 2")
+    error_message(UsageError, lambda: dataset_from_arrays(x, y, RGB8, label_offset=-1), "label_offset")
+
+
+def test_resize_shorter_side_then_centre_crop_as_torchvision(tmp_path):
+    from PIL import Image
+
+    image = pixels(12, 20, 3)  # height 12, width 20
+    save_flat(tmp_path, [image])
+    data = load_dataset(tmp_path, RGB8, resize=10, crop=8)
+    resized = Image.fromarray(image).resize((16, 10), Image.BILINEAR)  # shorter side 12 -> 10
+    expected = np.asarray(resized)[1:9, 4:12]  # the centre 8x8: top round(2/2)=1, left round(8/2)=4
+    np.testing.assert_array_equal(np.asarray(data.x)[0], expected.transpose(2, 0, 1) / np.float32(255))
+
+
+def test_resize_lets_images_of_other_sizes_share_one_folder(tmp_path):
+    pytest.importorskip("PIL")
+    save_flat(tmp_path, [pixels(8, 8, 3), pixels(16, 16, 3, seed=1)])
+    error_message(DataError, lambda: load_dataset(tmp_path, RGB8), "16x16", "8x8", "--resize")
+    assert load_dataset(tmp_path, RGB8, resize=8).x.shape == (2, 3, 8, 8)
+
+
+def test_crop_larger_than_the_image_is_refused_naming_it(tmp_path):
+    pytest.importorskip("PIL")
+    save_flat(tmp_path, [pixels(6, 6, 3)])
+    error_message(DataError, lambda: load_dataset(tmp_path, RGB8, crop=8), "img0.png", "6x6", "crop 8x8")
+
+
+def test_bgr_channel_order_reverses_the_channels(tmp_path):
+    pytest.importorskip("PIL")
+    image = pixels(8, 8, 3)
+    save_flat(tmp_path, [image])
+    rgb = np.asarray(load_dataset(tmp_path, RGB8).x)
+    bgr = np.asarray(load_dataset(tmp_path, RGB8, channel_order="bgr").x)
+    np.testing.assert_array_equal(bgr, rgb[:, ::-1])
+    error_message(UsageError, lambda: load_dataset(tmp_path, RGB8, channel_order="grb"), "channel_order")
+
+
+def test_mean_and_std_apply_to_image_folders_per_channel(tmp_path):
+    pytest.importorskip("PIL")
+    image = pixels(8, 8, 3)
+    save_flat(tmp_path, [image])
+    data = load_dataset(tmp_path, RGB8, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
+    expected = (image.transpose(2, 0, 1) / np.float32(255) - np.float32([0.5, 0.4, 0.3])[:, None, None]) / np.float32([0.2, 0.25, 0.5])[:, None, None]
+    np.testing.assert_allclose(np.asarray(data.x)[0], expected, rtol=1e-6)
+
+
+def test_image_folder_is_read_per_batch(tmp_path, monkeypatch):
+    """A folder larger than memory streams: loading decodes one image (to learn the
+    sample shape), and each batch decodes only its own images."""
+    pytest.importorskip("PIL")
+    from quanos_onnx import data as data_module
+
+    save_flat(tmp_path, [pixels(8, 8, 3, seed=s) for s in range(10)])
+    decoded: list[str] = []
+    original = data_module.ImageDecoder.decode
+    monkeypatch.setattr(data_module.ImageDecoder, "decode", lambda self, file: decoded.append(file.name) or original(self, file))
+    data = load_dataset(tmp_path, RGB8)
+    assert decoded == ["img0.png"] and data.count == 10
+    decoded.clear()
+    batches = data.batches(4)
+    first, _ = next(batches)
+    assert first.shape == (4, 3, 8, 8) and decoded == ["img0.png", "img1.png", "img2.png", "img3.png"]
+    assert not first.flags.writeable
+    assert [len(x) for x, _ in batches] == [4, 2]
+
+
+def test_held_out_split_of_an_image_folder_stays_lazy_and_matches_the_decoded_split(tmp_path):
+    pytest.importorskip("PIL")
+    from quanos_onnx.data import LazyImages
+
+    shades = {"a": 10, "b": 90, "c": 170}
+    save_images(tmp_path, {name: [np.full((28, 28), shade + n, np.uint8) for n in range(4)] for name, shade in shades.items()})
+    data = load_dataset(tmp_path, MNIST)
+    split = split_held_out(data, 0.25, seed=2, minimum=1)
+    assert isinstance(split.calibration.x, LazyImages) and isinstance(split.evaluation.x, LazyImages)
+    eager = Dataset(np.asarray(data.x), data.y, data.source, data.selection)
+    expected = split_held_out(eager, 0.25, seed=2, minimum=1)
+    np.testing.assert_array_equal(np.asarray(split.evaluation.x), expected.evaluation.x)
+    np.testing.assert_array_equal(np.asarray(split.calibration.x), expected.calibration.x)
+    np.testing.assert_array_equal(split.evaluation.y, expected.evaluation.y)

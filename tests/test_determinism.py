@@ -21,6 +21,7 @@ from quanos_onnx.cli import main
 COMPARED = {
     "bits": ("model.quanos.onnx", "plan.json", "report.json"),
     "quanos": ("model.quanos.onnx", "plan.json", "report.json"),
+    "milp": ("model.quanos.onnx", "plan.json", "report.json"),
     "analyze": ("analysis.json", "report.json"),
     "energy": ("energy.json", "report.json"),
 }
@@ -40,8 +41,10 @@ def command(kind: str, model: Path, data: Path, out: Path) -> list[str]:
     attack = ["--samples", "8", "--batch-size", "4", "--seed", "5"]
     return {
         "bits": ["compile", str(model), "--data", str(data), "--bits", "5", "--calibration", "percentile"],
-        "quanos": ["compile", str(model), "--data", str(data), *attack, "--target-avg-bits", "6",
+        "quanos": ["compile", str(model), "--data", str(data), *attack, "--method", "eqn3", "--target-avg-bits", "6",
                    "--eval-data", str(data), "--eval-samples", "4", "--max-accuracy-drop", "none"],
+        "milp": ["compile", str(model), "--data", str(data), *attack, "--budget", "avg-bits=5",
+                 "--sensitivity-samples", "8", "--no-eval", "--max-accuracy-drop", "none"],
         "analyze": ["analyze", str(model), "--data", str(data), *attack, "--audit-eps", "0.1", "--apgd-steps", "3"],
         "energy": ["energy", str(model), "--hw", "all"],
     }[kind] + ["-o", str(out)]

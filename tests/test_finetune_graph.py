@@ -11,6 +11,7 @@ from finetune_task import trained_task
 from quanos_onnx.finetune import compiled_plan, float_model_of, training_graph
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import Runner
+from quanos_onnx.ptq import PtqSettings
 from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import LayerPlan, Plan
 from quanos_onnx.twin import build_twin
@@ -22,7 +23,10 @@ def compiled():
     layers = list_layers(model)
     bits = {layers[0].name: 3, layers[1].name: 5, layers[2].name: 12}
     plan = Plan(tuple(LayerPlan(layer.name, bits[layer.name], bits[layer.name]) for layer in layers))
-    return model, layers, quantize(model, plan, [train.x[:256]]), train
+    # finetune compiles with round-to-nearest absmax weights and no bias correction
+    # (finetune/train.py plain_ptq): the training graph rebuilds exactly those grids each step.
+    plain = PtqSettings(act_range="minmax", weight_clipping="absmax", bias_correction=False)
+    return model, layers, quantize(model, plan, [train.x[:256]], ptq=plain), train
 
 
 def _twin_logits(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

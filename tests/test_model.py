@@ -18,6 +18,7 @@ from quanos_onnx.model import (
     check_finite_outputs,
     default_opset,
     dynamic_batch,
+    fix_input_shape,
     load_model,
     normalize,
     num_classes,
@@ -367,3 +368,52 @@ def test_external_data_outside_the_folder_is_refused_from_its_name_alone(tmp_pat
         onnx.save(model, tmp_path / "m.onnx")
         with pytest.raises(ModelError, match=f"refers to external data '{location}', outside the model's folder"):
             load_model(tmp_path / "m.onnx")
+
+
+def _dynamic_size_model() -> onnx.ModelProto:
+    """Conv -> GlobalAveragePool -> Flatten -> Gemm on [N,3,H,W]: height and width dynamic,
+    as OCR and detection backbones export."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+            helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+            helper.make_node("Gemm", ["f", "fc_w"], ["y"], name="fc", transB=1),
+        ],
+        "dynamic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc_w"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_fix_input_shape_fixes_dynamic_dims_and_keeps_the_batch_dynamic():
+    from quanos_onnx.layers import list_layers
+
+    model = normalize(_dynamic_size_model())
+    with pytest.raises(ModelError, match="input-shape|cannot be inferred"):
+        list_layers(model)
+    for given in ((3, 12, 10), (1, 3, 12, 10)):
+        fixed = fix_input_shape(model, given)
+        dims = fixed.graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims] == ["N", 3, 12, 10]
+        conv = next(layer for layer in list_layers(fixed) if layer.name == "conv")
+        assert conv.macs == 4 * 3 * 9 * 12 * 10
+        x = np.random.default_rng(1).random((2, 3, 12, 10), np.float32)
+        np.testing.assert_allclose(_ort_outputs(fixed, x), _ort_outputs(model, x), rtol=1e-6)
+    assert fix_input_shape(model, None) is model
+
+
+def test_fix_input_shape_refuses_a_wrong_rank_or_a_fixed_dim():
+    from quanos_onnx.errors import UsageError
+
+    model = normalize(_dynamic_size_model())
+    with pytest.raises(UsageError, match="input_shape 12x10 has 2 dims; .* has 4"):
+        fix_input_shape(model, (12, 10))
+    with pytest.raises(UsageError, match="size 3 in dimension 1, not 4"):
+        fix_input_shape(model, (4, 12, 10))

@@ -31,7 +31,8 @@ import onnx
 from ..errors import PlanError, UsageError
 from ..layers import Join, Layer
 from ..passes.align import align_plan
-from ..passes.calibrate import Range, collect_ranges
+from ..passes.calibrate import Range
+from ..ptq.ranges import choose_range, collect_histograms
 from ..passes.points import QuantPoints, plan_points
 from ..passes.qdq import activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, MIN_BITS, Plan
@@ -75,7 +76,6 @@ class Sensitivity:
             "method": self.method,
             "bits": list(self.bits),
             "samples": self.samples,
-            "seconds": self.seconds,
             "cost": {name: dict(zip(map(str, self.bits), row)) for name, row in zip(self.layers, self.cost)},
         }
 
@@ -125,7 +125,10 @@ class QdqBuilder:
     ) -> None:
         self.model, self.layers, self.joins = model, list(layers), list(joins)
         tensors = sorted({t for plan in plans for group in self._points(plan).groups for t in group.tensors})
-        self.ranges: dict[str, Range] = collect_ranges(model, tensors, calibration)
+        # One min/max calibration for every candidate plan: the table ranks layers, and
+        # min/max ranges do not depend on the bits (the PTQ range searches do).
+        extremes = collect_histograms(model, tensors, calibration, extremes_only=tensors)
+        self.ranges: dict[str, Range] = {name: choose_range(h, 8, "minmax") for name, h in extremes.items()}
 
     def _points(self, plan: Plan) -> QuantPoints:
         return plan_points(self.model, self.layers, align_plan(plan, self.layers, self.joins))

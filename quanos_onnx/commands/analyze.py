@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..layers import Layer, list_layers
 from ..model import check_finite_initializers, check_finite_outputs
 from ..progress import ProgressFactory, no_progress
@@ -148,12 +150,13 @@ def run_analyze(
     from ..finetune.graph import compiled_plan, float_model_of
     from ..harness.ans import measure_ans
     from ..report.audit import audit_section, eqn3_implication
+    from ..device import using_device
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
     inputs = input_paths(model, data)
     check_output_dir(save_to, inputs, names=(ANALYSIS_FILE, *report.REPORT_FILES))
-    source = read_model(model)
+    source = read_model(model, input_shape=options.input_shape)
     plan = compiled_plan(source.proto)
     float_model = source.proto if plan is None else float_model_of(source.proto)
     layers = list_layers(float_model)
@@ -161,10 +164,10 @@ def run_analyze(
         raise ModelError(f"{source.name}: no quantizable layer to analyze")
     check_finite_initializers(float_model, weights_and_biases(layers), source.name)
     attack = options.ans_attack()
-    with using_threads(options.threads):
+    with using_threads(options.threads), using_device(options.device):
         dataset = load_data(data, options, source.proto, model_name=source.name)
         check_data_range(options.input_range, dataset, attacked=True)
-        check_finite_outputs(source.proto, dataset.x[: options.batch_size], source.name)
+        check_finite_outputs(source.proto, np.asarray(dataset.x[: options.batch_size]), source.name)
         count = ans_samples(options.samples, dataset, default=DEFAULT_AUDIT_SAMPLES)
         with progress(f"ANS ({attack.describe()})", count) as advance:
             ans = measure_ans(

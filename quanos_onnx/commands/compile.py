@@ -26,6 +26,8 @@ from .options import (
     AttackMethod,
     AttackOptions,
     Calibration,
+    Rounding,
+    WeightClipping,
     DataSource,
     ModelSource,
     PlanSource,
@@ -46,6 +48,7 @@ from .results import check_output_dir, save_files
 if TYPE_CHECKING:
     from ..data import Dataset
     from ..report import RunInfo
+    from ..ptq import PtqSettings
     from ..verify import Verification, VerifySettings
 
 MODEL_FILE = "model.quanos.onnx"
@@ -71,8 +74,13 @@ class CompileOptions(AttackOptions):
 
     bits: int | None = None
     quantize_output: bool = False
-    calibration: Calibration = "minmax"
+    calibration: Calibration = "auto"
     percentile: float = 99.99
+    weight_clipping: WeightClipping = "output"
+    bias_correction: bool = True
+    equalize: bool = False
+    rounding: Rounding = "nearest"
+    rounding_iterations: int = 500
     calibration_samples: int = 512
     storage: Storage = "int8"
     k_init: int = 16
@@ -105,6 +113,7 @@ class CompileOptions(AttackOptions):
             raise UsageError(f"{arg('calibration_samples')} {self.calibration_samples} must be at least 1")
         if not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"{arg('percentile')} {self.percentile} is outside (50, 100]")
+        self.ptq_settings()
         check_bit_range(self.k_init, self.k_min)
         if self.rounds < 1:
             raise UsageError(f"{arg('rounds')} {self.rounds} must be at least 1")
@@ -144,6 +153,22 @@ class CompileOptions(AttackOptions):
             from ..allocate.solve import parse_budget
 
             parse_budget(self.budget)
+
+    def ptq_settings(self, *, rounding: bool = True) -> PtqSettings:
+        """How the plan's grids are chosen (ptq/); without `rounding`, round-to-nearest,
+        for the many trial plans of a search."""
+        from ..ptq import PtqSettings
+
+        return PtqSettings(
+            act_range=self.calibration,
+            percentile=self.percentile,
+            weight_clipping=self.weight_clipping,
+            bias_correction=self.bias_correction,
+            equalize=self.equalize,
+            rounding=self.rounding if rounding else "nearest",
+            rounding_iterations=self.rounding_iterations,
+            seed=self.seed,
+        )
 
     def verify_settings(self) -> VerifySettings:
         """The checks of the compiled model (verify.py): the eval attacks at the ANS eps."""
@@ -314,6 +339,7 @@ def run_compile(
     from ..errors import ModelError
     from ..model import stamp_producer
     from ..plan import validate_plan
+    from ..device import using_device
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
@@ -326,7 +352,7 @@ def run_compile(
             f"{arg('eval_data')} is given but evaluation is turned off",
             hint="leave out --no-eval (evaluate=False), or the evaluation data",
         )
-    source = read_model(model)
+    source = read_model(model, input_shape=options.input_shape)
     refuse_quantized(source.proto, source.name)
     layers = list_layers(source.proto)
     if not layers:
@@ -337,11 +363,12 @@ def run_compile(
     given_plan = None if plan is None else read_plan_input(plan)
     checks = options.verify_settings() if options.evaluate else None
     attacked = options.bits is None and given_plan is None
-    with using_threads(options.threads, torch=attacked or bool(checks and checks.attacks)):
+    with using_threads(options.threads, torch=attacked or bool(checks and checks.attacks)), using_device(options.device):
         dataset, evaluation = _split_data(
             load_data(data, options, source.proto, model_name=source.name), eval_data, options, source
         )
-        check_data_range(options.input_range, dataset, attacked=options.bits is None and given_plan is None)
+        attacked = (options.bits is None and given_plan is None) or (options.evaluate and bool(options.eval_attacks))
+        check_data_range(options.input_range, dataset, attacked=attacked)
         calibration = [x for x, _ in first_samples(dataset, options.calibration_samples, options.batch_size)]
         check_finite_outputs(source.proto, calibration[0], source.name)
         if options.bits is not None:
@@ -359,9 +386,9 @@ def run_compile(
                 wanted,
                 calibration,
                 layers=layers,
-                method=options.calibration,
-                percentile=options.percentile,
                 storage=options.storage,
+                ptq=options.ptq_settings(),
+                progress=progress,
             )
 
         quantized = quantize_plan(chosen)
@@ -434,7 +461,7 @@ def _quanos_plan(
         plan = allocate_iterative(
             layers,
             first.layers,
-            quantize=lambda p: quantize(model, p, calibration, layers=layers).model,
+            quantize=lambda p: quantize(model, p, calibration, layers=layers, ptq=options.ptq_settings(rounding=False)).model,
             measure=lambda q: measure(q, "ANS on the quantized model").layers,
             rounds=options.rounds,
             target_average_bits=options.target_avg_bits,
@@ -482,7 +509,6 @@ def _milp_plan(
     samples themselves (logged).
     """
     import logging
-    import time
 
     from ..allocate import allocate
     from ..allocate.search import pareto_front, repair, smallest_within_guard
@@ -490,7 +516,6 @@ def _milp_plan(
     from ..allocate.solve import Budget, parse_budget, solve
     from ..layers import find_joins
 
-    started = time.perf_counter()
     joins = find_joins(model, layers)
     candidates = check_candidate_bits(list(range(options.k_min, options.max_bits + 1)))
     measure_ans = _measure_ans(options, layers, dataset, progress)
@@ -554,7 +579,6 @@ def _milp_plan(
             {"bits": b, "accuracy": evaluate(Plan.uniform(layers, b, keep_output_float=not options.quantize_output))}
             for b in candidates
         ]
-    details["seconds"] = time.perf_counter() - started
     return plan.with_details(ans=ans.to_json(), allocation=details)
 
 
@@ -601,8 +625,7 @@ def _search_split(
 
     def evaluate(plan: Plan) -> float:
         quantized = quantize(
-            model, plan, calibration, layers=layers, joins=joins,
-            method=options.calibration, percentile=options.percentile,
+            model, plan, calibration, layers=layers, joins=joins, ptq=options.ptq_settings(rounding=False),
         )
         return float((predictions(quantized.model) == labels).mean())
 

@@ -216,6 +216,7 @@ def run_evaluate(
     from ..harness.evaluate import evaluate
     from ..model import input_shape
     from ..report.audit import audit_section
+    from ..device import using_device
     from ..threads import using_threads
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
@@ -223,14 +224,14 @@ def run_evaluate(
     inputs = input_paths(*given, data)
     check_output_dir(save_to, inputs, names=(EVALUATION_FILE, *report.REPORT_FILES))
     attacks = options.attacks()
-    sources = [read_model(model, "models", f"<onnx.ModelProto #{index}>") for index, model in enumerate(given)]
+    sources = [read_model(model, "models", f"<onnx.ModelProto #{index}>", options.input_shape) for index, model in enumerate(given)]
     first = sources[0]
     names = _short_names([source.name for source in sources])
     entries = []
     evaluations = []
     audits: list[dict[str, Any]] = []
     labels = "data"
-    with using_threads(options.threads):
+    with using_threads(options.threads), using_device(options.device):
         dataset = load_data(data, options, first.proto, model_name=first.name)
         check_data_range(options.input_range, dataset, attacked=bool(attacks) or options.audits())
         count = ans_samples(options.samples, dataset, default=None)

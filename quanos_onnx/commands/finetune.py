@@ -159,6 +159,7 @@ def run_finetune(
     from ..finetune import compiled_plan, finetune, float_model_of
     from ..model import stamp_producer
     from ..plan import validate_plan
+    from ..device import using_device
     from ..threads import using_threads
 
     inputs = input_paths(model, data, val, plan)
@@ -166,7 +167,7 @@ def run_finetune(
         check_model_output(save_to, inputs)
     if val is not None and options.val_split is not None:
         raise UsageError(f"{arg('val')} and {arg('val_split')} exclude each other")
-    source = read_model(model)
+    source = read_model(model, input_shape=options.input_shape)
     stored_plan = compiled_plan(source.proto)
     float_model = source.proto if stored_plan is None else float_model_of(source.proto)
     layers = list_layers(float_model)
@@ -182,7 +183,7 @@ def run_finetune(
             f"{arg('plan')} is required for a float model",
             hint="write one with `quanos-compile MODEL --data DATA` (or --bits K), or pass its compiled model",
         )
-    with using_threads(options.threads):
+    with using_threads(options.threads), using_device(options.device):
         train, held_out = _finetune_data(data, val, options, float_model)
         check_data_range(options.input_range, train, attacked=options.adv_train is not None)
         result = finetune(float_model, chosen, train, options.training(), val=held_out, progress=progress, on_epoch=on_epoch)

@@ -57,9 +57,12 @@ class LayersResult:
         return f"{text}\n\n{format_table(rows)}"
 
 
-def run_layers(model: ModelSource, *, lipschitz: bool = False) -> LayersResult:
-    """The layer table; `lipschitz` adds each block's operator-norm bound (imports torch)."""
-    source = read_model(model)
+def run_layers(
+    model: ModelSource, input_shape: tuple[int, ...] | None = None, *, lipschitz: bool = False
+) -> LayersResult:
+    """The layer table; `input_shape` fixes the model's dynamic input dims
+    (model.fix_input_shape); `lipschitz` adds each block's operator-norm bound (imports torch)."""
+    source = read_model(model, input_shape=input_shape)
     layers = list_layers(source.proto)
     bounds = None
     if lipschitz:

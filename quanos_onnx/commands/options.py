@@ -31,8 +31,12 @@ if TYPE_CHECKING:
     from ..plan import Plan
 
 Layout = Literal["auto", "nchw", "nhwc"]
+ChannelOrder = Literal["rgb", "bgr"]
+Device = Literal["cpu", "cuda"]
 AttackMethod = Literal["fgsm", "pgd"]
-Calibration = Literal["minmax", "percentile"]
+Calibration = Literal["auto", "minmax", "percentile", "entropy", "mse"]
+WeightClipping = Literal["absmax", "mse", "output"]
+Rounding = Literal["nearest", "adaround", "brecq"]
 Storage = Literal["int8", "int4", "int2"]
 Optimizer = Literal["adam", "sgd"]
 ExportTarget = Literal["qonnx", "ort-overrides"]
@@ -136,7 +140,14 @@ def describe(annotation: Any) -> str:
 @dataclass(frozen=True, kw_only=True)
 class DataOptions(Options):
     """How every command that runs models reads, slices and batches its data, its seed,
-    and how many threads run the models (see data.py for layout, scale, mean and std)."""
+    and how many threads run the models (see data.py for layout, scale, mean and std).
+
+    ``input_shape`` fixes the model's dynamic input dims (model.fix_input_shape): the
+    sample dims (``(3, 224, 224)``) or all of them with the batch (``(1, 3, 224, 224)``,
+    whose batch stays dynamic). ``labels`` (a CSV of ``file,label``), ``resize`` (the
+    shorter side), ``crop`` (centre, one size or (height, width)) and ``channel_order``
+    apply to image folders; ``label_offset`` is added to every label (1 for a 1001-class
+    model whose class 0 is background)."""
 
     layout: Layout = "auto"
     scale: float | None = None
@@ -146,10 +157,25 @@ class DataOptions(Options):
     seed: int = 0
     batch_size: int = 64
     threads: int | None = DEFAULT_THREADS
+    input_shape: tuple[int, ...] | None = None
+    labels: str | os.PathLike | None = None
+    label_offset: int = 0
+    resize: int | None = None
+    crop: int | tuple[int, int] | None = None
+    channel_order: ChannelOrder = "rgb"
+    device: Device = "cpu"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from ..data import DataSpec
+        from ..device import check_device
+
+        check_device(self.device)
+
+        if self.labels is not None:
+            object.__setattr__(self, "labels", os.fspath(self.labels))
+        if self.input_shape is not None and not all(dim >= 1 for dim in self.input_shape):
+            raise UsageError(f"{arg('input_shape')} {'x'.join(map(str, self.input_shape))} must be sizes of at least 1")
 
         DataSpec.from_options(**self.read_options())
         if self.batch_size < 1:
@@ -168,6 +194,11 @@ class DataOptions(Options):
             "std": self.std,
             "data_range": None if self.data_range is None else IndexRange(*self.data_range),
             "seed": self.seed,
+            "labels": self.labels,
+            "label_offset": self.label_offset,
+            "resize": self.resize,
+            "crop": self.crop,
+            "channel_order": self.channel_order,
         }
 
 
@@ -218,17 +249,24 @@ class ModelInput:
         return {"path": self.name, "sha256": self.digest}
 
 
-def read_model(model: ModelSource, argument: str = "model", label: str = "<onnx.ModelProto>") -> ModelInput:
-    """The model of a command: a path (read and normalized) or a ModelProto (normalized copy)."""
-    from ..model import file_sha256, load_model, normalize
+def read_model(
+    model: ModelSource,
+    argument: str = "model",
+    label: str = "<onnx.ModelProto>",
+    input_shape: tuple[int, ...] | None = None,
+) -> ModelInput:
+    """The model of a command: a path (read and normalized) or a ModelProto (normalized
+    copy), its dynamic input dims fixed to ``input_shape`` when given."""
+    from ..model import file_sha256, fix_input_shape, load_model, normalize
 
     if isinstance(model, onnx.ModelProto):
         data = model.SerializeToString()
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        return ModelInput(normalize(copy, label), label, None, hashlib.sha256(data).hexdigest())
+        proto = fix_input_shape(normalize(copy, label), input_shape, label)
+        return ModelInput(proto, label, None, hashlib.sha256(data).hexdigest())
     if isinstance(model, (str, os.PathLike)):
-        proto = load_model(model)
+        proto = fix_input_shape(load_model(model), input_shape, str(model))
         return ModelInput(proto, str(model), Path(model), file_sha256(model))
     raise UsageError(f"{arg(argument)} {_short_repr(model)} is not a path or an onnx.ModelProto")
 
@@ -371,6 +409,22 @@ def data_range_from_text(text: str) -> tuple[int | None, int | None]:
 
     parsed = IndexRange.parse(text)
     return (parsed.start, parsed.stop)
+
+
+def shape_from_text(text: str, argument: str = "input_shape") -> tuple[int, ...]:
+    """'1x3x224x224', '3x224x224' or '3,224,224'."""
+    parts = [part.strip() for part in text.replace(",", "x").lower().split("x")]
+    if not parts or not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise UsageError(f"{arg(argument)} {text!r} is not sizes like 3x224x224 or 1x3x224x224")
+    return tuple(int(part) for part in parts)
+
+
+def crop_from_text(text: str) -> int | tuple[int, int]:
+    """'224' (square) or '224x192' (height x width)."""
+    shape = shape_from_text(text, "crop")
+    if len(shape) > 2:
+        raise UsageError(f"{arg('crop')} {text!r} is one size or HEIGHTxWIDTH, e.g. 224")
+    return shape[0] if len(shape) == 1 else (shape[0], shape[1])
 
 
 def scale_from_text(text: str) -> float:

@@ -37,8 +37,10 @@ from ..harness.evaluate import evaluate
 from ..layers import Layer, list_layers
 from ..model import Runner, dynamic_batch
 from ..progress import ProgressFactory, no_progress
+from ..ptq import PtqSettings
 from ..quantize import Quantized, quantize
 from ..plan import Plan
+from ..device import current_device, on_device
 from ..twin import OnnxTwin, build_twin
 from .graph import training_graph
 
@@ -277,15 +279,25 @@ class _Trainer:
             plan,
             self.calibration,
             layers=self.layers,
-            method=settings.calibration_method,
-            percentile=settings.percentile,
             storage=settings.storage,
+            ptq=self.plain_ptq(),
+        )
+
+    def plain_ptq(self) -> PtqSettings:
+        """Round-to-nearest absmax weights, no bias correction: the training graph
+        (finetune/graph.py) quantizes the float weights this way at every step, so the
+        compiled model is exactly the function that was trained."""
+        return PtqSettings(
+            act_range=self.settings.calibration_method,  # type: ignore[arg-type]
+            percentile=self.settings.percentile,
+            weight_clipping="absmax",
+            bias_correction=False,
         )
 
     def _twin(self, float_model: onnx.ModelProto) -> OnnxTwin:
         """The twin of the current export's training graph, holding `float_model`'s weights."""
         batch_free, _ = dynamic_batch(self.export.model)
-        return build_twin(training_graph(batch_free, float_model, self.layers, self.plan))
+        return build_twin(training_graph(batch_free, float_model, self.layers, self.plan)).to(current_device())
 
     def _optimizer(self) -> torch.optim.Optimizer:
         parameters = self.twin.parameters_by_name()
@@ -296,7 +308,7 @@ class _Trainer:
 
     def weights(self) -> dict[str, np.ndarray]:
         parameters = self.twin.parameters_by_name()
-        return {name: parameters[name].detach().numpy().copy() for name in self.trained}
+        return {name: parameters[name].detach().cpu().numpy().copy() for name in self.trained}
 
     def train_epoch(
         self, epoch: int, train: Dataset, rng: np.random.Generator, advance: Callable[[int], None]
@@ -310,13 +322,13 @@ class _Trainer:
             picked = np.sort(order[start : start + self.settings.batch_size])
             x = np.asarray(train.x[picked], dtype=np.float32)
             y = np.asarray(train.y[picked], dtype=np.int64)
-            targets = torch.from_numpy(y)
+            targets = on_device(torch.from_numpy(y))
             if attack is None:
-                logits = self.twin(torch.from_numpy(x)).reshape(len(x), -1)
+                logits = self.twin(on_device(torch.from_numpy(x))).reshape(len(x), -1)
                 loss = torch.nn.functional.cross_entropy(logits, targets)
             else:
                 attacked = perturb(self.twin, x, y, attack, rng=rng)
-                both = self.twin(torch.from_numpy(np.concatenate([x, attacked]))).reshape(2 * len(x), -1)
+                both = self.twin(on_device(torch.from_numpy(np.concatenate([x, attacked])))).reshape(2 * len(x), -1)
                 logits, attacked_logits = both[: len(x)], both[len(x) :]
                 loss = (1 - weight) * torch.nn.functional.cross_entropy(logits, targets) + weight * torch.nn.functional.cross_entropy(attacked_logits, targets)
                 totals.adversarial_correct += int((attacked_logits.argmax(1) == targets).sum())
@@ -379,7 +391,7 @@ class _Trainer:
         with torch.no_grad():
             for x, _ in data.batches(self.settings.batch_size):
                 (expected,) = runner.run(x)
-                got = self.twin(torch.from_numpy(np.array(x, dtype=np.float32))).numpy()
+                got = self.twin(on_device(torch.from_numpy(np.array(x, dtype=np.float32)))).cpu().numpy()
                 agree += int((predictions(got) == predictions(expected)).sum())
                 max_diff = max(max_diff, float(np.max(np.abs(got.reshape(expected.shape) - expected))))
                 samples += len(x)

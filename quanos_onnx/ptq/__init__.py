@@ -1,0 +1,198 @@
+"""Post-training quantization: how an aligned plan's grids are chosen (docs/quantization.md, PTQ).
+
+The stages, in order, each optional and each on any plan (any bits 2..16 per layer):
+cross-layer equalization of the float weights (equalize.py), activation ranges for each
+quantizer group's bits from histograms of the calibration set (ranges.py), per-channel
+weight clipping (weights.py), learned rounding on those grids (reconstruct.py: AdaRound,
+BRECQ/QDrop), and bias correction measured through the QDQ model (bias.py). All of them
+only choose scales, integers and biases: the output is always passes/qdq's exact k-bit QDQ
+form, so onnxruntime's integer fusions are unchanged. Only the rounding draws random numbers
+(batches, QDrop masks), from `seed`; the result depends only on the model, the plan, the
+data and the settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from ..errors import UsageError, arg
+from ..layers import Layer
+from ..passes.points import QuantPoints
+from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
+from ..plan import MAX_BITS, Plan
+from ..progress import ProgressFactory, no_progress
+from .bias import bias_shifts, corrected_grids
+from .equalize import equalize
+from .reconstruct import DEFAULT_ITERATIONS
+from .reconstruct import METHODS as ROUNDING_METHODS
+from .ranges import RANGE_METHODS, check_range_method, choose_range, collect_histograms
+from .weights import WEIGHT_CLIPPINGS, clipped_grids, input_moments
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class PtqSettings:
+    """How the grids of a plan are chosen; the defaults are the measured best (docs/quantization.md).
+
+    act_range: minmax | percentile | entropy | mse | auto (entropy up to 6 bits, minmax
+      above: see the measurements). percentile: for act_range percentile.
+    weight_clipping: absmax | mse | output (per-channel clipping search on the weight error
+      or on the layer's output error).
+    bias_correction: add each layer's measured mean output shift to its bias (after rounding;
+      layers whose input has fewer than BIAS_CORRECTION_MIN_ACT_BITS bits are left alone).
+    equalize: cross-layer equalization of the float model first (data-free, same function).
+    rounding: nearest | adaround | brecq (ptq/reconstruct.py, through the torch twin), with
+      rounding_iterations per layer or block and `seed` for its batches and QDrop masks.
+    """
+
+    act_range: Literal["auto", "minmax", "percentile", "entropy", "mse"] = AUTO
+    percentile: float = 99.99
+    weight_clipping: Literal["absmax", "mse", "output"] = "output"
+    bias_correction: bool = True
+    equalize: bool = False
+    rounding: Literal["nearest", "adaround", "brecq"] = "nearest"
+    rounding_iterations: int = DEFAULT_ITERATIONS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.act_range != AUTO:
+            check_range_method(self.act_range, self.percentile)
+        elif not 50.0 < self.percentile <= 100.0:
+            raise UsageError(f"{arg('percentile')}: {self.percentile} is outside (50, 100]")
+        if self.rounding not in ROUNDINGS:
+            raise UsageError(f"{arg('rounding')}: unknown method '{self.rounding}' (use {', '.join(ROUNDINGS)})")
+        if self.rounding_iterations < 1:
+            raise UsageError(f"{arg('rounding_iterations')}: must be at least 1, got {self.rounding_iterations}")
+        if self.weight_clipping not in WEIGHT_CLIPPINGS:
+            raise UsageError(
+                f"{arg('weight_clipping')}: unknown method '{self.weight_clipping}' (use {', '.join(WEIGHT_CLIPPINGS)})"
+            )
+
+    def range_method(self, bits: int) -> str:
+        """The activation range method used for a quantizer of `bits` bits."""
+        if self.act_range != AUTO:
+            return self.act_range
+        return "entropy" if bits <= AUTO_SEARCH_MAX_BITS else "minmax"
+
+
+BIAS_CORRECTION_MIN_ACT_BITS = 4
+"""Layers whose input has fewer bits keep their bias: on ResNet-20, bias correction gained
+0.5-1 point at W2A4, W4A4 and W6A6 but lost 5-6 points at W3A3 (two range methods)."""
+AUTO_SEARCH_MAX_BITS = 6
+"""auto: entropy ranges up to here (ResNet-20: +2 to +6 points over mse at 2-4 and 6 bits),
+min/max above (at 8 bits every method is within 0.2 points, and min/max needs no histogram)."""
+ACT_RANGES = (AUTO, *RANGE_METHODS)
+ROUNDINGS = ("nearest", *ROUNDING_METHODS)
+
+
+def apply_ptq(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    plan: Plan,
+    points: QuantPoints,
+    calibration: Iterable[np.ndarray],
+    settings: PtqSettings,
+    *,
+    storage: str = "int8",
+    weight_grids: Mapping[str, WeightGrid] | None = None,
+    progress: ProgressFactory = no_progress,
+) -> onnx.ModelProto:
+    """The QDQ model of an aligned plan with PTQ-chosen activation ranges, weights and biases.
+
+    `weight_grids` given by the caller are kept as they are (not clipped again); bias
+    correction adjusts the bias of those that bring none.
+    """
+    if settings.equalize:
+        model = equalize(model)
+    batches = calibration if isinstance(calibration, Sequence) else list(calibration)
+    total = sum(len(batch) for batch in batches)
+    tensors = sorted({t for group in points.groups for t in group.tensors})
+    counted = {t for g in points.groups if settings.range_method(g.bits) != "minmax" for t in g.tensors}
+    histograms = collect_histograms(
+        model, tensors, batches, extremes_only=set(tensors) - counted, progress=progress, total=total
+    )
+    quantizers = {}
+    for group in points.groups:
+        first, *rest = (histograms[t] for t in group.tensors)
+        merged = first.merged(rest) if rest else first
+        method = settings.range_method(group.bits)
+        quantizers[group.name] = activation_quantizer(group.bits, choose_range(merged, group.bits, method, settings.percentile))
+    weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
+    moments = input_moments(model, layers, plan, batches) if settings.weight_clipping == "output" else {}
+    grids = _weight_grids(weights, layers, plan, settings, moments) | dict(weight_grids or {})
+    quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
+    if settings.rounding != "nearest":
+        grids = _rounded(model, quantized, layers, plan, batches, settings, grids, weight_grids or {}, progress)
+        quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
+    if not settings.bias_correction:
+        return quantized
+    given = {name for name, grid in (weight_grids or {}).items() if grid.bias is not None}
+    input_bits = {entry.name: entry.act_bits or MAX_BITS for entry in plan.layers}
+    corrected_layers = [
+        layer
+        for layer in layers
+        if layer.name not in given and input_bits.get(layer.name, MAX_BITS) >= BIAS_CORRECTION_MIN_ACT_BITS
+    ]
+    shifts = bias_shifts(quantized, weights, corrected_layers, plan, batches, progress=progress, total=total)
+    if not shifts:
+        return quantized
+    nodes = {node.name: node for node in model.graph.node}
+    biases = {name: weights[nodes[name].input[2]] for name in shifts}
+    log.info("bias correction on %d layers", len(shifts))
+    corrected = corrected_grids(grids, shifts, biases)
+    return insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=corrected)
+
+
+def _rounded(
+    model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    layers: Sequence[Layer],
+    plan: Plan,
+    batches: Sequence[np.ndarray],
+    settings: PtqSettings,
+    grids: Mapping[str, WeightGrid],
+    given: Mapping[str, WeightGrid],
+    progress: ProgressFactory,
+) -> dict[str, WeightGrid]:
+    """The grids with learned rounding; a caller's own grids stay as given."""
+    from .reconstruct import reconstruct_weights
+
+    learned = reconstruct_weights(
+        model,
+        quantized,
+        layers,
+        plan,
+        batches,
+        method=settings.rounding,
+        iterations=settings.rounding_iterations,
+        seed=settings.seed,
+        progress=progress,
+    )
+    return {**grids, **{name: grid for name, grid in learned.items() if name not in given}}
+
+
+def _weight_grids(
+    weights: Mapping[str, np.ndarray],
+    layers: Sequence[Layer],
+    plan: Plan,
+    settings: PtqSettings,
+    moments: Mapping[str, np.ndarray],
+) -> dict[str, WeightGrid]:
+    if settings.weight_clipping != "absmax":
+        return clipped_grids(weights, layers, plan, moments)
+    entries = plan.by_name()
+    return {
+        layer.name: WeightGrid(*quantize_weight(weights[layer.weight], entries[layer.name].weight_bits, layer.weight_axis))
+        for layer in layers
+        if layer.name in entries and entries[layer.name].quantized and entries[layer.name].weight_bits is not None
+    }
+

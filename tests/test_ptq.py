@@ -1,0 +1,141 @@
+"""ptq/ (orchestration) through quantize(): every technique on any plan keeps the k-bit QDQ form."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from quanos_onnx.errors import UsageError
+from quanos_onnx.layers import list_layers
+from quanos_onnx.model import Runner, make_session, normalize
+from quanos_onnx.plan import LayerPlan, Plan
+from quanos_onnx.ptq import PtqSettings
+from quanos_onnx.quantize import quantize
+
+from tiny_models import random_inputs, resnet_style, vgg_chain
+
+PLAIN = PtqSettings(act_range="minmax", weight_clipping="absmax", bias_correction=False)
+EVERYTHING = PtqSettings(act_range="mse", weight_clipping="output", bias_correction=True, equalize=True)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model = normalize(resnet_style())
+    return model, list_layers(model)
+
+
+def mixed_plan(layers, bits):
+    return Plan(tuple(LayerPlan(layer.name, w, a) for layer, (w, a) in zip(layers, bits)))
+
+
+MIXED = [(2, 4), (3, 3), (5, 8), (4, 4), (12, 12), (6, 2), (8, 8)]
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> collections.Counter:
+    path = tmp_path / "optimized.onnx"
+    make_session(model, optimized_model_path=str(path))
+    return collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+@pytest.mark.parametrize("settings", [PtqSettings(), EVERYTHING, PtqSettings(act_range="entropy", weight_clipping="mse")])
+def test_any_settings_keep_the_k_bit_weights_and_the_integer_fusions(resnet, tmp_path, settings):
+    model, layers = resnet
+    x = random_inputs(model, 32)
+    plan = mixed_plan(layers, MIXED)
+    result = quantize(model, plan, [x[:16], x[16:]], ptq=settings)
+    for entry in result.plan.layers:
+        bits = entry.weight_bits
+        integers = initializer(result.model, f"{entry.name}.weight_w{bits}_quantized")
+        assert np.abs(integers).max() <= 2 ** (bits - 1) - 1
+    plain = quantize(model, plan, [x[:16], x[16:]], ptq=PLAIN)
+    assert optimized_ops(result.model, tmp_path) == optimized_ops(plain.model, tmp_path)
+    assert result.plan == plain.plan
+
+
+def test_the_result_is_the_same_every_time(resnet):
+    model, layers = resnet
+    x = random_inputs(model, 16)
+    plan = mixed_plan(layers, MIXED)
+    first = quantize(model, plan, [x], ptq=EVERYTHING).model
+    second = quantize(model, plan, (batch for batch in [x]), ptq=EVERYTHING).model
+    assert first.SerializeToString() == second.SerializeToString()
+
+
+def test_the_defaults_beat_round_to_nearest_at_four_bits():
+    model = normalize(vgg_chain(seed=3))
+    layers = list_layers(model)
+    x = random_inputs(model, 64, seed=4)
+    reference = Runner(model).run(x)[0]
+    plan = Plan.uniform(layers, 4)
+
+    def error(settings: PtqSettings) -> float:
+        quantized = quantize(model, plan, [x[:32], x[32:]], ptq=settings).model
+        return float(np.mean((Runner(quantized).run(x)[0] - reference) ** 2))
+
+    assert error(PtqSettings()) < 0.7 * error(PLAIN)
+
+
+def test_auto_ranges_search_at_low_bits_and_keep_minmax_at_eight():
+    settings = PtqSettings()
+    assert [settings.range_method(bits) for bits in (2, 4, 6, 7, 8, 16)] == ["entropy"] * 3 + ["minmax"] * 3
+    assert PtqSettings(act_range="mse").range_method(3) == "mse"
+
+
+def test_method_and_percentile_override_the_settings(resnet):
+    model, layers = resnet
+    x = random_inputs(model, 16)
+    plan = Plan.uniform(layers, 4)
+    legacy = quantize(model, plan, [x], method="percentile", percentile=99.0, ptq=PLAIN).model
+    explicit = quantize(model, plan, [x], ptq=PtqSettings("percentile", 99.0, "absmax", False)).model
+    assert legacy.SerializeToString() == explicit.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("options", "culprit"),
+    [
+        ({"act_range": "mean"}, "--act-range"),
+        ({"percentile": 20.0}, "--percentile"),
+        ({"weight_clipping": "l1"}, "--weight-clipping"),
+    ],
+)
+def test_bad_settings_are_usage_errors_naming_the_option(options, culprit):
+    with pytest.raises(UsageError, match=culprit):
+        PtqSettings(**options)
+
+
+@pytest.mark.parametrize("rounding", ["adaround", "brecq"])
+def test_learned_rounding_is_wired_in_and_repeatable(resnet, tmp_path, rounding):
+    model, layers = resnet
+    x = random_inputs(model, 32)
+    plan = mixed_plan(layers, [(3, 4)] * 6 + [(8, 8)])
+    settings = PtqSettings(rounding=rounding, rounding_iterations=30, seed=1)
+    nearest = quantize(model, plan, [x[:16], x[16:]], ptq=PtqSettings(rounding="nearest"))
+    learned = quantize(model, plan, [x[:16], x[16:]], ptq=settings)
+    again = quantize(model, plan, [x[:16], x[16:]], ptq=settings)
+    assert learned.model.SerializeToString() == again.model.SerializeToString()
+    names = [f"{layer.name}.weight_w{entry.weight_bits}_quantized" for layer, entry in zip(layers, learned.plan.layers)]
+    changed = [not np.array_equal(initializer(learned.model, n), initializer(nearest.model, n)) for n in names]
+    assert any(changed)
+    for name, entry in zip(names, learned.plan.layers):
+        assert np.abs(initializer(learned.model, name)).max() <= 2 ** (entry.weight_bits - 1) - 1
+    # the rounding keeps the clipped scales, so only the integers move
+    for layer, entry in zip(layers, learned.plan.layers):
+        scale = f"{layer.name}.weight_w{entry.weight_bits}_scale"
+        np.testing.assert_array_equal(initializer(learned.model, scale), initializer(nearest.model, scale))
+    assert optimized_ops(learned.model, tmp_path) == optimized_ops(nearest.model, tmp_path)
+
+
+def test_bad_rounding_settings_name_the_option():
+    with pytest.raises(UsageError, match="--rounding:"):
+        PtqSettings(rounding="stochastic")
+    with pytest.raises(UsageError, match="--rounding-iterations"):
+        PtqSettings(rounding="adaround", rounding_iterations=0)

@@ -1,0 +1,139 @@
+"""ptq/reconstruct.py: learned rounding stays on the k-bit grid, lowers the reconstructed
+outputs' error against round-to-nearest, is deterministic per seed, and reconstructs
+residual blocks (projection shortcuts included) together."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from quanos_onnx.errors import UsageError
+from quanos_onnx.layers import list_layers
+from quanos_onnx.model import make_session, normalize, with_outputs
+from quanos_onnx.plan import LayerPlan, Plan
+from quanos_onnx.ptq import PtqSettings
+from quanos_onnx.ptq.reconstruct import reconstruct_weights, reconstruction_units
+from quanos_onnx.quantize import quantize
+
+from tiny_models import random_inputs, resnet_style, vgg_chain
+
+ITERATIONS = 150
+ROUND_TO_NEAREST = PtqSettings(act_range="minmax", weight_clipping="absmax", bias_correction=False)
+"""The baseline these tests measure learned rounding against: min/max ranges and absmax
+scales (PtqSettings' defaults clip the weights for the output error already)."""
+
+
+def _setup(model: onnx.ModelProto, bits: dict[str, tuple[int, int]] | int, samples: int = 64):
+    model = normalize(model)
+    layers = list_layers(model)
+    chosen = bits if isinstance(bits, dict) else {layer.name: (bits, bits) for layer in layers}
+    plan = Plan(tuple(LayerPlan(layer.name, *chosen[layer.name]) for layer in layers))
+    calibration = [random_inputs(model, samples, seed=1)]
+    return model, layers, plan, calibration, quantize(model, plan, calibration, ptq=ROUND_TO_NEAREST)
+
+
+def _outputs(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    session = make_session(with_outputs(model, names))
+    return dict(zip(names, session.run(names, {session.get_inputs()[0].name: x})))
+
+
+def _error(model: onnx.ModelProto, reference: onnx.ModelProto, name: str, x: np.ndarray) -> float:
+    return float(np.mean((_outputs(model, [name], x)[name] - _outputs(reference, [name], x)[name]) ** 2))
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+def test_grids_are_k_bit_integers_that_quantize_writes(method: str) -> None:
+    mixed = {"stem": (3, 4), "block1.conv1": (2, 4), "block1.conv2": (4, 4), "block2.conv1": (3, 3),
+             "block2.conv2": (2, 3), "block2.shortcut": (4, 3), "classifier": (5, 6)}
+    model, layers, plan, calibration, nearest = _setup(resnet_style(), mixed)
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method=method, iterations=20, seed=0)
+    assert set(grids) == set(mixed)
+    aligned = nearest.plan.by_name()
+    for name, grid in grids.items():
+        limit = 2 ** (aligned[name].weight_bits - 1) - 1
+        assert np.issubdtype(grid.integers.dtype, np.integer)
+        assert np.abs(grid.integers).max() <= limit
+    written = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
+    onnx.checker.check_model(written)
+    logits = _outputs(written, [written.graph.output[0].name], random_inputs(model, 8, seed=2))
+    assert np.all(np.isfinite(next(iter(logits.values()))))
+
+
+def test_adaround_lowers_the_layer_output_errors() -> None:
+    model, layers, plan, calibration, nearest = _setup(vgg_chain(), 3)
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method="adaround", iterations=ITERATIONS, seed=0)
+    learned = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
+    x = calibration[0]
+    learned_errors = [_error(learned, model, layer.block_output, x) for layer in layers]
+    nearest_errors = [_error(nearest.model, model, layer.block_output, x) for layer in layers]
+    assert learned_errors[0] < nearest_errors[0]
+    assert sum(learned_errors) < 0.97 * sum(nearest_errors)
+
+
+def test_brecq_reconstructs_residual_blocks_and_lowers_their_output_error() -> None:
+    model, layers, plan, calibration, nearest = _setup(resnet_style(), 3)
+    units = reconstruction_units(model, layers, nearest.plan, method="brecq")
+    assert [unit.layers for unit in units] == [
+        ("stem",), ("block1.conv1", "block1.conv2"), ("block2.conv1", "block2.conv2", "block2.shortcut"), ("classifier",)
+    ]
+    assert units[1].input == units[0].output and units[2].input == units[1].output
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method="brecq", iterations=ITERATIONS, seed=0)
+    learned = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
+    x = calibration[0]
+    for unit in units[1:3]:
+        assert _error(learned, model, unit.output, x) < _error(nearest.model, model, unit.output, x)
+
+
+def test_same_seed_same_rounding_and_kept_float_layers_are_left_alone() -> None:
+    bits = {"stem": (4, 4), "block1.conv1": (3, 4), "block1.conv2": (3, 4), "block2.conv1": (3, 4),
+            "block2.conv2": (3, 4), "block2.shortcut": (3, 4)}
+    model = normalize(resnet_style())
+    layers = list_layers(model)
+    plan = Plan(tuple(LayerPlan(n, *bits[n]) if n in bits else LayerPlan(n, None, None, keep_float=True)
+                      for n in (layer.name for layer in layers)))
+    calibration = [random_inputs(model, 48, seed=3)]
+    nearest = quantize(model, plan, calibration, ptq=ROUND_TO_NEAREST)
+    runs = [
+        reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                            method="brecq", iterations=40, seed=7)
+        for _ in range(2)
+    ]
+    assert set(runs[0]) == set(bits)
+    for name in bits:
+        assert np.array_equal(runs[0][name].integers, runs[1][name].integers)
+        assert np.array_equal(runs[0][name].scale, runs[1][name].scale)
+
+
+def test_progress_is_reported_per_unit_with_the_iteration_count() -> None:
+    from contextlib import contextmanager
+
+    model, layers, plan, calibration, nearest = _setup(vgg_chain(), 4, samples=16)
+    reported: dict[str, int] = {}
+    totals: dict[str, int] = {}
+
+    @contextmanager
+    def progress(label: str, total: int):
+        totals[label] = total
+        reported[label] = 0
+
+        def advance(done: int) -> None:
+            reported[label] += done
+
+        yield advance
+
+    reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                        method="adaround", iterations=5, seed=0, progress=progress)
+    assert list(totals) == [f"layer {layer.name}" for layer in layers]
+    assert set(totals.values()) == {5} and reported == totals
+
+
+def test_unknown_method_and_no_iterations_are_usage_errors() -> None:
+    model, layers, plan, calibration, nearest = _setup(vgg_chain(), 4, samples=8)
+    with pytest.raises(UsageError, match="rounding method 'qdrop'"):
+        reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration, method="qdrop", iterations=5, seed=0)
+    with pytest.raises(UsageError, match="at least 1"):
+        reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration, method="brecq", iterations=0, seed=0)
