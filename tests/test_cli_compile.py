@@ -269,3 +269,25 @@ def test_the_ans_weight_default_is_the_solvers():
 
     option = next(p for p in compile_command.params if p.name == "ans_weight")
     assert option.default == DEFAULT_ANS_WEIGHT == CompileOptions().ans_weight
+
+
+def test_a_milp_search_keeps_samples_of_its_own_out_of_calibration() -> None:
+    from quanos_onnx.commands.compile import MIN_SEARCH_SAMPLES, calibration_samples
+
+    assert calibration_samples(512, 200, searched=True) == 100
+    assert calibration_samples(512, 600, searched=True) == 600 - MIN_SEARCH_SAMPLES
+    assert calibration_samples(512, 5000, searched=True) == 512
+    assert calibration_samples(512, 200, searched=False) == 512
+    assert calibration_samples(512, 1, searched=True) == 1
+
+
+def test_the_search_judges_a_plan_by_a_lower_bound_on_its_paired_difference_from_float() -> None:
+    from quanos_onnx.commands.compile import guarded_accuracy
+
+    float_correct = np.array([True] * 99 + [False])
+    same = float_correct.copy()
+    assert guarded_accuracy(float_correct, same) == pytest.approx(0.99)
+    lucky = float_correct.copy()
+    lucky[:3] = False
+    lucky[99] = True  # 3 lost, 1 gained: 97% against 99%, 4 discordant samples
+    assert guarded_accuracy(float_correct, lucky) == pytest.approx(0.97 - 1.645 * 2 / 100)

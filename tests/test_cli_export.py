@@ -69,7 +69,7 @@ def test_compile_storage_int4_writes_packed_weights(tmp_path):
     data = tmp_path / "data.npz"
     np.savez(data, x=inputs(16), y=np.zeros(16, dtype=np.int64))
     out = tmp_path / "out"
-    args = ["compile", str(model), "--data", str(data), "--bits", "4", "--storage", "int4", "-o", str(out)]
+    args = ["compile", str(model), "--data", str(data), "--bits", "4", "--storage", "int4", "--input-range", "-1,1", "-o", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     written = onnx.load(str(out / "model.quanos.onnx"))
