@@ -209,7 +209,7 @@ def test_milp_with_a_budget_keeps_it_and_says_how_far_it_moved_from_eqn3(workdir
     assert summary["method"] == "milp"
     allocation = summary["allocation"]
     assert allocation["how"] == "integer program within avg-bits=4"
-    assert allocation["search_samples"] == 16 and allocation["moved_from_eqn3"]["layers"] == 4
+    assert allocation["search_samples"] == 20 and allocation["moved_from_eqn3"]["layers"] == 4
     assert summary["average_weight_bits"] <= 4.0
     plan = read_plan(workdir / "out" / PLAN_FILE)
     assert {e.weight_bits for e in plan.layers if e.quantized} <= set(range(2, 9))

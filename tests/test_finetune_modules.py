@@ -14,6 +14,7 @@ from quanos_onnx.errors import PlanError, UsageError
 from quanos_onnx.finetune import apply_plan, planned_modules, remove_plan
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import Runner, normalize
+from quanos_onnx.ptq import PtqSettings
 from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import LayerPlan, Plan
 
@@ -63,7 +64,9 @@ def compiled(request):
     plan = Plan(
         tuple(LayerPlan(layer.name, b, b) for layer, b in zip(layers, bits)) + (LayerPlan(layers[-1].name, None, None, keep_float=True),)
     )
-    quantized = quantize(model, plan, [_inputs().numpy()])
+    # apply_plan quantizes the module's weights round-to-nearest absmax, as finetune compiles
+    plain = PtqSettings(act_range="minmax", weight_clipping="absmax", bias_correction=False)
+    quantized = quantize(model, plan, [_inputs().numpy()], ptq=plain)
     return net, raw, quantized, request.param
 
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from quanos_onnx.layers import find_joins, list_layers
-from quanos_onnx.model import Runner, load_model
+from quanos_onnx.model import Runner, load_model, make_session
 from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import LayerPlan, Plan
 
@@ -26,9 +26,18 @@ def _cycling_plan(layers, low: int, high: int) -> Plan:
     ))
 
 
-def _accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
-    runner = Runner(model)
-    predictions = np.concatenate([runner.run(x[i : i + 500])[0].argmax(1) for i in range(0, len(x), 500)])
+def _accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, *, exact_kernels: bool = False) -> float:
+    """`exact_kernels`: a session with x64quantprecision, whose integer kernels are exact.
+    On CPUs without VNNI onnxruntime's default u8 x s8 kernels saturate pairs to int16 and
+    cost 8-bit ResNet-20 about 0.75 points (docs/quantization.md): the CPU's arithmetic, not
+    the quantizer's. (Runner, the default, also serves mnist-8's batch-1 graph.)"""
+    if not exact_kernels:
+        runner = Runner(model)
+        predictions = np.concatenate([runner.run(x[i : i + 500])[0].argmax(1) for i in range(0, len(x), 500)])
+        return float((predictions == y).mean())
+    session = make_session(model, config=[("session.x64quantprecision", "1")])
+    name = session.get_inputs()[0].name
+    predictions = np.concatenate([session.run(None, {name: x[i : i + 500]})[0].argmax(1) for i in range(0, len(x), 500)])
     return float((predictions == y).mean())
 
 
@@ -198,7 +207,7 @@ def test_real_model_at_8_bits_is_within_one_point_of_float(request, dataset: str
     float_accuracy = _accuracy(model, x, y)
     assert float_accuracy > (0.98 if dataset == "mnist" else 0.91)
     quantized = quantize(model, Plan.uniform(layers, 8), _batches(calibration)).model
-    assert _accuracy(quantized, x, y) >= float_accuracy - 0.01
+    assert _accuracy(quantized, x, y, exact_kernels=dataset == "cifar") >= float_accuracy - 0.01
 
 
 @pytest.mark.slow

@@ -189,7 +189,8 @@ def _compile(files: dict[str, Path], out: Path, *extra: str, data: str = "data")
 
 
 def test_compile_that_breaks_the_guard_writes_its_outputs_and_exits_with_the_guard_code(files, tmp_path):
-    result = _compile(files, tmp_path / "out", "--bits", "2", "--quantize-output")
+    plain = ["--calibration", "minmax", "--weight-clipping", "absmax", "--no-bias-correction"]
+    result = _compile(files, tmp_path / "out", "--bits", "2", "--quantize-output", *plain)
     assert result.exit_code == EXIT_ACCURACY_GUARD == 4, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "accuracy guard" in errors[0] and "points below float" in errors[0]
