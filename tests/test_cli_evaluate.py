@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from finetune_task import trained_task
 from harness_models import tiny_onnx, tiny_weights
+from tiny_models import dynamic_size_classifier
 from quanos_onnx.cli import main
 from quanos_onnx.harness.attacks import Attack
 from quanos_onnx.harness.evaluate import evaluate
@@ -140,25 +141,9 @@ def test_dynamic_size_model_on_a_labelled_image_folder(tmp_path: Path) -> None:
     """--input-shape fixes the model's dynamic height and width; the images (of two sizes)
     are resized, centre-cropped and labelled by a labels file, offset by one class."""
     from PIL import Image
-    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-            helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
-            helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-            helper.make_node("Gemm", ["f", "fc_w"], ["y"], name="fc", transB=1),
-        ],
-        "dynamic",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [
-            numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
-            numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "fc_w"),
-        ],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "dynamic.onnx")
+    onnx.save(dynamic_size_classifier(4), tmp_path / "dynamic.onnx")
     (tmp_path / "images").mkdir()
     rows = []
     for number in range(6):

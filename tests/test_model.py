@@ -26,7 +26,7 @@ from quanos_onnx.model import (
     save_model,
 )
 
-from tiny_models import vgg_chain
+from tiny_models import dynamic_size_classifier, vgg_chain
 
 
 def _ort_outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -370,32 +370,10 @@ def test_external_data_outside_the_folder_is_refused_from_its_name_alone(tmp_pat
             load_model(tmp_path / "m.onnx")
 
 
-def _dynamic_size_model() -> onnx.ModelProto:
-    """Conv -> GlobalAveragePool -> Flatten -> Gemm on [N,3,H,W]: height and width dynamic,
-    as OCR and detection backbones export."""
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-            helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
-            helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-            helper.make_node("Gemm", ["f", "fc_w"], ["y"], name="fc", transB=1),
-        ],
-        "dynamic",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
-        [
-            numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
-            numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc_w"),
-        ],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-
-
 def test_fix_input_shape_fixes_dynamic_dims_and_keeps_the_batch_dynamic():
     from quanos_onnx.layers import list_layers
 
-    model = normalize(_dynamic_size_model())
+    model = normalize(dynamic_size_classifier(5))
     with pytest.raises(ModelError, match="input-shape|cannot be inferred"):
         list_layers(model)
     for given in ((3, 12, 10), (1, 3, 12, 10)):
@@ -412,7 +390,7 @@ def test_fix_input_shape_fixes_dynamic_dims_and_keeps_the_batch_dynamic():
 def test_fix_input_shape_refuses_a_wrong_rank_or_a_fixed_dim():
     from quanos_onnx.errors import UsageError
 
-    model = normalize(_dynamic_size_model())
+    model = normalize(dynamic_size_classifier(5))
     with pytest.raises(UsageError, match="input_shape 12x10 has 2 dims; .* has 4"):
         fix_input_shape(model, (12, 10))
     with pytest.raises(UsageError, match="size 3 in dimension 1, not 4"):

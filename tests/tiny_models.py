@@ -124,3 +124,25 @@ def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> np.ndarr
     dims = model.graph.input[0].type.tensor_type.shape.dim
     shape = tuple(d.dim_value for d in dims[1:])
     return np.random.default_rng(seed).random((count, *shape), dtype=np.float32)
+
+
+def dynamic_size_classifier(classes: int) -> onnx.ModelProto:
+    """Conv -> GlobalAveragePool -> Flatten -> Gemm on [N,3,H,W]: height and width dynamic,
+    as OCR and detection backbones export."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+            helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+            helper.make_node("Gemm", ["f", "fc_w"], ["y"], name="fc", transB=1),
+        ],
+        "dynamic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])],
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.standard_normal((classes, 4)).astype(np.float32), "fc_w"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
