@@ -60,6 +60,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "mse + output clip + bias corr. + equalize": {
         "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "equalize": True,
     },
+    "auto + output clip + bias corr. + equalize": {
+        "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "equalize": True,
+    },
     "auto + output clip + bias corr., first conv W8A8": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "first_layer_bits": 8,
     },
@@ -71,7 +74,6 @@ ONLY_AT = {
     "entropy": ("W8A8", "W4A4", "W3A3"),
     "mse + weight-mse clip": ("W8A8", "W4A4", "W3A3"),
     "mse + output clip": ("W8A8", "W4A4", "W3A3"),
-    "auto + output clip + bias corr.": ("W8A8", "W4A8"),
     "auto + output clip + bias corr., first conv W8A8": ("W6A6", "W4A4", "W3A3", "W2A4"),
     "minmax + output clip + bias corr.": ("W6A6", "W5A5"),
     "entropy + output clip": ("W6A6", "W5A5", "W4A4", "W3A3", "W2A4"),
@@ -118,7 +120,7 @@ def imagenet(shared: Path, name: str, calibration: int, cache: Path) -> Setup:
             rows = [row for row in csv.reader(handle) if row and row[0] != "file"]
         images = np.stack(
             [
-                np.asarray(Image.open(folder / file).convert("RGB").resize((224, 224), Image.BILINEAR), dtype=np.uint8)
+                np.asarray(Image.open(folder / "images" / file).convert("RGB").resize((224, 224), Image.BILINEAR), dtype=np.uint8)
                 for file, _ in rows
             ]
         )

@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from quanos_onnx.errors import UsageError
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import make_session, normalize, with_outputs
 from quanos_onnx.plan import LayerPlan, Plan
 from quanos_onnx.ptq import PtqSettings
-from quanos_onnx.ptq.reconstruct import reconstruct_weights, reconstruction_units
+from quanos_onnx.ptq.reconstruct import DEFAULT_ITERATIONS, reconstruct_weights, reconstruction_units
 from quanos_onnx.quantize import quantize
 
 from tiny_models import random_inputs, resnet_style, vgg_chain
@@ -137,3 +138,39 @@ def test_unknown_method_and_no_iterations_are_usage_errors() -> None:
         reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration, method="qdrop", iterations=5, seed=0)
     with pytest.raises(UsageError, match="at least 1"):
         reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration, method="brecq", iterations=0, seed=0)
+
+
+def _tied_inputs_gemm(fractions: tuple[float, ...], step: float) -> onnx.ModelProto:
+    """y = x W^T for one output: a 7-step weight on an input of its own fixes the 4-bit
+    scale at `step`, and weights of `fractions` steps read the same input column."""
+    weight = np.array([[7.0, *fractions]], dtype=np.float32) * step
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["y"], name="fc", transB=1)],
+        "tied",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weight.shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_default_iterations_flip_weights_far_from_a_half() -> None:
+    """Three weights of 0.2-0.25 steps read one input: nearest rounds all three down and
+    loses 0.67 steps of it, while rounding one up loses 0.33. Finding that needs a
+    rounding variable to travel from a fractional part of about 0.2 across a half within
+    the default iterations (the learning rate follows the iteration count)."""
+    step = 0.05
+    model = _tied_inputs_gemm((0.2, 0.22, 0.25), step)
+    layers = list_layers(model)
+    plan = Plan((LayerPlan("fc", 4, 8),))
+    rng = np.random.default_rng(0)
+    shared, own = rng.uniform(0, 1, (256, 1)), rng.uniform(0, 1, (256, 1))
+    calibration = [np.concatenate([own, shared, shared, shared], axis=1).astype(np.float32)]
+    nearest = quantize(model, plan, calibration, ptq=ROUND_TO_NEAREST)
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method="adaround", iterations=DEFAULT_ITERATIONS, seed=0)
+    integers = grids["fc"].integers.reshape(-1)
+    assert integers[0] == 7
+    assert int(integers[1:].sum()) == 1
+    learned = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
+    assert _error(learned, model, "y", calibration[0]) < 0.5 * _error(nearest.model, model, "y", calibration[0])
