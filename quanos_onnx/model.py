@@ -895,11 +895,13 @@ class Runner:
     sample) and are stacked, so callers always pass whole batches of any size.
     """
 
-    def __init__(self, proto: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> None:
+    def __init__(
+        self, proto: onnx.ModelProto, extra_outputs: Sequence[str] = (), config: Sequence[tuple[str, str]] = ()
+    ) -> None:
         freed, self.batched = dynamic_batch(proto)
         self.fixed_batch = input_shape(proto)[0] or 1
         model = with_outputs(freed, extra_outputs) if extra_outputs else freed
-        self.session = make_session(model)
+        self.session = make_session(model, config=config)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 

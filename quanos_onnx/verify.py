@@ -54,6 +54,10 @@ EVAL_PGD_STEPS = 7
 INTEGER_KERNEL_BITS = 8
 """Widest layer onnxruntime runs on its integer kernels (QLinearConv, MatMulInteger)."""
 
+EXACT_KERNELS = (("session.x64quantprecision", "1"),)
+"""The onnxruntime session entry under which its u8 x s8 kernels are exact on x86 CPUs
+without VNNI (docs/quantization.md, "8-bit layers on x86 CPUs without VNNI")."""
+
 LABELS_FROM_DATA = "data"
 LABELS_FROM_FLOAT = "float model"
 
@@ -278,7 +282,11 @@ def verify(
         attacks=settings.attacks,
         rows=tuple(rows),
         guard=guard,
-        warnings=tuple(comparison_warnings(rows) + kernel_warnings(plan)),
+        warnings=tuple(
+            comparison_warnings(rows)
+            + kernel_warnings(plan)
+            + saturation_warnings(compiled, plan, evaluation.x, labels, rows[0].clean_accuracy, settings.batch_size)
+        ),
     )
 
 
@@ -324,6 +332,37 @@ def kernel_warnings(plan: Plan) -> list[str]:
     return [
         f"{len(wide)} layer(s) above {INTEGER_KERNEL_BITS} bits ({shown}) leave onnxruntime's integer kernels "
         "and run as float convolutions between int16 Q/DQ: expect the model to be slower than an int8 one"
+    ]
+
+
+def saturation_warnings(
+    compiled: onnx.ModelProto, plan: Plan, x: np.ndarray, labels: np.ndarray, clean_here: float, batch_size: int
+) -> list[str]:
+    """On an x86 CPU without VNNI, onnxruntime's default kernels add u8 x s8 products in
+    int16 pairs with saturation, so layers with 8-bit weights compute differently here than
+    on a VNNI or ARM CPU (EfficientNet-Lite0 at W8A8: 3.5 points lower here). The measured
+    accuracy is this machine's; when exact kernels score differently on the same data, the
+    user must know before shipping, and what to do about it."""
+    from .twin.fusion import pair_saturation
+
+    saturation = pair_saturation()
+    eight_bit = [e.name for e in plan.layers if e.quantized and e.weight_bits == INTEGER_KERNEL_BITS]
+    if not (saturation.conv or saturation.gemm) or not eight_bit:
+        return []
+    runner = Runner(compiled, config=EXACT_KERNELS)
+    name = output_names(compiled)[0]
+    correct = 0
+    for batch, batch_labels in _batches(x, labels, batch_size):
+        predictions = runner.run(batch, [name])[0].reshape(len(batch), -1).argmax(axis=1)
+        correct += int(np.sum(predictions == batch_labels))
+    exact = correct / max(len(x), 1)
+    if exact == clean_here:
+        return []
+    return [
+        f"this CPU's onnxruntime adds u8 x s8 products in int16 pairs with saturation (AVX2 without VNNI), so the "
+        f"{len(eight_bit)} layer(s) with 8-bit weights compute differently here: clean {_percent(clean_here)} here, "
+        f"{_percent(exact)} with exact kernels (session option session.x64quantprecision=1, or a CPU with VNNI or "
+        "ARM); deploy with that option, or give those layers 7-bit weights (docs/quantization.md)"
     ]
 
 

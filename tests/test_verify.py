@@ -29,6 +29,7 @@ from quanos_onnx.verify import (
     evaluation_attacks,
     kernel_warnings,
     parse_max_accuracy_drop,
+    saturation_warnings,
     uniform_bits_near,
     verify,
 )
@@ -237,3 +238,48 @@ def test_no_eval_and_eval_data(files, tmp_path):
     assert report["verification"]["data"]["samples"] == 600 and report["inputs"]["data"]["samples"] == 600
     both = _compile(files, tmp_path / "both", "--bits", "8", "--no-eval", "--eval-data", str(files["data"]))
     assert both.exit_code == 2 and "--eval-data is given but evaluation is turned off" in both.stderr
+
+
+def _saturating_conv() -> tuple[onnx.ModelProto, Plan, np.ndarray]:
+    """Class 0's weights (1, 1) fill both 8-bit products of a pair (2 * 255 * 127 > 32767),
+    class 1's (1.5, 0) do not: on inputs of ones exact kernels score class 0 (2 > 1.5), a
+    saturating kernel class 1 (about 1.01 < 1.5)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.array([[1, 1], [1.5, 0]], np.float32).reshape(2, 2, 1, 1)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), helper.make_node("Flatten", ["c"], ["y"], name="flat")],
+        "pairs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    calibration = np.random.default_rng(0).uniform(0, 1, (64, 2, 1, 1)).astype(np.float32)
+    calibration[:2] = 1.0
+    return model, Plan((LayerPlan("conv", 8, 8),)), calibration
+
+
+def test_saturating_kernels_are_reported_with_the_exact_accuracy():
+    from quanos_onnx.ptq import PtqSettings
+    from quanos_onnx.twin.fusion import pair_saturation
+
+    if not pair_saturation().conv:
+        pytest.skip("this CPU's onnxruntime computes u8 x s8 convolutions exactly")
+    model, plan, calibration = _saturating_conv()
+    plain = PtqSettings(act_range="minmax", weight_clipping="absmax", bias_correction=False)
+    compiled = quantize(model, plan, [calibration], ptq=plain).model
+    x, labels = np.ones((10, 2, 1, 1), np.float32), np.zeros(10, np.int64)
+    (warning,) = saturation_warnings(compiled, plan, x, labels, 0.0, 4)
+    assert "1 layer(s) with 8-bit weights" in warning and "clean 0.0% here, 100.0% with exact kernels" in warning
+    assert saturation_warnings(compiled, plan, x, labels, 1.0, 4) == []
+    seven = Plan((LayerPlan("conv", 7, 8),))
+    assert saturation_warnings(quantize(model, seven, [calibration], ptq=plain).model, seven, x, labels, 0.0, 4) == []
+
+
+def test_no_saturation_warning_on_cpus_that_compute_exactly(monkeypatch):
+    from quanos_onnx.twin import fusion
+
+    monkeypatch.setattr(fusion, "pair_saturation", lambda: fusion.PairSaturation())
+    model, plan, calibration = _saturating_conv()
+    assert saturation_warnings(model, plan, np.ones((4, 2, 1, 1), np.float32), np.zeros(4, np.int64), 0.0, 4) == []
