@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -156,21 +156,26 @@ def measure_tolerance(
     output = output_names(model)[0]
     float_logits = _logits(model, output, batches)
     float_top = float_logits.argmax(axis=1)
-    split = _splittable(model)
 
-    def judge(proto: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]] | None = None) -> tuple[float, float]:
-        logits = _logits(proto, output, batches) if feeds is None else _Suffix(model, proto, output).logits(feeds)
+    def judge(logits: np.ndarray) -> tuple[float, float]:
         return kl_divergence(float_logits, logits), float(np.mean(logits.argmax(axis=1) == float_top))
 
+    original = {_signature(node) for node in model.graph.node} if _splittable(model) else None
     measured: list[tuple[Layer, list[float], list[float]]] = []
     for layer in targets:
         kls, agreements = [], []
-        cut: list[dict[str, np.ndarray]] | None = None
+        cut: tuple[str, ...] | None = None
+        feeds: list[dict[str, np.ndarray]] = []
         for b in candidates:
             variant = builder.single_layer(reference, layer, b)
-            if cut is None and split:
-                cut = _Suffix(model, variant, output).float_feeds(model, batches)
-            kl, agreement = judge(variant, cut)
+            if original is None:
+                logits = _logits(variant, output, batches)
+            else:
+                suffix = _Suffix(original, variant, output)
+                if suffix.cut != cut:  # the same for every candidate of a layer: computed once
+                    cut, feeds = suffix.cut, suffix.float_feeds(model, batches)
+                logits = suffix.logits(feeds)
+            kl, agreement = judge(logits)
             kls.append(kl)
             agreements.append(agreement)
             if progress is not None:
@@ -194,7 +199,7 @@ def measure_tolerance(
     )
 
     def check(plan: Plan) -> PlanCheck:
-        kl, agreement = judge(builder.build(plan))
+        kl, agreement = judge(_logits(builder.build(plan), output, batches))
         return PlanCheck(_average_bits(targets, plan), agreement, kl)
 
     return ToleranceTable(
@@ -204,8 +209,6 @@ def measure_tolerance(
 
 
 def _at(entry: Any, bits: int) -> Any:
-    from dataclasses import replace
-
     return replace(entry, weight_bits=bits, act_bits=bits)
 
 
@@ -232,8 +235,8 @@ class _Suffix:
     layer by the float model and fed to each candidate's suffix.
     """
 
-    def __init__(self, model: onnx.ModelProto, variant: onnx.ModelProto, output: str) -> None:
-        original = {_signature(node) for node in model.graph.node}
+    def __init__(self, original: set[bytes], variant: onnx.ModelProto, output: str) -> None:
+        """`original`: the float model's node signatures (_signature)."""
         changed: set[str] = set()
         suffix: list[onnx.NodeProto] = []
         for node in variant.graph.node:  # topologically sorted, as every ONNX graph
@@ -242,9 +245,9 @@ class _Suffix:
                 changed.update(node.output)
         produced = {name for node in suffix for name in node.output}
         constants = {init.name for init in variant.graph.initializer}
-        self.cut = sorted(
+        self.cut = tuple(sorted(
             {name for node in suffix for name in node.input if name and name not in produced and name not in constants}
-        )
+        ))
         self.variant, self.suffix, self.output = variant, suffix, output
 
     def float_feeds(self, model: onnx.ModelProto, batches: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
