@@ -104,6 +104,8 @@ def run_staged(model: Path, data: Path, clock: Clock) -> Any:
     original_craft, original_effort, original_apgd = robustness._craft, robustness._effort_outcome, robustness.apgd_perturb
 
     def craft(*args: Any, **kwargs: Any) -> Any:
+        if inside:  # a transfer attack crafts its inner attack on the source: counted as the transfer
+            return original_craft(*args, **kwargs)
         inside.append("craft")
         try:
             return clock.timed(attack_label, original_craft)(*args, **kwargs)
