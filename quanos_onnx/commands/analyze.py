@@ -211,11 +211,12 @@ def run_analyze(
             )
         tolerance = None
         if options.tolerance:
+            from ..allocate.sensitivity import DEFAULT_BITS
             from ..harness.tolerance import measure_tolerance
 
             batches = [x for x, _ in first_samples(dataset, min(options.tolerance_samples, count), options.batch_size)]
             quantized = sum(1 for layer in layers if not layer.is_output)
-            with progress("quantization tolerance", 7 * quantized) as advance:
+            with progress("quantization tolerance", len(DEFAULT_BITS) * quantized) as advance:
                 tolerance = measure_tolerance(
                     float_model, layers, batches, ans={r.layer: r.mean for r in ans.layers}, progress=advance
                 )

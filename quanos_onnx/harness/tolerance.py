@@ -273,7 +273,7 @@ class _Suffix:
             self.suffix,
             "suffix",
             [onnx.helper.make_tensor_value_info(name, _dtype(feeds[0][name]), None) for name in self.cut],
-            [onnx.helper.make_tensor_value_info(self.output, onnx.TensorProto.FLOAT, None)],
+            [value for value in self.variant.graph.output if value.name == self.output],
             [init for init in self.variant.graph.initializer if init.name in used],
         )
         proto = onnx.helper.make_model(graph, opset_imports=self.variant.opset_import)
