@@ -164,6 +164,8 @@ def analyze(
     apgd_restarts: int = 1,
     large_eps: float = 0.5,
     lipschitz: bool = False,
+    tolerance: bool = True,
+    tolerance_samples: int = 100,
     attack: AttackMethod = "fgsm",
     eps: float = 0.05,
     pgd_steps: int = 10,
@@ -191,7 +193,10 @@ def analyze(
     200): robust accuracy as the worst case per sample over `audit_attacks` at each `audit_eps`
     (APGD with `apgd_steps` and `apgd_restarts`), gradient-masking checks (`large_eps` probe
     included) and a verdict, ANS per layer (`attack` at `eps`) and the bits Eqn 3 gives it;
-    `lipschitz` adds each layer block's Lipschitz bound and local ratios on the ANS samples."""
+    `lipschitz` adds each layer block's Lipschitz bound and local ratios on the ANS samples.
+    `tolerance` (default on) measures each quantized layer alone at 2..8 bits on the first
+    `tolerance_samples`: logit KL, top-1 agreement with float, its tolerance bits and the
+    default allocator's bits (`result.document["tolerance"]`; False skips it, for speed)."""
     from .commands.analyze import AnalyzeOptions, run_analyze
 
     return run_analyze(model, data, _options(AnalyzeOptions, locals()), progress=progress)

@@ -498,6 +498,8 @@ def compile_command(**options: Any) -> None:
 @audit_options
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
 @click.option("--lipschitz", is_flag=True, help="Also each layer block's Lipschitz bound and the local ratios measured on the ANS samples (docs/method.md).")
+@click.option("--tolerance/--no-tolerance", default=True, show_default=True, help="Each quantized layer alone at 2..8 bits: logit KL, top-1 agreement with float, the fewest bits it tolerates and the default allocator's bits (--no-tolerance: skip, for speed).")
+@click.option("--tolerance-samples", type=int, default=100, show_default=True, help="Samples the tolerance is measured on (the first of the audit's).")
 @attack_options
 @data_options
 @common_options

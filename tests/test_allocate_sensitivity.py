@@ -78,7 +78,7 @@ def test_background_costs_are_the_divergence_the_layer_adds(resnet):
     def kl(plan: Plan) -> float:
         rounded = quantize(model, plan, calibration, layers=layers, ptq=MINMAX_NEAREST).model
         logits = Runner(rounded, [name]).run(inputs, [name])[0]
-        return sensitivity_module._kl(float_logits, logits)
+        return sensitivity_module.kl_divergence(float_logits, logits)
 
     background = reference_plan(layers, 5)
     changed = sensitivity_module.with_bits(background, "block1.conv1", 2)

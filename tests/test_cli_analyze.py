@@ -77,3 +77,10 @@ def test_an_unknown_audit_attack_is_a_usage_error(files):
         main, ["analyze", str(files["smooth"]), "--data", str(files["data"]), "--audit-attacks", "fgsm,cw"]
     )
     assert result.exit_code == 2 and "'cw' is not one of" in result.output
+
+
+def test_no_tolerance_samples_is_a_usage_error(files):
+    result = CliRunner().invoke(
+        main, ["analyze", str(files["smooth"]), "--data", str(files["data"]), "--tolerance-samples", "0"]
+    )
+    assert result.exit_code == 2 and "--tolerance-samples 0 must be a whole number of at least 1" in result.output

@@ -49,7 +49,7 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
         "compile-quanos": ("urn:quanos:quanos-compile", run_json("compile", str(model), *common, "--eval-data", str(data), *unguarded, "-o", str(tmp / "quanos"))),
         "analyze": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--audit-eps", "8/255", "--apgd-steps", "3", "-o", str(tmp / "analysis"))),
         "layers-lipschitz": ("urn:quanos:quanos-layers", run_json("layers", str(model), "--lipschitz")),
-        "analyze-lipschitz": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--audit-eps", "8/255", "--audit-attacks", "fgsm", "--lipschitz", "-o", str(tmp / "analysis-lipschitz"))),
+        "analyze-lipschitz": ("urn:quanos:quanos-analysis", run_json("analyze", str(model), *common, "--audit-eps", "8/255", "--audit-attacks", "fgsm", "--lipschitz", "--no-tolerance", "-o", str(tmp / "analysis-lipschitz"))),
         "energy": ("urn:quanos:quanos-energy", run_json("energy", str(model), "--plan", str(tmp / "quanos" / "plan.json"), "--hw", "all", "-o", str(tmp / "energy"))),
         "export-qonnx": ("urn:quanos:quanos-export", run_json("export", str(tmp / "quanos" / "model.quanos.onnx"), "--to", "qonnx", "-o", str(tmp / "q.onnx"))),
         "export-ort": ("urn:quanos:quanos-export", run_json("export", str(tmp / "bits" / "model.quanos.onnx"), "--to", "ort-overrides", "-o", str(tmp / "o.json"))),
@@ -137,6 +137,23 @@ def test_the_shipped_schemas_are_the_documented_ones_and_valid() -> None:
     assert SCHEMAS == schemas_in_page(DOCS_JSON.read_text())
     for schema in SCHEMAS.values():
         jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_analyze_puts_each_layers_tolerance_beside_ans(documents: dict[str, tuple[str, Any]]) -> None:
+    _, analysis = documents["analyze"]
+    _, report = documents["report-analysis"]
+    tolerance = {row["layer"]: row for row in analysis["tolerance"]["layers"]}
+    quantized = {row["name"] for row in report["layers"] if not row["is_output"]}
+    assert set(tolerance) == quantized
+    assert analysis["tolerance"]["bits"] == [2, 3, 4, 5, 6, 7, 8]
+    for row in report["layers"]:
+        entry = tolerance.get(row["name"])
+        assert row["tolerance_bits"] == (None if entry is None else entry["tolerance_bits"])
+        assert row["tolerance_kl"] == (None if entry is None else entry["kl"])
+    sentence = analysis["audit"]["tolerance"]
+    assert sentence.startswith("quantization tolerance") and sentence[1:] in analysis["audit"]["verdict"]
+    _, skipped = documents["analyze-lipschitz"]
+    assert skipped["tolerance"] is None and skipped["audit"]["tolerance"] is None
 
 
 def test_analyze_lipschitz_puts_bound_and_local_ratio_beside_ans(documents: dict[str, tuple[str, Any]]) -> None:

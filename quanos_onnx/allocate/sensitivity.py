@@ -215,7 +215,7 @@ def measure_divergence(
         return np.concatenate([runner.run(batch, [output])[0].reshape(len(batch), -1) for batch in calibration])
 
     float_logits = logits(model)
-    divergence = _kl if metric == "kl" else _mse
+    divergence = kl_divergence if metric == "kl" else _mse
     base = 0.0 if background is None else divergence(float_logits, logits(builder.build(reference)))
 
     def variant(layer: Layer, b: int) -> onnx.ModelProto:
@@ -245,8 +245,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def _kl(reference: np.ndarray, other: np.ndarray) -> float:
-    """Mean over samples of KL(softmax(reference) || softmax(other))."""
+def kl_divergence(reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean over samples of KL(softmax(reference) || softmax(other)) (logits as [samples, classes])."""
     log_p, log_q = _log_softmax(reference), _log_softmax(other)
     return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import UsageError, arg
 from ..layers import Layer, list_layers
 from ..model import check_finite_initializers, check_finite_outputs
 from ..progress import ProgressFactory, no_progress
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 
 ANALYSIS_FILE = "analysis.json"
 
+DEFAULT_TOLERANCE_SAMPLES = 100
+"""The tolerance runs one onnxruntime pass per layer and candidate (7 x the quantized layers):
+on 100 samples a layer is tolerated at b bits when at most 1 prediction moves (docs/method.md)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class AnalyzeOptions(AttackOptions):
@@ -58,9 +63,15 @@ class AnalyzeOptions(AttackOptions):
     large_eps: float = 0.5
     lipschitz: bool = False
     """Also each layer block's Lipschitz bound and local ratios on the ANS samples."""
+    tolerance: bool = True
+    """Each quantized layer's KL and top-1 agreement alone at 2..8 bits and its tolerance
+    (harness.tolerance), on the first `tolerance_samples` of the audit's samples."""
+    tolerance_samples: int = DEFAULT_TOLERANCE_SAMPLES
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.tolerance_samples, bool) or not isinstance(self.tolerance_samples, int) or self.tolerance_samples < 1:
+            raise UsageError(f"{arg('tolerance_samples')} {self.tolerance_samples!r} must be a whole number of at least 1")
         self.audit_settings().suite(compiled=True)  # bad audit options fail before any work
 
     def audit_settings(self) -> AuditSettings:
@@ -105,6 +116,8 @@ class AnalyzeResult:
         ]
         if doc.get("lipschitz") is not None:
             _add_lipschitz_columns(ans_rows, doc["lipschitz"])
+        if doc.get("tolerance") is not None:
+            _add_tolerance_columns(ans_rows, doc["tolerance"])
         lines = [
             textwrap.fill(audit["verdict"], width=100),
             "",
@@ -121,6 +134,21 @@ class AnalyzeResult:
             *(f"wrote {path}" for path in self.written),
         ]
         return "\n".join(lines)
+
+
+def _add_tolerance_columns(rows: Sequence[dict[str, Any]], tolerance: Mapping[str, Any]) -> None:
+    """Each quantized layer's tolerance, the allocator's bits and its KL alone at each candidate."""
+    from ..report.content import tolerance_cells
+
+    measured = {row["layer"]: row for row in tolerance["layers"]}
+    header = f"kl_alone_{'/'.join(map(str, tolerance['bits']))}"
+    for row in rows:
+        entry = measured.get(row["layer"])
+        cells = tolerance_cells(
+            {"tolerance_kl": None} if entry is None
+            else {"tolerance_kl": entry["kl"], "tolerance_bits": entry["tolerance_bits"], "allocator_bits": entry["allocator_bits"]}
+        )
+        row["tolerance_bits"], row["allocator_bits"], row[header] = cells
 
 
 def _add_lipschitz_columns(rows: Sequence[dict[str, Any]], lipschitz: Mapping[str, Any]) -> None:
@@ -149,7 +177,8 @@ def run_analyze(
     from ..errors import ModelError
     from ..finetune.graph import compiled_plan, float_model_of
     from ..harness.ans import measure_ans
-    from ..report.audit import audit_section, eqn3_implication
+    from ..harness.attacks import twin_of
+    from ..report.audit import audit_section, eqn3_implication, tolerance_implication
     from ..device import using_device
     from ..threads import using_threads
 
@@ -169,15 +198,28 @@ def run_analyze(
         check_data_range(options.input_range, dataset, attacked=True)
         check_finite_outputs(source.proto, np.asarray(dataset.x[: options.batch_size]), source.name)
         count = ans_samples(options.samples, dataset, default=DEFAULT_AUDIT_SAMPLES)
+        twin = twin_of(source.proto)  # one twin for ANS and every white-box attack
         with progress(f"ANS ({attack.describe()})", count) as advance:
             ans = measure_ans(
-                source.proto, layers, first_samples(dataset, count, options.batch_size), attack, seed=options.seed, progress=advance
+                source.proto, layers, first_samples(dataset, count, options.batch_size), attack,
+                twin=twin, seed=options.seed, progress=advance,
             )
         with progress("robustness audit", count) as advance:
             robustness, masking = audit_model(
                 source.proto, first_samples(dataset, count, options.batch_size), options.audit_settings(),
-                seed=options.seed, progress=advance,
+                twin=twin, seed=options.seed, progress=advance,
             )
+        tolerance = None
+        if options.tolerance:
+            from ..allocate.sensitivity import DEFAULT_BITS
+            from ..harness.tolerance import measure_tolerance
+
+            batches = [x for x, _ in first_samples(dataset, min(options.tolerance_samples, count), options.batch_size)]
+            quantized = sum(1 for layer in layers if not layer.is_output)
+            with progress("quantization tolerance", len(DEFAULT_BITS) * quantized) as advance:
+                tolerance = measure_tolerance(
+                    float_model, layers, batches, ans={r.layer: r.mean for r in ans.layers}, progress=advance
+                )
         lipschitz = None
         if options.lipschitz:
             from ..harness.lipschitz import estimate_lipschitz
@@ -187,9 +229,11 @@ def run_analyze(
                     float_model, layers, first_samples(dataset, count, options.batch_size), seed=options.seed, progress=advance
                 )
     kind = "float" if plan is None else f"compiled ({plan.method})"
+    tolerance_json = None if tolerance is None else tolerance.to_json()
     audit = audit_section(
         robustness.to_json(), masking.to_json(), eqn3_implication(layers, ans.to_json()["layers"]),
         model=Path(source.name).name, kind=kind,
+        tolerance=None if tolerance_json is None else tolerance_implication(tolerance_json),
     )
     document = {
         "format": "quanos-analysis",
@@ -199,6 +243,7 @@ def run_analyze(
         "ans": ans.to_json(),
         "evaluation": robustness.evaluation().to_json(),
         "audit": audit,
+        "tolerance": tolerance_json,
     }
     if lipschitz is not None:
         document["lipschitz"] = lipschitz.to_json()
@@ -209,7 +254,7 @@ def run_analyze(
         data=data_entry(data, dataset, dataset.count),
         seed=options.seed,
         settings=options.settings(),
-        layers=report.layer_rows(layers, None, document["ans"], document.get("lipschitz")),
+        layers=report.layer_rows(layers, None, document["ans"], document.get("lipschitz"), tolerance_json),
         ans=document["ans"],
         evaluations=[{"model": model_entry, "evaluation": document["evaluation"]}],
         audits=[audit],

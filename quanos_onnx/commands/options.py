@@ -523,9 +523,11 @@ def audit_model(
     *,
     seed: int,
     progress: Any,
+    twin: Any = None,
 ) -> tuple[Any, Any]:
     """(RobustnessAudit, MaskingDiagnosis) of one model; a compiled model's transfer attacks
-    are crafted on its float graph (finetune.graph.float_model_of)."""
+    are crafted on its float graph (finetune.graph.float_model_of). `twin` is the model's twin
+    when the caller already built it (None: built here)."""
     from ..finetune.graph import compiled_plan, float_model_of
     from ..harness.attacks import twin_of
     from ..harness.masking import diagnose
@@ -534,7 +536,7 @@ def audit_model(
     compiled = compiled_plan(model) is not None
     suite = settings.suite(compiled=compiled)
     source = twin_of(float_model_of(model)) if compiled and suite.needs_source() else None
-    audit = audit_robustness(model, batches, suite, source=source, seed=seed, progress=progress)
+    audit = audit_robustness(model, batches, suite, twin=twin, source=source, seed=seed, progress=progress)
     return audit, diagnose(audit)
 
 

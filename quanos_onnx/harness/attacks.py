@@ -176,10 +176,13 @@ def perturb(
     attack: Attack,
     *,
     rng: np.random.Generator | None = None,
+    clean_gradient: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Adversarial inputs for one batch: float32, same shape, within eps and the input range.
 
     `rng` draws the PGD random start (required then); everything else is deterministic.
+    `clean_gradient` is loss_gradient at `x` when the caller already has it (an audit runs
+    FGSM and PGD at several eps from the same clean point): the first step then reuses it.
     """
     import torch
 
@@ -195,8 +198,9 @@ def perturb(
             raise ValueError("a PGD random start needs an rng")
         noise = rng.uniform(-eps, eps, size=clean.shape).astype(np.float32)
         adversarial = (clean + on_device(torch.from_numpy(noise))).clamp(low, high)
-    for _ in range(attack.steps):
-        gradient = loss_gradient(model, adversarial, targets)
+    for step_index in range(attack.steps):
+        reuse = step_index == 0 and clean_gradient is not None and not attack.random_start
+        gradient = on_device(clean_gradient) if reuse else loss_gradient(model, adversarial, targets)
         with torch.no_grad():
             adversarial = adversarial + step * gradient.sign()
             adversarial = torch.minimum(torch.maximum(adversarial, clean - eps), clean + eps)

@@ -42,6 +42,42 @@ def eqn3_implication(
             "quantized_layers": len(quantized), "sentence": sentence}
 
 
+def tolerance_implication(tolerance: Mapping[str, Any]) -> str:
+    """One sentence from harness.tolerance's JSON: which layers tolerate the fewest bits alone,
+    which need the most, and what the two whole plans keep."""
+    rows = tolerance["layers"]
+    if not rows:
+        return "no quantized layer to measure a tolerance for"
+    measured = [row for row in rows if row["tolerance_bits"] is not None]
+    untolerated = [row["layer"] for row in rows if row["tolerance_bits"] is None]
+    rule = (f"quantization tolerance (each layer alone, the fewest bits keeping at least "
+            f"{_percent(tolerance['min_agreement'])} of the float model's top-1 predictions on {tolerance['samples']} samples)")
+    parts = []
+    if measured:
+        low = min(row["tolerance_bits"] for row in measured)
+        high = max(row["tolerance_bits"] for row in measured)
+        tolerant = [row["layer"] for row in measured if row["tolerance_bits"] == low]
+        parts.append(f"{len(tolerant)} of {len(rows)} layers tolerate {low} bits alone ({_names(tolerant)})")
+        if high > low:
+            needy = [row["layer"] for row in measured if row["tolerance_bits"] == high]
+            parts.append(f"{_names(needy)} {'needs' if len(needy) == 1 else 'need'} {high}")
+    if untolerated:
+        parts.append(f"{_names(untolerated)} {'keeps' if len(untolerated) == 1 else 'keep'} fewer even at "
+                     f"{tolerance['bits'][-1]} bits")
+    own, allocator = tolerance["tolerance_plan"], tolerance["allocator_plan"]
+    parts.append(
+        f"every layer at its own tolerance at once ({own['average_bits']:.2f} average bits) keeps "
+        f"{_percent(own['agreement'])} of the predictions, the default allocator's integer program at the same "
+        f"average bits {_percent(allocator['agreement'])}"
+    )
+    return f"{rule}: " + "; ".join(parts)
+
+
+def _names(names: Sequence[str], shown: int = 3) -> str:
+    listed = ", ".join(names[:shown])
+    return listed if len(names) <= shown else f"{listed} and {len(names) - shown} more"
+
+
 def audit_section(
     robustness: Mapping[str, Any],
     masking: Mapping[str, Any],
@@ -49,10 +85,12 @@ def audit_section(
     *,
     model: str,
     kind: str,
+    tolerance: str | None = None,
 ) -> dict[str, Any]:
-    """The `audit` JSON of analyze and evaluate: the evidence and the verdict written from it."""
+    """The `audit` JSON of analyze and evaluate: the evidence and the verdict written from it.
+    `tolerance` is tolerance_implication's sentence (analyze; None where not measured)."""
     section = {"model": model, "kind": kind, "robustness": dict(robustness), "masking": dict(masking),
-               "eqn3": None if eqn3 is None else dict(eqn3)}
+               "eqn3": None if eqn3 is None else dict(eqn3), "tolerance": tolerance}
     return {"verdict": verdict(section), **section}
 
 
@@ -85,8 +123,14 @@ def verdict(section: Mapping[str, Any]) -> str:
             f"{disagreements} attacked inputs fooled the torch twin but not onnxruntime (counted as robust)."
         )
     if section.get("eqn3"):
-        parts.append(section["eqn3"]["sentence"][0].upper() + section["eqn3"]["sentence"][1:] + ".")
+        parts.append(_capitalized(section["eqn3"]["sentence"]))
+    if section.get("tolerance"):
+        parts.append(_capitalized(section["tolerance"]))
     return " ".join(parts)
+
+
+def _capitalized(sentence: str) -> str:
+    return sentence[0].upper() + sentence[1:] + "."
 
 
 def accuracy_rows(robustness: Mapping[str, Any]) -> list[dict[str, object]]:

@@ -113,13 +113,15 @@ def layer_rows(
     plan: Plan | None = None,
     ans: Mapping[str, Any] | None = None,
     lipschitz: Mapping[str, Any] | None = None,
+    tolerance: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per layer: shape facts, the plan's bits (None without a plan) and ANS.
 
     ANS comes from the plan's entries (the values its bits were derived from) and
     otherwise from an ANS measurement document (AnsMeasurement.to_json()). With a
     `lipschitz` part (LipschitzEstimates.to_json()), each row also has the block's bound
-    and mean local ratio.
+    and mean local ratio; with a `tolerance` part (ToleranceTable.to_json()), each quantized
+    layer's tolerance bits, the default allocator's bits and its KL at each candidate.
     """
     entries = plan.by_name() if plan is not None else {}
     measured = {row["layer"]: row for row in (ans or {}).get("layers", [])}
@@ -151,6 +153,13 @@ def layer_rows(
         for row in rows:
             row["lipschitz_bound"] = bounds.get(row["name"])
             row["lipschitz_local"] = local.get(row["name"])
+    if tolerance is not None:
+        measured = {row["layer"]: row for row in tolerance["layers"]}
+        for row in rows:
+            entry = measured.get(row["name"])
+            row["tolerance_bits"] = None if entry is None else entry["tolerance_bits"]
+            row["allocator_bits"] = None if entry is None else entry["allocator_bits"]
+            row["tolerance_kl"] = None if entry is None else dict(entry["kl"])
     return rows
 
 
