@@ -502,7 +502,7 @@ def compile_command(**options: Any) -> None:
 
 
 @main.command("analyze", cls=QuanosCommand)
-@click.argument("models", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
+@click.argument("model", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write analysis.json and the report (report.html, report.md, report.json, run.json) here; with several models, into one folder per model (OUTPUT/STEM/).")
 @click.option("--audit-attacks", default="fgsm,pgd,apgd-ce,apgd-dlr,transfer", show_default=True, help="Attacks of the robustness audit (transfer: compiled models only).")
 @click.option("--audit-eps", default="2/255,8/255", show_default=True, help="Strengths of the robustness audit; every attack runs at each.")
@@ -522,7 +522,7 @@ def analyze_command(**options: Any) -> None:
 
     methods = audit_methods_from_text(options["audit_attacks"], "audit_attacks")
     typed = _typed({**options, "audit_attacks": methods}, eps_lists=("audit_eps",))
-    models = list(typed["models"])
+    models = list(typed["model"])
     result = run_analyze(
         models[0] if len(models) == 1 else models,
         typed["data"],

@@ -181,5 +181,5 @@ def test_every_api_option_is_a_flag_of_the_same_name(command: str, options_class
     missing = {field.name for field in fields(getattr(importlib.import_module(module), name))} - parameters
     assert missing == set()
     naming = flag_naming(main.commands[command])
-    assert naming("model") in ("MODEL", "QMODEL") or command == "evaluate"
+    assert naming("model") in ("MODEL", "QMODEL") or command in ("evaluate", "analyze")  # MODEL [MORE ...]
     assert all(naming(field).startswith("--") for field in parameters - {"model", "models"})
