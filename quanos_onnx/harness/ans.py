@@ -24,17 +24,10 @@ import onnx
 
 from ..errors import DataError, ModelError
 from ..layers import Layer
-from ..model import Runner, output_names
+from ..model import ACTIVATION_CHUNK, Runner, output_names
 from .attacks import Attack, LogitsModel, attack_labels, perturb, predictions, twin_of
 
 log = logging.getLogger(__name__)
-
-ACTIVATION_CHUNK = 16
-"""Samples whose activations onnxruntime computes and compares at a time. Every layer's clean
-and attacked activations of these samples are held together (EfficientNet-Lite0 at 224x224:
-26 MB per sample and version), so a whole batch of 64 held them at a peak of 8.3 GB
-(docs/benchmarks.md); the attack itself still runs on the whole batch. Per-sample ratios do
-not depend on how the samples are grouped."""
 
 Batches = Iterable[tuple[np.ndarray, "np.ndarray | None"]]
 """(inputs in the model's layout, int labels or None) per batch, as data.Dataset.batches gives."""
@@ -162,6 +155,8 @@ def measure_ans(
     samples = clean_correct = adversarial_correct = unperturbed = 0
     labels_source = "data"
     for index, (x, y) in enumerate(batches):
+        # every layer's clean and attacked activations of a chunk at a time (model.ACTIVATION_CHUNK);
+        # the attack still runs on the whole batch
         chunks = [slice(start, start + ACTIVATION_CHUNK) for start in range(0, len(x), ACTIVATION_CHUNK)]
         clean_logits = np.concatenate([runner.run(x[chunk], [logits_name])[0] for chunk in chunks])
         labels = attack_labels(y, clean_logits)
