@@ -62,7 +62,13 @@ def run(arguments: list[str]) -> Measured:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {shlex.join(arguments)}\n{output[-3000:]}")
-    return Measured(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, output)
+    measured = Measured(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, output)
+    print(
+        f"{as_written(arguments)}: wall {measured.wall_s:.0f} s, CPU {measured.cpu_s:.0f} s, "
+        f"peak RSS {measured.peak_rss_mib:.0f} MiB",
+        flush=True,
+    )
+    return measured
 
 
 def as_written(arguments: list[str]) -> str:

@@ -44,7 +44,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .allocate.solve import RobustnessSignal
-    from .commands.analyze import AnalyzeResult
+    from .commands.analyze import AnalyzeResult, AnalyzeResults
     from .commands.compile import CompileResult
     from .commands.energy import EnergyResult
     from .commands.evaluate import EvaluateResult
@@ -125,6 +125,8 @@ def compile(
     crop: int | tuple[int, int] | None = None,
     channel_order: ChannelOrder = "rgb",
     device: Device = "cpu",
+    ray: str | None = None,
+    figures: bool = True,
     progress: ProgressFactory = no_progress,
 ) -> CompileResult:
     """Compile `model` into a mixed-precision QDQ model: QUANOS (ANS of `attack` at `eps`,
@@ -155,7 +157,7 @@ def compile(
 
 
 def analyze(
-    model: ModelSource,
+    model: ModelSource | Sequence[ModelSource],
     data: DataSource,
     *,
     audit_attacks: tuple[AuditMethod, ...] = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "transfer"),
@@ -187,8 +189,10 @@ def analyze(
     crop: int | tuple[int, int] | None = None,
     channel_order: ChannelOrder = "rgb",
     device: Device = "cpu",
+    ray: str | None = None,
+    figures: bool = True,
     progress: ProgressFactory = no_progress,
-) -> AnalyzeResult:
+) -> AnalyzeResult | AnalyzeResults:
     """Audit `model` (float or compiled) without quantizing it on `samples` of `data` (default
     200): robust accuracy as the worst case per sample over `audit_attacks` at each `audit_eps`
     (APGD with `apgd_steps` and `apgd_restarts`), gradient-masking checks (`large_eps` probe
@@ -196,7 +200,10 @@ def analyze(
     `lipschitz` adds each layer block's Lipschitz bound and local ratios on the ANS samples.
     `tolerance` (default on) measures each quantized layer alone at 2..8 bits on the first
     `tolerance_samples`: logit KL, top-1 agreement with float, its tolerance bits and the
-    default allocator's bits (`result.document["tolerance"]`; False skips it, for speed)."""
+    default allocator's bits (`result.document["tolerance"]`; False skips it, for speed).
+
+    A list of models gives an AnalyzeResults: each model analyzed as if alone, one job per
+    model (Ray tasks on the cluster at `ray` when given, docs/api.md)."""
     from .commands.analyze import AnalyzeOptions, run_analyze
 
     return run_analyze(model, data, _options(AnalyzeOptions, locals()), progress=progress)
@@ -232,6 +239,8 @@ def evaluate(
     crop: int | tuple[int, int] | None = None,
     channel_order: ChannelOrder = "rgb",
     device: Device = "cpu",
+    ray: str | None = None,
+    figures: bool = True,
     progress: ProgressFactory = no_progress,
 ) -> EvaluateResult:
     """Clean and adversarial accuracy of one model or several (float or compiled) side by
@@ -333,6 +342,7 @@ def _options(options_class: type[Any], arguments: dict[str, Any]) -> Any:
 _RESULTS = {
     "CompileResult": "compile",
     "AnalyzeResult": "analyze",
+    "AnalyzeResults": "analyze",
     "EvaluateResult": "evaluate",
     "FinetuneResult": "finetune",
     "EnergyResult": "energy",

@@ -430,7 +430,18 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         function = option(function)
-    return attack_options(data_options(function))
+    return attack_options(data_options(run_options(function)))
+
+
+def run_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the independent jobs run, and whether the report draws figures (compile, analyze, evaluate)."""
+    options = [
+        click.option("--ray", "ray", default=None, metavar="auto|ADDRESS", help="Run the independent jobs (evaluate/analyze: one per model; compile: the milp search's trial plans) as Ray tasks on this cluster (auto: the running one; local: a new one for this command); needs pip install quanos-onnx[ray] (docs/cli.md)."),
+        click.option("--figures/--no-figures", "figures", default=True, help="Draw report.html's figures (default), or write it with the tables alone and never import matplotlib."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
 def attack_options(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -491,29 +502,31 @@ def compile_command(**options: Any) -> None:
 
 
 @main.command("analyze", cls=QuanosCommand)
-@click.argument("model", metavar="MODEL", type=click.Path())
-@click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write analysis.json and the report (report.html, report.md, report.json, run.json) here.")
+@click.argument("model", metavar="MODEL [MORE ...]", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "output", default=None, type=click.Path(), help="Also write analysis.json and the report (report.html, report.md, report.json, run.json) here; with several models, into one folder per model (OUTPUT/STEM/).")
 @click.option("--audit-attacks", default="fgsm,pgd,apgd-ce,apgd-dlr,transfer", show_default=True, help="Attacks of the robustness audit (transfer: compiled models only).")
 @click.option("--audit-eps", default="2/255,8/255", show_default=True, help="Strengths of the robustness audit; every attack runs at each.")
 @audit_options
-@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON (a list of them for several models).")
 @click.option("--lipschitz", is_flag=True, help="Also each layer block's Lipschitz bound and the local ratios measured on the ANS samples (docs/method.md).")
 @click.option("--tolerance/--no-tolerance", default=True, show_default=True, help="Each quantized layer alone at 2..8 bits: logit KL, top-1 agreement with float, the fewest bits it tolerates and the default allocator's bits (--no-tolerance: skip, for speed).")
 @click.option("--tolerance-samples", type=int, default=100, show_default=True, help="Samples the tolerance is measured on (the first of the audit's).")
 @attack_options
 @data_options
+@run_options
 @common_options
 def analyze_command(**options: Any) -> None:
-    """Audit MODEL (float or compiled): robust accuracy as the worst case over FGSM, PGD, APGD-CE/DLR
-    and transfer attacks, gradient-masking checks and a verdict, ANS per layer and its Eqn-3 bits."""
+    """Audit MODEL (float or compiled), or each of several: robust accuracy as the worst case over FGSM, PGD,
+    APGD-CE/DLR and transfer attacks, gradient-masking checks and a verdict, ANS per layer and its Eqn-3 bits."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
     from .commands.analyze import AnalyzeOptions, run_analyze
     from .commands.options import audit_methods_from_text
 
     methods = audit_methods_from_text(options["audit_attacks"], "audit_attacks")
     typed = _typed({**options, "audit_attacks": methods}, eps_lists=("audit_eps",))
+    models = list(typed["model"])
     result = run_analyze(
-        typed["model"],
+        models[0] if len(models) == 1 else models,
         typed["data"],
         _command_options(AnalyzeOptions, typed),
         save_to=typed["output"],
@@ -561,6 +574,7 @@ def export_command(model: str, to: str, output: str | None, as_json: bool, verbo
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per attack/inference batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the quanos-evaluation JSON document.")
 @data_options
+@run_options
 @common_options
 def evaluate_command(**options: Any) -> None:
     """Clean and adversarial accuracy of one or more models (float or compiled), side by side."""

@@ -887,6 +887,14 @@ def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return model
 
 
+ACTIVATION_CHUNK = 16
+"""Samples per onnxruntime run where every layer's activations are fetched (ANS,
+calibration, bias correction). Those of a whole batch of 64 at 224x224 held peaks of 8.2 GB
+(ANS) and 6.0 GB (bias correction) on EfficientNet-Lite0 (docs/benchmarks.md, ImageNet:
+peak memory). Per-sample values do not depend on the grouping: ANS ratios and calibration
+histograms are the same; bias correction's float64 sums differ in rounding only."""
+
+
 class Runner:
     """Runs a model in onnxruntime at any batch, returning chosen tensors.
 

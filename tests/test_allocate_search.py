@@ -123,3 +123,44 @@ def test_pareto_marks_dominated_points(resnet):
     points = pareto_front(layers, joins, _table(layers), accuracy, [Budget("avg-bits", b) for b in scores])
     assert [p.dominated for p in points] == [False, False, False, True]
     assert all(p.size <= p.budget.value + 1e-9 for p in points)
+
+
+@pytest.mark.parametrize("parallel", [2, 3, 7])
+def test_bisection_measured_several_plans_at_a_time_walks_the_same_path(resnet, parallel):
+    """With `parallel` plans per round (Ray jobs in compile) the search measures the budgets
+    its next steps may probe, then keeps only those on its path: same plan, same probes."""
+    layers, joins = resnet
+    table = _table(layers)
+    params = {layer.name: layer.params for layer in layers}
+
+    def accuracy(plan: Plan) -> float:
+        return 1.0 if plan.average_weight_bits(params) >= 5.3 else 0.5
+
+    rounds: list[int] = []
+
+    def many(plans):
+        rounds.append(len(plans))
+        return [accuracy(plan) for plan in plans]
+
+    one = smallest_within_guard(layers, joins, table, accuracy, 0.8, max_evaluations=12)
+    together = smallest_within_guard(
+        layers, joins, table, accuracy, 0.8, max_evaluations=12, evaluate_many=many, parallel=parallel
+    )
+    assert together.plan == one.plan and together.accuracy == one.accuracy and together.evaluations == one.evaluations
+    assert together.plan.details["search"] == one.plan.details["search"]
+    assert max(rounds) <= parallel and sum(rounds) >= one.evaluations
+    assert len(rounds) < one.evaluations
+
+
+def test_pareto_front_measures_its_plans_together(resnet):
+    layers, joins = resnet
+    params = {layer.name: layer.params for layer in layers}
+    batches: list[int] = []
+
+    def many(plans):
+        batches.append(len(plans))
+        return [plan.average_weight_bits(params) / 8 for plan in plans]
+
+    budgets = [Budget("avg-bits", b) for b in (3, 4, 5)]
+    points = pareto_front(layers, joins, _table(layers), lambda plan: 0.0, budgets, evaluate_many=many)
+    assert batches == [3] and [round(p.accuracy * 8) for p in points] == [3, 4, 5]

@@ -211,7 +211,7 @@ def test_the_api_functions_survive_importing_the_stages_of_the_same_name() -> No
     ],
 )
 def test_import_and_quanos_layers_load_no_torch_or_matplotlib(code: str) -> None:
-    check = f"{code}; import sys; print(sorted(m for m in ('torch', 'matplotlib', 'onnxruntime') if m in sys.modules))"
+    check = f"{code}; import sys; print(sorted(m for m in ('torch', 'matplotlib', 'onnxruntime', 'ray') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.strip() == "[]"
 

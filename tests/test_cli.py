@@ -124,19 +124,19 @@ def test_help_and_version_exit_0() -> None:
 
 
 def test_help_imports_no_heavy_module() -> None:
-    """`quanos --help` must stay fast: torch, matplotlib and onnxruntime load inside commands."""
+    """`quanos --help` must stay fast: torch, matplotlib, onnxruntime and ray load inside commands."""
     code = (
         "import sys; from click.testing import CliRunner; from quanos_onnx.cli import main; "
         "CliRunner().invoke(main, ['--help']); "
-        "print(sorted(m for m in ('torch', 'matplotlib', 'onnxruntime', 'onnx') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'matplotlib', 'onnxruntime', 'onnx', 'ray') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert result.stdout.strip() == "[]"
 
 
 def test_layers_imports_neither_torch_nor_matplotlib(tmp_path: Path) -> None:
-    """`quanos layers` only reads the graph: torch, matplotlib and onnxruntime (seconds of
-    imports on a loaded machine) stay out of it."""
+    """`quanos layers` only reads the graph: torch, matplotlib, onnxruntime and ray (seconds
+    of imports on a loaded machine) stay out of it."""
     from tiny_models import vgg_chain
 
     onnx.save(vgg_chain(), tmp_path / "chain.onnx")
@@ -144,7 +144,7 @@ def test_layers_imports_neither_torch_nor_matplotlib(tmp_path: Path) -> None:
         "import sys; from click.testing import CliRunner; from quanos_onnx.cli import main; "
         f"result = CliRunner().invoke(main, ['layers', {str(tmp_path / 'chain.onnx')!r}]); "
         "assert result.exit_code == 0, result.output; "
-        "print(sorted(m for m in ('torch', 'matplotlib', 'onnxruntime', 'scipy') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'matplotlib', 'onnxruntime', 'scipy', 'ray') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert result.stdout.strip() == "[]"
@@ -181,5 +181,5 @@ def test_every_api_option_is_a_flag_of_the_same_name(command: str, options_class
     missing = {field.name for field in fields(getattr(importlib.import_module(module), name))} - parameters
     assert missing == set()
     naming = flag_naming(main.commands[command])
-    assert naming("model") in ("MODEL", "QMODEL") or command == "evaluate"
+    assert naming("model") in ("MODEL", "QMODEL") or command in ("evaluate", "analyze")  # MODEL [MORE ...]
     assert all(naming(field).startswith("--") for field in parameters - {"model", "models"})

@@ -84,3 +84,52 @@ def test_no_tolerance_samples_is_a_usage_error(files):
         main, ["analyze", str(files["smooth"]), "--data", str(files["data"]), "--tolerance-samples", "0"]
     )
     assert result.exit_code == 2 and "--tolerance-samples 0 must be a whole number of at least 1" in result.output
+
+
+@pytest.fixture(scope="module")
+def two_models(files, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`quanos analyze smooth.onnx stepped.onnx -o OUT` in this process: OUT."""
+    out = tmp_path_factory.mktemp("two") / "out"
+    result = CliRunner().invoke(
+        main, ["analyze", str(files["smooth"]), str(files["stepped"]), "--data", str(files["data"]), *AUDIT[:-1], "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"== {files['smooth']} (smooth/)")
+    return out
+
+
+def test_several_models_each_get_the_folder_a_single_run_would_write(files, two_models, tmp_path):
+    names = ["analysis.json", "report.html", "report.json", "report.md", "run.json"]
+    assert sorted(path.name for path in two_models.iterdir()) == ["smooth", "stepped"]
+    assert all(sorted(path.name for path in (two_models / folder).iterdir()) == names for folder in ("smooth", "stepped"))
+    single = CliRunner().invoke(
+        main, ["analyze", str(files["stepped"]), "--data", str(files["data"]), *AUDIT[:-1], "-o", str(tmp_path / "one")]
+    )
+    assert single.exit_code == 0, single.output
+    for name in ("analysis.json", "report.json"):
+        assert (two_models / "stepped" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    listed = CliRunner().invoke(main, ["analyze", str(files["smooth"]), str(files["stepped"]), "--data", str(files["data"]), *AUDIT])
+    assert [document["model"] for document in json.loads(listed.stdout)] == [str(files["smooth"]), str(files["stepped"])]
+
+
+def test_several_models_analysed_as_ray_jobs_give_the_same_files(files, two_models, tmp_path, ray_address):
+    out = tmp_path / "ray"
+    result = CliRunner().invoke(
+        main,
+        ["analyze", str(files["smooth"]), str(files["stepped"]), "--data", str(files["data"]), *AUDIT[:-1],
+         "--ray", ray_address, "-o", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    for folder in ("smooth", "stepped"):
+        for name in ("analysis.json", "report.json"):  # report.md and run.json also say when and how it ran
+            assert (out / folder / name).read_bytes() == (two_models / folder / name).read_bytes(), (folder, name)
+
+
+def test_no_figures_writes_the_report_with_its_tables_alone(files, tmp_path):
+    result = CliRunner().invoke(
+        main, ["analyze", str(files["smooth"]), "--data", str(files["data"]), *AUDIT[:-1], "--no-figures", "-o", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "report.html").read_text()
+    assert "<img" not in html and "Figures left out (--no-figures)" in html
+    assert 'id="robustness-0"' in html and 'id="layers"' in html

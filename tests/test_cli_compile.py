@@ -291,3 +291,19 @@ def test_the_search_judges_a_plan_by_a_lower_bound_on_its_paired_difference_from
     lucky[:3] = False
     lucky[99] = True  # 3 lost, 1 gained: 97% against 99%, 4 discordant samples
     assert guarded_accuracy(float_correct, lucky) == pytest.approx(0.97 - 1.645 * 2 / 100)
+
+
+def test_the_milp_search_on_ray_writes_the_same_model_and_plan(workdir: Path, ray_address: str):
+    """The search's trial plans (bisection rounds, the Pareto front and its uniform points)
+    as Ray jobs: the same plan, search record and model bytes as in one process."""
+    common = [
+        "model.onnx", "--data", "data.npz", "--max-accuracy-drop", "5", "--pareto", "--max-bits", "6",
+        "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "--no-eval", "--no-figures",
+    ]
+    here = _compile([*common, "-o", "here"])
+    assert here.exit_code == 0, here.output
+    on_ray = _compile([*common, "--ray", ray_address, "-o", "ray"])
+    assert on_ray.exit_code == 0, on_ray.output
+    for name in (MODEL_FILE, PLAN_FILE, "report.json"):
+        assert (workdir / "ray" / name).read_bytes() == (workdir / "here" / name).read_bytes(), name
+    assert "<img" not in (workdir / "ray" / "report.html").read_text()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,34 @@ def test_dynamic_size_model_on_a_labelled_image_folder(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     document = json.loads(result.output)
     assert document["data"]["samples"] == 6
+
+
+def test_models_evaluated_as_ray_jobs_give_the_same_files(files, tmp_path, ray_address):
+    arguments = [files["float"], files["compiled"], "--data", files["data"], "--eps", "0.05", "--pgd-steps", 3]
+    here = _run(*arguments, "-o", tmp_path / "here")
+    assert here.exit_code == 0, here.output
+    on_ray = _run(*arguments, "--ray", ray_address, "-o", tmp_path / "ray")
+    assert on_ray.exit_code == 0, on_ray.output
+    for name in ("evaluation.json", "report.json"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
+
+
+def test_ray_without_ray_installed_is_one_line_and_exit_2(files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # importlib.util.find_spec then finds no ray
+    result = _run(files["float"], "--data", files["data"], "--attack", "none", "--ray", "auto")
+    assert result.exit_code == 2
+    assert result.output.splitlines() == ["error: --ray auto: Ray is not installed (hint: pip install quanos-onnx[ray])"]
+
+
+def test_no_figures_never_imports_matplotlib(files, tmp_path):
+    code = (
+        "import sys; from click.testing import CliRunner; from quanos_onnx.cli import main; "
+        f"result = CliRunner().invoke(main, ['evaluate', {str(files['float'])!r}, '--data', {str(files['data'])!r}, "
+        f"'--eps', '0.05', '--pgd-steps', '2', '--no-figures', '-o', {str(tmp_path)!r}]); "
+        "assert result.exit_code == 0, result.output; "
+        "print(sorted(m for m in ('matplotlib', 'ray') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert result.stdout.strip() == "[]"
+    html = (tmp_path / "report.html").read_text()
+    assert "<img" not in html and 'id="accuracy"' in html

@@ -35,3 +35,5 @@ def test_every_example_of_the_api_page_runs(tmp_path: Path) -> None:
     assert "input_range 1,0: LO must be below HI, e.g. 0,1 or 0,255" in lines
     assert "('input_range',)" in lines
     assert "['model.quanos.onnx', 'plan.json', 'report.html', 'report.json', 'report.md', 'run.json']" in lines
+    assert "('mnist-8', 'model2')" in lines
+    assert lines[-1] == "True"  # evaluate on a local Ray gives the document of one process

@@ -140,3 +140,17 @@ def test_bad_options_are_usage_errors_naming_the_option(method, percentile, culp
     with pytest.raises(UsageError) as raised:
         choose_range(histogram_of(heavy_tailed(100)), 4, method, percentile)
     assert raised.value.arguments == (culprit,)
+
+
+def test_a_histogram_is_the_same_whatever_the_batches_it_was_added_in() -> None:
+    """Calibration adds activations a few samples at a time (model.ACTIVATION_CHUNK): R grows
+    by exact doublings, so chunks whose range keeps growing give the whole batch's histogram."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(0, 1, (64, 8, 5, 5)).astype(np.float32) * np.geomspace(0.01, 50, 64, dtype=np.float32)[:, None, None, None]
+    values[5] = 0.0
+    whole, chunked = TensorHistogram(), TensorHistogram()
+    whole.add(values)
+    for start in range(0, 64, 16):
+        chunked.add(values[start : start + 16])
+    assert chunked.limit == whole.limit and (chunked.low, chunked.high, chunked.zeros) == (whole.low, whole.high, whole.zeros)
+    assert np.array_equal(chunked.positive, whole.positive) and np.array_equal(chunked.negative, whole.negative)

@@ -22,6 +22,14 @@ from .solve import DEFAULT_ANS_WEIGHT, Budget, RobustnessSignal, alignment_const
 
 Evaluate = Callable[[Plan], float]
 """Compile the plan and return its clean accuracy (0..1) on the held-out split."""
+EvaluateMany = Callable[[Sequence[Plan]], list[float]]
+"""`Evaluate` for several independent plans at once, in their order (compile runs them as
+parallel jobs with --ray, jobs.py)."""
+
+
+def one_by_one(evaluate: Evaluate) -> EvaluateMany:
+    """`evaluate` applied to each plan in turn: what runs without a parallel evaluator."""
+    return lambda plans: [evaluate(plan) for plan in plans]
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,8 @@ def smallest_within_guard(
     tolerance: float | None = None,
     max_evaluations: int = 10,
     quantize_output: bool = False,
+    evaluate_many: EvaluateMany | None = None,
+    parallel: int = 1,
 ) -> Verified:
     """Accuracy-target mode: the smallest budget whose solved plan keeps the guard.
 
@@ -185,26 +195,53 @@ def smallest_within_guard(
     found (its details list every probe). When even the widest plan fails, that plan is
     returned with `passed` false. `tolerance` defaults to 1/8 bit on average bits and to
     1% of the interval otherwise.
+
+    With `parallel` > 1 plans measured at once (`evaluate_many`, e.g. Ray jobs), each round
+    measures every budget the next steps may probe (the first round: the widest plan and up
+    to parallel-1 of them; then up to `parallel`, a whole number of bisection levels), and
+    the bisection then walks its path through them: the answer and the probes it lists are
+    those of one probe at a time; the measurements off the path are dropped.
     """
+    if parallel < 1:
+        raise UsageError(f"parallel {parallel} must be at least 1")
     low, high = budget_range(budget_kind, layers, sensitivity, profile, quantize_output)
     tolerance = tolerance if tolerance is not None else (0.125 if budget_kind == "avg-bits" else 0.01 * (high - low))
+    measure_many = evaluate_many or one_by_one(evaluate)
+    measured: dict[float, tuple[Plan, float]] = {}
     probes: list[dict[str, Any]] = []
 
+    def measure(values: Sequence[float]) -> None:
+        fresh = [value for value in values if value not in measured]
+        plans = [
+            solve(
+                layers, joins, sensitivity, Budget(budget_kind, value, profile),
+                ans=ans, ans_weight=ans_weight, lipschitz=lipschitz, robustness_signal=robustness_signal,
+                quantize_output=quantize_output,
+            )
+            for value in fresh
+        ]
+        measured.update(zip(fresh, zip(plans, measure_many(plans))))
+
+    def ahead(low: float, high: float, depth: int, used: int) -> list[float]:
+        """The budgets bisection may probe in its next `depth` steps from (low, high) after `used` probes."""
+        if depth < 1 or high - low <= tolerance or used >= max_evaluations:
+            return []
+        middle = (low + high) / 2
+        return [middle, *ahead(low, middle, depth - 1, used + 1), *ahead(middle, high, depth - 1, used + 1)]
+
     def probe(value: float) -> tuple[Plan, float]:
-        plan = solve(
-            layers, joins, sensitivity, Budget(budget_kind, value, profile),
-            ans=ans, ans_weight=ans_weight, lipschitz=lipschitz, robustness_signal=robustness_signal,
-            quantize_output=quantize_output,
-        )
-        accuracy = evaluate(plan)
+        plan, accuracy = measured[value]
         probes.append({"budget": value, "achieved": plan.details["achieved"], "accuracy": accuracy})
         return plan, accuracy
 
+    measure([high, *ahead(low, high, int(math.log2(parallel)), 1)])
     best_plan, best_accuracy = probe(high)
     if best_accuracy < minimum_accuracy:
         return Verified(best_plan.with_details(search=probes), best_accuracy, False, len(probes))
     while high - low > tolerance and len(probes) < max_evaluations:
         middle = (low + high) / 2
+        if middle not in measured:
+            measure(ahead(low, high, int(math.log2(parallel + 1)), len(probes)))
         plan, accuracy = probe(middle)
         if accuracy >= minimum_accuracy:
             high, best_plan, best_accuracy = middle, plan, accuracy
@@ -243,15 +280,22 @@ def pareto_front(
     lipschitz: Mapping[str, float] | None = None,
     robustness_signal: RobustnessSignal = "ans",
     quantize_output: bool = False,
+    evaluate_many: EvaluateMany | None = None,
 ) -> list[ParetoPoint]:
-    """Solve and evaluate one plan per budget; mark the points another beats on both axes."""
-    measured = []
-    for budget in budgets:
-        plan = solve(
+    """Solve and evaluate one plan per budget; mark the points another beats on both axes.
+    The plans are independent: `evaluate_many` may measure them in parallel."""
+    plans = [
+        solve(
             layers, joins, sensitivity, budget, ans=ans, ans_weight=ans_weight, lipschitz=lipschitz,
             robustness_signal=robustness_signal, quantize_output=quantize_output,
         )
-        measured.append((budget, plan, plan_price(budget, layers, plan), evaluate(plan)))
+        for budget in budgets
+    ]
+    accuracies = (evaluate_many or one_by_one(evaluate))(plans)
+    measured = [
+        (budget, plan, plan_price(budget, layers, plan), accuracy)
+        for budget, plan, accuracy in zip(budgets, plans, accuracies)
+    ]
     points = []
     for budget, plan, size, accuracy in measured:
         dominated = any(

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 
 from ..errors import UsageError, arg
 from ..layers import Layer, list_layers
@@ -22,6 +23,7 @@ from .options import (
     AUDIT_METHODS,
     DEFAULT_AUDIT_SAMPLES,
     AttackOptions,
+    RunOptions,
     AuditMethod,
     AuditSettings,
     audit_model,
@@ -50,7 +52,7 @@ on 100 samples a layer is tolerated at b bits when at most 1 prediction moves (d
 
 
 @dataclass(frozen=True, kw_only=True)
-class AnalyzeOptions(AttackOptions):
+class AnalyzeOptions(AttackOptions, RunOptions):
     """The ANS attack and data options of compile, plus the robustness audit: every method of
     `audit_attacks` at every `audit_eps` (FGSM, and PGD with the paper's 7 steps of 2/255),
     APGD with `apgd_steps` and `apgd_restarts`, and the `large_eps` probe. `samples` (default
@@ -91,12 +93,17 @@ class AnalyzeResult:
     run: RunInfo
     inputs: tuple[Path, ...] = ()
     written: tuple[Path, ...] = ()
+    figures: bool = True
+    """Whether report.html draws the figures (the `figures` option)."""
 
     def files(self) -> dict[str, bytes | str]:
         """The files `quanos analyze -o` writes: analysis.json and the report."""
         from .. import report
 
-        return {ANALYSIS_FILE: report.dumps(self.document), **report.report_files(self.report, self.run)}
+        return {
+            ANALYSIS_FILE: report.dumps(self.document),
+            **report.report_files(self.report, self.run, figures=self.figures),
+        }
 
     def save(self, directory: str | os.PathLike[str]) -> tuple[Path, ...]:
         """Write files() into `directory`, all or nothing; never over an input file."""
@@ -163,16 +170,123 @@ def _add_lipschitz_columns(rows: Sequence[dict[str, Any]], lipschitz: Mapping[st
 
 
 def run_analyze(
-    model: ModelSource,
+    model: ModelSource | Sequence[ModelSource],
     data: DataSource,
     options: AnalyzeOptions,
     *,
     save_to: str | os.PathLike[str] | None = None,
     command_line: Sequence[str] | None = None,
     progress: ProgressFactory = no_progress,
-) -> AnalyzeResult:
+) -> AnalyzeResult | AnalyzeResults:
     """Audit a model (float or compiled) without quantizing it: the robustness audit with
-    masking checks and a verdict, ANS per layer and what it implies for Eqn 3."""
+    masking checks and a verdict, ANS per layer and what it implies for Eqn 3.
+
+    Given a list of models, each one is analyzed as if alone, one job per model (on Ray with
+    `options.ray`), into an AnalyzeResults whose files put each model's outputs in a folder
+    of its own (`analysis_folders`)."""
+    from .. import report
+
+    command = api_command_line() if command_line is None else tuple(command_line)
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        check_output_dir(save_to, input_paths(model, data), names=(ANALYSIS_FILE, *report.REPORT_FILES))
+        single = _analyze_model(_AnalyzeShared(data, options, command), model, progress)
+        return single if save_to is None else replace(single, written=single.save(save_to))
+    models = list(model)
+    if not models:
+        raise UsageError(f"give at least one model in {arg('model')}")
+    folders = analysis_folders(models)
+    for folder in folders:
+        check_output_dir(
+            None if save_to is None else Path(save_to) / folder, input_paths(*models, data),
+            names=(ANALYSIS_FILE, *report.REPORT_FILES),
+        )
+    shared = _AnalyzeShared(_reusable(data), options, command)
+    jobs = options.jobs()
+    with jobs.open():
+        results = jobs.run(_analyze_model, shared, models, progress=progress, label="models")
+    many = AnalyzeResults(tuple(results), tuple(folders))
+    return many if save_to is None else replace(many, written=many.save(save_to))
+
+
+@dataclass(frozen=True)
+class AnalyzeResults:
+    """The analyses of several models (`run_analyze` given a list), each as its own run
+    would give it; `files()` puts each model's files in its folder (`folders[i]`)."""
+
+    results: tuple[AnalyzeResult, ...]
+    folders: tuple[str, ...]
+    written: tuple[Path, ...] = ()
+
+    @property
+    def document(self) -> list[Mapping[str, Any]]:
+        """Every model's analysis.json document, in the models' order (the CLI's --json)."""
+        return [result.document for result in self.results]
+
+    def files(self) -> dict[str, dict[str, bytes | str]]:
+        """Every model's files (analysis.json and the report) by its folder."""
+        return {folder: result.files() for folder, result in zip(self.folders, self.results)}
+
+    def save(self, directory: str | os.PathLike[str]) -> tuple[Path, ...]:
+        """Write each model's files into `directory`/its folder, each folder all or nothing
+        (as a single-model run writes its -o); never over an input file."""
+        return tuple(
+            path
+            for folder, result in zip(self.folders, self.results)
+            for path in save_files(Path(directory) / folder, result.files(), result.inputs)
+        )
+
+    def summary_text(self) -> str:
+        parts = []
+        for folder, result in zip(self.folders, self.results):
+            parts += [f"== {result.document['model']} ({folder}/)", result.summary_text(), ""]
+        parts += [f"wrote {path}" for path in self.written]
+        return "\n".join(parts).rstrip("\n")
+
+
+def analysis_folders(models: Sequence[ModelSource]) -> list[str]:
+    """One output folder per model: the file's stem (resnet20 for resnet20.onnx), with its
+    parent folder's name in front where stems repeat (run1_model), and model1, model2 ...
+    for models in memory."""
+    stems = [
+        f"model{index + 1}" if isinstance(model, onnx.ModelProto) else Path(model).stem.removesuffix(".quanos")
+        for index, model in enumerate(models)
+    ]
+    if len(set(stems)) < len(stems):
+        stems = [
+            stem if isinstance(model, onnx.ModelProto) else f"{Path(model).resolve().parent.name}_{stem}"
+            for model, stem in zip(models, stems)
+        ]
+    if len(set(stems)) < len(stems):
+        stems = [f"{index + 1}_{stem}" for index, stem in enumerate(stems)]
+    return stems
+
+
+def _reusable(data: DataSource) -> DataSource:
+    """Data that every model's job can read again: a path or arrays as given, an iterable of
+    batches read once into a list. A CalibrationDataReader is read once and cannot be."""
+    if isinstance(data, (str, os.PathLike, np.ndarray)) or (isinstance(data, tuple) and len(data) == 2):
+        return data
+    if hasattr(data, "get_next"):
+        raise UsageError(
+            f"{arg('data')} is a CalibrationDataReader, which is read once; several models need data they can each read",
+            hint="give a path or numpy arrays (x, y)",
+        )
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+        return list(data)
+    return data
+
+
+@dataclass(frozen=True)
+class _AnalyzeShared:
+    """What every model's analysis job shares: the data as given, the options, the command line."""
+
+    data: DataSource
+    options: AnalyzeOptions
+    command_line: tuple[str, ...]
+
+
+def _analyze_model(shared: _AnalyzeShared, model: ModelSource, progress: ProgressFactory) -> AnalyzeResult:
+    """One model's analysis, as a single-model run computes it (nothing written)."""
     from .. import report
     from ..errors import ModelError
     from ..finetune.graph import compiled_plan, float_model_of
@@ -182,9 +296,9 @@ def run_analyze(
     from ..device import using_device
     from ..threads import using_threads
 
-    clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
+    data, options = shared.data, shared.options
+    clock = report.RunClock.start(shared.command_line)
     inputs = input_paths(model, data)
-    check_output_dir(save_to, inputs, names=(ANALYSIS_FILE, *report.REPORT_FILES))
     source = read_model(model, input_shape=options.input_shape)
     plan = compiled_plan(source.proto)
     float_model = source.proto if plan is None else float_model_of(source.proto)
@@ -259,5 +373,4 @@ def run_analyze(
         evaluations=[{"model": model_entry, "evaluation": document["evaluation"]}],
         audits=[audit],
     )
-    result = AnalyzeResult(document, tuple(layers), report_document, clock.finish(), tuple(inputs))
-    return result if save_to is None else replace(result, written=result.save(save_to))
+    return AnalyzeResult(document, tuple(layers), report_document, clock.finish(), tuple(inputs), figures=options.figures)

@@ -25,6 +25,7 @@ from .options import (
     check_data_range,
     AttackMethod,
     AttackOptions,
+    RunOptions,
     Calibration,
     Rounding,
     WeightClipping,
@@ -47,6 +48,7 @@ from .results import check_output_dir, save_files
 
 if TYPE_CHECKING:
     from ..data import Dataset
+    from ..jobs import Jobs
     from ..report import RunInfo
     from ..ptq import PtqSettings
     from ..verify import Verification, VerifySettings
@@ -64,7 +66,7 @@ SensitivityMethod = Literal["kl", "mse", "fisher"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompileOptions(AttackOptions):
+class CompileOptions(AttackOptions, RunOptions):
     """Everything compile takes besides its inputs (model, data, plan). Without `bits` or a
     plan, QUANOS: the ANS attack (AttackOptions), then `method` "milp" (default) — measured
     per-layer cost of bits `k_min`..`max_bits` (`sensitivity`), the exact integer program
@@ -203,6 +205,8 @@ class CompileResult:
     written: tuple[Path, ...] = ()
     verification: Verification | None = None
     """The artifact against float and uniform on held-out data (verify.py); None when not evaluated."""
+    figures: bool = True
+    """Whether report.html draws the figures (the `figures` option)."""
 
     @property
     def passed(self) -> bool:
@@ -228,7 +232,7 @@ class CompileResult:
         return {
             MODEL_FILE: self.model.SerializeToString(),
             PLAN_FILE: self.plan.dumps(),
-            **report.report_files(self.report, self.run),
+            **report.report_files(self.report, self.run, figures=self.figures),
         }
 
     def save(self, directory: str | os.PathLike[str]) -> tuple[Path, ...]:
@@ -426,7 +430,9 @@ def run_compile(
     )
     guard = None if verification is None else verification.guard.to_json()
     run = replace(clock.finish(), accuracy_guard=guard)
-    result = CompileResult(compiled, final_plan, tuple(layers), document, run, tuple(inputs), verification=verification)
+    result = CompileResult(
+        compiled, final_plan, tuple(layers), document, run, tuple(inputs), verification=verification, figures=options.figures
+    )
     return result if save_to is None else replace(result, written=result.save(save_to))
 
 
@@ -535,7 +541,9 @@ def _milp_plan(
             bits=candidates, quantize_output=options.quantize_output,
         )
         advance(1)
-    evaluate, search = _search_split(options, model, layers, joins, dataset, calibration)
+    trial, search = _search_split(options, model, layers, joins, dataset, calibration)
+    evaluate = trial.accuracy
+    jobs = options.jobs()
     minimum = search.float_accuracy - (options.max_accuracy_drop if options.max_accuracy_drop is not None else 1.0) / 100
     lipschitz = None
     if options.robustness_signal != "ans":
@@ -557,7 +565,11 @@ def _milp_plan(
             plan, how = checked.plan, how + f", repaired in {len(checked.steps)} step(s)"
         accuracy = evaluate(plan)
     else:
-        checked = smallest_within_guard(layers, joins, table, evaluate, minimum, **solve_options)
+        with jobs.open():
+            checked = smallest_within_guard(
+                layers, joins, table, evaluate, minimum, **solve_options,
+                evaluate_many=_evaluate_many(jobs, trial), parallel=jobs.slots(),
+            )
         if not checked.passed:
             logging.getLogger(__name__).warning(
                 "no plan with bits %d..%d keeps the search split within the guard; writing the widest",
@@ -578,12 +590,13 @@ def _milp_plan(
     }
     if options.pareto:
         budgets = [Budget("avg-bits", float(b)) for b in candidates]
-        points = pareto_front(layers, joins, table, evaluate, budgets, **solve_options)
+        uniform = [Plan.uniform(layers, b, keep_output_float=not options.quantize_output) for b in candidates]
+        with jobs.open():
+            evaluate_many = _evaluate_many(jobs, trial)
+            points = pareto_front(layers, joins, table, evaluate, budgets, **solve_options, evaluate_many=evaluate_many)
+            uniform_accuracy = evaluate_many(uniform)
         details["pareto"] = [point.to_json() for point in points]
-        details["pareto_uniform"] = [
-            {"bits": b, "accuracy": evaluate(Plan.uniform(layers, b, keep_output_float=not options.quantize_output))}
-            for b in candidates
-        ]
+        details["pareto_uniform"] = [{"bits": b, "accuracy": a} for b, a in zip(candidates, uniform_accuracy)]
     return plan.with_details(ans=ans.to_json(), allocation=details)
 
 
@@ -626,15 +639,15 @@ def _search_split(
     joins: Sequence[Any],
     dataset: Any,
     calibration: Sequence[np.ndarray],
-) -> tuple[Callable[[Plan], float], _SearchSplit]:
-    """The callback that compiles a plan and returns its clean accuracy on the search split."""
+) -> tuple[_SearchTrial, _SearchSplit]:
+    """What compiles a plan and measures its clean accuracy on the search split."""
     import logging
 
-    from ..model import Runner, output_names
+    from ..model import output_names
 
     first = sum(len(x) for x in calibration)
     if dataset.count > first:
-        x = dataset.x[first : first + SEARCH_SAMPLES]
+        x = np.asarray(dataset.x[first : first + SEARCH_SAMPLES])
         y = None if dataset.y is None else dataset.y[first : first + SEARCH_SAMPLES]
         source = f"samples {first}..{first + len(x) - 1} (after the calibration samples)"
     else:
@@ -644,24 +657,59 @@ def _search_split(
         x, y = np.concatenate(list(calibration)), None if dataset.y is None else dataset.y[:first]
         source = "the calibration samples"
     name = output_names(model)[0]
-
-    def predictions(proto: onnx.ModelProto) -> np.ndarray:
-        runner = Runner(proto, [name])
-        batches = [x[i : i + options.batch_size] for i in range(0, len(x), options.batch_size)]
-        return np.concatenate([runner.run(b, [name])[0].reshape(len(b), -1).argmax(1) for b in batches])
-
-    float_predictions = predictions(model)
+    float_predictions = _predictions(model, name, x, options.batch_size)
     labels = float_predictions if y is None else np.asarray(y)
+    trial = _SearchTrial(
+        model, tuple(calibration), tuple(layers), tuple(joins), options.ptq_settings(rounding=False),
+        x, labels, float_predictions == labels, name, options.batch_size,
+    )
+    return trial, _SearchSplit(len(x), source, float((float_predictions == labels).mean()))
 
-    float_correct = float_predictions == labels
 
-    def evaluate(plan: Plan) -> float:
-        quantized = quantize(
-            model, plan, calibration, layers=layers, joins=joins, ptq=options.ptq_settings(rounding=False),
-        )
-        return guarded_accuracy(float_correct, predictions(quantized.model) == labels)
+@dataclass(frozen=True, eq=False)
+class _SearchTrial:
+    """Everything a trial plan's accuracy needs, in one object so that a job in another
+    process (Ray) gets it once: the float model, the calibration samples, the PTQ settings
+    and the search split with float's correctness on it."""
 
-    return evaluate, _SearchSplit(len(x), source, float((float_predictions == labels).mean()))
+    model: onnx.ModelProto
+    calibration: tuple[np.ndarray, ...]
+    layers: tuple[Layer, ...]
+    joins: tuple[Any, ...]
+    ptq: Any
+    x: np.ndarray
+    labels: np.ndarray
+    float_correct: np.ndarray
+    output: str
+    batch_size: int
+
+    def accuracy(self, plan: Plan) -> float:
+        """The plan compiled and judged on the search split (guarded_accuracy)."""
+        quantized = quantize(self.model, plan, list(self.calibration), layers=self.layers, joins=self.joins, ptq=self.ptq)
+        correct = _predictions(quantized.model, self.output, self.x, self.batch_size) == self.labels
+        return guarded_accuracy(self.float_correct, correct)
+
+
+def _trial_accuracy(trial: _SearchTrial, plan: Plan, progress: ProgressFactory) -> float:
+    """One trial plan's job (jobs.py)."""
+    return trial.accuracy(plan)
+
+
+def _evaluate_many(jobs: Jobs, trial: _SearchTrial) -> Callable[[Sequence[Plan]], list[float]]:
+    """Independent trial plans measured as jobs: in this process one by one, or on Ray,
+    with the trial's model and samples put into the object store once."""
+    if jobs.ray is None:
+        return lambda plans: [trial.accuracy(plan) for plan in plans]
+    shared = jobs.share(trial)
+    return lambda plans: jobs.run(_trial_accuracy, shared, list(plans), label="trial plans")
+
+
+def _predictions(model: onnx.ModelProto, output: str, x: np.ndarray, batch_size: int) -> np.ndarray:
+    from ..model import Runner
+
+    runner = Runner(model, [output])
+    batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    return np.concatenate([runner.run(b, [output])[0].reshape(len(b), -1).argmax(1) for b in batches])
 
 
 def _moved(layers: Sequence[Layer], eqn3: Plan, plan: Plan) -> dict[str, Any]:

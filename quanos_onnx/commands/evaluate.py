@@ -19,8 +19,9 @@ from .options import (
     AuditMethod,
     AuditSettings,
     audit_model,
-    DataOptions,
+    RunOptions,
     DataSource,
+    ModelInput,
     ModelSource,
     ans_samples,
     api_command_line,
@@ -29,10 +30,13 @@ from .options import (
     input_paths,
     load_data,
     read_model,
+    samples_in_memory,
 )
 from .results import check_output_dir, save_files
 
 if TYPE_CHECKING:
+    from ..data import Dataset
+    from ..harness.evaluate import Evaluation
     from ..report import RunInfo
 
 EVALUATION_FILE = "evaluation.json"
@@ -43,7 +47,7 @@ PAPER_PGD_ALPHA = 2 / 255
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateOptions(DataOptions):
+class EvaluateOptions(RunOptions):
     """One attack grid for every model: each method of `attack` at each `eps`, or the
     paper's grid (`paper`); no method (`attack=()`, the CLI's `--attack none`) measures
     clean accuracy alone; `samples` evaluates the first N (default: all).
@@ -131,12 +135,17 @@ class EvaluateResult:
     run: RunInfo
     inputs: tuple[Path, ...] = ()
     written: tuple[Path, ...] = ()
+    figures: bool = True
+    """Whether report.html draws the figures (the `figures` option)."""
 
     def files(self) -> dict[str, bytes | str]:
         """The files `quanos evaluate -o` writes: evaluation.json and the report."""
         from .. import report
 
-        return {EVALUATION_FILE: report.dumps(self.document), **report.report_files(self.report, self.run)}
+        return {
+            EVALUATION_FILE: report.dumps(self.document),
+            **report.report_files(self.report, self.run, figures=self.figures),
+        }
 
     def save(self, directory: str | os.PathLike[str]) -> tuple[Path, ...]:
         """Write files() into `directory`, all or nothing; never over an input file."""
@@ -213,9 +222,7 @@ def run_evaluate(
     from .. import report
     from ..errors import DataError
     from ..finetune.graph import compiled_plan, float_model_of
-    from ..harness.evaluate import evaluate
     from ..model import input_shape
-    from ..report.audit import audit_section
     from ..device import using_device
     from ..threads import using_threads
 
@@ -231,46 +238,37 @@ def run_evaluate(
     evaluations = []
     audits: list[dict[str, Any]] = []
     labels = "data"
-    with using_threads(options.threads), using_device(options.device):
+    jobs = options.jobs()
+    with using_threads(options.threads), using_device(options.device), jobs.open():
         dataset = load_data(data, options, first.proto, model_name=first.name)
         check_data_range(options.input_range, dataset, attacked=bool(attacks) or options.audits())
         count = ans_samples(options.samples, dataset, default=None)
-        for source, name in zip(sources, names):
+        for source in sources:
             if input_shape(source.proto)[1:] != input_shape(first.proto)[1:]:
                 raise DataError(
                     f"{source.name}: input shape {list(input_shape(source.proto))} differs from {first.name}'s "
                     f"{list(input_shape(first.proto))}; evaluate models of one input shape together"
                 )
-            plan = compiled_plan(source.proto)
-            kind = "float" if plan is None else f"compiled ({plan.method})"
-            audit = None
-            if options.audits():
-                with progress(f"{name} (robustness audit)", count) as advance:
-                    robustness, masking = audit_model(
-                        source.proto, first_samples(dataset, count, options.batch_size), options.audit_settings(),
-                        seed=options.seed, progress=advance,
-                    )
-                evaluation = robustness.evaluation()
-                audit = audit_section(robustness.to_json(), masking.to_json(), None, model=name, kind=kind)
-                audits.append(audit)
-            else:
-                with progress(f"{name} ({len(attacks)} attacks)", count) as advance:
-                    evaluation = evaluate(
-                        source.proto, first_samples(dataset, count, options.batch_size), attacks, seed=options.seed, progress=advance
-                    )
-            labels = evaluation.labels
-            evaluations.append((source.report_entry(), evaluation))
-            entries.append(
-                {
-                    "name": name,
-                    "path": source.name if source.path is None else str(source.path),
-                    "kind": kind,
-                    "method": None if plan is None else plan.method,
-                    "average_weight_bits": None if plan is None else _average_bits(plan, float_model_of(source.proto)),
-                    "evaluation": evaluation.to_json(),
-                    **({} if audit is None else {"audit": audit}),
-                }
-            )
+        samples = dataset if jobs.ray is None else samples_in_memory(dataset, count, options.batch_size)
+        shared = _EvaluateShared(samples, count, options, attacks)
+        measured = jobs.run(_evaluate_model, shared, list(zip(sources, names)), progress=progress, label="models")
+    for source, name, (evaluation, audit) in zip(sources, names, measured):
+        plan = compiled_plan(source.proto)
+        if audit is not None:
+            audits.append(audit)
+        labels = evaluation.labels
+        evaluations.append((source.report_entry(), evaluation))
+        entries.append(
+            {
+                "name": name,
+                "path": source.name if source.path is None else str(source.path),
+                "kind": "float" if plan is None else f"compiled ({plan.method})",
+                "method": None if plan is None else plan.method,
+                "average_weight_bits": None if plan is None else _average_bits(plan, float_model_of(source.proto)),
+                "evaluation": evaluation.to_json(),
+                **({} if audit is None else {"audit": audit}),
+            }
+        )
     document = {
         "format": "quanos-evaluation",
         "version": 1,
@@ -281,8 +279,40 @@ def run_evaluate(
     report_document = report.evaluation_report(
         evaluations, data=data_entry(data, dataset, count), seed=options.seed, settings=options.settings(), audits=audits
     )
-    result = EvaluateResult(document, report_document, clock.finish(), tuple(inputs))
+    result = EvaluateResult(document, report_document, clock.finish(), tuple(inputs), figures=options.figures)
     return result if save_to is None else replace(result, written=result.save(save_to))
+
+
+@dataclass(frozen=True)
+class _EvaluateShared:
+    """What every model's evaluation job shares: the samples, how many, the options and the attack grid."""
+
+    dataset: Dataset
+    count: int
+    options: EvaluateOptions
+    attacks: tuple[Any, ...]
+
+
+def _evaluate_model(
+    shared: _EvaluateShared, model: tuple[ModelInput, str], progress: ProgressFactory
+) -> tuple[Evaluation, dict[str, Any] | None]:
+    """One model's job: its Evaluation under the attack grid, or its robustness audit (with
+    the audit's report section) when the options ask for one."""
+    from ..finetune.graph import compiled_plan
+    from ..harness.evaluate import evaluate
+    from ..report.audit import audit_section
+
+    source, name = model
+    options, count = shared.options, shared.count
+    batches = first_samples(shared.dataset, count, options.batch_size)
+    if not options.audits():
+        with progress(f"{name} ({len(shared.attacks)} attacks)", count) as advance:
+            return evaluate(source.proto, batches, shared.attacks, seed=options.seed, progress=advance), None
+    plan = compiled_plan(source.proto)
+    kind = "float" if plan is None else f"compiled ({plan.method})"
+    with progress(f"{name} (robustness audit)", count) as advance:
+        robustness, masking = audit_model(source.proto, batches, options.audit_settings(), seed=options.seed, progress=advance)
+    return robustness.evaluation(), audit_section(robustness.to_json(), masking.to_json(), None, model=name, kind=kind)
 
 
 def _model_list(models: ModelSource | Sequence[ModelSource]) -> list[ModelSource]:

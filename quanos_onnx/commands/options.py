@@ -27,6 +27,7 @@ from ..threads import DEFAULT_THREADS
 
 if TYPE_CHECKING:
     from ..data import Dataset
+    from ..jobs import Jobs
     from ..harness.attacks import Attack, InputRange
     from ..plan import Plan
 
@@ -70,8 +71,13 @@ class Options:
             object.__setattr__(self, field.name, conformed)
 
     def settings(self) -> dict[str, Any]:
-        """The options for the report (threads excepted: they change speed, not results)."""
-        return {key: value for key, value in asdict(self).items() if key != "threads"}
+        """The options for the report, less those that change where and how fast it runs or
+        how the report is drawn, never a number (threads, ray, figures): report.json is the
+        same bytes either way."""
+        return {key: value for key, value in asdict(self).items() if key not in UNRECORDED_OPTIONS}
+
+
+UNRECORDED_OPTIONS = ("threads", "ray", "figures")
 
 
 def conform(value: Any, annotation: Any) -> Any:
@@ -200,6 +206,28 @@ class DataOptions(Options):
             "crop": self.crop,
             "channel_order": self.channel_order,
         }
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions(DataOptions):
+    """Where a command's independent jobs run (`ray`: in this process when None, else on the
+    Ray cluster at that address, jobs.py) and whether its report.html draws the figures
+    (`figures`; without them matplotlib is never imported)."""
+
+    ray: str | None = None
+    figures: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ..jobs import check_ray
+
+        check_ray(self.ray)
+
+    def jobs(self) -> Jobs:
+        """The runner of the command's independent jobs, each with the command's threads and device."""
+        from ..jobs import Jobs
+
+        return Jobs(self.ray, self.threads, self.device)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,6 +397,17 @@ def first_samples(dataset: Dataset, count: int, batch_size: int) -> Iterator[tup
         keep = min(len(x), count - taken)
         taken += keep
         yield x[:keep], (None if y is None else y[:keep])
+
+
+def samples_in_memory(dataset: Dataset, count: int, batch_size: int) -> Dataset:
+    """The first `count` samples of `dataset` as arrays, for jobs in other processes (Ray):
+    an image folder's files need not exist where they run."""
+    from ..data import Dataset
+
+    batches = list(first_samples(dataset, count, batch_size))
+    x = np.concatenate([x for x, _ in batches])
+    y = None if any(y is None for _, y in batches) else np.concatenate([y for _, y in batches])
+    return Dataset(x, y, dataset.source, dataset.selection)
 
 
 def rounded(value: float | None) -> float | None:

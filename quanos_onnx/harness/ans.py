@@ -24,7 +24,7 @@ import onnx
 
 from ..errors import DataError, ModelError
 from ..layers import Layer
-from ..model import Runner, output_names
+from ..model import ACTIVATION_CHUNK, Runner, output_names
 from .attacks import Attack, LogitsModel, attack_labels, perturb, predictions, twin_of
 
 log = logging.getLogger(__name__)
@@ -155,22 +155,33 @@ def measure_ans(
     samples = clean_correct = adversarial_correct = unperturbed = 0
     labels_source = "data"
     for index, (x, y) in enumerate(batches):
-        clean = dict(zip(fetch, runner.run(x, fetch)))
-        labels = attack_labels(y, clean[logits_name])
+        # every layer's clean and attacked activations of a chunk at a time (model.ACTIVATION_CHUNK);
+        # the attack still runs on the whole batch
+        chunks = [slice(start, start + ACTIVATION_CHUNK) for start in range(0, len(x), ACTIVATION_CHUNK)]
+        clean_logits = np.concatenate([runner.run(x[chunk], [logits_name])[0] for chunk in chunks])
+        labels = attack_labels(y, clean_logits)
         if y is None:
             labels_source = "model"
         rng = np.random.default_rng([seed, index])
         x_adv = perturb(model, x, labels, attack, rng=rng)
         unperturbed += int(np.all((x_adv == x).reshape(len(x), -1), axis=1).sum())
-        adversarial = dict(zip(fetch, runner.run(x_adv, fetch)))
-        for position, tensor in enumerate(tensors):
-            ratios = noise_ratios(clean[tensor], adversarial[tensor])
-            defined = ratios[~np.isnan(ratios)]
-            undefined[position] += len(ratios) - len(defined)
+        ratios: list[list[np.ndarray]] = [[] for _ in tensors]
+        adversarial_logits = []
+        for chunk in chunks:
+            clean = dict(zip(fetch, runner.run(x[chunk], fetch)))
+            adversarial = dict(zip(fetch, runner.run(x_adv[chunk], fetch)))
+            for position, tensor in enumerate(tensors):
+                ratios[position].append(noise_ratios(clean[tensor], adversarial[tensor]))
+            adversarial_logits.append(adversarial[logits_name])
+            del clean, adversarial
+        for position, parts in enumerate(ratios):
+            batch_ratios = np.concatenate(parts)
+            defined = batch_ratios[~np.isnan(batch_ratios)]
+            undefined[position] += len(batch_ratios) - len(defined)
             moments[position].add(defined)
         samples += len(x)
-        clean_correct += int((predictions(clean[logits_name]) == labels).sum())
-        adversarial_correct += int((predictions(adversarial[logits_name]) == labels).sum())
+        clean_correct += int((predictions(clean_logits) == labels).sum())
+        adversarial_correct += int((predictions(np.concatenate(adversarial_logits)) == labels).sum())
         if progress is not None:
             progress(len(x))
     if samples == 0:

@@ -22,7 +22,7 @@ import onnx
 
 from ..errors import DataError
 from ..layers import Layer
-from ..model import Runner
+from ..model import ACTIVATION_CHUNK, Runner
 from ..passes.qdq import WeightGrid
 from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
@@ -68,14 +68,16 @@ def bias_shifts(
                 break
             batch = batch[: BIAS_SAMPLES - seen]
             seen += len(batch)
-            values = dict(zip(names, runner.run(batch, names)))
-            for layer in probes:
-                float_name, quant_name = outputs[layer.name]
-                difference = values[float_name].astype(np.float64) - values[quant_name]
-                axis = difference.ndim - 1 if layer.op == "Gemm" else 1
-                reduced = np.moveaxis(difference, axis, 0).reshape(difference.shape[axis], -1)
-                sums[layer.name] = reduced.sum(axis=1) + (sums[layer.name] if sums[layer.name].size else 0.0)
-                counts[layer.name] += reduced.shape[1]
+            for start in range(0, len(batch), ACTIVATION_CHUNK):  # every layer's two outputs of a few samples at a time
+                values = dict(zip(names, runner.run(batch[start : start + ACTIVATION_CHUNK], names)))
+                for layer in probes:
+                    float_name, quant_name = outputs[layer.name]
+                    difference = values[float_name].astype(np.float64) - values[quant_name]
+                    axis = difference.ndim - 1 if layer.op == "Gemm" else 1
+                    reduced = np.moveaxis(difference, axis, 0).reshape(difference.shape[axis], -1)
+                    sums[layer.name] = reduced.sum(axis=1) + (sums[layer.name] if sums[layer.name].size else 0.0)
+                    counts[layer.name] += reduced.shape[1]
+                del values
             advance(len(batch))
     if not any(counts.values()):
         raise DataError("calibration data is empty")

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from ..errors import DataError, UsageError, arg
-from ..model import Runner
+from ..model import ACTIVATION_CHUNK, Runner
 from ..passes.calibrate import Range
 from ..progress import ProgressFactory, no_progress
 
@@ -146,8 +146,9 @@ def collect_histograms(
     seen = 0
     with progress("calibrate", total) as advance:
         for batch in batches:
-            for name, value in zip(names, runner.run(batch, names)):
-                histograms[name].add(value)
+            for start in range(0, len(batch), ACTIVATION_CHUNK):  # the histograms are the same in any grouping
+                for name, value in zip(names, runner.run(batch[start : start + ACTIVATION_CHUNK], names)):
+                    histograms[name].add(value)
             seen += len(batch)
             advance(len(batch))
     if seen == 0:

@@ -6,7 +6,8 @@ OutputDir.write, so a failed or interrupted run leaves no report without its mod
 - report.json: the report document (document.py; deterministic: same inputs and seed, same bytes);
 - run.json: when, how long, with which command line and package versions (RunInfo);
 - report.md: the numbers as Markdown tables;
-- report.html: one self-contained page with the figures (plots.py) embedded.
+- report.html: one self-contained page with the figures (plots.py) embedded (tables alone
+  with `figures=False`, the commands' --no-figures).
 
 The schema of each JSON document is in docs/json.md.
 """
@@ -42,13 +43,14 @@ REPORT_FILES = (REPORT_JSON, RUN_JSON, REPORT_MD, REPORT_HTML)
 """The names report_files writes, for OutputDir's up-front check of the inputs."""
 
 
-def report_files(document: Mapping[str, Any], run: RunInfo) -> dict[str, str]:
-    """The four report files of a run, by file name, ready for OutputDir.write."""
+def report_files(document: Mapping[str, Any], run: RunInfo, *, figures: bool = True) -> dict[str, str]:
+    """The four report files of a run, by file name, ready for OutputDir.write; without
+    `figures` report.html has the tables alone and matplotlib is not imported."""
     return {
         REPORT_JSON: dumps(document),
         RUN_JSON: dumps(run.to_json()),
         REPORT_MD: render_markdown(document, run),
-        REPORT_HTML: render_html(document, run),
+        REPORT_HTML: render_html(document, run, figures=figures),
     }
 
 

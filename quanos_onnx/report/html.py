@@ -14,7 +14,8 @@ from typing import Any
 
 from .content import Content, Table, build_content
 from .document import RunInfo
-from .plots import Plot, figures
+from .plots import Plot
+from .plots import figures as draw_figures
 
 SECTION_ORDER = ("verification", "ans", "bits", "layers", "layer-cost", "totals", "accuracy", "outputs")
 """Figures and tables with the same key share a section: what the artifact does first, then
@@ -57,9 +58,12 @@ footer { margin-top: 40px; color: #94a3b8; font-size: 12px; }
 """
 
 
-def render_html(document: Mapping[str, Any], run: RunInfo) -> str:
+def render_html(document: Mapping[str, Any], run: RunInfo, *, figures: bool = True) -> str:
+    """The page; without `figures` the sections keep their tables and say the figures were
+    left out, and matplotlib is never imported (docs/benchmarks.md: the figures are a
+    sizeable part of a small model's compile)."""
     content = build_content(document, run)
-    plots = {plot.key: plot for plot in figures(document)}
+    plots = {plot.key: plot for plot in draw_figures(document)} if figures else {}
     tables = {table.key: table for table in content.tables}
     ordered = [key for key in SECTION_ORDER if key in plots or key in tables]
     # per-model sections (the robustness audit's) come first, in the order content gives them
@@ -77,6 +81,7 @@ def render_html(document: Mapping[str, Any], run: RunInfo) -> str:
         "</head>",
         "<body><main>",
         *_header(content, sections),
+        *([] if figures else ['<p class="note">Figures left out (--no-figures); the tables hold every number.</p>']),
         *(part for key, title in sections for part in _section(key, title, plots, content)),
         *_section(content.provenance.key, content.provenance.title, {}, content, css_class="provenance"),
         *_settings(content),
