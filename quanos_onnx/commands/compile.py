@@ -574,7 +574,7 @@ def _milp_plan(
         "search_accuracy": accuracy,
         "search_samples": search.samples,
         "search_source": search.source,
-        "moved_from_eqn3": _moved(layers, eqn3, plan),
+        "moved_from_eqn3": moved_from_eqn3(layers, eqn3, plan),
     }
     if options.pareto:
         budgets = [Budget("avg-bits", float(b)) for b in candidates]
@@ -664,8 +664,9 @@ def _search_split(
     return evaluate, _SearchSplit(len(x), source, float((float_predictions == labels).mean()))
 
 
-def _moved(layers: Sequence[Layer], eqn3: Plan, plan: Plan) -> dict[str, Any]:
-    """How far the measured plan is from the paper's Eqn 3 on the same ANS."""
+def moved_from_eqn3(layers: Sequence[Layer], eqn3: Plan, plan: Plan) -> dict[str, Any]:
+    """How far the measured plan is from the paper's Eqn 3 on the same ANS (the report's
+    "moved from Eqn 3" line and its layers table's Eqn 3 column)."""
     params = {layer.name: layer.params for layer in layers}
     ours, theirs = plan.by_name(), eqn3.by_name()
     changes = {

@@ -71,7 +71,10 @@ def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
     items += verification_highlights(document.get("verification"))
     summary = document.get("summary")
     if summary:
-        items.append(("method", summary["method"]))
+        items.append(("method", method_text(summary)))
+        moved = summary.get("moved_from_eqn3")
+        if moved:
+            items.append(("moved from Eqn 3", moved_text(moved)))
         items.append(("average weight bits", f"{summary['average_weight_bits']:.2f} (parameter-weighted)"))
         items.append(("layers", f"{summary['quantized_layers']} quantized, {summary['float_layers']} float"))
     energy = document.get("energy")
@@ -106,6 +109,35 @@ def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
             text += f", {_percent(worst)} under the strongest attack"
         items.append((f"accuracy, {label}", text))
     return items
+
+
+METHOD_NAMES = {
+    "milp": "measured sensitivity + integer program (milp, the default)",
+    "quanos": "the paper's Eqn 3 (--method eqn3)",
+    "given": "a given plan (--plan)",
+}
+
+
+def method_text(summary: Mapping[str, Any]) -> str:
+    """Which allocation ran: 'the paper's Eqn 3 (--method eqn3), k_init 16, k_min 2', ..."""
+    method = summary["method"]
+    if method.startswith("uniform-"):
+        return f"uniform {method.split('-', 1)[1]}-bit (--bits)"
+    text = METHOD_NAMES.get(method, method)
+    if method == "quanos":
+        text += f", k_init {summary['k_init']}, k_min {summary['k_min']}"
+    if summary.get("how"):
+        text += f": {summary['how']}"
+    return text
+
+
+def moved_text(moved: Mapping[str, Any]) -> str:
+    """'7 of 19 layers differ; average weight bits 4.12 (this plan) against 2.05 (Eqn 3)'."""
+    return (
+        f"{moved['layers_changed']} of {moved['layers']} quantized layers have other bits than Eqn 3 gives on the "
+        f"same ANS; average weight bits {moved['average_weight_bits']:.2f} (this plan) against "
+        f"{moved['eqn3_average_bits']:.2f} (Eqn 3)"
+    )
 
 
 def verification_headline(verification: Mapping[str, Any]) -> str:
@@ -207,6 +239,8 @@ def _layers_table(document: Mapping[str, Any]) -> Table | None:
     columns += ["ANS mean", "ANS std"] if measured else []
     lipschitz = any(row.get("lipschitz_bound") is not None for row in layers)
     columns += ["Lipschitz bound", "local Lipschitz"] if lipschitz else []
+    eqn3 = ((document.get("summary") or {}).get("moved_from_eqn3") or {}).get("eqn3_bits")
+    columns += ["Eqn 3 bits"] if eqn3 else []
     rows = []
     for row in layers:
         cells = [row["name"], row["op"], f"{row['params']:,}", f"{row['macs']:,}"]
@@ -216,8 +250,11 @@ def _layers_table(document: Mapping[str, Any]) -> Table | None:
             cells += [_number(row["ans_mean"]), _number(row["ans_std"])]
         if lipschitz:
             cells += [_number(row.get("lipschitz_bound")), _number(row.get("lipschitz_local"))]
+        if eqn3:
+            cells += [_bits(eqn3.get(row["name"]))]
         rows.append(tuple(cells))
-    return Table("layers", "Layers", tuple(columns), tuple(rows))
+    note = "Eqn 3 bits: what the paper's rule gives each layer from the same ANS measurement." if eqn3 else ""
+    return Table("layers", "Layers", tuple(columns), tuple(rows), note)
 
 
 def _totals_table(document: Mapping[str, Any]) -> Table | None:
@@ -343,6 +380,10 @@ def _digest(file: Mapping[str, Any]) -> str:
 
 def _percent(value: float) -> str:
     return f"{100 * value:.1f}%"
+
+
+def _bits(value: int | None) -> str:
+    return "float" if value is None else str(value)
 
 
 def _number(value: float | None) -> str:
