@@ -288,6 +288,126 @@ def _plan(bits: dict[str, int | None]) -> Any:
     ))
 
 
+def render(benches: list[Bench], kind: str, host: str) -> str:
+    lines = [
+        "## Allocation under the compile's PTQ: mixed vs uniform (ResNet-20, Fashion-MNIST CNN)",
+        "",
+        f"`OMP_NUM_THREADS=1 PYTHONPATH=. python bench/allocate_ptq.py --stage table --stage sensitivity --stage compile "
+        f"--sensitivity {kind} --stage write` (every cell cached under bench/cache/allocate-ptq/, so a rerun resumes). "
+        f"Machine: 2-core VM ({host}), shared with four other engineers' jobs (load average 10-13 during the runs), "
+        "torch and onnxruntime at 1 thread; times are CPU seconds of the bench process (all its threads), "
+        "which the load does not inflate the way it inflates wall time.",
+        "",
+        "Every quantized model here is written by `quantize(..., ptq=PtqSettings())`, the compile's defaults "
+        "(entropy activation ranges up to 6 bits, min/max above, output-error weight clipping, bias correction on "
+        "layers with inputs of 4 bits or more, round-to-nearest), calibrated on the same "
+        f"{CALIBRATION} images. Mixed: the integer program (`solve`, budget avg-bits=B, default ANS weight 0.25, bits "
+        f"2..8) on the compile's sensitivity table (kl, background 7 bits, the first {SENSITIVITY} calibration images; "
+        f"`{kind}` grids, see below) and ANS (FGSM 0.05 on the calibration images). Clean accuracy: the written QDQ "
+        "model in onnxruntime on the whole test set. FGSM and PGD-10 (step eps/4, no random start): crafted "
+        "white-box on each model's fake-quant twin, counted in onnxruntime, on the first test images (count per "
+        "model below). Verification CPU s: writing the model (calibration and PTQ) plus its clean test accuracy.",
+    ]
+    for bench in benches:
+        rows = bench.table(kind)
+        settings = bench.settings
+        lines += [
+            "",
+            f"### {bench.setup.description}",
+            "",
+            f"Calibration: the first {CALIBRATION} tune images; test: {len(bench.test_y)} images "
+            f"(attacks on the first {settings.robust_samples}).",
+            "",
+            f"| plan | target bits | average bits | clean % | FGSM 8/255 % | PGD-10 8/255 % | FGSM {settings.small_eps_text} % "
+            f"| PGD-10 {settings.small_eps_text} % | weight memory kB | solve CPU s | verification CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            cells = [
+                row["plan"], str(row.get("target", "-")), f"{row['average']:.2f}",
+                *(f"{100 * row[k]:.1f}" for k in ("clean", "fgsm8", "pgd8", "fgsm_small", "pgd_small")),
+                f"{row['memory_kb']:.1f}",
+                f"{row['solve_cpu_s']:.2f}" if "solve_cpu_s" in row else "",
+                f"{row['quantize_cpu_s'] + row['evaluate_cpu_s']:.1f}" if "quantize_cpu_s" in row else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        by = {(row["plan"], row.get("target")): row for row in rows}
+        gaps = ", ".join(
+            f"{100 * (by[('mixed', a)]['clean'] - by[('uniform', a)]['clean']):+.1f} at {a}" for a in AVERAGES
+        )
+        small = ", ".join(
+            f"{100 * (by[('mixed', a)]['pgd_small'] - by[('uniform', a)]['pgd_small']):+.1f} at {a}" for a in AVERAGES
+        )
+        lines += ["", f"Mixed minus uniform, clean points: {gaps}. PGD-10 {settings.small_eps_text}: {small}."]
+    return "\n".join(lines) + "\n"
+
+
+def render_sensitivity(benches: list[Bench]) -> str:
+    lines = [
+        "",
+        "### Which grids the sensitivity table should use",
+        "",
+        "The table measured with min/max round-to-nearest grids (`minmax`, what the compile used) against the table "
+        "measured with the compile's PTQ grids (`ptq`: each quantizer's range by the PTQ method for its bits, "
+        "output-error clipped weights; without bias correction, which needs a pass per plan). Validation split "
+        f"(the {VALIDATION} tune images after calibration), models written with the compile's PTQ: Spearman rank "
+        f"correlation of the table's predicted cost with the accuracy drop over {RANDOM_PLANS} random plans (bits "
+        "2..7 per layer), and the validation accuracy of each table's integer-program plan (ANS weight 0.25) at each "
+        "average; uniform at the same bits for reference.",
+        "",
+        "| model | table | table CPU s | Spearman | " + " | ".join(f"{a} bits %" for a in AVERAGES) + " |",
+        "|---|---|---|---|" + "---|" * len(AVERAGES),
+    ]
+    for bench in benches:
+        if not (bench.cache / "milp-val-ptq.json").exists():
+            continue
+        result = bench.compare_sensitivity()
+        for kind in SENSITIVITY_KINDS:
+            row = result[kind]
+            accuracies = " | ".join(f"{100 * row['val_accuracy'][str(a)]:.1f}" for a in AVERAGES)
+            lines.append(f"| {bench.name} | {kind} | {row['cpu_seconds']:.0f} | {row['spearman']:.3f} | {accuracies} |")
+        uniform = " | ".join(f"{100 * result['uniform'][str(a)]:.1f}" for a in AVERAGES)
+        lines.append(f"| {bench.name} | uniform | | | {uniform} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_compiles(benches: list[Bench]) -> str:
+    lines = [
+        "",
+        "### The default compile against a plain one",
+        "",
+        "`qn.compile(model, (tune_x, tune_y), eval_data=(test_x, test_y))` with the defaults (milp: the smallest "
+        "plan within 1 point of float on the search split, bits 2..8; ANS on 1000 images; 512 calibration images) "
+        "and with `bits=8` (no ANS, no allocation), both verified on the whole test set (the compiled model, float, "
+        "uniform of its size and uniform 8, FGSM and PGD-7 at 0.05 on 64 images). CPU s: the compile call, "
+        "verification included.",
+        "",
+        "| model | compile | average bits | clean % (test) | float % | drop, points | guard | weight memory kB | CPU s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for bench in benches:
+        if not (bench.cache / "compile-bits8.json").exists():
+            continue
+        runs = bench.compiles()
+        for label, run in (("default (milp)", runs["default"]), ("bits=8", runs["plain"])):
+            lines.append(
+                f"| {bench.name} | {label} | {run['average']:.2f} | {100 * run['models']['compiled']['clean']:.1f} | "
+                f"{100 * run['models']['float']['clean']:.1f} | {run['guard']['accuracy_drop']:.1f} | "
+                f"{'passed' if run['guard']['passed'] else 'FAILED'} | {run['memory_kb']:.1f} | {run['cpu_s']:.0f} | "
+                f"{run['wall_s']:.0f} |"
+            )
+        moved = runs["default"]["moved_from_eqn3"]
+        ratio = runs["default"]["cpu_s"] / runs["plain"]["cpu_s"]
+        lines += [
+            "",
+            f"{bench.name}: the default compile took {ratio:.1f}x the CPU time of the plain one; its plan differs from "
+            f"Eqn 3 (same ANS) in {moved['layers_changed']} of {moved['layers']} layers (Eqn 3 average "
+            f"{moved['eqn3_average_bits']:.2f} bits); {runs['default']['how']}.",
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     import torch
 
@@ -295,17 +415,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=tuple(SETTINGS), action="append")
     parser.add_argument("--stage", choices=("table", "sensitivity", "compile", "write"), action="append")
+    # write: render the cached cells of every --model into docs/benchmarks.md (computes what is missing)
     parser.add_argument("--sensitivity", choices=SENSITIVITY_KINDS, default="minmax")
     options = parser.parse_args()
     for name in options.model or list(SETTINGS):
         bench = Bench(name)
         for stage in options.stage or ["table"]:
+            if stage == "write":
+                continue
             if stage == "table":
                 bench.table(options.sensitivity)
             elif stage == "sensitivity":
                 print(json.dumps(bench.compare_sensitivity(), indent=1), flush=True)
             elif stage == "compile":
                 print(json.dumps(bench.compiles(), indent=1), flush=True)
+    if "write" in (options.stage or []):
+        benches = [Bench(name) for name in options.model or list(SETTINGS)]
+        section = render(benches, options.sensitivity, machine()) + render_sensitivity(benches) + render_compiles(benches)
+        write_section(REPO / "docs/benchmarks.md", "## Allocation under the compile's PTQ", section)
     print(machine(), flush=True)
 
 

@@ -49,6 +49,7 @@ def build_content(document: Mapping[str, Any], run: RunInfo) -> Content:
         for table in (
             *_audit_tables(document),
             _verification_table(document),
+            _pareto_table(document),
             _layers_table(document),
             _totals_table(document),
             _accuracy_table(document),
@@ -226,6 +227,36 @@ def _verification_table(document: Mapping[str, Any]) -> Table | None:
         f"Accuracy guard: {guard_text(verification)}."
     )
     return Table("verification", "Verification: the compiled model against float and uniform", columns, rows, note)
+
+
+def _pareto_table(document: Mapping[str, Any]) -> Table | None:
+    pareto = document.get("pareto")
+    if not pareto:
+        return None
+    attacks = [_attack_name(attack) for attack in pareto["attacks"]]
+    metric = "agreement" if pareto["labels"] == "float model" else "clean"
+    columns = ("point", "avg weight bits", metric, *attacks, "weight memory", f"energy {pareto['profile']}",
+               "search split", "dominated")
+    rows = tuple(
+        (
+            point["name"],
+            f"{point['average_weight_bits']:.2f}",
+            _percent(point["clean_accuracy"]),
+            *(_percent(result["accuracy"]) for result in point["attacks"]),
+            _kb(point["weight_memory_bits"]),
+            _uj(point["energy_pj"]),
+            "-" if point["search_accuracy"] is None else _percent(point["search_accuracy"]),
+            "yes" if point["dominated"] else "no",
+        )
+        for point in pareto["points"]
+    )
+    note = (
+        f"Each plan's written model (the compile's PTQ) on the {pareto['samples']} held-out samples, attacks on the "
+        f"first {pareto['robust_samples']}, as verification measures the compiled model. Search split: the accuracy the "
+        "search judged the mixed plan by (lowered by its one-sided 95% bound). Dominated: another point has no more "
+        "weight memory and no less clean accuracy."
+    )
+    return Table("pareto", "Pareto front: every plan written and measured", columns, rows, note)
 
 
 def _layers_table(document: Mapping[str, Any]) -> Table | None:

@@ -228,6 +228,7 @@ def report_document(
     evaluations: Sequence[Mapping[str, Any]] = (),
     audits: Sequence[Mapping[str, Any]] = (),
     verification: Mapping[str, Any] | None = None,
+    pareto: Mapping[str, Any] | None = None,
     outputs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The quanos-report document (docs/json.md); sections a command lacks are null or empty."""
@@ -251,6 +252,7 @@ def report_document(
         "evaluations": [dict(entry) for entry in evaluations],
         "audits": [dict(entry) for entry in audits],
         "verification": None if verification is None else dict(verification),
+        "pareto": None if pareto is None else dict(pareto),
         "outputs": [dict(entry) for entry in outputs],
     }
 

@@ -16,7 +16,7 @@ from .content import Content, Table, build_content
 from .document import RunInfo
 from .plots import Plot, figures
 
-SECTION_ORDER = ("verification", "ans", "bits", "layers", "layer-cost", "totals", "accuracy", "outputs")
+SECTION_ORDER = ("verification", "pareto", "ans", "bits", "layers", "layer-cost", "totals", "accuracy", "outputs")
 """Figures and tables with the same key share a section: what the artifact does first, then
 sensitivity, then what it bought."""
 
