@@ -231,7 +231,6 @@ class CompileResult:
         """The files the CLI writes, by name: model.quanos.onnx, plan.json, pareto.png with
         --pareto, and the report."""
         from .. import report
-
         from ..report.plots import pareto_plot
 
         chart = {PARETO_CHART: pareto_plot(self.report["pareto"]).png} if self.report.get("pareto") else {}
