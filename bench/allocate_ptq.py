@@ -350,7 +350,7 @@ def render(benches: list[Bench], kind: str, host: str) -> str:
         f"`OMP_NUM_THREADS=1 PYTHONPATH=. python bench/allocate_ptq.py --stage table --stage sensitivity --stage compile "
         f"--stage bias --sensitivity {kind}` (both models; `--model resnet20 --stage guard` for the guard table) then "
         "`--stage write`; every cell is cached under bench/cache/allocate-ptq/, so a rerun resumes. "
-        f"Machine: 2-core VM ({host}), shared with four other engineers' jobs (load average 10-13 during the runs), "
+        f"Machine: 2-core VM ({host}), shared with four other engineers' jobs (1-minute load average 9-19 during the runs), "
         "torch and onnxruntime at 1 thread; times are CPU seconds of the bench process (all its threads), "
         "which the load does not inflate the way it inflates wall time.",
         "",
@@ -441,6 +441,7 @@ def render_compiles(benches: list[Bench]) -> str:
         "| model | compile | average bits | clean % (test) | float % | drop, points | guard | weight memory kB | CPU s | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    notes = [""]
     for bench in benches:
         if not (bench.cache / "compile-bits8.json").exists():
             continue
@@ -454,14 +455,13 @@ def render_compiles(benches: list[Bench]) -> str:
             )
         moved = runs["default"]["moved_from_eqn3"]
         ratio = runs["default"]["cpu_s"] / runs["plain"]["cpu_s"]
-        lines += [
-            "",
+        notes += [
             f"{bench.name}: the default compile took {ratio:.1f}x the CPU time of the plain one; its plan differs from "
             f"Eqn 3 (same ANS) in {moved['layers_changed']} of {moved['layers']} layers (Eqn 3 average "
             f"{moved['eqn3_average_bits']:.2f} bits); {runs['default']['how']}.",
             "",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + notes) + "\n"
 
 
 def render_guard(benches: list[Bench]) -> str:
