@@ -270,6 +270,9 @@ def render(bench: Bench, table: dict[str, Any], host: str) -> str:
     lines = [
         "## Allocation: measured sensitivity + integer program vs uniform (ResNet-20)",
         "",
+        "Measured before the PTQ defaults, with min/max round-to-nearest grids; the same comparison with every model "
+        "written by the compile's PTQ is the section \"Allocation under the compile's PTQ\" (bench/allocate_ptq.py).",
+        "",
         "`PYTHONPATH=. python bench/allocate.py" + (" --robust" if robust else "") + "` on a "
         f"2-core VM ({host}). Model: ResNet-20 (akamaster), 91.6% float on the exact 932 images. "
         f"Calibration and ANS (FGSM 0.05): {CALIBRATION} JPEG-q75 CIFAR-10 test images from "

@@ -420,7 +420,7 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--sensitivity", type=click.Choice(["kl", "mse", "fisher"]), default="kl", show_default=True, help="milp: per-layer cost estimator (logit KL or MSE in onnxruntime, or the gradient score through the twin)."),
         click.option("--sensitivity-samples", type=int, default=256, show_default=True, help="milp: samples the sensitivity is measured on."),
         click.option("--max-bits", type=int, default=8, show_default=True, help="milp: widest candidate bits (candidates are --k-min..--max-bits; 8 keeps every layer in onnxruntime's integer kernels)."),
-        click.option("--pareto", is_flag=True, help="milp: also solve and check one plan per average-bits budget and put the front (with uniform points) in the report."),
+        click.option("--pareto", is_flag=True, help="milp: also solve one plan per average-bits budget, write and measure each (and uniform 2..8) like the compiled model, and chart the front (pareto.png, report.html)."),
         click.option("--eval-data", "eval_data", type=click.Path(dir_okay=True), default=None, help="Evaluate the compiled model on this data (read like --data) instead of a held-out part of --data."),
         click.option("--eval-fraction", type=float, default=0.2, show_default=True, help="Share of --data held out to evaluate the compiled model (at least 100 samples, or half the data)."),
         click.option("--eval-attacks", default="fgsm,pgd", show_default=True, help="Attacks of the verification at --eps (PGD: 7 steps), or none."),

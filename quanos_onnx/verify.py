@@ -290,6 +290,28 @@ def verify(
     )
 
 
+def measure_plans(
+    float_model: onnx.ModelProto,
+    plans: Sequence[tuple[str, str, Plan]],
+    quantize_plan: Quantizer,
+    evaluation: Dataset,
+    settings: VerifySettings,
+    *,
+    layers: Sequence[Layer] | None = None,
+    progress: ProgressFactory = no_progress,
+) -> list[ModelRow]:
+    """(name, kind, plan) -> each plan's written model measured as verify measures the
+    compiled one (clean on all of `evaluation`, the attacks on its first samples)."""
+    layers = list_layers(float_model) if layers is None else layers
+    labels, _ = _labels(float_model, evaluation, settings.batch_size)
+    robust = min(settings.robust_samples, evaluation.count)
+    rows = []
+    for name, kind, plan in plans:
+        clean, attacked = _accuracies(quantize_plan(plan), evaluation.x, labels, robust, settings, name, progress)
+        rows.append(_row(name, kind, plan, layers, clean, attacked))
+    return rows
+
+
 def comparison_warnings(rows: Sequence[ModelRow]) -> list[str]:
     """The compiled model (rows[0]) against the uniform rows: less accurate than uniform of
     about its size; dearer than uniform 8-bit (memory, or energy on a profile) and no better.

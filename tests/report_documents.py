@@ -17,6 +17,7 @@ from quanos_onnx.harness.attacks import Attack
 from quanos_onnx.harness.evaluate import AttackAccuracy, Evaluation
 from quanos_onnx.layers import Layer, list_layers
 from quanos_onnx.model import normalize
+from quanos_onnx.plan import Plan
 from quanos_onnx.report import RunInfo, energy_sections, layer_rows, plan_summary, report_document
 
 RUN = RunInfo(("quanos", "compile", "tiny.onnx", "-o", "out dir"), "2024-05-06T07:08:09Z", 12.345)
@@ -62,6 +63,25 @@ def compile_document(layers: tuple[Layer, ...] | None = None) -> dict[str, Any]:
         baselines=baselines,
         outputs=[{"file": "model.quanos.onnx", "sha256": "ef" * 32}],
     )
+
+
+def milp_plan(layers: tuple[Layer, ...]) -> Plan:
+    """A plan as compile's default writes it: two layers moved off Eqn 3's bits, and the
+    allocation details (how, moved_from_eqn3) compile puts in it."""
+    from dataclasses import replace
+
+    from quanos_onnx.commands.compile import moved_from_eqn3
+
+    eqn3 = allocate(layers, ans_measurement(layers).layers, k_init=8, k_min=2)
+    moved = {layers[0].name: 7, layers[1].name: 6}
+    plan = replace(
+        eqn3.with_layers(
+            replace(e, weight_bits=moved[e.name], act_bits=moved[e.name]) if e.name in moved else e for e in eqn3.layers
+        ),
+        method="milp",
+    )
+    how = "smallest average-bits budget within 1 point(s) of float"
+    return plan.with_details(allocation={"how": how, "moved_from_eqn3": moved_from_eqn3(layers, eqn3, plan)})
 
 
 def analysis_document() -> dict[str, Any]:

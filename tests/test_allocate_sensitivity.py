@@ -85,6 +85,31 @@ def test_background_costs_are_the_divergence_the_layer_adds(resnet):
     assert table.of("block1.conv1", 2) == pytest.approx(kl(changed) - kl(background), rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("plan_bits", [3, 5])
+def test_ptq_builder_writes_the_compiles_grids_but_bias_correction(resnet, plan_bits):
+    """With the compile's settings, a table model is the one quantize() writes without bias
+    correction (entropy ranges per bit-width, output-error clipped weights), logits alike."""
+    model, layers, joins, calibration = resnet
+    settings = PtqSettings()
+    plan = sensitivity_module.with_bits(reference_plan(layers, 7), "block1.conv1", plan_bits)
+    builder = QdqBuilder(model, layers, joins, [reference_plan(layers, 7), plan], calibration, settings)
+    name = output_names(model)[0]
+    inputs = np.concatenate(calibration)
+    built = Runner(builder.build(plan), [name]).run(inputs, [name])[0]
+    written = quantize(model, plan, calibration, layers=layers, ptq=PtqSettings(bias_correction=False)).model
+    assert np.allclose(built, Runner(written, [name]).run(inputs, [name])[0], rtol=1e-5, atol=1e-6)
+    plain = Runner(QdqBuilder(model, layers, joins, [plan], calibration).build(plan), [name]).run(inputs, [name])[0]
+    assert not np.allclose(built, plain, rtol=1e-3, atol=1e-4)
+
+
+def test_ptq_table_is_named_and_differs_from_the_minmax_one(resnet):
+    model, layers, joins, calibration = resnet
+    minmax = measure("kl", model, layers, joins, calibration, bits=BITS)
+    ptq = measure("kl", model, layers, joins, calibration, bits=BITS, ptq=PtqSettings())
+    assert (minmax.method, ptq.method) == ("kl@7", "kl@7+ptq")
+    assert minmax.cost != ptq.cost
+
+
 def test_single_layer_model_quantizes_only_that_layer_and_its_joins(resnet):
     model, layers, joins, calibration = resnet
     reference = reference_plan(layers, 8)

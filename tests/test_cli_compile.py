@@ -213,7 +213,7 @@ def test_milp_with_a_budget_keeps_it_and_says_how_far_it_moved_from_eqn3(workdir
     assert summary["average_weight_bits"] <= 4.0
     plan = read_plan(workdir / "out" / PLAN_FILE)
     assert {e.weight_bits for e in plan.layers if e.quantized} <= set(range(2, 9))
-    assert plan.details["allocation"]["sensitivity"]["method"] == "kl@7"
+    assert plan.details["allocation"]["sensitivity"]["method"] == "kl@7+ptq"
 
 
 @pytest.mark.parametrize("signal", ["lipschitz", "both"])
@@ -234,7 +234,7 @@ def test_milp_takes_the_lipschitz_robustness_signal(workdir: Path, signal: str):
 
 def test_milp_without_a_budget_finds_the_smallest_plan_within_the_guard(workdir: Path):
     result = _compile([
-        "model.onnx", "--data", "data.npz", "--method", "milp", "--max-accuracy-drop", "5", "--pareto",
+        "model.onnx", "--data", "data.npz", "--method", "milp", "--max-accuracy-drop", "5",
         "--max-bits", "6", "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16",
         "--no-eval", "-o", "out", "--json",
     ])
@@ -242,9 +242,57 @@ def test_milp_without_a_budget_finds_the_smallest_plan_within_the_guard(workdir:
     allocation = json.loads(result.output)["allocation"]
     assert allocation["how"].startswith("smallest average-bits budget within 5 point(s)")
     assert allocation["search_accuracy"] >= allocation["float_accuracy"] - 0.05
-    assert [point["budget"] for point in allocation["pareto"]] == [f"avg-bits={b}" for b in range(2, 7)]
-    assert all(point["size"] <= int(point["budget"].split("=")[1]) + 1e-9 for point in allocation["pareto"])
-    assert [row["bits"] for row in allocation["pareto_uniform"]] == list(range(2, 7))
+    assert allocation["sensitivity"]["method"] == "kl@7+ptq"  # measured on the compile's own grids
+    report = json.loads((workdir / "out" / "report.json").read_text())
+    assert report["summary"]["moved_from_eqn3"]["layers"] == allocation["moved_from_eqn3"]["layers"]
+    assert "moved from Eqn 3" in (workdir / "out" / "report.md").read_text()
+
+
+PARETO_ARGS = [
+    "--max-accuracy-drop", "100", "--max-bits", "6", "--calibration-samples", "16", "--samples", "16",
+    "--sensitivity-samples", "16", "--eval-samples", "8",
+]
+
+
+def test_pareto_writes_the_measured_front_of_written_models_and_its_chart(workdir: Path):
+    result = _compile(["model.onnx", "--data", "data.npz", "--pareto", *PARETO_ARGS, "-o", "out", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert validate(summary, "urn:quanos:quanos-compile", load_schemas()) == []
+    front = summary["allocation"]["pareto"]
+    points = {point["name"]: point for point in front["points"]}
+    mixed = [f"mixed avg-bits={b}" for b in range(2, 7)]
+    assert list(points) == [*mixed, *(f"uniform {b}" for b in range(2, 7)), "compiled", "float"]
+    assert [points[name]["kind"] for name in mixed] == ["mixed"] * 5
+    assert all(points[name]["average_weight_bits"] <= b + 1e-9 for name, b in zip(mixed, range(2, 7)))
+    assert all(len(point["attacks"]) == 2 for point in front["points"])
+    # the compiled model and the uniform models are the verification's own rows
+    verification = {row["name"]: row for row in summary["verification"]["models"]}
+    for name in ("compiled", "float", "uniform 2"):
+        assert points[name]["clean_accuracy"] == verification[name]["clean_accuracy"]
+        assert [a["accuracy"] for a in points[name]["attacks"]] == [a["accuracy"] for a in verification[name]["attacks"]]
+    chart = (workdir / "out" / "pareto.png").read_bytes()
+    assert chart.startswith(b"\x89PNG")
+    assert "Pareto front: accuracy against size and energy" in (workdir / "out" / "report.html").read_text()
+    report = json.loads((workdir / "out" / "report.json").read_text())
+    assert report["pareto"] == front and validate(report, "urn:quanos:quanos-report", load_schemas()) == []
+    # a mixed point is the model a compile of its plan writes, measured on the same split
+    bits = points["mixed avg-bits=4"]["bits"]
+    plan = {"format": "quanos-plan", "version": 1, "layers": [{"name": n, "bits": b} for n, b in bits.items() if b]}
+    (workdir / "front4.json").write_text(json.dumps(plan))
+    again = _compile(["model.onnx", "--data", "data.npz", "--plan", "front4.json", *PARETO_ARGS[:2], "--calibration-samples",
+                      "16", "--eval-samples", "8", "-o", "out4", "--json"])
+    assert again.exit_code == 0, again.output
+    rebuilt = json.loads(again.output)["verification"]["models"][0]
+    assert rebuilt["clean_accuracy"] == points["mixed avg-bits=4"]["clean_accuracy"]
+    assert [a["accuracy"] for a in rebuilt["attacks"]] == [a["accuracy"] for a in points["mixed avg-bits=4"]["attacks"]]
+
+
+def test_pareto_needs_the_evaluation(workdir: Path):
+    result = _compile(["model.onnx", "--data", "data.npz", "--pareto", "--no-eval", "-o", "out"])
+    assert result.exit_code == 2
+    assert "--pareto measures every plan of the front on the held-out split" in result.output
+    assert not (workdir / "out").exists()
 
 
 @pytest.mark.parametrize(

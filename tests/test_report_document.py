@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from json_schema import load_schemas, validate
-from report_documents import RUN, ans_measurement, compile_document, tiny_layers
+from report_documents import RUN, ans_measurement, compile_document, milp_plan, tiny_layers
 
 from quanos_onnx.hwmodel import estimate, load_profile
 from quanos_onnx.plan import LayerPlan, Plan
@@ -68,6 +68,24 @@ def test_plan_summary_counts_and_weights_by_parameters() -> None:
         "method": "uniform-6", "k_init": 6, "k_min": 6, "average_weight_bits": 6.0,
         "quantized_layers": len(layers) - 1, "float_layers": 1,
     }
+
+
+def test_plan_summary_of_a_milp_plan_says_how_far_it_moved_from_eqn3() -> None:
+    layers = tiny_layers()
+    plan = milp_plan(layers)
+    summary = plan_summary(layers, plan)
+    moved = summary["moved_from_eqn3"]
+    assert summary["method"] == "milp"
+    assert summary["how"] == plan.details["allocation"]["how"]
+    assert (moved["layers"], moved["layers_changed"]) == (len(layers) - 1, 2)
+    assert moved["average_weight_bits"] == summary["average_weight_bits"]
+    params = {layer.name: layer.params for layer in layers}
+    eqn3 = plan.with_layers(
+        LayerPlan(e.name, moved["eqn3_bits"][e.name], moved["eqn3_bits"][e.name]) if e.quantized else e for e in plan.layers
+    )
+    assert moved["eqn3_average_bits"] == pytest.approx(eqn3.average_weight_bits(params), abs=1e-4)
+    document = report_document("compile", models=[{"path": "m.onnx", "sha256": None}], summary=summary)
+    assert validate(document, "urn:quanos:quanos-report", SCHEMAS) == []
 
 
 def test_inputs_carry_their_sha256_and_a_folder_has_none(tmp_path: Path) -> None:

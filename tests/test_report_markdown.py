@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from report_documents import RUN, analysis_document, compile_document
+from report_documents import RUN, analysis_document, compile_document, milp_plan, tiny_layers
 
-from quanos_onnx.report import render_markdown
+from quanos_onnx.report import plan_summary, render_markdown
 
 
 def test_headline_figures_and_tables() -> None:
@@ -19,6 +19,32 @@ def test_headline_figures_and_tables() -> None:
     ratio = standard["vs_uniform"][0]["energy_ratio"]
     assert f"({ratio:.2f}x)" in text
     assert "| classifier | Gemm |" in text and "| float | float |" in text
+
+
+def test_the_report_says_which_method_ran() -> None:
+    text = render_markdown(compile_document(), RUN)
+    assert "- **method**: the paper's Eqn 3 (--method eqn3), k_init 8, k_min 2" in text
+    assert "moved from Eqn 3" not in text and "Eqn 3 bits" not in text
+
+
+def test_a_milp_report_says_how_far_the_plan_moved_from_eqn3() -> None:
+    layers = tiny_layers()
+    plan = milp_plan(layers)
+    document = {**compile_document(layers), "summary": plan_summary(layers, plan)}
+    text = render_markdown(document, RUN)
+    moved = document["summary"]["moved_from_eqn3"]
+    assert "- **method**: measured sensitivity + integer program (milp, the default): smallest average-bits" in text
+    assert (
+        f"- **moved from Eqn 3**: 2 of {len(layers) - 1} quantized layers have other bits than Eqn 3 gives on the same "
+        f"ANS; average weight bits {moved['average_weight_bits']:.2f} (this plan) against "
+        f"{moved['eqn3_average_bits']:.2f} (Eqn 3)"
+    ) in text
+    header = next(line for line in text.splitlines() if line.startswith("| layer |"))
+    assert header.endswith("| Eqn 3 bits |")
+    first = next(line for line in text.splitlines() if line.startswith(f"| {layers[0].name} |"))
+    assert first.endswith(f"| {moved['eqn3_bits'][layers[0].name]} |")
+    last = next(line for line in text.splitlines() if line.startswith(f"| {layers[-1].name} |"))
+    assert last.endswith("| float |")
 
 
 def test_analysis_lists_accuracy_per_attack_and_eps() -> None:

@@ -34,8 +34,10 @@ from ..passes.align import align_plan
 from ..passes.calibrate import Range
 from ..ptq.ranges import choose_range, collect_histograms
 from ..passes.points import QuantPoints, plan_points
-from ..passes.qdq import activation_quantizer, insert_qdq, quantize_weight
+from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, MIN_BITS, Plan
+from ..ptq import PtqSettings
+from ..ptq.weights import clipped_grid, input_moments, quantized_layers
 
 DEFAULT_BITS = tuple(range(2, 9))
 """2..8: every layer stays in onnxruntime's integer (uint8/int8) kernels."""
@@ -113,6 +115,13 @@ class QdqBuilder:
     `quantize.quantize` calibrates every call; measuring L x |B| plans that way would run the
     calibration data through onnxruntime L x |B| times for the same ranges. Here the ranges of
     every tensor any of the given plans quantizes are collected once.
+
+    Without `ptq`, every grid is min/max round-to-nearest (absmax weights). With `ptq` (the
+    compile's PtqSettings), the grids are the ones the written model gets: each quantizer's
+    range by the settings' method for its bits (one histogram pass, the range chosen per
+    bit-width), and the weights clipped as the settings say (output-error clipping on the
+    float model's input moments, computed once). Bias correction and learned rounding are
+    left out: they are measured through each whole plan's QDQ model, L x |B| more passes.
     """
 
     def __init__(
@@ -122,31 +131,64 @@ class QdqBuilder:
         joins: Sequence[Join],
         plans: Sequence[Plan],
         calibration: Sequence[np.ndarray],
+        ptq: PtqSettings | None = None,
     ) -> None:
-        self.model, self.layers, self.joins = model, list(layers), list(joins)
-        tensors = sorted({t for plan in plans for group in self._points(plan).groups for t in group.tensors})
-        # One min/max calibration for every candidate plan: the table ranks layers, and
-        # min/max ranges do not depend on the bits (the PTQ range searches do).
-        extremes = collect_histograms(model, tensors, calibration, extremes_only=tensors)
-        self.ranges: dict[str, Range] = {name: choose_range(h, 8, "minmax") for name, h in extremes.items()}
+        self.model, self.layers, self.joins, self.ptq = model, list(layers), list(joins), ptq
+        all_points = [self._points(plan) for plan in plans]
+        tensors = sorted({t for points in all_points for group in points.groups for t in group.tensors})
+        counted = set() if ptq is None else {
+            t for points in all_points for g in points.groups if ptq.range_method(g.bits) != "minmax" for t in g.tensors
+        }
+        # One calibration pass for every candidate plan; histograms only where a range search needs them.
+        self.histograms = collect_histograms(model, tensors, calibration, extremes_only=set(tensors) - counted)
+        self.ranges: dict[str, Range] = {name: choose_range(h, 8, "minmax") for name, h in self.histograms.items()}
+        self._group_ranges: dict[tuple[tuple[str, ...], int], Range] = {}
+        self._weight_grids: dict[tuple[str, int], WeightGrid] = {}
+        self._weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
+        self._moments: dict[str, np.ndarray] = {}
+        if ptq is not None and ptq.weight_clipping == "output":
+            widest = max(plans, key=lambda plan: sum(1 for e in plan.layers if e.quantized))
+            self._moments = input_moments(model, self.layers, align_plan(widest, self.layers, self.joins), calibration)
 
     def _points(self, plan: Plan) -> QuantPoints:
         return plan_points(self.model, self.layers, align_plan(plan, self.layers, self.joins))
 
+    def _group_range(self, tensors: tuple[str, ...], bits: int) -> Range:
+        if self.ptq is None:
+            return Range(min(self.ranges[t].low for t in tensors), max(self.ranges[t].high for t in tensors))
+        key = (tensors, bits)
+        if key not in self._group_ranges:
+            first, *rest = (self.histograms[t] for t in tensors)
+            merged = first.merged(rest) if rest else first
+            self._group_ranges[key] = choose_range(merged, bits, self.ptq.range_method(bits), self.ptq.percentile)
+        return self._group_ranges[key]
+
     def _quantizers(self, points: QuantPoints) -> dict[str, Any]:
         return {
-            group.name: activation_quantizer(
-                group.bits,
-                Range(min(self.ranges[t].low for t in group.tensors), max(self.ranges[t].high for t in group.tensors)),
-            )
+            group.name: activation_quantizer(group.bits, self._group_range(tuple(group.tensors), group.bits))
             for group in points.groups
         }
+
+    def _grids(self, plan: Plan) -> dict[str, WeightGrid] | None:
+        """The clipped weight grids of the plan's quantized layers (None: absmax, insert_qdq's own)."""
+        if self.ptq is None or self.ptq.weight_clipping == "absmax":
+            return None
+        entries = plan.by_name()
+        grids = {}
+        for layer in quantized_layers(self.layers, plan):
+            bits = entries[layer.name].weight_bits
+            if (layer.name, bits) not in self._weight_grids:
+                self._weight_grids[(layer.name, bits)] = clipped_grid(
+                    self._weights[layer.weight], bits, layer.weight_axis, self._moments.get(layer.name)
+                )
+            grids[layer.name] = self._weight_grids[(layer.name, bits)]
+        return grids
 
     def build(self, plan: Plan) -> onnx.ModelProto:
         """The QDQ model of the whole plan (aligned), as quantize.quantize writes it."""
         aligned = align_plan(plan, self.layers, self.joins)
         points = plan_points(self.model, self.layers, aligned)
-        return insert_qdq(self.model, self.layers, aligned, points, self._quantizers(points))
+        return insert_qdq(self.model, self.layers, aligned, points, self._quantizers(points), weight_grids=self._grids(aligned))
 
     def single_layer(self, reference: Plan, layer: Layer, bits: int) -> onnx.ModelProto:
         """The float model with only `layer` at `bits`: its weights, its input quantizer, the
@@ -173,7 +215,7 @@ class QdqBuilder:
             e if e.name in tied else replace(e, weight_bits=None, act_bits=None, keep_float=True)
             for e in aligned.layers
         )
-        return insert_qdq(self.model, self.layers, weights, kept, self._quantizers(kept))
+        return insert_qdq(self.model, self.layers, weights, kept, self._quantizers(kept), weight_grids=self._grids(weights))
 
 
 def with_bits(plan: Plan, name: str, bits: int) -> Plan:
@@ -190,8 +232,12 @@ def measure_divergence(
     metric: str = "kl",
     background: int | None = BACKGROUND_BITS,
     quantize_output: bool = False,
+    ptq: PtqSettings | None = None,
 ) -> Sensitivity:
     """Logit divergence (KL or MSE) from the float model when one layer changes, per candidate.
+
+    `ptq`: the grids of every measured model as the compile writes them (QdqBuilder), else
+    min/max round-to-nearest.
 
     With `background` bits, every other layer is quantized at those bits (the deployed fused
     integer kernels) and the cost is D(background plan with l at b) - D(background plan).
@@ -207,7 +253,7 @@ def measure_divergence(
     targets = allocatable(layers, quantize_output)
     reference = reference_plan(layers, background or candidates[-1], quantize_output)
     variants = {(layer.name, b): with_bits(reference, layer.name, b) for layer in targets for b in candidates}
-    builder = QdqBuilder(model, layers, joins, [reference, *variants.values()], calibration)
+    builder = QdqBuilder(model, layers, joins, [reference, *variants.values()], calibration, ptq)
     output = output_names(model)[0]
 
     def logits(proto: onnx.ModelProto) -> np.ndarray:
@@ -234,7 +280,7 @@ def measure_divergence(
         tuple(layer.name for layer in targets),
         candidates,
         table,
-        metric if background is None else f"{metric}@{background}",
+        (metric if background is None else f"{metric}@{background}") + ("" if ptq is None else "+ptq"),
         len(float_logits),
         time.perf_counter() - started,
     )
@@ -358,12 +404,14 @@ def measure(
     bits: Sequence[int] = DEFAULT_BITS,
     background: int | None = BACKGROUND_BITS,
     quantize_output: bool = False,
+    ptq: PtqSettings | None = None,
 ) -> Sensitivity:
-    """Dispatch on the method name ("kl", "mse" or "fisher"; `background` is for kl and mse)."""
+    """Dispatch on the method name ("kl", "mse" or "fisher"; `background` and `ptq` are for kl and mse)."""
     if method == "fisher":
         return measure_gradient(
             model, layers, joins, calibration, labels=labels, bits=bits, quantize_output=quantize_output
         )
     return measure_divergence(
-        model, layers, joins, calibration, bits=bits, metric=method, background=background, quantize_output=quantize_output
+        model, layers, joins, calibration, bits=bits, metric=method, background=background,
+        quantize_output=quantize_output, ptq=ptq,
     )

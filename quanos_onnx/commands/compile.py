@@ -44,6 +44,7 @@ from .options import (
     rounded,
     weights_and_biases,
 )
+from .pareto import PARETO_CHART
 from .results import check_output_dir, save_files
 
 if TYPE_CHECKING:
@@ -150,6 +151,11 @@ class CompileOptions(AttackOptions, RunOptions):
                 f"{arg('target_avg_bits')} and {arg('rounds')} are Eqn 3's; give {arg('method')} eqn3, or "
                 f"{arg('budget')} avg-bits=B for the integer program"
             )
+        if self.pareto and not self.evaluate:
+            raise UsageError(
+                f"{arg('pareto')} measures every plan of the front on the held-out split, which {arg('evaluate')} "
+                "off skips; keep the evaluation on"
+            )
         if self.sensitivity_samples < 1:
             raise UsageError(f"{arg('sensitivity_samples')} {self.sensitivity_samples} must be at least 1")
         if not self.k_min <= self.max_bits <= MAX_BITS:
@@ -226,12 +232,16 @@ class CompileResult:
         return self.plan.details["energy"]  # type: ignore[no-any-return]
 
     def files(self) -> dict[str, bytes | str]:
-        """The files the CLI writes, by name: model.quanos.onnx, plan.json and the report."""
+        """The files the CLI writes, by name: model.quanos.onnx, plan.json, pareto.png with
+        --pareto, and the report."""
         from .. import report
+        from ..report.plots import pareto_plot
 
+        chart = {PARETO_CHART: pareto_plot(self.report["pareto"]).png} if self.report.get("pareto") else {}
         return {
             MODEL_FILE: self.model.SerializeToString(),
             PLAN_FILE: self.plan.dumps(),
+            **chart,
             **report.report_files(self.report, self.run, figures=self.figures),
         }
 
@@ -351,7 +361,8 @@ def run_compile(
 
     clock = report.RunClock.start(api_command_line() if command_line is None else command_line)
     inputs = input_paths(model, data, plan, eval_data)
-    check_output_dir(save_to, inputs, names=(MODEL_FILE, PLAN_FILE, *report.REPORT_FILES))
+    chart = (PARETO_CHART,) if options.pareto else ()
+    check_output_dir(save_to, inputs, names=(MODEL_FILE, PLAN_FILE, *chart, *report.REPORT_FILES))
     if options.bits is not None and plan is not None:
         raise UsageError(f"{arg('bits')} and {arg('plan')} exclude each other")
     if eval_data is not None and not options.evaluate:
@@ -412,6 +423,17 @@ def run_compile(
                 source.proto, compiled, final_plan, lambda wanted: quantize_plan(wanted).model, evaluation, checks,
                 layers=layers, progress=progress,
             )
+        pareto = None
+        if options.pareto and "pareto" in final_plan.details.get("allocation", {}) and verification and checks:
+            from .pareto import measured_front
+
+            pareto = measured_front(
+                source.proto, layers, final_plan, lambda wanted: quantize_plan(wanted).model, evaluation, checks,
+                verification, candidates=range(options.k_min, options.max_bits + 1), profile=_front_profile(options),
+                quantize_output=options.quantize_output, progress=progress,
+            )
+            final_plan = final_plan.with_details(allocation={**final_plan.details["allocation"], "pareto": pareto})
+            compiled = _with_plan(compiled, final_plan)
     files: dict[str, bytes | str] = {MODEL_FILE: compiled.SerializeToString(), PLAN_FILE: final_plan.dumps()}
     document = report.report_document(
         "compile",
@@ -426,6 +448,7 @@ def run_compile(
         energy=energy,
         baselines=baselines,
         verification=None if verification is None else verification.to_json(),
+        pareto=pareto,
         outputs=[report.output_entry(name, content) for name, content in files.items()],
     )
     guard = None if verification is None else verification.guard.to_json()
@@ -434,6 +457,15 @@ def run_compile(
         compiled, final_plan, tuple(layers), document, run, tuple(inputs), verification=verification, figures=options.figures
     )
     return result if save_to is None else replace(result, written=result.save(save_to))
+
+
+def _front_profile(options: CompileOptions) -> Any:
+    """The hardware profile the front's energy axis uses: the energy budget's, else standard."""
+    from ..allocate.solve import parse_budget
+    from ..hwmodel.profiles import load_profile
+
+    budget = None if options.budget is None else parse_budget(options.budget)
+    return budget.profile if budget is not None and budget.profile is not None else load_profile("standard")
 
 
 def _split_data(dataset: Dataset, eval_data: DataSource | None, options: CompileOptions, source: Any) -> tuple[Dataset, Dataset | None]:
@@ -538,7 +570,7 @@ def _milp_plan(
         table = measure(
             options.sensitivity, model, layers, joins, [x for x, _ in sensitivity_batches],
             labels=None if any(y is None for _, y in sensitivity_batches) else [y for _, y in sensitivity_batches],
-            bits=candidates, quantize_output=options.quantize_output,
+            bits=candidates, quantize_output=options.quantize_output, ptq=options.ptq_settings(rounding=False),
         )
         advance(1)
     trial, search = _search_split(options, model, layers, joins, dataset, calibration)
@@ -586,17 +618,15 @@ def _milp_plan(
         "search_accuracy": accuracy,
         "search_samples": search.samples,
         "search_source": search.source,
-        "moved_from_eqn3": _moved(layers, eqn3, plan),
+        "moved_from_eqn3": moved_from_eqn3(layers, eqn3, plan),
     }
     if options.pareto:
         budgets = [Budget("avg-bits", float(b)) for b in candidates]
-        uniform = [Plan.uniform(layers, b, keep_output_float=not options.quantize_output) for b in candidates]
         with jobs.open():
-            evaluate_many = _evaluate_many(jobs, trial)
-            points = pareto_front(layers, joins, table, evaluate, budgets, **solve_options, evaluate_many=evaluate_many)
-            uniform_accuracy = evaluate_many(uniform)
-        details["pareto"] = [point.to_json() for point in points]
-        details["pareto_uniform"] = [{"bits": b, "accuracy": a} for b, a in zip(candidates, uniform_accuracy)]
+            points = pareto_front(
+                layers, joins, table, evaluate, budgets, **solve_options, evaluate_many=_evaluate_many(jobs, trial)
+            )
+        details["pareto"] = [point.to_json() for point in points]  # measured on the written models by compile()
     return plan.with_details(ans=ans.to_json(), allocation=details)
 
 
@@ -712,8 +742,9 @@ def _predictions(model: onnx.ModelProto, output: str, x: np.ndarray, batch_size:
     return np.concatenate([runner.run(b, [output])[0].reshape(len(b), -1).argmax(1) for b in batches])
 
 
-def _moved(layers: Sequence[Layer], eqn3: Plan, plan: Plan) -> dict[str, Any]:
-    """How far the measured plan is from the paper's Eqn 3 on the same ANS."""
+def moved_from_eqn3(layers: Sequence[Layer], eqn3: Plan, plan: Plan) -> dict[str, Any]:
+    """How far the measured plan is from the paper's Eqn 3 on the same ANS (the report's
+    "moved from Eqn 3" line and its layers table's Eqn 3 column)."""
     params = {layer.name: layer.params for layer in layers}
     ours, theirs = plan.by_name(), eqn3.by_name()
     changes = {

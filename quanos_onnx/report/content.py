@@ -49,6 +49,7 @@ def build_content(document: Mapping[str, Any], run: RunInfo) -> Content:
         for table in (
             *_audit_tables(document),
             _verification_table(document),
+            _pareto_table(document),
             _layers_table(document),
             _totals_table(document),
             _accuracy_table(document),
@@ -71,7 +72,10 @@ def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
     items += verification_highlights(document.get("verification"))
     summary = document.get("summary")
     if summary:
-        items.append(("method", summary["method"]))
+        items.append(("method", method_text(summary)))
+        moved = summary.get("moved_from_eqn3")
+        if moved:
+            items.append(("moved from Eqn 3", moved_text(moved)))
         items.append(("average weight bits", f"{summary['average_weight_bits']:.2f} (parameter-weighted)"))
         items.append(("layers", f"{summary['quantized_layers']} quantized, {summary['float_layers']} float"))
     energy = document.get("energy")
@@ -106,6 +110,35 @@ def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
             text += f", {_percent(worst)} under the strongest attack"
         items.append((f"accuracy, {label}", text))
     return items
+
+
+METHOD_NAMES = {
+    "milp": "measured sensitivity + integer program (milp, the default)",
+    "quanos": "the paper's Eqn 3 (--method eqn3)",
+    "given": "a given plan (--plan)",
+}
+
+
+def method_text(summary: Mapping[str, Any]) -> str:
+    """Which allocation ran: 'the paper's Eqn 3 (--method eqn3), k_init 16, k_min 2', ..."""
+    method = summary["method"]
+    if method.startswith("uniform-"):
+        return f"uniform {method.split('-', 1)[1]}-bit (--bits)"
+    text = METHOD_NAMES.get(method, method)
+    if method == "quanos":
+        text += f", k_init {summary['k_init']}, k_min {summary['k_min']}"
+    if summary.get("how"):
+        text += f": {summary['how']}"
+    return text
+
+
+def moved_text(moved: Mapping[str, Any]) -> str:
+    """'7 of 19 layers differ; average weight bits 4.12 (this plan) against 2.05 (Eqn 3)'."""
+    return (
+        f"{moved['layers_changed']} of {moved['layers']} quantized layers have other bits than Eqn 3 gives on the "
+        f"same ANS; average weight bits {moved['average_weight_bits']:.2f} (this plan) against "
+        f"{moved['eqn3_average_bits']:.2f} (Eqn 3)"
+    )
 
 
 def verification_headline(verification: Mapping[str, Any]) -> str:
@@ -196,6 +229,36 @@ def _verification_table(document: Mapping[str, Any]) -> Table | None:
     return Table("verification", "Verification: the compiled model against float and uniform", columns, rows, note)
 
 
+def _pareto_table(document: Mapping[str, Any]) -> Table | None:
+    pareto = document.get("pareto")
+    if not pareto:
+        return None
+    attacks = [_attack_name(attack) for attack in pareto["attacks"]]
+    metric = "agreement" if pareto["labels"] == "float model" else "clean"
+    columns = ("point", "avg weight bits", metric, *attacks, "weight memory", f"energy {pareto['profile']}",
+               "search split", "dominated")
+    rows = tuple(
+        (
+            point["name"],
+            f"{point['average_weight_bits']:.2f}",
+            _percent(point["clean_accuracy"]),
+            *(_percent(result["accuracy"]) for result in point["attacks"]),
+            _kb(point["weight_memory_bits"]),
+            _uj(point["energy_pj"]),
+            "-" if point["search_accuracy"] is None else _percent(point["search_accuracy"]),
+            "yes" if point["dominated"] else "no",
+        )
+        for point in pareto["points"]
+    )
+    note = (
+        f"Each plan's written model (the compile's PTQ) on the {pareto['samples']} held-out samples, attacks on the "
+        f"first {pareto['robust_samples']}, as verification measures the compiled model. Search split: the accuracy the "
+        "search judged the mixed plan by (lowered by its one-sided 95% bound). Dominated: another point has no more "
+        "weight memory and no less clean accuracy."
+    )
+    return Table("pareto", "Pareto front: every plan written and measured", columns, rows, note)
+
+
 def _layers_table(document: Mapping[str, Any]) -> Table | None:
     layers = document["layers"]
     if not layers:
@@ -210,6 +273,8 @@ def _layers_table(document: Mapping[str, Any]) -> Table | None:
     tolerance = next((row["tolerance_kl"] for row in layers if row.get("tolerance_kl")), None)
     if tolerance is not None:
         columns += ["tolerance bits", "allocator bits", f"KL alone at {' / '.join(tolerance)} bits"]
+    eqn3 = ((document.get("summary") or {}).get("moved_from_eqn3") or {}).get("eqn3_bits")
+    columns += ["Eqn 3 bits"] if eqn3 else []
     rows = []
     for row in layers:
         cells = [row["name"], row["op"], f"{row['params']:,}", f"{row['macs']:,}"]
@@ -221,16 +286,20 @@ def _layers_table(document: Mapping[str, Any]) -> Table | None:
             cells += [_number(row.get("lipschitz_bound")), _number(row.get("lipschitz_local"))]
         if tolerance is not None:
             cells += tolerance_cells(row)
+        if eqn3:
+            cells += [_bits(eqn3.get(row["name"]))]
         rows.append(tuple(cells))
-    note = ""
+    notes = []
     if tolerance is not None:
-        note = (
+        notes.append(
             "Tolerance bits: the fewest bits at which the layer alone (every other layer float) keeps the float "
             "model's top-1 prediction on at least 99% of the samples, at every wider candidate too (>8: none does). "
             "Allocator bits: the default allocator's integer program on this KL table at the average bits of the "
             "plan with every layer at its tolerance (analysis.json has both plans' measured agreement)."
         )
-    return Table("layers", "Layers", tuple(columns), tuple(rows), note)
+    if eqn3:
+        notes.append("Eqn 3 bits: what the paper's rule gives each layer from the same ANS measurement.")
+    return Table("layers", "Layers", tuple(columns), tuple(rows), " ".join(notes))
 
 
 def tolerance_cells(row: Mapping[str, Any]) -> list[str]:
@@ -366,6 +435,10 @@ def _digest(file: Mapping[str, Any]) -> str:
 
 def _percent(value: float) -> str:
     return f"{100 * value:.1f}%"
+
+
+def _bits(value: int | None) -> str:
+    return "float" if value is None else str(value)
 
 
 def _number(value: float | None) -> str:

@@ -164,8 +164,11 @@ def layer_rows(
 
 
 def plan_summary(layers: Sequence[Layer], plan: Plan) -> dict[str, Any]:
+    """The plan in a few figures. A milp plan (compile's default) adds how it was chosen
+    (`how`) and how far it moved from the paper's Eqn 3 on the same ANS (`moved_from_eqn3`:
+    the count of layers whose bits differ, the average weight bits of both, Eqn 3's bits)."""
     params = {layer.name: layer.params for layer in layers}
-    return {
+    summary: dict[str, Any] = {
         "method": plan.method,
         "k_init": plan.k_init,
         "k_min": plan.k_min,
@@ -173,6 +176,18 @@ def plan_summary(layers: Sequence[Layer], plan: Plan) -> dict[str, Any]:
         "quantized_layers": sum(1 for entry in plan.layers if entry.quantized),
         "float_layers": sum(1 for entry in plan.layers if entry.keep_float),
     }
+    allocation = plan.details.get("allocation")
+    if isinstance(allocation, Mapping) and "moved_from_eqn3" in allocation:
+        moved = allocation["moved_from_eqn3"]
+        summary["how"] = allocation["how"]
+        summary["moved_from_eqn3"] = {
+            "layers": moved["layers"],
+            "layers_changed": moved["layers_changed"],
+            "average_weight_bits": summary["average_weight_bits"],
+            "eqn3_average_bits": round(moved["eqn3_average_bits"], 4),
+            "eqn3_bits": dict(moved["eqn3_bits"]),
+        }
+    return summary
 
 
 def energy_sections(
@@ -222,6 +237,7 @@ def report_document(
     evaluations: Sequence[Mapping[str, Any]] = (),
     audits: Sequence[Mapping[str, Any]] = (),
     verification: Mapping[str, Any] | None = None,
+    pareto: Mapping[str, Any] | None = None,
     outputs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The quanos-report document (docs/json.md); sections a command lacks are null or empty."""
@@ -245,6 +261,7 @@ def report_document(
         "evaluations": [dict(entry) for entry in evaluations],
         "audits": [dict(entry) for entry in audits],
         "verification": None if verification is None else dict(verification),
+        "pareto": None if pareto is None else dict(pareto),
         "outputs": [dict(entry) for entry in outputs],
     }
 

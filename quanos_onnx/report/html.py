@@ -17,7 +17,7 @@ from .document import RunInfo
 from .plots import Plot
 from .plots import figures as draw_figures
 
-SECTION_ORDER = ("verification", "ans", "bits", "layers", "layer-cost", "totals", "accuracy", "outputs")
+SECTION_ORDER = ("verification", "pareto", "ans", "bits", "layers", "layer-cost", "totals", "accuracy", "outputs")
 """Figures and tables with the same key share a section: what the artifact does first, then
 sensitivity, then what it bought."""
 

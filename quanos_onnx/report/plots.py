@@ -49,6 +49,8 @@ def figures(document: Mapping[str, Any]) -> list[Plot]:
     plots = []
     if document.get("verification"):
         plots.append(verification_plot(document["verification"]))
+    if document.get("pareto"):
+        plots.append(pareto_plot(document["pareto"]))
     if any(row["ans_mean"] is not None for row in layers):
         plots.append(ans_plot(layers, document.get("ans")))
     if any(row["keep_float"] is not None for row in layers):
@@ -109,6 +111,72 @@ def verification_plot(verification: Mapping[str, Any]) -> Plot:
         "should sit above the uniform model of its size."
     )
     return Plot("verification", "Verification: accuracy against size and energy", caption, _png(figure))
+
+
+FRONT_STYLES = {
+    "mixed": (PLAN_COLOR, "o", "mixed (integer program)"),
+    "uniform": ("#ea580c", "s", "uniform"),
+    "compiled": ("#111827", "*", "compiled"),
+}
+
+
+def pareto_plot(pareto: Mapping[str, Any]) -> Plot:
+    """Clean and robust accuracy of the front's written models against weight memory and
+    against energy on the front's profile: mixed plans and uniform bit-widths as two lines,
+    the compiled model as a star, float as a dashed line."""
+    points = pareto["points"]
+    profile = pareto["profile"]
+    figure = _new_figure(10.0, 4.2)
+    panels = figure.subplots(1, 2, sharey=True)
+    costs = (
+        ("weight memory, kB", "weight_memory_bits", 8e3),
+        (f"energy per image on {profile}, uJ", "energy_pj", 1e6),
+    )
+    attacks = [_describe_attack(attack) for attack in pareto["attacks"]]
+    float_point = next((p for p in points if p["kind"] == "float"), None)
+    for axes, (label, key, unit) in zip(panels, costs):
+        for kind, (color, marker, _) in FRONT_STYLES.items():
+            chosen = sorted((p for p in points if p["kind"] == kind), key=lambda p: p[key])
+            if not chosen:
+                continue
+            x = [p[key] / unit for p in chosen]
+            line = "-" if kind != "compiled" else "none"
+            size = 11 if kind == "compiled" else 6
+            axes.plot(x, [100 * p["clean_accuracy"] for p in chosen], linestyle=line, marker=marker, color=color,
+                      markersize=size, linewidth=1.2, zorder=3)
+            for index in range(len(attacks)):
+                axes.plot(x, [100 * p["attacks"][index]["accuracy"] for p in chosen], linestyle=":" if line == "-" else line,
+                          marker=ATTACK_MARKERS[index % len(ATTACK_MARKERS)], color=color, markerfacecolor="none",
+                          markersize=size - 1, linewidth=1.0, zorder=3)
+            if kind == "uniform":
+                for point, value in zip(chosen, x):
+                    axes.annotate(f"{round(point['average_weight_bits'])}b", (value, 100 * point["clean_accuracy"]),
+                                  xytext=(3, -11), textcoords="offset points", fontsize=7, color=color)
+        if float_point is not None:
+            axes.axhline(100 * float_point["clean_accuracy"], color="#6b7280", linestyle="--", linewidth=1)
+        quantized = [p[key] / unit for p in points if p["kind"] != "float"]
+        axes.set_xlim(left=0, right=1.08 * max(quantized))
+        axes.set_xlabel(label)
+        axes.set_ylim(-2, 102)
+        _style(axes, grid_x=True)
+    metric = "agreement with float" if pareto["labels"] == "float model" else "accuracy"
+    panels[0].set_ylabel(f"{metric}, %")
+    handles = [panels[0].plot([], [], color=color, marker=marker, linestyle="-", label=name)[0]
+               for color, marker, name in FRONT_STYLES.values()]
+    handles.append(panels[0].plot([], [], color="#6b7280", linestyle="--", label="float")[0])
+    handles += [
+        panels[0].plot([], [], color="#4b5563", linestyle=":", marker=ATTACK_MARKERS[i % len(ATTACK_MARKERS)],
+                       markerfacecolor="none", label=name)[0]
+        for i, name in enumerate(attacks)
+    ]
+    figure.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    caption = (
+        f"Every plan of the front written with the compile's PTQ and measured like the compiled model: solid = clean "
+        f"{metric} on {pareto['samples']} held-out samples, dotted and open = under each attack on the first "
+        f"{pareto['robust_samples']}; mixed plans solved at each average-bits budget, uniform at each bit-width "
+        "(labelled). Up and to the left is better."
+    )
+    return Plot("pareto", "Pareto front: accuracy against size and energy", caption, _png(figure))
 
 
 def ans_plot(layers: Sequence[Mapping[str, Any]], ans: Mapping[str, Any] | None) -> Plot:
