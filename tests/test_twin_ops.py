@@ -284,3 +284,20 @@ def test_constant_node_values_are_folded_into_the_graph() -> None:
     x = floats(2, 3)
     np.testing.assert_allclose(twin(torch.from_numpy(x)).numpy(), x * np.array([1, 2, 3], np.float32))
     assert [step.op_type for step in twin.program.steps] == ["Mul"]
+
+
+def test_float_bound_clip_passes_the_gradient_of_inputs_on_its_bounds() -> None:
+    """A Clip at an input's calibrated range sees pixels exactly at its bounds (black ones at
+    0): an attack must be able to move them, so their gradient is the identity's."""
+    graph = helper.make_graph(
+        [helper.make_node("Clip", ["x", "low", "high"], ["y"])],
+        "clip",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "low"), numpy_helper.from_array(np.array(1.0, np.float32), "high")],
+    )
+    twin = build_twin(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    x = torch.tensor([0.0, 0.5, 1.0, 1.5], requires_grad=True)
+    outputs, _ = twin.run({"x": x})
+    outputs[0].sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 0.0]

@@ -139,13 +139,12 @@ def clip(attrs: Attributes, inputs: Inputs) -> list[torch.Tensor]:
     low = inputs[1] if len(inputs) > 1 else None
     high = inputs[2] if len(inputs) > 2 else None
     if _float_scalar(low) and _float_scalar(high):
-        # ReLU6 and friends: hardtanh is one kernel forward and one backward, where a clamp
-        # with tensor bounds takes five in backward (ge, le, logical_and, where, ...): a
-        # quarter of MobileNet and EfficientNet attack time. The gradients differ only for
-        # inputs exactly on a bound (clamp passes them, hardtanh does not); an
-        # integer-grid Clip between Q and DQ, where values do sit on the bounds, has
-        # integer bounds and keeps the clamp.
-        return [torch.nn.functional.hardtanh(values, float(low), float(high))]
+        # ReLU6 and friends: a clamp with Python-number bounds takes fewer backward kernels
+        # than one with tensor bounds (a large share of MobileNet and EfficientNet attack
+        # time). Not hardtanh, although it is cheaper still: its gradient is zero for inputs
+        # exactly on a bound, and inputs do sit there (black pixels on a Clip at the input's
+        # calibrated minimum 0), so white-box attacks could never move them: gradient masking.
+        return [torch.clamp(values, float(low), float(high))]
     low = None if low is None else low.to(values.dtype)
     high = None if high is None else high.to(values.dtype)
     if low is None and high is None:
