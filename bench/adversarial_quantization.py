@@ -86,6 +86,10 @@ class Setup:
     robust: int
     epochs: int
     lr: float
+    batch: int
+    """Fine-tuning batch size."""
+    extra_eps: tuple[tuple[float, str], ...] = ()
+    """Further evaluation eps (cells cached apart): robust columns that are not at the floor."""
 
 
 def resnet20(robust: int) -> Setup:
@@ -98,7 +102,7 @@ def resnet20(robust: int) -> Setup:
         "resnet20", RESNET20,
         train=jpeg(932, 3932), val=jpeg(3932, 4432), calibration=jpeg(932, 932 + CALIBRATION),
         test=Split(_nchw(test["x"]), test["y"].astype(np.int64), "exact first 932 CIFAR-10 test images"),
-        eps=2 / 255, eps_text="2/255", robust=robust, epochs=2, lr=1e-4,
+        eps=2 / 255, eps_text="2/255", robust=robust, epochs=1, lr=3e-5, batch=32,
     )
 
 
@@ -114,7 +118,7 @@ def fashion(robust: int) -> Setup:
         "fashion", model,
         train=part(0, 10000), val=part(10000, 11000), calibration=part(50000, 50000 + CALIBRATION),
         test=Split(_idx_images(FASHION / "t10k-images-idx3-ubyte.gz"), _idx_labels(FASHION / "t10k-labels-idx1-ubyte.gz"), "Fashion-MNIST t10k"),
-        eps=0.1, eps_text="0.1", robust=robust, epochs=2, lr=5e-4,
+        eps=0.1, eps_text="0.1", robust=robust, epochs=2, lr=5e-4, batch=BATCH, extra_eps=((0.03, "0.03"),),
     )
 
 
@@ -153,7 +157,7 @@ def adversarial_model(setup: Setup) -> Path:
     started, cpu = time.perf_counter(), time.process_time()
     result = qn.finetune(
         setup.model, (setup.train.x, setup.train.y), val=(setup.val.x, setup.val.y), plan=float_plan,
-        epochs=setup.epochs, lr=setup.lr, adv_train="fgsm", adv_eps=setup.eps, batch_size=BATCH,
+        epochs=setup.epochs, lr=setup.lr, adv_train="fgsm", adv_eps=setup.eps, batch_size=setup.batch,
         on_epoch=lambda record: print(f"{setup.name} finetune {record.to_json()}", flush=True),
     )
     document = {
@@ -237,18 +241,21 @@ class Variant:
         return plans
 
     # -- 3. measurement ---------------------------------------------------------------------
-    def cell(self, name: str, plan: Any) -> dict[str, Any]:
+    def cell_path(self, plan: Any, eps: float | None = None) -> tuple[Path, str]:
+        """The cell's cache file, keyed by the plan's bits (and eps, when not the setup's own)."""
         bits = None if plan is None else [entry.weight_bits for entry in plan.layers]
         key = hashlib.sha256(json.dumps(bits).encode()).hexdigest()[:12]
+        suffix = "" if eps is None or eps == self.setup.eps else f"-eps{eps:g}"
+        return self.folder / "cells" / f"{key}{suffix}.json", key
 
-        def compute() -> dict[str, Any]:
-            return self.measure(plan)
-
-        result = cached(self.folder / "cells" / f"{key}.json", compute)
+    def cell(self, name: str, plan: Any, eps: float | None = None) -> dict[str, Any]:
+        bits = None if plan is None else [entry.weight_bits for entry in plan.layers]
+        path, key = self.cell_path(plan, eps)
+        result = cached(path, lambda: self.measure(plan, self.setup.eps if eps is None else eps))
         average = None if plan is None else plan.average_weight_bits(self.params)
-        return {"plan": name, "bits": bits, "average": average, **result}
+        return {"plan": name, "bits": bits, "key": key, "average": average, **result}
 
-    def measure(self, plan: Any) -> dict[str, Any]:
+    def measure(self, plan: Any, eps: float) -> dict[str, Any]:
         from quanos_onnx.harness.apgd import Apgd
         from quanos_onnx.harness.attacks import Attack, twin_of
         from quanos_onnx.harness.robustness import AttackSuite, audit_robustness
@@ -267,7 +274,6 @@ class Variant:
         x, y = test.x[:count], test.y[:count]
         standing = clean[:count].copy()
         twin = twin_of(model)
-        eps = self.setup.eps
         cascade = (("pgd10", Attack.pgd(eps, steps=10)), ("apgd-ce", Apgd("ce", eps, APGD_STEPS, 1)), ("fgsm", Attack.fgsm(eps)))
         broken: dict[str, int] = {}
         for label, attack in cascade:
@@ -282,7 +288,7 @@ class Variant:
         return {
             "clean_correct": int(clean.sum()), "clean_samples": len(clean),
             "robust_clean_correct": int(clean[:count].sum()), "robust_correct": int(standing.sum()), "robust_samples": count,
-            "broken_by": broken, "quantize_seconds": quantize_seconds,
+            "eps": eps, "broken_by": broken, "quantize_seconds": quantize_seconds,
             "clean_outcomes": "".join("1" if c else "0" for c in clean),
             "robust_outcomes": "".join("1" if r else "0" for r in standing),
             "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
@@ -292,26 +298,33 @@ class Variant:
 def run_cells(setup: Setup, averages: tuple[int, ...], variants: tuple[str, ...]) -> None:
     for variant in variants:
         bench = Variant(setup, variant)
-        for name, plan in bench.plans(averages).items():
-            row = bench.cell(name, plan)
-            print(f"{setup.name}/{variant} {name}: avg {row['average']} clean {row['clean_correct']}/{row['clean_samples']} "
-                  f"robust {row['robust_correct']}/{row['robust_samples']} ({row['wall_seconds']:.0f} s)", flush=True)
+        plans = bench.plans(averages)
+        for eps in (setup.eps, *(eps for eps, _ in setup.extra_eps)):
+            for name, plan in plans.items():
+                row = bench.cell(name, plan, eps)
+                print(f"{setup.name}/{variant} eps {eps:g} {name}: avg {row['average']} clean {row['clean_correct']}/"
+                      f"{row['clean_samples']} robust {row['robust_correct']}/{row['robust_samples']} ({row['wall_seconds']:.0f} s)", flush=True)
 
 
 # -- 4. the tables ------------------------------------------------------------------------
-def load_rows(setup_name: str, variant: str, averages: tuple[int, ...]) -> dict[str, dict[str, Any]]:
-    """The cached cells of one variant by plan name (plans re-solved: cheap and deterministic)."""
-    setup = SETUPS[setup_name](DEFAULT_ROBUST[setup_name])
+def load_rows(setup: Setup, variant: str, averages: tuple[int, ...], eps: float) -> dict[str, dict[str, Any]]:
+    """The cached cells of one variant at one eps by plan name (plans re-solved: cheap and deterministic)."""
     bench = Variant(setup, variant)
     rows = {}
     for name, plan in bench.plans(averages).items():
-        bits = None if plan is None else [entry.weight_bits for entry in plan.layers]
-        key = hashlib.sha256(json.dumps(bits).encode()).hexdigest()[:12]
-        path = bench.folder / "cells" / f"{key}.json"
+        path, key = bench.cell_path(plan, eps)
         if path.exists():
+            bits = None if plan is None else [entry.weight_bits for entry in plan.layers]
             rows[name] = {"plan": name, "bits": bits, "key": key,
                           "average": None if plan is None else plan.average_weight_bits(bench.params), **json.loads(path.read_text())}
     return rows
+
+
+def _truncate(row: dict[str, Any], robust: int) -> None:
+    """Robust figures on the first `robust` test images (cells measured on more keep their
+    per-sample outcomes, so every row of a table is on the same images)."""
+    outcomes = row["robust_outcomes"][:robust]
+    row.update(robust_outcomes=outcomes, robust_samples=robust, robust_correct=outcomes.count("1"))
 
 
 def _outcomes(row: dict[str, Any], kind: str) -> np.ndarray:
@@ -342,8 +355,6 @@ def _drop_difference(plain: tuple[dict, dict], adv: tuple[dict, dict], kind: str
 
 
 def render(models: tuple[str, ...], averages: tuple[int, ...]) -> str:
-    from quanos_onnx.allocate.solve import DEFAULT_ANS_WEIGHT
-
     lines = [
         "# Robustness signals and adversarially fine-tuned models",
         "",
@@ -379,58 +390,99 @@ def render(models: tuple[str, ...], averages: tuple[int, ...]) -> str:
             f"## {name}",
             "",
             f"Fine-tuning: {setup.train.source} ({len(setup.train.x)} images), {setup.epochs} epochs, FGSM eps "
-            f"{setup.eps_text}, lr {setup.lr:g}, batch {BATCH}; validation on {setup.val.source}: clean/FGSM accuracy % "
+            f"{setup.eps_text}, Adam lr {setup.lr:g}, batch {setup.batch}; validation on {setup.val.source}: clean/FGSM accuracy % "
             f"after epochs 0..{setup.epochs} {history}, kept epoch {finetune['best_epoch']}; "
             f"{finetune['wall_seconds']:.0f} s wall, {finetune['cpu_seconds']:.0f} s CPU. Calibration: {setup.calibration.source}; "
-            f"sensitivity (kl, bits 2..8) on its first {SENSITIVITY}. Test: {setup.test.source}, clean on "
-            f"{len(setup.test.x)}, robust (eps {setup.eps_text}) on the first {min(setup.robust, len(setup.test.x))}.",
+            f"sensitivity (kl, bits 2..8) on its first {SENSITIVITY}. Test: {setup.test.source}, clean on {len(setup.test.x)}.",
             "",
         ]
-        plain, adv = load_rows(name, "plain", averages), load_rows(name, "adv", averages)
-        lines += [
-            f"### Uniform bits: plain vs adversarially fine-tuned (item 3)",
-            "",
-            f"| plan | plain clean % | plain robust % | adv clean % | adv robust % |",
-            "|---|---|---|---|---|",
-        ]
-        order = ["float", *(f"uniform-{b}" for b in sorted(UNIFORM_BITS, reverse=True))]
-        for plan in order:
-            if plan in plain and plan in adv:
-                lines.append(f"| {plan} | {_share(plain[plan], 'clean')} | {_share(plain[plan], 'robust')} | "
-                             f"{_share(adv[plan], 'clean')} | {_share(adv[plan], 'robust')} |")
-        lines += [
-            "",
-            "Cost of quantization (float minus quantized, points; adv - plain with a 95% paired-bootstrap interval over the test samples):",
-            "",
-            "| plan | clean: plain | clean: adv | adv - plain | robust: plain | robust: adv | adv - plain |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for plan in order[1:]:
-            if plan in plain and plan in adv and "float" in plain and "float" in adv:
-                cells = []
-                for kind in ("clean", "robust"):
-                    dp, da, diff, low, high = _drop_difference((plain["float"], plain[plan]), (adv["float"], adv[plan]), kind)
-                    cells += [f"{dp:+.1f}", f"{da:+.1f}", f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]"]
-                lines.append(f"| {plan} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            f"### Allocation signals at the same average bits (item 4; ANS weight {DEFAULT_ANS_WEIGHT:g} for ans and lipschitz, 0 for accuracy-only)",
-            "",
-            "| model | plan | average bits | clean % | robust % | same plan as |",
-            "|---|---|---|---|---|---|",
-        ]
-        for variant, rows in (("plain", plain), ("adv", adv)):
-            for average in averages:
-                seen: dict[str, str] = {}
-                for plan in (f"uniform-{average}", *(f"{signal}-{average}" for signal in SIGNALS)):
-                    if plan not in rows:
-                        continue
-                    row = rows[plan]
-                    same = seen.get(row["key"], "")
-                    seen.setdefault(row["key"], plan)
-                    lines.append(f"| {variant} | {plan} | {row['average']:.2f} | {_share(row, 'clean')} | {_share(row, 'robust')} | {same} |")
-        lines.append("")
+        robust_model = finetune["best_epoch"] > 0
+        if not robust_model:
+            lines += [
+                "No fine-tuned epoch beat epoch 0 (the plain model) on validation accuracy under FGSM, so the kept model "
+                "is the plain one and this model has no adv rows.",
+                "",
+            ]
+        for eps, eps_text in ((setup.eps, setup.eps_text), *setup.extra_eps):
+            plain = load_rows(setup, "plain", averages, eps)
+            adv = load_rows(setup, "adv", averages, eps) if robust_model else {}
+            if plain:
+                lines += _tables(plain, adv, eps_text, averages)
     return "\n".join(lines) + "\n"
+
+
+def _tables(plain: dict[str, dict[str, Any]], adv: dict[str, dict[str, Any]], eps_text: str, averages: tuple[int, ...]) -> list[str]:
+    """Items 3 and 4 at one eps: uniform plain vs adv with the cost of quantization, then the signals."""
+    rows = (*plain.values(), *adv.values())
+    robust = min(row["robust_samples"] for row in rows)
+    for row in rows:
+        _truncate(row, robust)
+    cpu = sorted(row["cpu_seconds"] for row in rows)
+    order = ["float", *(f"uniform-{b}" for b in sorted(UNIFORM_BITS, reverse=True))]
+    lines = [
+        f"### Robust at eps {eps_text}: uniform bits" + (", plain vs adversarially fine-tuned (item 3)" if adv else " (plain)"),
+        "",
+        f"Robust accuracy on the first {robust} test images; one cell (compile + clean + attacks) took "
+        f"{cpu[0]:.0f}-{cpu[-1]:.0f} s CPU (median {cpu[len(cpu) // 2]:.0f} s).",
+        "",
+    ]
+    if not adv:
+        return lines + _plain_uniform(plain, order) + _signals(plain, adv, eps_text, averages)
+    lines += [
+        "| plan | plain clean % | plain robust % | adv clean % | adv robust % |",
+        "|---|---|---|---|---|",
+    ]
+    for plan in order:
+        if plan in plain and plan in adv:
+            lines.append(f"| {plan} | {_share(plain[plan], 'clean')} | {_share(plain[plan], 'robust')} | "
+                         f"{_share(adv[plan], 'clean')} | {_share(adv[plan], 'robust')} |")
+    lines += [
+        "",
+        "Cost of quantization (float minus quantized, points; adv - plain with a 95% paired-bootstrap interval over the test samples):",
+        "",
+        "| plan | clean: plain | clean: adv | adv - plain | robust: plain | robust: adv | adv - plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for plan in order[1:]:
+        if plan in plain and plan in adv and "float" in plain and "float" in adv:
+            cells = []
+            for kind in ("clean", "robust"):
+                dp, da, diff, low, high = _drop_difference((plain["float"], plain[plan]), (adv["float"], adv[plan]), kind)
+                cells += [f"{dp:+.1f}", f"{da:+.1f}", f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]"]
+            lines.append(f"| {plan} | " + " | ".join(cells) + " |")
+    return lines + _signals(plain, adv, eps_text, averages)
+
+
+def _plain_uniform(plain: dict[str, dict[str, Any]], order: list[str]) -> list[str]:
+    lines = ["| plan | clean % | robust % |", "|---|---|---|"]
+    lines += [f"| {plan} | {_share(plain[plan], 'clean')} | {_share(plain[plan], 'robust')} |" for plan in order if plan in plain]
+    return lines
+
+
+def _signals(plain: dict[str, dict[str, Any]], adv: dict[str, dict[str, Any]], eps_text: str, averages: tuple[int, ...]) -> list[str]:
+    from quanos_onnx.allocate.solve import DEFAULT_ANS_WEIGHT
+
+    lines = [
+        "",
+        f"### Robust at eps {eps_text}: allocation signals at the same average bits (item 4)",
+        "",
+        f"Integer program, budget avg-bits = target, bits 2..8; weight {DEFAULT_ANS_WEIGHT:g} (the default) for the ans and "
+        "lipschitz terms, 0 for accuracy-only. Identical plans are measured once.",
+        "",
+        "| model | plan | average bits | clean % | robust % | same plan as |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, table in (("plain", plain), ("adv", adv)) if adv else (("plain", plain),):
+        for average in averages:
+            seen: dict[str, str] = {}
+            for plan in (f"uniform-{average}", *(f"{signal}-{average}" for signal in SIGNALS)):
+                if plan not in table:
+                    continue
+                row = table[plan]
+                same = seen.get(row["key"], "")
+                seen.setdefault(row["key"], plan)
+                lines.append(f"| {variant} | {plan} | {row['average']:.2f} | {_share(row, 'clean')} | {_share(row, 'robust')} | {same} |")
+    return lines + [""]
 
 
 def main() -> None:
