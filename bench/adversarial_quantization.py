@@ -22,10 +22,15 @@ For each model (the shared ResNet-20 and the Fashion-MNIST CNN of bench/study_da
    same set; the cascade skips attacking images already broken).
 
 Every artifact is cached under bench/cache/adversarial/ (one JSON per cell, keyed by the
-plan's bits, so identical plans are measured once); rerunning resumes.
+plan's bits and eps, so identical plans are measured once; per-sample outcomes are kept, so
+a table shows every row on the same images: the smallest robust count among its cells);
+rerunning resumes. A setup's `extra_eps` adds robust columns at a smaller eps where the
+main one leaves every model near 0%. The runs behind docs/robustness-signals.md:
 
-    PYTHONPATH=. python bench/adversarial_quantization.py --model resnet20 [--stage finetune|cells|all]
-    PYTHONPATH=. python bench/adversarial_quantization.py --table   # writes docs/robustness-signals.md
+    PYTHONPATH=. python bench/adversarial_quantization.py --model fashion --averages 3,4,5
+    PYTHONPATH=. python bench/adversarial_quantization.py --model resnet20 --robust 150 --averages 3,4,5
+    PYTHONPATH=. python bench/adversarial_quantization.py --model resnet20 --robust 100 --averages 3,4,5 --extra-eps-only
+    PYTHONPATH=. python bench/adversarial_quantization.py --table --model resnet20 --model fashion --averages 3,4,5
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ def resnet20(robust: int) -> Setup:
         "resnet20", RESNET20,
         train=jpeg(932, 3932), val=jpeg(3932, 4432), calibration=jpeg(932, 932 + CALIBRATION),
         test=Split(_nchw(test["x"]), test["y"].astype(np.int64), "exact first 932 CIFAR-10 test images"),
-        eps=2 / 255, eps_text="2/255", robust=robust, epochs=1, lr=3e-5, batch=32,
+        eps=2 / 255, eps_text="2/255", robust=robust, epochs=1, lr=3e-5, batch=32, extra_eps=((0.5 / 255, "0.5/255"),),
     )
 
 
@@ -295,11 +300,11 @@ class Variant:
         }
 
 
-def run_cells(setup: Setup, averages: tuple[int, ...], variants: tuple[str, ...]) -> None:
+def run_cells(setup: Setup, averages: tuple[int, ...], variants: tuple[str, ...], extra_only: bool = False) -> None:
     for variant in variants:
         bench = Variant(setup, variant)
         plans = bench.plans(averages)
-        for eps in (setup.eps, *(eps for eps, _ in setup.extra_eps)):
+        for eps in (*(() if extra_only else (setup.eps,)), *(eps for eps, _ in setup.extra_eps)):
             for name, plan in plans.items():
                 row = bench.cell(name, plan, eps)
                 print(f"{setup.name}/{variant} eps {eps:g} {name}: avg {row['average']} clean {row['clean_correct']}/"
@@ -362,8 +367,10 @@ def render(models: tuple[str, ...], averages: tuple[int, ...]) -> str:
         "(Song, Ranjan and Li, arXiv 2110.12308), and how do ANS-weighted, Lipschitz-weighted and accuracy-only "
         "allocation (docs/method.md, section \"The robustness signal\") compare at the same average bits. Produced by",
         "",
-        "    PYTHONPATH=. python bench/adversarial_quantization.py --model resnet20 --model fashion",
-        "    PYTHONPATH=. python bench/adversarial_quantization.py --table --model resnet20 --model fashion",
+        "    PYTHONPATH=. python bench/adversarial_quantization.py --model fashion --averages 3,4,5",
+        "    PYTHONPATH=. python bench/adversarial_quantization.py --model resnet20 --robust 150 --averages 3,4,5",
+        "    PYTHONPATH=. python bench/adversarial_quantization.py --model resnet20 --robust 100 --averages 3,4,5 --extra-eps-only",
+        "    PYTHONPATH=. python bench/adversarial_quantization.py --table --model resnet20 --model fashion --averages 3,4,5",
         "",
         f"on a 2-core VM ({machine()}; 4 other engineers' jobs shared the cores, so wall times are 2-5x the CPU times "
         "quoted). Torch one thread per process.",
@@ -495,6 +502,7 @@ def main() -> None:
     parser.add_argument("--robust", type=int, default=None, help="robust-accuracy samples (default per model)")
     parser.add_argument("--averages", default="4,5", help="average bits of the allocated plans")
     parser.add_argument("--variant", choices=VARIANTS, action="append", help="plain, adv (default both)")
+    parser.add_argument("--extra-eps-only", action="store_true", help="measure only the cells at the extra eps")
     parser.add_argument("--table", action="store_true", help="write docs/robustness-signals.md from the cache")
     options = parser.parse_args()
     averages = tuple(int(a) for a in options.averages.split(","))
@@ -508,7 +516,7 @@ def main() -> None:
         if "adv" in variants or options.stage == "finetune":
             adversarial_model(setup)
         if options.stage in ("cells", "all"):
-            run_cells(setup, averages, variants)
+            run_cells(setup, averages, variants, options.extra_eps_only)
 
 
 if __name__ == "__main__":
