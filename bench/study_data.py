@@ -15,7 +15,10 @@ import numpy as np
 import onnx
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = next((p for p in (REPO.parent / "shared", REPO / "shared") if p.exists()), REPO.parent / "shared")
+SHARED = next(
+    (p for p in (REPO.parent / "shared", REPO.parent.parent / "shared", REPO / "shared") if p.exists()), REPO.parent / "shared"
+)
+"""Beside the checkout (/work/main -> /work/shared), or two up from a worktree in /work/wt/."""
 CACHE = REPO / "bench/cache/study"
 RESNET20 = SHARED / "models/cifar10/resnet20_cifar10_akamaster.onnx"
 MNIST8 = SHARED / "models/mnist/mnist-8.onnx"
