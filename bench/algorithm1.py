@@ -43,7 +43,9 @@ from report_section import machine, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs/results.md"
-HEADING = "## Algorithm 1 from scratch (Fashion-MNIST)"
+SECTION = "## Algorithm 1 from scratch (Fashion-MNIST)"
+TABLES = "### Tables written by bench/algorithm1.py"
+"""The script owns this subsection; the section's text above it (the finding) is written by hand."""
 CACHE = REPO / "bench/cache/algorithm1"
 EQN3_ARMS = ("quanos", "uniform")
 
@@ -331,14 +333,25 @@ def run(options: argparse.Namespace) -> str:
     stages: list[Callable[[Seed, str], Any]] = [
         lambda s, arm: s.final(arm), lambda s, arm: s.clean(arm), lambda s, arm: s.grid(arm),
     ]
-    if options.audit_samples > 0:
+    if options.report_only:
+        stages = []
+    elif options.audit_samples > 0:
         stages.append(lambda s, arm: s.audit(arm))
     for stage in stages:
         for seed in seeds:
             for arm in arms(options):
                 stage(seed, arm)
-        write_section(RESULTS, HEADING, report(seeds, options))
-    return report(seeds, options)
+        write_tables(report(seeds, options))
+    tables = report(seeds, options)
+    write_tables(tables)
+    return tables
+
+
+def write_tables(tables: str) -> None:
+    """Replace the tables subsection, creating the section (finding to be written) if missing."""
+    if SECTION not in RESULTS.read_text():
+        write_section(RESULTS, SECTION, f"{SECTION}\n\n(finding: see the tables below)\n")
+    write_section(RESULTS, TABLES, tables)
 
 
 # -- report ---------------------------------------------------------------------------
@@ -358,11 +371,11 @@ def _eps_label(eps: float) -> str:
     return f"{eps:g}"
 
 
-def _mean_spread(values: list[float]) -> str:
+def _mean_spread(values: list[float], *, signed: bool = False) -> str:
     if not values:
         return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
+    return f"{100 * statistics.mean(values):{'+' if signed else ''}.1f} ± {100 * spread:.1f}"
 
 
 def measures(seed: Seed, arm: str) -> dict[str, Any] | None:
@@ -385,6 +398,33 @@ def measures(seed: Seed, arm: str) -> dict[str, Any] | None:
     if (eval_folder / f"{arm}.audit{options.audit_samples}_apgd{options.apgd_steps}.json").exists():
         row["audit"] = seed.audit(arm)
     return row
+
+
+def _figures(row: dict[str, Any], grid_keys: list[str]) -> list[float | None]:
+    """clean, the grid columns and the audit's worst cases of one run (None: not measured)."""
+    worst = {w["eps"]: w["accuracy"] for w in row["audit"]["robustness"]["worst_case"]} if "audit" in row else {}
+    return [
+        row["clean"]["accuracy"] if "clean" in row else None,
+        *[row["grid"][k]["accuracy"] if "grid" in row else None for k in grid_keys],
+        *[worst.get(eps) for eps in AUDIT_EPS],
+    ]
+
+
+def paired_rows(collected: dict[str, list[dict[str, Any]]], grid_keys: list[str], options: argparse.Namespace) -> list[str]:
+    names = arms(options)
+    rows = []
+    for quanos, uniform in zip(names[::2], names[1::2]):
+        pairs = list(zip(collected[quanos], collected[uniform]))
+        if not pairs:
+            continue
+        cells = [f"{label(quanos)} vs {label(uniform)}", str(len(pairs))]
+        columns = zip(*[[None if a is None or b is None else a - b for a, b in zip(_figures(q, grid_keys), _figures(u, grid_keys))] for q, u in pairs])
+        for column in columns:
+            values = [v for v in column if v is not None]
+            seeds = ", ".join(f"{100 * v:+.1f}" for v in values)
+            cells.append(f"{_mean_spread(values, signed=True)} ({seeds})" if values else "-")
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
 
 
 def budget_cells(seed: Seed) -> str:
@@ -465,6 +505,7 @@ def report(seeds: list[Seed], options: argparse.Namespace) -> str:
             *[f"{statistics.mean(r['cost'][p] for r in runs) / 1e6:.3f}" for p in ("standard", "dg", "dvafs")],
         ]
         summary.append("| " + " | ".join(cells) + " |")
+    paired = paired_rows(collected, grid_keys, options)
     shown = [part for index, part in enumerate(sys.argv[1:]) if "--machine" not in (part, sys.argv[index])]
     command = " ".join(["PYTHONPATH=. python bench/algorithm1.py", *shown])
     grid_head = " | ".join(k.upper() if k.startswith("fgsm") else f"PGD-7 {k[4:]}" for k in grid_keys)
@@ -477,7 +518,7 @@ def report(seeds: list[Seed], options: argparse.Namespace) -> str:
         f"  {options.budget_bits} bits trained {options.epochs1} + {options.epochs2} epochs from the same init.\n"
     )
     budget_head = "" if options.budget_bits is None else f" budget-{options.budget_bits} bits | budget avg bits |"
-    return f"""{HEADING}
+    return f"""{TABLES}
 
 - command: `{command}`
 - machine: {options.machine or f'{machine()}, {options.threads} torch thread'}
@@ -514,6 +555,13 @@ Mean ± standard deviation over seeds (accuracy %, energy per image in uJ):
 |---|---:|---:|---:|{'---:|' * len(grid_keys)}{'---:|' * len(AUDIT_EPS)}---:|---:|---:|---:|
 {chr(10).join(summary)}
 
+Paired differences, QUANOS minus uniform of the same seed and init (points, mean ± standard
+deviation over seeds; each seed's difference in brackets):
+
+| pair | seeds | clean | {grid_head} | {audit_head} |
+|---|---:|---:|{'---:|' * len(grid_keys)}{'---:|' * len(AUDIT_EPS)}
+{chr(10).join(paired)}
+
 Per run (accuracy % [95% Wilson]; kept epoch of the second call):
 
 | seed | model | avg bits | kept epoch | clean | {grid_head} | weight memory (kB) | Standard (uJ) | DG (uJ) | DVAFS (uJ) |
@@ -549,6 +597,7 @@ def main() -> None:
     parser.add_argument("--audit-samples", type=int, default=500)
     parser.add_argument("--apgd-steps", type=int, default=25)
     parser.add_argument("--budget-bits", type=int, default=None, help="also the budgeted pair at this average")
+    parser.add_argument("--report-only", action="store_true", help="write the tables from the cached cells, compute nothing")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--machine", default=None, help="where the cached cells were computed, when not here")
     print(run(parser.parse_args()))
