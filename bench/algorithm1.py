@@ -506,7 +506,10 @@ def report(seeds: list[Seed], options: argparse.Namespace) -> str:
         ]
         summary.append("| " + " | ".join(cells) + " |")
     paired = paired_rows(collected, grid_keys, options)
-    shown = [part for index, part in enumerate(sys.argv[1:]) if "--machine" not in (part, sys.argv[index])]
+    shown = [
+        part for index, part in enumerate(sys.argv[1:])
+        if "--machine" not in (part, sys.argv[index]) and part != "--report-only"
+    ]
     command = " ".join(["PYTHONPATH=. python bench/algorithm1.py", *shown])
     grid_head = " | ".join(k.upper() if k.startswith("fgsm") else f"PGD-7 {k[4:]}" for k in grid_keys)
     audit_head = " | ".join(f"worst case {_eps_label(e)}" for e in AUDIT_EPS)
