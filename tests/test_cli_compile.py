@@ -346,7 +346,7 @@ def test_the_milp_search_on_ray_writes_the_same_model_and_plan(workdir: Path, ra
     as Ray jobs: the same plan, search record and model bytes as in one process."""
     common = [
         "model.onnx", "--data", "data.npz", "--max-accuracy-drop", "5", "--pareto", "--max-bits", "6",
-        "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "--no-eval", "--no-figures",
+        "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "--eval-samples", "8", "--no-figures",
     ]
     here = _compile([*common, "-o", "here"])
     assert here.exit_code == 0, here.output
