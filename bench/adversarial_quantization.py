@@ -49,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_section import machine  # noqa: E402
-from study_data import CIFAR_TEST, CIFAR_TUNE, FASHION, RESNET20, _idx_images, _idx_labels, _nchw, load_setup  # noqa: E402
+from study_data import CIFAR_TEST, CIFAR_TUNE, FASHION, RESNET20, _idx_images, _idx_labels, _nchw, cached, load_setup  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench/cache/adversarial"
@@ -175,15 +175,6 @@ def fashion(robust: int) -> Setup:
 
 SETUPS: dict[str, Callable[[int], Setup]] = {"resnet20": resnet20, "fashion": fashion}
 DEFAULT_ROBUST = {"resnet20": 250, "fashion": 1000}
-
-
-def cached(path: Path, compute: Callable[[], Any]) -> Any:
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=1))
-    return value
 
 
 def _batches(x: np.ndarray, y: np.ndarray | None = None) -> list[Any]:

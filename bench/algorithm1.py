@@ -40,6 +40,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_section import machine, write_section  # noqa: E402
+from study_data import cached  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs/results.md"
@@ -101,16 +102,6 @@ def load_data(train_samples: int, val_samples: int) -> Data:
         x[:train_samples], y[:train_samples], x[-val_samples:], y[-val_samples:],
         _idx_images(folder / "t10k-images-idx3-ubyte.gz"), _idx_labels(folder / "t10k-labels-idx1-ubyte.gz"),
     )
-
-
-def cached(path: Path, compute: Callable[[], Any]) -> Any:
-    """JSON cell: read it if a previous run finished it, else compute and write it."""
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=1))
-    return value
 
 
 def batches(x: np.ndarray, y: np.ndarray, count: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -29,7 +29,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_section import machine, write_section  # noqa: E402
-from study_data import CACHE, REPO, SETUP_NAMES, Setup, load_setup  # noqa: E402
+from study_data import CACHE, REPO, SETUP_NAMES, Setup, cached, load_setup  # noqa: E402
 
 from quanos_onnx.finetune.train import DEFAULT_LEARNING_RATES  # noqa: E402
 
@@ -53,16 +53,6 @@ LABELS = {
 BUDGET_BITS = 5.0
 """Eqn 3 alone gives this ResNet-20 about 2 bits (useless post-hoc), so the ANS ranking is also
 compared with uniform at a usable size: allocate_budgeted to 5 bits against uniform 5."""
-
-
-def cached(path: Path, compute: Callable[[], Any]) -> Any:
-    """JSON cell: read it if a previous run finished it, else compute and write it."""
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=1))
-    return value
 
 
 def batches(x: np.ndarray, y: np.ndarray, count: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -7,9 +7,12 @@ Every array is float32 NCHW in [0,1] with int64 labels, so the library's attacks
 from __future__ import annotations
 
 import gzip
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -27,6 +30,15 @@ CIFAR_TEST = SHARED / "data/cifar10/cifar10_test_first932.npz"
 FIRST_TUNE_INDEX = 932
 SETUP_NAMES = ("resnet20", "mnist8", "fashion")
 
+
+def cached(path: Path, compute: Callable[[], Any]) -> Any:
+    """JSON cell: read it if a previous run finished it, else compute and write it."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1))
+    return value
 
 @dataclass(frozen=True)
 class Setup:
