@@ -19,6 +19,7 @@ from .passes.qdq import WeightGrid, check_storage
 from .plan import MAX_BITS, Plan
 from .progress import ProgressFactory, no_progress
 from .ptq import PtqSettings, apply_ptq
+from .ptq.statistics import CalibrationStatistics
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def quantize(
     storage: str = "int8",
     weight_grids: Mapping[str, WeightGrid] | None = None,
     ptq: PtqSettings = PtqSettings(),
+    statistics: CalibrationStatistics | None = None,
     progress: ProgressFactory = no_progress,
 ) -> Quantized:
     """Align the plan, choose its grids on the calibration data (ptq/), write the QDQ model.
@@ -50,7 +52,9 @@ def quantize(
     activation range method (the commands' --calibration / --percentile).
     `storage` picks the weight containers (passes.qdq.STORAGES); values are the same in all.
     `weight_grids` (layer name -> passes.qdq.WeightGrid) are weights a caller already put
-    on the plan's grid; the PTQ stage chooses the others.
+    on the plan's grid; the PTQ stage chooses the others. `statistics`
+    (ptq.statistics.CalibrationStatistics of this model and these calibration batches) lets
+    many plans share one calibration pass.
     """
     check_storage(storage)
     if method is not None or percentile is not None:
@@ -60,7 +64,8 @@ def quantize(
     aligned = align_plan(float_above_containers(plan), layers, joins)
     points = plan_points(model, layers, aligned)
     quantized = apply_ptq(
-        model, layers, aligned, points, calibration, ptq, storage=storage, weight_grids=weight_grids, progress=progress
+        model, layers, aligned, points, calibration, ptq, storage=storage, weight_grids=weight_grids,
+        statistics=statistics, progress=progress,
     )
     return Quantized(quantized, aligned)
 

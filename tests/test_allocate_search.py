@@ -104,11 +104,28 @@ def test_accuracy_target_finds_the_smallest_passing_budget(resnet):
     assert probes[0]["budget"] == 8.0 and len(probes) == result.evaluations
 
 
-def test_accuracy_target_reports_failure_when_even_the_widest_plan_fails(resnet):
+def test_accuracy_target_reports_failure_when_even_the_widest_plans_fail(resnet):
     layers, joins = resnet
     result = smallest_within_guard(layers, joins, _table(layers), lambda p: 0.1, 0.8)
-    assert not result.passed and result.evaluations == 1
+    assert not result.passed and result.evaluations == 2
     assert set(_bits(result.plan).values()) == {8}
+    assert [probe["budget"] for probe in result.plan.details["search"]] == [8.0, 7.0]
+
+
+def test_a_failing_widest_plan_hands_the_search_to_the_next_narrower_anchor(resnet):
+    """8-bit layers saturate onnxruntime's kernels on CPUs without VNNI: the widest plan can
+    fail where 5 to 7 bits pass, and the search must still find the smallest passing plan."""
+    layers, joins = resnet
+    params = {layer.name: layer.params for layer in layers}
+
+    def accuracy(plan: Plan) -> float:
+        average = plan.average_weight_bits(params)
+        return 0.9 if 5.0 <= average <= 7.0 + 1e-9 else 0.3
+
+    result = smallest_within_guard(layers, joins, _table(layers), accuracy, 0.8, ans=None, max_evaluations=12)
+    assert result.passed
+    assert 5.0 <= result.plan.average_weight_bits(params) <= 5.0 + 0.25
+    assert [probe["budget"] for probe in result.plan.details["search"]][:2] == [8.0, 7.0]
 
 
 def test_pareto_marks_dominated_points(resnet):

@@ -8,6 +8,8 @@ import pytest
 
 from quanos_onnx.ptq import PtqSettings
 from quanos_onnx.allocate import sensitivity as sensitivity_module
+from quanos_onnx.ptq import statistics as statistics_module
+from quanos_onnx.ptq.statistics import CalibrationStatistics
 from quanos_onnx.allocate.sensitivity import (
     QdqBuilder,
     Sensitivity,
@@ -41,13 +43,13 @@ MINMAX_NEAREST = PtqSettings(act_range="minmax", weight_clipping="absmax", bias_
 
 def _count_range_collections(monkeypatch) -> list[int]:
     calls: list[int] = []
-    original = sensitivity_module.collect_histograms
+    original = statistics_module.collect_histograms
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sensitivity_module, "collect_histograms", counting)
+    monkeypatch.setattr(statistics_module, "collect_histograms", counting)
     return calls
 
 
@@ -65,6 +67,21 @@ def test_divergence_table_comes_from_one_calibration(resnet, monkeypatch, backgr
         assert row[0] > row[-1] or (name == "block2.shortcut" and row[0] == row[-1])
     if background is None:
         assert all(value >= 0 for row in table.cost for value in row)
+
+
+def test_table_on_the_compiles_statistics_reads_no_calibration_data(resnet, monkeypatch):
+    """Given the compile's calibration statistics, the table's grids are the written models'
+    (calibrated on the compile's samples) and cost no extra pass once a plan filled them."""
+    model, layers, joins, calibration = resnet
+    statistics = CalibrationStatistics(model, calibration)
+    quantize(model, reference_plan(layers, 7), calibration, layers=layers, statistics=statistics)
+    quantize(model, reference_plan(layers, 2), calibration, layers=layers, statistics=statistics)
+    calls = _count_range_collections(monkeypatch)
+    table = measure("kl", model, layers, joins, calibration[:1], bits=BITS, ptq=PtqSettings(), statistics=statistics)
+    fresh = measure("kl", model, layers, joins, calibration[:1], bits=BITS, ptq=PtqSettings())
+    assert len(calls) == 1  # only the fresh table calibrated
+    assert table.samples == fresh.samples == 16
+    assert table.cost != fresh.cost  # grids from 32 calibration samples, not the 16 measured on
 
 
 def test_background_costs_are_the_divergence_the_layer_adds(resnet):

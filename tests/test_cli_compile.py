@@ -330,7 +330,7 @@ def test_a_milp_search_keeps_samples_of_its_own_out_of_calibration() -> None:
 
 
 def test_the_search_judges_a_plan_by_a_lower_bound_on_its_paired_difference_from_float() -> None:
-    from quanos_onnx.commands.compile import guarded_accuracy
+    from quanos_onnx.commands.compile import GUARD_STANDARD_ERRORS, guarded_accuracy
 
     float_correct = np.array([True] * 99 + [False])
     same = float_correct.copy()
@@ -338,7 +338,7 @@ def test_the_search_judges_a_plan_by_a_lower_bound_on_its_paired_difference_from
     lucky = float_correct.copy()
     lucky[:3] = False
     lucky[99] = True  # 3 lost, 1 gained: 97% against 99%, 4 discordant samples
-    assert guarded_accuracy(float_correct, lucky) == pytest.approx(0.97 - 1.645 * 2 / 100)
+    assert guarded_accuracy(float_correct, lucky) == pytest.approx(0.97 - GUARD_STANDARD_ERRORS * 2 / 100)
 
 
 def test_the_milp_search_on_ray_writes_the_same_model_and_plan(workdir: Path, ray_address: str):

@@ -192,8 +192,9 @@ def smallest_within_guard(
 
     Bisection over the budget value between the all-narrowest and all-widest plans; every
     probe is solved and evaluated. The answer is the passing plan of the smallest budget
-    found (its details list every probe). When even the widest plan fails, that plan is
-    returned with `passed` false. `tolerance` defaults to 1/8 bit on average bits and to
+    found (its details list every probe). When the widest plan fails, the budget one
+    candidate step narrower anchors the bisection instead; when that fails too, the widest
+    plan is returned with `passed` false. `tolerance` defaults to 1/8 bit on average bits and to
     1% of the interval otherwise.
 
     With `parallel` > 1 plans measured at once (`evaluate_many`, e.g. Ray jobs), each round
@@ -237,7 +238,18 @@ def smallest_within_guard(
     measure([high, *ahead(low, high, int(math.log2(parallel)), 1)])
     best_plan, best_accuracy = probe(high)
     if best_accuracy < minimum_accuracy:
-        return Verified(best_plan.with_details(search=probes), best_accuracy, False, len(probes))
+        # The widest plan can lose to a narrower one: 8-bit layers saturate onnxruntime's
+        # u8 x s8 kernels on x86 CPUs without VNNI (docs/quantization.md), 7 bits do not.
+        # One candidate step down is the second anchor before the search gives up.
+        second = high - (high - low) / max(len(sensitivity.bits) - 1, 1)
+        if len(probes) < max_evaluations and second > low:
+            if second not in measured:
+                measure([second])
+            plan, accuracy = probe(second)
+            if accuracy >= minimum_accuracy:
+                high, best_plan, best_accuracy = second, plan, accuracy
+        if best_accuracy < minimum_accuracy:
+            return Verified(best_plan.with_details(search=probes), best_accuracy, False, len(probes))
     while high - low > tolerance and len(probes) < max_evaluations:
         middle = (low + high) / 2
         if middle not in measured:

@@ -32,12 +32,13 @@ from ..errors import PlanError, UsageError
 from ..layers import Join, Layer
 from ..passes.align import align_plan
 from ..passes.calibrate import Range
-from ..ptq.ranges import choose_range, collect_histograms
+from ..ptq.ranges import choose_range
+from ..ptq.statistics import CalibrationStatistics
 from ..passes.points import QuantPoints, plan_points
 from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, MIN_BITS, Plan
 from ..ptq import PtqSettings
-from ..ptq.weights import clipped_grid, input_moments, quantized_layers
+from ..ptq.weights import clipped_grid, quantized_layers
 
 DEFAULT_BITS = tuple(range(2, 9))
 """2..8: every layer stays in onnxruntime's integer (uint8/int8) kernels."""
@@ -132,15 +133,19 @@ class QdqBuilder:
         plans: Sequence[Plan],
         calibration: Sequence[np.ndarray],
         ptq: PtqSettings | None = None,
+        statistics: CalibrationStatistics | None = None,
     ) -> None:
-        self.model, self.layers, self.joins, self.ptq = model, list(layers), list(joins), ptq
+        """`statistics`: the compile's own calibration statistics (then `calibration` is
+        unused), so that the table's grids are those of the written models."""
+        statistics = statistics or CalibrationStatistics(model, calibration, equalized=bool(ptq and ptq.equalize))
+        self.model, self.layers, self.joins, self.ptq = statistics.model, list(layers), list(joins), ptq
         all_points = [self._points(plan) for plan in plans]
         tensors = sorted({t for points in all_points for group in points.groups for t in group.tensors})
         counted = set() if ptq is None else {
             t for points in all_points for g in points.groups if ptq.range_method(g.bits) != "minmax" for t in g.tensors
         }
         # One calibration pass for every candidate plan; histograms only where a range search needs them.
-        self.histograms = collect_histograms(model, tensors, calibration, extremes_only=set(tensors) - counted)
+        self.histograms = statistics.histograms(tensors, counted)
         self.ranges: dict[str, Range] = {name: choose_range(h, 8, "minmax") for name, h in self.histograms.items()}
         self._group_ranges: dict[tuple[tuple[str, ...], int], Range] = {}
         self._weight_grids: dict[tuple[str, int], WeightGrid] = {}
@@ -148,7 +153,7 @@ class QdqBuilder:
         self._moments: dict[str, np.ndarray] = {}
         if ptq is not None and ptq.weight_clipping == "output":
             widest = max(plans, key=lambda plan: sum(1 for e in plan.layers if e.quantized))
-            self._moments = input_moments(model, self.layers, align_plan(widest, self.layers, self.joins), calibration)
+            self._moments = statistics.moments(quantized_layers(self.layers, align_plan(widest, self.layers, self.joins)))
 
     def _points(self, plan: Plan) -> QuantPoints:
         return plan_points(self.model, self.layers, align_plan(plan, self.layers, self.joins))
@@ -233,11 +238,14 @@ def measure_divergence(
     background: int | None = BACKGROUND_BITS,
     quantize_output: bool = False,
     ptq: PtqSettings | None = None,
+    statistics: CalibrationStatistics | None = None,
 ) -> Sensitivity:
     """Logit divergence (KL or MSE) from the float model when one layer changes, per candidate.
 
     `ptq`: the grids of every measured model as the compile writes them (QdqBuilder), else
-    min/max round-to-nearest.
+    min/max round-to-nearest; `statistics`: calibrate those grids on the compile's
+    calibration statistics instead of on `calibration` (which the divergence is still
+    measured on).
 
     With `background` bits, every other layer is quantized at those bits (the deployed fused
     integer kernels) and the cost is D(background plan with l at b) - D(background plan).
@@ -253,7 +261,7 @@ def measure_divergence(
     targets = allocatable(layers, quantize_output)
     reference = reference_plan(layers, background or candidates[-1], quantize_output)
     variants = {(layer.name, b): with_bits(reference, layer.name, b) for layer in targets for b in candidates}
-    builder = QdqBuilder(model, layers, joins, [reference, *variants.values()], calibration, ptq)
+    builder = QdqBuilder(model, layers, joins, [reference, *variants.values()], calibration, ptq, statistics)
     output = output_names(model)[0]
 
     def logits(proto: onnx.ModelProto) -> np.ndarray:
@@ -405,13 +413,15 @@ def measure(
     background: int | None = BACKGROUND_BITS,
     quantize_output: bool = False,
     ptq: PtqSettings | None = None,
+    statistics: CalibrationStatistics | None = None,
 ) -> Sensitivity:
-    """Dispatch on the method name ("kl", "mse" or "fisher"; `background` and `ptq` are for kl and mse)."""
+    """Dispatch on the method name ("kl", "mse" or "fisher"; `background`, `ptq` and
+    `statistics` are for kl and mse)."""
     if method == "fisher":
         return measure_gradient(
             model, layers, joins, calibration, labels=labels, bits=bits, quantize_output=quantize_output
         )
     return measure_divergence(
         model, layers, joins, calibration, bits=bits, metric=method, background=background,
-        quantize_output=quantize_output, ptq=ptq,
+        quantize_output=quantize_output, ptq=ptq, statistics=statistics,
     )

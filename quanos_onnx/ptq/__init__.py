@@ -28,11 +28,11 @@ from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_
 from ..plan import MAX_BITS, Plan
 from ..progress import ProgressFactory, no_progress
 from .bias import bias_shifts, corrected_grids
-from .equalize import equalize
 from .reconstruct import DEFAULT_ITERATIONS
 from .reconstruct import METHODS as ROUNDING_METHODS
-from .ranges import RANGE_METHODS, check_range_method, choose_range, collect_histograms
-from .weights import WEIGHT_CLIPPINGS, clipped_grids, input_moments
+from .ranges import RANGE_METHODS, check_range_method, choose_range
+from .statistics import CalibrationStatistics
+from .weights import WEIGHT_CLIPPINGS, clipped_grids, quantized_layers
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +104,26 @@ def apply_ptq(
     *,
     storage: str = "int8",
     weight_grids: Mapping[str, WeightGrid] | None = None,
+    statistics: CalibrationStatistics | None = None,
     progress: ProgressFactory = no_progress,
 ) -> onnx.ModelProto:
     """The QDQ model of an aligned plan with PTQ-chosen activation ranges, weights and biases.
 
     `weight_grids` given by the caller are kept as they are (not clipped again); bias
-    correction adjusts the bias of those that bring none.
+    correction adjusts the bias of those that bring none. `statistics` (statistics.py): the
+    float model's histograms and moments on these batches, shared with other plans; they
+    must be those of this model, these batches and this equalization.
     """
-    if settings.equalize:
-        model = equalize(model)
     batches = calibration if isinstance(calibration, Sequence) else list(calibration)
+    if statistics is None:
+        statistics = CalibrationStatistics(model, batches, equalized=settings.equalize)
+    elif not statistics.serves(model, batches, settings.equalize):
+        raise ValueError("the calibration statistics given were measured on another model, data or equalization")
+    model = statistics.model
     total = sum(len(batch) for batch in batches)
     tensors = sorted({t for group in points.groups for t in group.tensors})
     counted = {t for g in points.groups if settings.range_method(g.bits) != "minmax" for t in g.tensors}
-    histograms = collect_histograms(
-        model, tensors, batches, extremes_only=set(tensors) - counted, progress=progress, total=total
-    )
+    histograms = statistics.histograms(tensors, counted, progress=progress)
     quantizers = {}
     for group in points.groups:
         first, *rest = (histograms[t] for t in group.tensors)
@@ -127,7 +131,7 @@ def apply_ptq(
         method = settings.range_method(group.bits)
         quantizers[group.name] = activation_quantizer(group.bits, choose_range(merged, group.bits, method, settings.percentile))
     weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
-    moments = input_moments(model, layers, plan, batches) if settings.weight_clipping == "output" else {}
+    moments = statistics.moments(quantized_layers(layers, plan)) if settings.weight_clipping == "output" else {}
     grids = _weight_grids(weights, layers, plan, settings, moments) | dict(weight_grids or {})
     quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
     if settings.rounding != "nearest":

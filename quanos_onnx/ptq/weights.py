@@ -90,12 +90,19 @@ def input_moments(
 ) -> dict[str, np.ndarray]:
     """E[x x^T] of each quantized layer's input patches (per group) on the float model,
     from the first MOMENT_SAMPLES calibration samples."""
+    return input_moments_of(proto, quantized_layers(layers, plan), batches)
+
+
+def input_moments_of(
+    proto: onnx.ModelProto, layers: Sequence[Layer], batches: Iterable[np.ndarray]
+) -> dict[str, np.ndarray]:
+    """input_moments for the given layers (those whose patches this module forms)."""
     import torch
 
     nodes = {node.name: node for node in proto.graph.node}
     patches = {
         layer.name: shaper
-        for layer in quantized_layers(layers, plan)
+        for layer in layers
         if (shaper := _patch_shaper(layer, nodes[layer.name])) is not None
     }
     if not patches:
