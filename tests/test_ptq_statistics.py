@@ -78,3 +78,22 @@ def test_statistics_of_other_data_are_refused(resnet):
         quantize(model, Plan.uniform(layers, 4), other, layers=layers, statistics=statistics)
     with pytest.raises(ValueError, match="another model, data or equalization"):
         quantize(model, Plan.uniform(layers, 4), calibration, layers=layers, ptq=PtqSettings(equalize=True), statistics=statistics)
+
+
+def test_each_layers_clipped_grid_is_searched_once_per_bit_width(resnet, monkeypatch):
+    model, layers, calibration = resnet
+    statistics = CalibrationStatistics(model, calibration)
+    searched: list[int] = []
+    original = statistics_module.clipped_grid
+
+    def counting(weight, bits, *args, **kwargs):
+        searched.append(bits)
+        return original(weight, bits, *args, **kwargs)
+
+    monkeypatch.setattr(statistics_module, "clipped_grid", counting)
+    quantized = len(Plan.uniform(layers, 4).by_name()) - 1  # the classifier stays float
+    quantize(model, Plan.uniform(layers, 4), calibration, layers=layers, statistics=statistics)
+    quantize(model, Plan.uniform(layers, 4), calibration, layers=layers, statistics=statistics)
+    assert searched == [4] * quantized
+    quantize(model, Plan.uniform(layers, 6), calibration, layers=layers, statistics=statistics)
+    assert searched == [4] * quantized + [6] * quantized

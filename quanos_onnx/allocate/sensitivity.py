@@ -38,7 +38,6 @@ from ..passes.points import QuantPoints, plan_points
 from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, MIN_BITS, Plan
 from ..ptq import PtqSettings
-from ..ptq.weights import clipped_grid, quantized_layers
 
 DEFAULT_BITS = tuple(range(2, 9))
 """2..8: every layer stays in onnxruntime's integer (uint8/int8) kernels."""
@@ -148,12 +147,7 @@ class QdqBuilder:
         self.histograms = statistics.histograms(tensors, counted)
         self.ranges: dict[str, Range] = {name: choose_range(h, 8, "minmax") for name, h in self.histograms.items()}
         self._group_ranges: dict[tuple[tuple[str, ...], int], Range] = {}
-        self._weight_grids: dict[tuple[str, int], WeightGrid] = {}
-        self._weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
-        self._moments: dict[str, np.ndarray] = {}
-        if ptq is not None and ptq.weight_clipping == "output":
-            widest = max(plans, key=lambda plan: sum(1 for e in plan.layers if e.quantized))
-            self._moments = statistics.moments(quantized_layers(self.layers, align_plan(widest, self.layers, self.joins)))
+        self.statistics = statistics
 
     def _points(self, plan: Plan) -> QuantPoints:
         return plan_points(self.model, self.layers, align_plan(plan, self.layers, self.joins))
@@ -178,16 +172,7 @@ class QdqBuilder:
         """The clipped weight grids of the plan's quantized layers (None: absmax, insert_qdq's own)."""
         if self.ptq is None or self.ptq.weight_clipping == "absmax":
             return None
-        entries = plan.by_name()
-        grids = {}
-        for layer in quantized_layers(self.layers, plan):
-            bits = entries[layer.name].weight_bits
-            if (layer.name, bits) not in self._weight_grids:
-                self._weight_grids[(layer.name, bits)] = clipped_grid(
-                    self._weights[layer.weight], bits, layer.weight_axis, self._moments.get(layer.name)
-                )
-            grids[layer.name] = self._weight_grids[(layer.name, bits)]
-        return grids
+        return self.statistics.clipped_grids(self.layers, plan, output_error=self.ptq.weight_clipping == "output")
 
     def build(self, plan: Plan) -> onnx.ModelProto:
         """The QDQ model of the whole plan (aligned), as quantize.quantize writes it."""

@@ -32,7 +32,7 @@ from .reconstruct import DEFAULT_ITERATIONS
 from .reconstruct import METHODS as ROUNDING_METHODS
 from .ranges import RANGE_METHODS, check_range_method, choose_range
 from .statistics import CalibrationStatistics
-from .weights import WEIGHT_CLIPPINGS, clipped_grids, quantized_layers
+from .weights import WEIGHT_CLIPPINGS
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,7 @@ def apply_ptq(
         method = settings.range_method(group.bits)
         quantizers[group.name] = activation_quantizer(group.bits, choose_range(merged, group.bits, method, settings.percentile))
     weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
-    moments = statistics.moments(quantized_layers(layers, plan)) if settings.weight_clipping == "output" else {}
-    grids = _weight_grids(weights, layers, plan, settings, moments) | dict(weight_grids or {})
+    grids = _weight_grids(weights, layers, plan, settings, statistics) | dict(weight_grids or {})
     quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
     if settings.rounding != "nearest":
         grids = _rounded(model, quantized, layers, plan, batches, settings, grids, weight_grids or {}, progress)
@@ -189,10 +188,10 @@ def _weight_grids(
     layers: Sequence[Layer],
     plan: Plan,
     settings: PtqSettings,
-    moments: Mapping[str, np.ndarray],
+    statistics: CalibrationStatistics,
 ) -> dict[str, WeightGrid]:
     if settings.weight_clipping != "absmax":
-        return clipped_grids(weights, layers, plan, moments)
+        return statistics.clipped_grids(layers, plan, output_error=settings.weight_clipping == "output")
     entries = plan.by_name()
     return {
         layer.name: WeightGrid(*quantize_weight(weights[layer.weight], entries[layer.name].weight_bits, layer.weight_axis))
