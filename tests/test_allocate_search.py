@@ -128,6 +128,22 @@ def test_a_failing_widest_plan_hands_the_search_to_the_next_narrower_anchor(resn
     assert [probe["budget"] for probe in result.plan.details["search"]][:2] == [8.0, 7.0]
 
 
+def test_widest_plans_that_fail_are_repaired_on_the_data(resnet):
+    """A table that prices 8 bits above 7 (saturating kernels) makes both anchors the same
+    all-7-bit plan; when the data needs a layer at 8, the search repairs that plan."""
+    layers, joins = resnet
+    names = [layer.name for layer in layers if not layer.is_output]
+    rows = tuple(tuple(2.0 ** -b if b < 8 else 2.0 ** -6 for b in BITS) for _ in names)
+    table = Sensitivity(tuple(names), BITS, rows, "test", 0, 0.0)
+    guard = Counting("block1.conv2", 8)
+    result = smallest_within_guard(layers, joins, table, guard, 0.99, ans=None, max_evaluations=12)
+    assert result.passed and _bits(result.plan)["block1.conv2"] == 8
+    assert [probe["budget"] for probe in result.plan.details["search"]] == [8.0, 7.0]
+    assert result.plan.details["repair"]["passed"] is True and result.steps
+    # the budget-8 plan is uniform 7 itself: measured once
+    assert result.evaluations == guard.calls == 1 + len(result.steps)
+
+
 def test_pareto_marks_dominated_points(resnet):
     layers, joins = resnet
     params = {layer.name: layer.params for layer in layers}

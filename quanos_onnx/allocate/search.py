@@ -102,13 +102,14 @@ def repair(
     *,
     budget: Budget | None = None,
     max_evaluations: int = 24,
+    accuracy: float | None = None,
 ) -> Verified:
     """Raise bits until the plan's measured accuracy reaches `minimum_accuracy`.
 
     Each step raises one alignment group to its next candidate bit-width: the group with the
     largest predicted gain (drop of predicted cost) per unit of added price (the budget's
-    quantity; parameter-bits without a budget). Stops when the guard holds, when every layer
-    is at the widest candidate, or after `max_evaluations` evaluations.
+    quantity; parameter-bits without a budget). Stops when the guard holds, when every layer is at the widest candidate, or after `max_evaluations`
+    evaluations. `accuracy`: the plan's accuracy when the caller measured it already.
     """
     if max_evaluations < 1:
         raise UsageError(f"max_evaluations {max_evaluations} must be at least 1")
@@ -116,8 +117,10 @@ def repair(
     by_name = {layer.name: layer for layer in layers}
     candidates = sensitivity.bits
     bits = {e.name: e.weight_bits for e in plan.layers if e.quantized and e.weight_bits is not None}
-    accuracy = evaluate(plan)
-    evaluations = 1
+    evaluations = 0
+    if accuracy is None:
+        accuracy = evaluate(plan)
+        evaluations = 1
     steps: list[RepairStep] = []
     groups = _groups(layers, joins, plan)
     while accuracy < minimum_accuracy and evaluations < max_evaluations:
@@ -192,9 +195,10 @@ def smallest_within_guard(
 
     Bisection over the budget value between the all-narrowest and all-widest plans; every
     probe is solved and evaluated. The answer is the passing plan of the smallest budget
-    found (its details list every probe). When the widest plan fails, the budget one
-    candidate step narrower anchors the bisection instead; when that fails too, the widest
-    plan is returned with `passed` false. `tolerance` defaults to 1/8 bit on average bits and to
+    found (its details list every probe). When the widest plan fails, uniform at the next
+    narrower candidate bits anchors the bisection instead; when that fails too, the widest
+    plan is repaired (`repair`, within the evaluations left) and returned, or, when even
+    that fails (`passed` false), the most accurate plan measured. `tolerance` defaults to 1/8 bit on average bits and to
     1% of the interval otherwise.
 
     With `parallel` > 1 plans measured at once (`evaluate_many`, e.g. Ray jobs), each round
@@ -209,7 +213,11 @@ def smallest_within_guard(
     tolerance = tolerance if tolerance is not None else (0.125 if budget_kind == "avg-bits" else 0.01 * (high - low))
     measure_many = evaluate_many or one_by_one(evaluate)
     measured: dict[float, tuple[Plan, float]] = {}
+    by_bits: dict[tuple[tuple[str, int | None, int | None], ...], float] = {}
+    """Accuracy by the plan's bits: budgets whose solved plans are the same are measured once."""
     probes: list[dict[str, Any]] = []
+    path: set[tuple[tuple[str, int | None, int | None], ...]] = set()
+    """The distinct plans the search's path measured (look-ahead measurements off it are dropped)."""
 
     def measure(values: Sequence[float]) -> None:
         fresh = [value for value in values if value not in measured]
@@ -221,7 +229,9 @@ def smallest_within_guard(
             )
             for value in fresh
         ]
-        measured.update(zip(fresh, zip(plans, measure_many(plans))))
+        new = {_signature(plan): plan for plan in plans if _signature(plan) not in by_bits}
+        by_bits.update(zip(new, measure_many(list(new.values()))))
+        measured.update({value: (plan, by_bits[_signature(plan)]) for value, plan in zip(fresh, plans)})
 
     def ahead(low: float, high: float, depth: int, used: int) -> list[float]:
         """The budgets bisection may probe in its next `depth` steps from (low, high) after `used` probes."""
@@ -232,6 +242,7 @@ def smallest_within_guard(
 
     def probe(value: float) -> tuple[Plan, float]:
         plan, accuracy = measured[value]
+        path.add(_signature(plan))
         probes.append({"budget": value, "achieved": plan.details["achieved"], "accuracy": accuracy})
         return plan, accuracy
 
@@ -239,17 +250,32 @@ def smallest_within_guard(
     best_plan, best_accuracy = probe(high)
     if best_accuracy < minimum_accuracy:
         # The widest plan can lose to a narrower one: 8-bit layers saturate onnxruntime's
-        # u8 x s8 kernels on x86 CPUs without VNNI (docs/quantization.md), 7 bits do not.
-        # One candidate step down is the second anchor before the search gives up.
-        second = high - (high - low) / max(len(sensitivity.bits) - 1, 1)
-        if len(probes) < max_evaluations and second > low:
-            if second not in measured:
-                measure([second])
-            plan, accuracy = probe(second)
+        # u8 x s8 kernels on x86 CPUs without VNNI (docs/quantization.md), 7 bits do not;
+        # and the table can price bits as free that are not (it does not model bias
+        # correction). Uniform at the next narrower candidate, which uses neither, is the
+        # second anchor.
+        bits = sensitivity.bits[-2] if len(sensitivity.bits) > 1 else sensitivity.bits[-1]
+        uniform = Plan.uniform(layers, bits, keep_output_float=not quantize_output)
+        second = plan_price(Budget(budget_kind, 1.0, profile), layers, uniform)
+        if len(probes) < max_evaluations and low < second < high:
+            if _signature(uniform) not in by_bits:
+                by_bits[_signature(uniform)] = measure_many([uniform])[0]
+            accuracy = by_bits[_signature(uniform)]
+            path.add(_signature(uniform))
+            probes.append({"budget": second, "achieved": second, "accuracy": accuracy, "uniform_bits": bits})
             if accuracy >= minimum_accuracy:
-                high, best_plan, best_accuracy = second, plan, accuracy
+                high, best_plan, best_accuracy = second, uniform, accuracy
         if best_accuracy < minimum_accuracy:
-            return Verified(best_plan.with_details(search=probes), best_accuracy, False, len(probes))
+            # Raise the widest plan's bits on the data until the guard holds; when even that
+            # fails, keep the most accurate plan measured.
+            repaired = repair(
+                best_plan, layers, joins, sensitivity, evaluate, minimum_accuracy,
+                max_evaluations=max(max_evaluations - len(probes), 1), accuracy=best_accuracy,
+            )
+            kept = repaired if repaired.passed or repaired.accuracy >= best_accuracy else replace(
+                repaired, plan=best_plan, accuracy=best_accuracy
+            )
+            return replace(kept, plan=kept.plan.with_details(search=probes), evaluations=len(path) + repaired.evaluations)
     while high - low > tolerance and len(probes) < max_evaluations:
         middle = (low + high) / 2
         if middle not in measured:
@@ -259,7 +285,11 @@ def smallest_within_guard(
             high, best_plan, best_accuracy = middle, plan, accuracy
         else:
             low = middle
-    return Verified(best_plan.with_details(search=probes), best_accuracy, True, len(probes))
+    return Verified(best_plan.with_details(search=probes), best_accuracy, True, len(path))
+
+
+def _signature(plan: Plan) -> tuple[tuple[str, int | None, int | None], ...]:
+    return tuple((entry.name, entry.weight_bits, entry.act_bits) for entry in plan.layers)
 
 
 @dataclass(frozen=True)

@@ -610,11 +610,13 @@ def _milp_plan(
             )
         if not checked.passed:
             logging.getLogger(__name__).warning(
-                "no plan with bits %d..%d keeps the search split within the guard; writing the widest",
+                "no plan with bits %d..%d keeps the search split within the guard; writing the widest, repaired as far as it went",
                 candidates[0], candidates[-1],
             )
         plan, accuracy = checked.plan, checked.accuracy
         how = f"smallest average-bits budget within {100 * (search.float_accuracy - minimum):.2g} point(s) of float"
+        if checked.steps:
+            how += f" (the widest plans failed; repaired in {len(checked.steps)} step(s))"
     details: dict[str, Any] = {
         "how": how,
         "sensitivity": table.to_json(),

@@ -1,0 +1,162 @@
+"""The default compile (milp allocation + verification) against a plain `bits=8` compile.
+
+Issue 16's cost target: allocation plus verification at most 3x the time of a plain compile
+on ResNet-20; its size target: the default compile within 1 point of float at most 6 average
+bits. Each compile runs in a fresh child process through
+the API, `qn.compile(model, (tune_x, tune_y), eval_data=(test_x, test_y), **options)`, on
+bench/study_data.py's setups (ResNet-20: tune = JPEG q75 test images from index 932, test =
+the exact first 932; fashion: the CNN trained there, tune = the first 5000 training images,
+test = t10k). CPU seconds are the compile call's (process_time: every thread; torch is
+imported and the data loaded before it); the stage times are CPU seconds inside the library's stage functions (ANS, sensitivity table, search, verification).
+Every compile is a JSON cell under bench/cache/compile-cost/, so a rerun resumes.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/compile_cost.py --model resnet20 --model fashion [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_section import machine, write_section  # noqa: E402
+from study_data import cached, load_setup  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "bench/cache/compile-cost"
+COMPILES = {"default": {}, "bits8": {"bits": 8}}
+STAGES = {
+    "ANS": ("quanos_onnx.harness.ans", "measure_ans"),
+    "sensitivity table": ("quanos_onnx.allocate.sensitivity", "measure"),
+    "search": ("quanos_onnx.allocate.search", "smallest_within_guard"),
+    "verification": ("quanos_onnx.verify", "verify"),
+}
+
+
+def _timed_stages() -> dict[str, float]:
+    """Wrap each stage function so that its CPU seconds add up in the returned dict."""
+    import importlib
+
+    seconds: dict[str, float] = {}
+
+    def wrap(label: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[label] = seconds.get(label, 0.0) + time.process_time() - started
+
+        return timed
+
+    for label, (module_name, name) in STAGES.items():
+        module = importlib.import_module(module_name)
+        setattr(module, name, wrap(label, getattr(module, name)))
+    return seconds
+
+
+def run_one(model: str, kind: str) -> dict[str, Any]:
+    """One compile in this process (the child)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import quanos_onnx as qn
+
+    setup = load_setup(model)
+    stages = _timed_stages()
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = qn.compile(
+        str(setup.model_path), (setup.tune_x, setup.tune_y), eval_data=(setup.test_x, setup.test_y), **COMPILES[kind]
+    )
+    models = {m["name"]: m for m in result.verification.to_json()["models"]}
+    params = {layer.name: layer.params for layer in result.layers}
+    allocation = result.plan.details.get("allocation", {})
+    return {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "stages_cpu_s": stages,
+        "average_bits": result.plan.average_weight_bits(params),
+        "guard": result.verification.guard.to_json(),
+        "models": {name: {"clean": m["clean_accuracy"], "average": m["average_weight_bits"]} for name, m in models.items()},
+        "search": result.plan.details.get("search"),
+        "how": allocation.get("how"),
+        "test_samples": int(len(setup.test_y)),
+    }
+
+
+def measured(model: str, kind: str) -> dict[str, Any]:
+    """The cached cell, else a child process that computes it (its CPU time from rusage)."""
+
+    def compute() -> dict[str, Any]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        output = subprocess.run(
+            [sys.executable, __file__, "--child", model, kind], check=True, capture_output=True, text=True
+        ).stdout
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cell = json.loads(output.strip().splitlines()[-1])
+        cell["peak_rss_mib"] = after.ru_maxrss / 1024
+        cell["machine"] = machine()
+        return cell
+
+    return cached(CACHE / model / f"{kind}.json", compute)
+
+
+def render(models: list[str]) -> str:
+    lines = [
+        "## The default compile against a plain one (bench/compile_cost.py)",
+        "",
+        "`OMP_NUM_THREADS=1 PYTHONPATH=. python bench/compile_cost.py --model resnet20 --model fashion --write`: "
+        "`qn.compile(model, (tune_x, tune_y), eval_data=(test_x, test_y))` with the defaults (milp: ANS on 1000 images, "
+        "the sensitivity table, the smallest plan within 1 point of float on the search split, verification) and with "
+        "`bits=8` (verification only), each in a fresh child process, 1 thread. CPU s and wall s: the compile call "
+        "(torch already imported, the data already loaded); stage CPU s: inside the stage functions.",
+        "",
+        "| model | compile | average bits | clean % (test) | float % | uniform of its bits % | guard | CPU s | wall s | ANS | table | search | verification | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for model in models:
+        cells = {kind: measured(model, kind) for kind in COMPILES}
+        for kind, cell in cells.items():
+            rows = cell["models"]
+            uniform = next((v["clean"] for k, v in rows.items() if k.startswith("uniform") and k != "uniform 8"), rows.get("uniform 8", {}).get("clean"))
+            stage = cell["stages_cpu_s"]
+            lines.append(
+                f"| {model} | {kind} | {cell['average_bits']:.2f} | {100 * rows['compiled']['clean']:.1f} | "
+                f"{100 * rows['float']['clean']:.1f} | {'' if uniform is None else f'{100 * uniform:.1f}'} | "
+                f"{'passed' if cell['guard']['passed'] else 'FAILED'} | {cell['cpu_s']:.0f} | {cell['wall_s']:.0f} | "
+                + " | ".join(f"{stage.get(label, 0.0):.1f}" for label in STAGES)
+                + f" | {cell['machine']} |"
+            )
+        ratios.append(
+            f"{model}: the default compile took {cells['default']['cpu_s'] / cells['bits8']['cpu_s']:.1f}x "
+            f"the CPU time of the plain one ({cells['default']['test_samples']} test images)."
+        )
+    return "\n".join([*lines, "", *ratios, ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", choices=("resnet20", "fashion"))
+    parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.child:
+        print(json.dumps(run_one(*options.child)), flush=True)
+        return
+    models = options.model or ["resnet20"]
+    section = render(models)
+    print(section)
+    if options.write:
+        write_section(REPO / "docs/benchmarks.md", "## The default compile against a plain one (bench/compile_cost.py)", section)
+
+
+if __name__ == "__main__":
+    main()
