@@ -94,7 +94,7 @@ def compile(
     budget: str | None = None,
     ans_weight: float = 0.25,
     robustness_signal: RobustnessSignal = "ans",
-    sensitivity: Literal["kl", "mse", "fisher"] = "kl",
+    sensitivity: Literal["auto", "kl", "mse", "fisher"] = "auto",
     sensitivity_samples: int = 256,
     max_bits: int = 8,
     pareto: bool = False,

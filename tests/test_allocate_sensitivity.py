@@ -192,3 +192,17 @@ def test_candidate_bits_are_checked():
             check_candidate_bits(bad)
     with pytest.raises(UsageError, match="--sensitivity"):
         measure("hessian", onnx.ModelProto(), [], [], [])
+
+
+def test_auto_measures_the_divergence_unless_the_table_would_cost_too_many_macs(resnet):
+    from dataclasses import replace as replaced
+
+    from quanos_onnx.allocate.sensitivity import KL_TABLE_MAC_BUDGET, auto_method
+
+    model, layers, joins, calibration = resnet
+    assert auto_method(layers, BITS, 256) == "kl"
+    assert measure("auto", model, layers, joins, calibration, bits=BITS).method.startswith("kl@")
+    per_sample = KL_TABLE_MAC_BUDGET / (256 * (len(layers) - 1) * (len(BITS) - 1))
+    heavy = [replaced(layer, macs=int(per_sample / len(layers)) + 1) for layer in layers]
+    assert auto_method(heavy, BITS, 256) == "fisher"
+    assert auto_method(heavy, BITS, 128) == "kl"  # the same model measured on half the samples

@@ -43,7 +43,16 @@ DEFAULT_BITS = tuple(range(2, 9))
 """2..8: every layer stays in onnxruntime's integer (uint8/int8) kernels."""
 
 DIVERGENCES = ("kl", "mse")
-METHODS = (*DIVERGENCES, "fisher")
+METHODS = (*DIVERGENCES, "fisher", "auto")
+
+KL_TABLE_MAC_BUDGET = 5e12
+"""`auto` measures the divergence table when it costs at most this many multiply-accumulates
+(variants x samples x the model's MACs per sample), the gradient score otherwise. The
+divergence table runs L x (|B| - 1) whole models on the samples: on ResNet-20 (41M MACs, 114
+variants, 256 samples: 1.2e12) it is most of a compile's allocation time; on
+EfficientNet-Lite0 (about 400M MACs, 300 variants: 3e13) it alone would take about half an
+hour on one core, where the gradient score, one forward/backward per batch, takes about a
+minute (docs/method.md)."""
 
 
 @dataclass(frozen=True)
@@ -386,6 +395,13 @@ def _fake_activation(x: Any, bits: int, value_range: Range) -> Any:
     return (q - grid.zero_point) * grid.scale
 
 
+def auto_method(layers: Sequence[Layer], bits: Sequence[int], samples: int, quantize_output: bool = False) -> str:
+    """"kl" when the divergence table costs at most KL_TABLE_MAC_BUDGET multiply-accumulates, else "fisher"."""
+    variants = len(allocatable(layers, quantize_output)) * max(len(set(bits)) - 1, 1)
+    work = variants * samples * sum(layer.macs for layer in layers)
+    return "kl" if work <= KL_TABLE_MAC_BUDGET else "fisher"
+
+
 def measure(
     method: str,
     model: onnx.ModelProto,
@@ -400,8 +416,9 @@ def measure(
     ptq: PtqSettings | None = None,
     statistics: CalibrationStatistics | None = None,
 ) -> Sensitivity:
-    """Dispatch on the method name ("kl", "mse" or "fisher"; `background`, `ptq` and
-    `statistics` are for kl and mse)."""
+    """Dispatch on the method name ("kl", "mse", "fisher" or "auto", see auto_method;
+    `background`, `ptq` and `statistics` are for kl and mse)."""
+    method = auto_method(layers, bits, sum(len(batch) for batch in calibration), quantize_output) if method == "auto" else method
     if method == "fisher":
         return measure_gradient(
             model, layers, joins, calibration, labels=labels, bits=bits, quantize_output=quantize_output

@@ -64,7 +64,7 @@ calibration, so its plans are judged on samples their grids were not fitted to."
 """At most this many samples after the calibration samples judge plans during a milp search."""
 
 AllocationMethod = Literal["eqn3", "milp"]
-SensitivityMethod = Literal["kl", "mse", "fisher"]
+SensitivityMethod = Literal["auto", "kl", "mse", "fisher"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +99,7 @@ class CompileOptions(AttackOptions, RunOptions):
     ans_weight: float = DEFAULT_ANS_WEIGHT
     robustness_signal: RobustnessSignal = "ans"
     """The milp's robustness term: ANS, the layers' Lipschitz bounds, or both (docs/method.md)."""
-    sensitivity: SensitivityMethod = "kl"
+    sensitivity: SensitivityMethod = "auto"
     sensitivity_samples: int = 256
     max_bits: int = 8
     pareto: bool = False
