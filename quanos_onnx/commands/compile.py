@@ -560,7 +560,7 @@ def _milp_plan(
 
     from ..allocate import allocate
     from ..allocate.search import pareto_front, repair, smallest_within_guard
-    from ..allocate.sensitivity import check_candidate_bits, measure
+    from ..allocate.sensitivity import auto_method, check_candidate_bits, measure
     from ..allocate.solve import Budget, parse_budget, solve
     from ..layers import find_joins
 
@@ -571,9 +571,12 @@ def _milp_plan(
     ans_means = {result.layer: result.mean for result in ans.layers}
     eqn3 = allocate(layers, ans.layers, k_init=options.k_init, k_min=options.k_min, quantize_output=options.quantize_output)
     sensitivity_batches = list(first_samples(dataset, min(options.sensitivity_samples, dataset.count), options.batch_size))
-    with progress(f"sensitivity ({options.sensitivity})", 1) as advance:
+    method = options.sensitivity
+    if method == "auto":
+        method = auto_method(layers, candidates, sum(len(x) for x, _ in sensitivity_batches), options.quantize_output)
+    with progress(f"sensitivity ({method})", 1) as advance:
         table = measure(
-            options.sensitivity, model, layers, joins, [x for x, _ in sensitivity_batches],
+            method, model, layers, joins, [x for x, _ in sensitivity_batches],
             labels=None if any(y is None for _, y in sensitivity_batches) else [y for _, y in sensitivity_batches],
             bits=candidates, quantize_output=options.quantize_output, ptq=options.ptq_settings(rounding=False),
             statistics=statistics,
