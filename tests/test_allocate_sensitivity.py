@@ -154,6 +154,17 @@ def test_gradient_score_grows_as_bits_shrink(resnet):
         assert row[0] > row[1] > row[2] > 0
 
 
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_gradient_score_does_not_depend_on_how_many_samples_go_through_at_once(resnet, monkeypatch, chunk):
+    """The twin runs ACTIVATION_CHUNK samples at a time (memory); the score is a per-sample sum."""
+    model, layers, joins, calibration = resnet
+    labels = [np.arange(len(batch)) % 10 for batch in calibration]
+    reference = measure("fisher", model, layers, joins, calibration, labels=labels, bits=BITS)
+    monkeypatch.setattr(sensitivity_module, "ACTIVATION_CHUNK", chunk)
+    chunked = measure("fisher", model, layers, joins, calibration, labels=labels, bits=BITS)
+    np.testing.assert_allclose(np.array(chunked.cost), np.array(reference.cost), rtol=1e-4)
+
+
 def test_fake_activation_lands_on_the_qdq_grid():
     import torch
 

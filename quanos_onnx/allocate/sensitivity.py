@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from ..errors import PlanError, UsageError
+from ..model import ACTIVATION_CHUNK
 from ..layers import Join, Layer
 from ..passes.align import align_plan
 from ..passes.calibrate import Range
@@ -340,14 +341,22 @@ def measure_gradient(
     scores = np.zeros((len(targets), len(candidates)))
     samples = 0
     captured_names = sorted({name for layer in targets for name in (layer.input, layer.output)})
-    for index, batch in enumerate(calibration):
+    # ACTIVATION_CHUNK samples at a time: every layer's input, output and output gradient of
+    # the chunk are held at once (EfficientNet-Lite0 at batch 64: about 10 GB); the score is a
+    # sum over samples, so the chunking does not change it.
+    chunks = [
+        (batch[start : start + ACTIVATION_CHUNK], None if labels is None else labels[index][start : start + ACTIVATION_CHUNK])
+        for index, batch in enumerate(calibration)
+        for start in range(0, len(batch), ACTIVATION_CHUNK)
+    ]
+    for batch, batch_labels in chunks:
         image = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).requires_grad_(True)
         inputs = {twin.input_names[0]: image}
         outputs, captured = twin.run(inputs, captured_names)
         logits = outputs[0].reshape(len(batch), -1)
         target = (
-            torch.from_numpy(np.asarray(labels[index], dtype=np.int64))
-            if labels is not None
+            torch.from_numpy(np.asarray(batch_labels, dtype=np.int64))
+            if batch_labels is not None
             else logits.argmax(dim=1)
         )
         loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
