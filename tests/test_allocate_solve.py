@@ -246,3 +246,15 @@ def test_layer_prices(resnet):
     assert layer_price(Budget("avg-bits", 1), stem, 4) == stem.params * 4
     assert layer_price(Budget("bytes", 1), stem, 4) == stem.params / 2
     assert layer_price(Budget("bitops", 1), stem, None) == stem.macs * 32 * 32
+
+
+def test_the_solver_cannot_print_into_the_commands_output(capfd):
+    """HiGHS writes a stray debug line to file descriptor 1 on some programs (ERGO-Code/HiGHS#2783)."""
+    import os
+
+    from quanos_onnx.allocate.solve import _quiet_c_stdout
+
+    with _quiet_c_stdout():
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"

@@ -32,8 +32,11 @@ quantized layer downstream takes the widest bits among the layers feeding the jo
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -291,12 +294,13 @@ class _Problem:
     def optimum(self, objective: np.ndarray) -> _Optimum:
         from scipy.optimize import Bounds, milp
 
-        result = milp(
-            objective,
-            constraints=self.constraints,
-            integrality=np.ones(self.size),
-            bounds=Bounds(0, 1),
-        )
+        with _quiet_c_stdout():
+            result = milp(
+                objective,
+                constraints=self.constraints,
+                integrality=np.ones(self.size),
+                bounds=Bounds(0, 1),
+            )
         if result.status != 0 or result.x is None:
             raise UsageError(f"--budget {self.budget.describe()}: the integer program has no solution ({result.message})")
         x = np.round(result.x)
@@ -308,6 +312,25 @@ class _Problem:
             name: self.candidates[int(np.argmax(x[index * width : (index + 1) * width]))]
             for index, name in enumerate(self.names)
         }
+
+
+@contextlib.contextmanager
+def _quiet_c_stdout() -> Iterator[None]:
+    """The process's C-level stdout sent to the null device for the duration.
+
+    The HiGHS bundled with scipy prints a stray debug line,
+    "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();", straight to
+    file descriptor 1 on some integer programs, whatever its output options
+    (ERGO-Code/HiGHS#2783); in a compile's output, or in its --json, it reads as a fault."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _ans_shares(names: Sequence[str], ans: Mapping[str, float] | None) -> np.ndarray | None:
