@@ -67,13 +67,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "auto + output clip + bias corr., first conv W8A8": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "first_layer_bits": 8,
     },
-    "auto + output clip + bias corr., first/last W8A8, 128 calib.": {
+    "auto + output clip + bias corr., first/last W8A8": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
-        "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 128,
+        "first_layer_bits": 8, "last_layer_bits": 8,
     },
-    "auto + output clip + brecq 200 it. + bias corr., first/last W8A8, 128 calib.": {
+    "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
+        "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
+        "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
+    },
+    "auto + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
-        "rounding_iterations": 200, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 128,
+        "rounding_iterations": 100, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
     },
 }
 """Each row names its settings in full, so a later change of PtqSettings' defaults does not
@@ -93,8 +97,9 @@ ONLY_AT = {
     "entropy + output clip + bias corr.": ("W6A6", "W5A5", "W4A4", "W3A3", "W2A4"),
     "auto + output clip + brecq + bias corr.": ("W4A4", "W2A4", "W3A3"),
     "auto + output clip + adaround + bias corr.": ("W4A4",),
-    "auto + output clip + bias corr., first/last W8A8, 128 calib.": ("W4A8", "W4A4"),
-    "auto + output clip + brecq 200 it. + bias corr., first/last W8A8, 128 calib.": ("W4A8", "W4A4"),
+    "auto + output clip + bias corr., first/last W8A8": ("W4A8", "W4A4"),
+    "auto + output clip + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
+    "auto + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
 }
 """Diagnostic rows run at a few configurations only (the 2-core machine is shared)."""
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
