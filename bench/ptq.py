@@ -158,8 +158,12 @@ def imagenet(shared: Path, name: str, calibration: int, cache: Path) -> Setup:
     )
 
 
-def top1(setup: Setup, model: onnx.ModelProto) -> float:
-    runner = Runner(model)
+EXACT_KERNELS = (("session.x64quantprecision", "1"),)
+"""onnxruntime's exact u8 x s8 kernels on x86 CPUs without VNNI (docs/quantization.md)."""
+
+
+def top1(setup: Setup, model: onnx.ModelProto, config: tuple[tuple[str, str], ...] = ()) -> float:
+    runner = Runner(model, config=config)
     correct = 0
     for start in range(0, len(setup.test_x), 128):
         x = setup.test_x[start : start + 128]
@@ -277,6 +281,10 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--calibration", type=int, default=None, help="calibration images (512 CIFAR, 256 ImageNet)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and stop")
+    parser.add_argument(
+        "--exact-kernels", action="store_true",
+        help="score with session.x64quantprecision=1; rows are recorded as 'METHOD [exact kernels]'",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("quanos_onnx.ptq.reconstruct").setLevel(logging.INFO)
@@ -291,14 +299,17 @@ def main() -> None:
         setup = imagenet(args.shared, args.model, args.calibration or 256, args.cache)
     measured = done(args.out)
 
+    session_config = EXACT_KERNELS if args.exact_kernels else ()
+
     def record(method: str, config: str, run: Callable[[], tuple[onnx.ModelProto, float]]) -> None:
+        method = f"{method} [exact kernels]" if args.exact_kernels else method
         if (args.model, method, config) in measured:
             return
         cpu = time.process_time()
         model, seconds = run()
         cpu = time.process_time() - cpu
         row = {
-            "model": args.model, "method": method, "config": config, "top1": top1(setup, model),
+            "model": args.model, "method": method, "config": config, "top1": top1(setup, model, session_config),
             "seconds": seconds, "cpu_seconds": cpu,
         }
         with open(args.out, "a") as handle:

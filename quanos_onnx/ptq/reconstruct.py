@@ -68,7 +68,11 @@ DROP_PROBABILITY = 0.5
 """QDrop: chance that an element of a block's input is the float activation."""
 ZETA, GAMMA = 1.1, -0.1
 """The rectified sigmoid's stretch: h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)."""
-COLLECT_BATCH = 128
+COLLECT_BATCH = 32
+"""Samples per onnxruntime run when gathering unit data: the session returns every
+activation of the units for the chunk at once and its arena keeps the peak, so memory grows
+with the chunk (EfficientNet-Lite0, 128 samples in one chunk of 128: 12.7 GB resident,
+killed for memory on the 23 GB VM, docs/benchmarks.md)."""
 ERROR_SAMPLES = 256
 """Samples on which the log reports each unit's output error before and after."""
 
