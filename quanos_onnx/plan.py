@@ -149,7 +149,7 @@ class Plan:
 
 
 def first_and_last_layers(layers: Sequence[Any], *, quantize_output: bool) -> tuple[str, ...]:
-    """The layers BRECQ, QDrop and AdaRound keep at 8 bits: the first quantized layer in
+    """The layers BRECQ and QDrop keep at 8 bits: the first quantized layer in
     graph order and, when the output layer is quantized (`quantize_output`), the output
     layer(s). A float output layer is already wider than any bits, so it is not pinned and
     no other layer stands in for it (docs/quantization.md, "First and last layers")."""
