@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -66,9 +67,24 @@ METHODS: dict[str, dict[str, Any]] = {
     "auto + output clip + bias corr., first conv W8A8": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "first_layer_bits": 8,
     },
+    "auto + output clip + bias corr., first/last W8A8": {
+        "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
+        "first_layer_bits": 8, "last_layer_bits": 8,
+    },
+    "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
+        "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
+        "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
+    },
+    "auto + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": {
+        "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 100, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
+    },
 }
 """Each row names its settings in full, so a later change of PtqSettings' defaults does not
-change what a row measured. `auto` is entropy up to 6 activation bits, min/max above."""
+change what a row measured. `auto` is entropy up to 6 activation bits, min/max above.
+Bench-only keys: first_layer_bits / last_layer_bits put the first quantized layer / the
+classifier at WkAk (the papers' 8-bit first and last layers); calibration_images uses the
+first that many calibration images only (the test images stay the same)."""
 ONLY_AT = {
     "percentile 99.99": ("W8A8", "W4A4", "W3A3"),
     "entropy": ("W8A8", "W4A4", "W3A3"),
@@ -81,6 +97,9 @@ ONLY_AT = {
     "entropy + output clip + bias corr.": ("W6A6", "W5A5", "W4A4", "W3A3", "W2A4"),
     "auto + output clip + brecq + bias corr.": ("W4A4", "W2A4", "W3A3"),
     "auto + output clip + adaround + bias corr.": ("W4A4",),
+    "auto + output clip + bias corr., first/last W8A8": ("W4A8", "W4A4"),
+    "auto + output clip + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
+    "auto + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
 }
 """Diagnostic rows run at a few configurations only (the 2-core machine is shared)."""
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -139,8 +158,12 @@ def imagenet(shared: Path, name: str, calibration: int, cache: Path) -> Setup:
     )
 
 
-def top1(setup: Setup, model: onnx.ModelProto) -> float:
-    runner = Runner(model)
+EXACT_KERNELS = (("session.x64quantprecision", "1"),)
+"""onnxruntime's exact u8 x s8 kernels on x86 CPUs without VNNI (docs/quantization.md)."""
+
+
+def top1(setup: Setup, model: onnx.ModelProto, config: tuple[tuple[str, str], ...] = ()) -> float:
+    runner = Runner(model, config=config)
     correct = 0
     for start in range(0, len(setup.test_x), 128):
         x = setup.test_x[start : start + 128]
@@ -150,22 +173,36 @@ def top1(setup: Setup, model: onnx.ModelProto) -> float:
     return correct / len(setup.test_x)
 
 
-def uniform_plan(model: onnx.ModelProto, weight_bits: int, act_bits: int, first_layer_bits: int | None) -> Plan:
+def uniform_plan(
+    model: onnx.ModelProto, weight_bits: int, act_bits: int, first_layer_bits: int | None, last_layer_bits: int | None = None
+) -> Plan:
     layers = list_layers(model)
     plan = Plan.uniform(layers, weight_bits)
     entries = [LayerPlan(e.name, weight_bits, act_bits) if e.quantized else e for e in plan.layers]
     if first_layer_bits is not None:
         entries[0] = LayerPlan(entries[0].name, first_layer_bits, first_layer_bits)
+    if last_layer_bits is not None:
+        output = next(i for i, layer in enumerate(layers) if layer.is_output)
+        entries[output] = LayerPlan(entries[output].name, last_layer_bits, last_layer_bits)
     return plan.with_layers(entries)
 
 
 def ours(setup: Setup, method: str, config: str) -> tuple[onnx.ModelProto, float]:
     options = dict(METHODS[method])
-    first = options.pop("first_layer_bits", None)
-    plan = uniform_plan(setup.model, *CONFIGS[config], first)
+    first, last = options.pop("first_layer_bits", None), options.pop("last_layer_bits", None)
+    images = options.pop("calibration_images", None)
+    calibration = setup.calibration if images is None else _first_images(setup.calibration, images)
+    plan = uniform_plan(setup.model, *CONFIGS[config], first, last)
     start = time.perf_counter()
-    quantized = quantize(setup.model, plan, setup.calibration, ptq=PtqSettings(**options)).model
+    quantized = quantize(setup.model, plan, calibration, ptq=PtqSettings(**options)).model
     return quantized, time.perf_counter() - start
+
+
+def _first_images(batches: list[np.ndarray], count: int) -> list[np.ndarray]:
+    """The first `count` images of the calibration batches, in batches of the same size."""
+    images = np.concatenate(batches)[:count]
+    size = len(batches[0])
+    return [images[i : i + size] for i in range(0, len(images), size)]
 
 
 def ort(setup: Setup, method: str, config: str) -> tuple[onnx.ModelProto, float]:
@@ -244,7 +281,15 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--calibration", type=int, default=None, help="calibration images (512 CIFAR, 256 ImageNet)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and stop")
+    parser.add_argument(
+        "--exact-kernels", action="store_true",
+        help="score with session.x64quantprecision=1; rows are recorded as 'METHOD [exact kernels]'",
+    )
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("quanos_onnx.ptq.reconstruct").setLevel(logging.INFO)
+    for quiet in ("quanos_onnx.twin", "onnx_ir", "quanos_onnx.passes"):
+        logging.getLogger(quiet).setLevel(logging.WARNING)
     if args.table:
         print(table(args.out, args.model))
         return
@@ -254,11 +299,19 @@ def main() -> None:
         setup = imagenet(args.shared, args.model, args.calibration or 256, args.cache)
     measured = done(args.out)
 
+    session_config = EXACT_KERNELS if args.exact_kernels else ()
+
     def record(method: str, config: str, run: Callable[[], tuple[onnx.ModelProto, float]]) -> None:
+        method = f"{method} [exact kernels]" if args.exact_kernels else method
         if (args.model, method, config) in measured:
             return
+        cpu = time.process_time()
         model, seconds = run()
-        row = {"model": args.model, "method": method, "config": config, "top1": top1(setup, model), "seconds": seconds}
+        cpu = time.process_time() - cpu
+        row = {
+            "model": args.model, "method": method, "config": config, "top1": top1(setup, model, session_config),
+            "seconds": seconds, "cpu_seconds": cpu,
+        }
         with open(args.out, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)

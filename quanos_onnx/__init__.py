@@ -77,6 +77,7 @@ def compile(
     plan: PlanSource | None = None,
     bits: int | None = None,
     quantize_output: bool = False,
+    first_last_bits: int | None = None,
     calibration: Calibration = "auto",
     percentile: float = 99.99,
     weight_clipping: WeightClipping = "output",
@@ -141,6 +142,8 @@ def compile(
     `calibration` ("auto": entropy up to 6 bits, min/max above), per-channel weight
     clipping `weight_clipping`, `bias_correction`, cross-layer `equalize`, and `rounding`
     optimization ("adaround", "brecq") of `rounding_iterations` steps per layer or block.
+    `first_last_bits` keeps the first quantized layer (and the output layer when
+    `quantize_output`) at those bits whatever the plan says, as the PTQ papers keep them at 8.
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
     QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the

@@ -399,6 +399,7 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--bits", type=int, default=None, help="Uniform bits for every layer (a baseline) instead of QUANOS."),
         click.option("--plan", "plan", type=click.Path(), default=None, help="Per-layer bits from a plan.json instead of QUANOS."),
         click.option("--quantize-output", is_flag=True, help="Quantize the output layer too (kept float by default)."),
+        click.option("--first-last-bits", type=int, default=None, metavar="N", help="Keep the first quantized layer and, with --quantize-output, the output layer at N bits (weights and activations) whatever the plan says, as the PTQ papers do with 8; the milp counts them in its budget."),
         click.option("--calibration", type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]), default="auto", show_default=True, help="Activation range estimator, per quantizer at its bits (auto: entropy up to 6 bits, min/max above; docs/quantization.md)."),
         click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile."),
         click.option("--weight-clipping", type=click.Choice(["absmax", "mse", "output"]), default="output", show_default=True, help="Per-channel weight scales: absmax, or the clipping that minimizes the weight's (mse) or the layer output's (output) error."),

@@ -97,6 +97,14 @@ class Plan:
         )
         return Plan(entries, k_init=bits, k_min=bits, method=f"uniform-{bits}")
 
+    def with_bits(self, names: Sequence[str], bits: int) -> Plan:
+        """These layers at `bits` weights and activations, whatever the plan said (float included)."""
+        check_bits(bits, "pinned bits")
+        pinned = set(names)
+        return self.with_layers(
+            replace(e, weight_bits=bits, act_bits=bits, keep_float=False) if e.name in pinned else e for e in self.layers
+        )
+
     def average_weight_bits(self, params: Mapping[str, int]) -> float:
         """Parameter-weighted average over quantized layers (the compression figure)."""
         quantized = [entry for entry in self.layers if entry.quantized]
@@ -138,6 +146,17 @@ class Plan:
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+
+def first_and_last_layers(layers: Sequence[Any], *, quantize_output: bool) -> tuple[str, ...]:
+    """The layers BRECQ and QDrop keep at 8 bits: the first quantized layer in
+    graph order and, when the output layer is quantized (`quantize_output`), the output
+    layer(s). A float output layer is already wider than any bits, so it is not pinned and
+    no other layer stands in for it (docs/quantization.md, "First and last layers")."""
+    allocated = [layer for layer in layers if quantize_output or not layer.is_output]
+    if not allocated:
+        return ()
+    return tuple(dict.fromkeys([allocated[0].name, *(layer.name for layer in allocated if layer.is_output)]))
 
 
 def _float_entry(name: str) -> LayerPlan:

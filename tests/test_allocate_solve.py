@@ -230,6 +230,43 @@ def test_a_budget_no_plan_fits_is_a_usage_error(resnet):
         solve(layers, joins, _table(names), Budget("avg-bits", 4), ans_weight=-1.0)
 
 
+@pytest.mark.parametrize("average", [3.0, 4.5])
+def test_fixed_layers_are_pinned_and_counted_in_the_budget(resnet, average):
+    """First and output layer at 8 bits (compile's --first-last-bits): the optimum over the
+    assignments that keep them there, with their 8 bits inside the average-bits budget."""
+    layers, joins = resnet
+    names = [layer.name for layer in _allocated(layers, True)]
+    fixed = {names[0]: 8, next(layer.name for layer in layers if layer.is_output): 8}
+    table = _table(names, seed=7, flat={name: 1e-3 for name in fixed})  # left alone, they would take 2 bits
+    budget = Budget("avg-bits", average)
+    plan = solve(layers, joins, table, budget, quantize_output=True, fixed=fixed)
+    chosen = {e.name: e.weight_bits for e in plan.layers if e.quantized}
+    assert {name: chosen[name] for name in fixed} == fixed
+    assert plan_price(budget, layers, plan) <= average * (1 + 1e-9)
+
+    def objective(bits):
+        if any(bits[name] != b for name, b in fixed.items()):
+            return np.inf
+        return sum(table.of(n, b) for n, b in bits.items())
+
+    best_value, _ = _brute_force(layers, joins, table, budget, True, objective)
+    assert table.predict(plan) == pytest.approx(best_value, rel=1e-9)
+    free = solve(layers, joins, table, budget, quantize_output=True).by_name()
+    assert all(free[name].weight_bits < 8 for name in fixed)
+
+
+def test_fixed_layers_outside_the_program_are_usage_errors(resnet):
+    layers, joins = resnet
+    names = [layer.name for layer in _allocated(layers, False)]
+    output = next(layer.name for layer in layers if layer.is_output)
+    with pytest.raises(UsageError, match=f"layer '{output}': fixed at 8 bits but not allocated"):
+        solve(layers, joins, _table(names), Budget("avg-bits", 4), fixed={output: 8})
+    with pytest.raises(UsageError, match=f"layer '{names[0]}': fixed at 6 bits, outside the candidates 2..8"):
+        solve(layers, joins, _table(names), Budget("avg-bits", 4), fixed={names[0]: 6})
+    with pytest.raises(UsageError, match="avg-bits=2.*smallest needs"):
+        solve(layers, joins, _table(names), Budget("avg-bits", 2), fixed={names[0]: 8})
+
+
 def test_budgets_parse_from_the_command_line_form():
     assert parse_budget("avg-bits=4.5") == Budget("avg-bits", 4.5)
     assert parse_budget("bitops=1e9") == Budget("bitops", 1e9)

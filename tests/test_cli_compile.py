@@ -295,6 +295,51 @@ def test_pareto_needs_the_evaluation(workdir: Path):
     assert not (workdir / "out").exists()
 
 
+@pytest.mark.parametrize("quantize_output", [True, False])
+def test_first_last_bits_pins_the_first_and_the_quantized_output_layer(workdir: Path, quantize_output: bool):
+    output_flag = ["--quantize-output"] if quantize_output else []
+    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "4", "--first-last-bits", "8", *output_flag, "-o", "out", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    plan = read_plan(workdir / "out" / PLAN_FILE)
+    assert [(e.name, e.weight_bits, e.act_bits) for e in plan.layers] == [
+        ("conv0", 8, 8), ("conv1", 4, 4), ("conv2", 4, 4), ("conv3", 4, 4),
+        ("classifier", 8, 8) if quantize_output else ("classifier", None, None),
+    ]
+    assert plan.details["first_last_bits"] == {"bits": 8, "layers": ["conv0", "classifier"] if quantize_output else ["conv0"]}
+    model = onnx.load(workdir / "out" / MODEL_FILE)
+    names = {t.name for t in model.graph.initializer}
+    assert {"x_q8_scale", "conv0.weight_w8_quantized", "conv1.weight_w4_quantized"} <= names
+    assert ("classifier.weight_w8_quantized" in names) == quantize_output
+
+
+def test_first_last_bits_are_fixed_in_the_integer_program_and_counted_in_its_budget(workdir: Path):
+    result = _compile([
+        "model.onnx", "--data", "data.npz", "--budget", "avg-bits=4", "--first-last-bits", "8", "--quantize-output",
+        "--max-accuracy-drop", "none", "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16",
+        "--no-eval", "-o", "out", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["average_weight_bits"] <= 4.0
+    layers = {row["layer"]: row for row in summary["layers"]}
+    assert (layers["conv0"]["weight_bits"], layers["classifier"]["weight_bits"]) == (8, 8)
+    assert (layers["conv0"]["act_bits"], layers["classifier"]["act_bits"]) == (8, 8)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--bits", "4", "--first-last-bits", "1"], "error: --first-last-bits 1 is outside 2..16"),
+        (["--budget", "avg-bits=4", "--first-last-bits", "12"], "error: --first-last-bits 12 is outside the integer program's candidates --k-min..--max-bits (2..8)"),
+    ],
+)
+def test_first_last_bits_out_of_range_is_one_line(workdir: Path, args, words):
+    result = _compile(["model.onnx", "--data", "data.npz", "-o", "out", *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[0].startswith(words), result.output
+    assert not (workdir / "out").exists()
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

@@ -49,6 +49,8 @@ def test_describe_says_what_an_option_takes() -> None:
 def test_options_check_types_and_ranges_naming_the_argument() -> None:
     cases = [
         (dict(bits=17), "bits 17 is outside 2..16"),
+        (dict(first_last_bits=17), "first_last_bits 17 is outside 2..16"),
+        (dict(first_last_bits=12, budget="avg-bits=4"), "first_last_bits 12 is outside the integer program's candidates"),
         (dict(bits=8.0), "bits 8.0 is not a whole number or None"),
         (dict(k_init=8, k_min=9), "k_min 9 must be a whole number in 2..8 (k_init)"),
         (dict(target_avg_bits=20.0), "target_avg_bits 20.0 is outside 2..16 (k_init)"),

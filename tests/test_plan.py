@@ -10,7 +10,16 @@ import pytest
 from quanos_onnx.errors import PlanError
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import normalize
-from quanos_onnx.plan import PLAN_VERSION, JoinPlan, LayerPlan, Plan, plan_from_json, read_plan, validate_plan
+from quanos_onnx.plan import (
+    PLAN_VERSION,
+    JoinPlan,
+    LayerPlan,
+    Plan,
+    first_and_last_layers,
+    plan_from_json,
+    read_plan,
+    validate_plan,
+)
 
 from tiny_models import resnet_style
 
@@ -53,6 +62,24 @@ def test_uniform_plan_keeps_the_output_layer_float(layers):
     assert [(e.weight_bits, e.act_bits) for e in plan.layers[:-1]] == [(5, 5)] * (len(layers) - 1)
     assert plan.layers[-1].keep_float and plan.layers[-1].name == "classifier"
     assert Plan.uniform(layers, 5, keep_output_float=False).layers[-1].weight_bits == 5
+
+
+def test_first_and_last_layers_are_the_first_and_the_quantized_output(layers):
+    assert first_and_last_layers(layers, quantize_output=True) == ("stem", "classifier")
+    assert first_and_last_layers(layers, quantize_output=False) == ("stem",)
+    (only,) = [layer for layer in layers if layer.is_output]
+    assert first_and_last_layers([only], quantize_output=False) == ()
+    assert first_and_last_layers([only], quantize_output=True) == ("classifier",)
+
+
+def test_with_bits_pins_weights_and_activations_float_included(layers):
+    plan = Plan.uniform(layers, 4).with_bits(("stem", "classifier"), 8)
+    entries = plan.by_name()
+    assert (entries["stem"].weight_bits, entries["stem"].act_bits, entries["classifier"].act_bits) == (8, 8, 8)
+    assert entries["classifier"].quantized
+    assert {(e.weight_bits, e.act_bits) for e in plan.layers if e.name not in ("stem", "classifier")} == {(4, 4)}
+    with pytest.raises(PlanError, match="pinned bits: 17 bits is outside 2..16"):
+        plan.with_bits(("stem",), 17)
 
 
 def test_short_form_bits_sets_weights_and_activations():

@@ -14,7 +14,13 @@ from quanos_onnx.layers import list_layers
 from quanos_onnx.model import make_session, normalize, with_outputs
 from quanos_onnx.plan import LayerPlan, Plan
 from quanos_onnx.ptq import PtqSettings
-from quanos_onnx.ptq.reconstruct import DEFAULT_ITERATIONS, reconstruct_weights, reconstruction_units
+from quanos_onnx.ptq.reconstruct import (
+    DEFAULT_ITERATIONS,
+    SoftRounding,
+    reconstruct_weights,
+    reconstruction_units,
+    rounded_weights,
+)
 from quanos_onnx.quantize import quantize
 
 from tiny_models import random_inputs, resnet_style, vgg_chain
@@ -72,6 +78,24 @@ def test_adaround_lowers_the_layer_output_errors() -> None:
     nearest_errors = [_error(nearest.model, model, layer.block_output, x) for layer in layers]
     assert learned_errors[0] < nearest_errors[0]
     assert sum(learned_errors) < 0.97 * sum(nearest_errors)
+
+
+def test_a_unit_whose_learned_rounding_is_worse_keeps_round_to_nearest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every weight rounded the other way than the optimization says: each unit's error
+    rises, so every layer keeps its round-to-nearest integers."""
+    model, layers, plan, calibration, nearest = _setup(vgg_chain(), 3)
+
+    def the_other_way(self: SoftRounding) -> np.ndarray:
+        rounded = self.floor + (self.logits.detach() < 0).float()
+        return rounded.clamp(-self.limit, self.limit).numpy().astype(np.int32)
+
+    monkeypatch.setattr(SoftRounding, "integers", the_other_way)
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method="adaround", iterations=5, seed=0)
+    weights = rounded_weights(model, nearest.model, layers, nearest.plan)
+    assert set(grids) == {layer.name for layer in layers}
+    for name, grid in grids.items():
+        np.testing.assert_array_equal(grid.integers, weights[name].integers)
 
 
 def test_brecq_reconstructs_residual_blocks_and_lowers_their_output_error() -> None:

@@ -28,6 +28,10 @@ aligned one: a shortcut conv feeding a join with a quantized layer downstream ta
 layer's bits (x[s, b] = x[d, b] for every b); a shortcut conv feeding a join with no
 quantized layer downstream takes the widest bits among the layers feeding the join
 (sum_b b x[s, b] >= sum_b b x[f, b]).
+
+`fixed` layers (the first and last layers a user keeps at N bits, compile's
+--first-last-bits) get x[l, N] = 1: the budget counts them at N bits and the other layers
+share what is left.
 """
 
 from __future__ import annotations
@@ -160,17 +164,19 @@ def solve(
     lipschitz: Mapping[str, float] | None = None,
     robustness_signal: RobustnessSignal = "ans",
     quantize_output: bool = False,
+    fixed: Mapping[str, int] | None = None,
 ) -> Plan:
     """The plan minimizing predicted cost (+ the robustness term) within the budget, exactly.
 
     The robustness term is ANS's (`ans`), the Lipschitz bounds' (`lipschitz`) or both, as
-    `robustness_signal` says; a signal without values (or all zero) adds nothing.
+    `robustness_signal` says; a signal without values (or all zero) adds nothing. `fixed`
+    (layer name -> bits, one of the table's candidates) pins those layers' bits.
     """
     if not (math.isfinite(ans_weight) and ans_weight >= 0):
         raise UsageError(f"--ans-weight {ans_weight!r} must be a non-negative number")
     if robustness_signal not in ROBUSTNESS_SIGNALS:
         raise UsageError(f"{arg('robustness_signal')} {robustness_signal!r} is not one of {', '.join(ROBUSTNESS_SIGNALS)}")
-    problem = _Problem(layers, joins, sensitivity, budget, quantize_output)
+    problem = _Problem(layers, joins, sensitivity, budget, quantize_output, fixed or {})
     base = problem.optimum(problem.cost)
     term = problem.robustness_term(
         _ans_shares(problem.names, ans) if robustness_signal != "lipschitz" else None,
@@ -210,6 +216,7 @@ class _Problem:
         sensitivity: Sensitivity,
         budget: Budget,
         quantize_output: bool,
+        fixed: Mapping[str, int],
     ) -> None:
         from scipy.optimize import LinearConstraint
 
@@ -230,6 +237,13 @@ class _Problem:
         for index in range(len(self.names)):
             row = np.zeros(self.size)
             row[index * width : (index + 1) * width] = 1.0
+            rows.append(row)
+            lower.append(1.0)
+            upper.append(1.0)
+        pinned = _pinned_columns(self.names, self.candidates, fixed)
+        for column in pinned.values():
+            row = np.zeros(self.size)
+            row[column] = 1.0
             rows.append(row)
             lower.append(1.0)
             upper.append(1.0)
@@ -260,7 +274,11 @@ class _Problem:
             lower.append(0.0)
             upper.append(np.inf)
         self.constraints = LinearConstraint(np.vstack(rows), np.array(lower), np.array(upper))
-        smallest = float(price.reshape(len(self.names), width).min(axis=1).sum())
+        cheapest = price.reshape(len(self.names), width).min(axis=1)
+        for index, name in enumerate(self.names):
+            if name in pinned:
+                cheapest[index] = price[pinned[name]]
+        smallest = float(cheapest.sum())
         if smallest > limit * (1 + 1e-9):
             floor = smallest / sum(by_name[n].params for n in self.names) if budget.kind == "avg-bits" else smallest + fixed
             raise UsageError(
@@ -331,6 +349,21 @@ def _quiet_c_stdout() -> Iterator[None]:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _pinned_columns(names: Sequence[str], candidates: Sequence[int], fixed: Mapping[str, int]) -> dict[str, int]:
+    """The variable x[l, b] each fixed layer must take, by layer name."""
+    position = {name: index for index, name in enumerate(names)}
+    columns = {}
+    for name, bits in fixed.items():
+        if name not in position:
+            raise UsageError(f"layer '{name}': fixed at {bits} bits but not allocated (unknown, or the float output layer)")
+        if bits not in candidates:
+            raise UsageError(
+                f"layer '{name}': fixed at {bits} bits, outside the candidates {candidates[0]}..{candidates[-1]}"
+            )
+        columns[name] = position[name] * len(candidates) + list(candidates).index(bits)
+    return columns
 
 
 def _ans_shares(names: Sequence[str], ans: Mapping[str, float] | None) -> np.ndarray | None:

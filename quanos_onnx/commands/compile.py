@@ -81,6 +81,10 @@ class CompileOptions(AttackOptions, RunOptions):
 
     bits: int | None = None
     quantize_output: bool = False
+    first_last_bits: int | None = None
+    """The first quantized layer and, with `quantize_output`, the output layer at these bits
+    (weights and activations) whatever the plan says, as the PTQ papers keep them at 8
+    (plan.first_and_last_layers); the milp counts them in its budget."""
     calibration: Calibration = "auto"
     percentile: float = 99.99
     weight_clipping: WeightClipping = "output"
@@ -116,6 +120,8 @@ class CompileOptions(AttackOptions, RunOptions):
         super().__post_init__()
         if self.bits is not None and not MIN_BITS <= self.bits <= MAX_BITS:
             raise UsageError(f"{arg('bits')} {self.bits} is outside {MIN_BITS}..{MAX_BITS}")
+        if self.first_last_bits is not None and not MIN_BITS <= self.first_last_bits <= MAX_BITS:
+            raise UsageError(f"{arg('first_last_bits')} {self.first_last_bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.calibration_samples < 1:
             raise UsageError(f"{arg('calibration_samples')} {self.calibration_samples} must be at least 1")
         if not 50.0 < self.percentile <= 100.0:
@@ -165,6 +171,28 @@ class CompileOptions(AttackOptions, RunOptions):
             from ..allocate.solve import parse_budget
 
             parse_budget(self.budget)
+            if self.first_last_bits is not None and not self.k_min <= self.first_last_bits <= self.max_bits:
+                raise UsageError(
+                    f"{arg('first_last_bits')} {self.first_last_bits} is outside the integer program's candidates "
+                    f"{arg('k_min')}..{arg('max_bits')} ({self.k_min}..{self.max_bits})"
+                )
+
+    def first_last_layers(self, layers: Sequence[Layer]) -> dict[str, int]:
+        """The layers `first_last_bits` pins, with its bits (none without it)."""
+        from ..plan import first_and_last_layers
+
+        if self.first_last_bits is None:
+            return {}
+        return dict.fromkeys(first_and_last_layers(layers, quantize_output=self.quantize_output), self.first_last_bits)
+
+    def with_first_last_bits(self, plan: Plan, layers: Sequence[Layer]) -> Plan:
+        """The chosen plan with the first/last layers at `first_last_bits`, before alignment."""
+        pinned = self.first_last_layers(layers)
+        if not pinned or self.first_last_bits is None:
+            return plan
+        return plan.with_bits(tuple(pinned), self.first_last_bits).with_details(
+            first_last_bits={"bits": self.first_last_bits, "layers": list(pinned)}
+        )
 
     def ptq_settings(self, *, rounding: bool = True) -> PtqSettings:
         """How the plan's grids are chosen (ptq/); without `rounding`, round-to-nearest,
@@ -401,6 +429,7 @@ def run_compile(
             chosen = _milp_plan(options, source.proto, layers, dataset, statistics, progress)
         else:
             chosen = _quanos_plan(options, source.proto, layers, dataset, statistics, progress)
+        chosen = options.with_first_last_bits(chosen, layers)
 
         def quantize_plan(wanted: Plan) -> Any:
             return quantize(
@@ -599,7 +628,7 @@ def _milp_plan(
     )
     if options.budget is not None:
         budget = parse_budget(options.budget)
-        plan = solve(layers, joins, table, budget, **solve_options)
+        plan = solve(layers, joins, table, budget, fixed=options.first_last_layers(layers), **solve_options)
         how = f"integer program within {budget.describe()}"
         if options.max_accuracy_drop is not None:
             checked = repair(plan, layers, joins, table, evaluate, minimum, budget=budget)

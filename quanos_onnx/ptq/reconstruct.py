@@ -68,7 +68,11 @@ DROP_PROBABILITY = 0.5
 """QDrop: chance that an element of a block's input is the float activation."""
 ZETA, GAMMA = 1.1, -0.1
 """The rectified sigmoid's stretch: h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)."""
-COLLECT_BATCH = 128
+COLLECT_BATCH = 32
+"""Samples per onnxruntime run when gathering unit data: the session returns every
+activation of the units for the chunk at once and its arena keeps the peak, so memory grows
+with the chunk (EfficientNet-Lite0, 128 samples in one chunk of 128: 12.7 GB resident,
+killed for memory on the 23 GB VM, docs/benchmarks.md)."""
 ERROR_SAMPLES = 256
 """Samples on which the log reports each unit's output error before and after."""
 
@@ -132,6 +136,9 @@ def reconstruct_weights(
     weight scales and activation quantizers are kept. Returns layer name -> WeightGrid for
     quantize(..., weight_grids=...). `method` "adaround" reconstructs each layer's output
     (after its activation), "brecq" each residual block's with QDrop. Deterministic per seed.
+    A unit whose learned rounding ends with a larger output error than round-to-nearest
+    keeps round-to-nearest (EfficientNet-Lite0's first depthwise conv at 100 steps on 64
+    samples: 13.0 -> 16.9, docs/benchmarks.md).
     """
     import torch
 
@@ -162,12 +169,17 @@ def reconstruct_weights(
         before = _unit_error(twin, data, {w.feed: current[w.feed] for w in unit_weights})
         with progress(unit.label, iterations) as advance:
             _optimize(twin, roundings, unit_weights, data, iterations, generator, advance)
+        learned = {weight.feed: weight.dequantized(rounding.integers()) for weight, rounding in zip(unit_weights, roundings)}
+        after = _unit_error(twin, data, learned)
+        kept = after <= before
         for weight, rounding in zip(unit_weights, roundings):
-            integers = rounding.integers()
+            integers = rounding.integers() if kept else weight.integers
             current[weight.feed] = weight.dequantized(integers)
             grids[weight.layer] = WeightGrid(integers.astype(np.int8 if weight.bits <= 8 else np.int16), weight.scale)
-        after = _unit_error(twin, data, {w.feed: current[w.feed] for w in unit_weights})
-        log.info("%s: output error %.4g with nearest rounding, %.4g learned", unit.label, before, after)
+        log.info(
+            "%s: output error %.4g with nearest rounding, %.4g learned%s",
+            unit.label, before, after, "" if kept else ": keeps nearest",
+        )
     return grids
 
 
