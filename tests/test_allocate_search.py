@@ -197,3 +197,24 @@ def test_pareto_front_measures_its_plans_together(resnet):
     budgets = [Budget("avg-bits", b) for b in (3, 4, 5)]
     points = pareto_front(layers, joins, _table(layers), lambda plan: 0.0, budgets, evaluate_many=many)
     assert batches == [3] and [round(p.accuracy * 8) for p in points] == [3, 4, 5]
+
+
+def test_fixed_layers_keep_their_bits_in_every_probe_and_repair_step(resnet):
+    """--first-last-bits pins layers in the integer program: the search and its repair never move them."""
+    layers, joins = resnet
+    params = {layer.name: layer.params for layer in layers}
+    fixed = {"stem": 8}
+
+    def accuracy(plan: Plan) -> float:
+        return 0.9 if plan.average_weight_bits(params) >= 5.0 else 0.3
+
+    result = smallest_within_guard(layers, joins, _table(layers), accuracy, 0.8, ans=None, max_evaluations=12, fixed=fixed)
+    assert result.passed and _bits(result.plan)["stem"] == 8
+    repaired = repair(
+        Plan.uniform(layers, 2).with_bits(("stem",), 8), layers, joins, _table(layers), lambda p: 0.0, 0.5,
+        max_evaluations=6, fixed=fixed,
+    )
+    assert repaired.steps and all("stem" not in step.layers for step in repaired.steps)
+    points = pareto_front(layers, joins, _table(layers), accuracy, [Budget("avg-bits", b) for b in (2, 4, 6)], fixed=fixed)
+    assert [point.budget.value for point in points] == [4, 6]  # no plan with the stem at 8 bits fits 2 average bits
+    assert all(_bits(point.plan)["stem"] == 8 for point in points)

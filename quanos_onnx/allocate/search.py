@@ -103,13 +103,15 @@ def repair(
     budget: Budget | None = None,
     max_evaluations: int = 24,
     accuracy: float | None = None,
+    fixed: Mapping[str, int] | None = None,
 ) -> Verified:
     """Raise bits until the plan's measured accuracy reaches `minimum_accuracy`.
 
     Each step raises one alignment group to its next candidate bit-width: the group with the
     largest predicted gain (drop of predicted cost) per unit of added price (the budget's
     quantity; parameter-bits without a budget). Stops when the guard holds, when every layer is at the widest candidate, or after `max_evaluations`
-    evaluations. `accuracy`: the plan's accuracy when the caller measured it already.
+    evaluations. `accuracy`: the plan's accuracy when the caller measured it already;
+    `fixed` layers (solve's) are never raised.
     """
     if max_evaluations < 1:
         raise UsageError(f"max_evaluations {max_evaluations} must be at least 1")
@@ -122,7 +124,7 @@ def repair(
         accuracy = evaluate(plan)
         evaluations = 1
     steps: list[RepairStep] = []
-    groups = _groups(layers, joins, plan)
+    groups = [group for group in _groups(layers, joins, plan) if not set(group) & set(fixed or {})]
     while accuracy < minimum_accuracy and evaluations < max_evaluations:
         best: tuple[float, float, tuple[str, ...], int] | None = None
         for group in groups:
@@ -163,13 +165,26 @@ def _with(plan: Plan, bits: Mapping[str, int]) -> Plan:
 
 
 def budget_range(
-    budget_kind: str, layers: Sequence[Layer], sensitivity: Sensitivity, profile: Any = None, quantize_output: bool = False
+    budget_kind: str,
+    layers: Sequence[Layer],
+    sensitivity: Sensitivity,
+    profile: Any = None,
+    quantize_output: bool = False,
+    fixed: Mapping[str, int] | None = None,
 ) -> tuple[float, float]:
-    """The budget values of the all-narrowest and all-widest plans (the search interval)."""
-    narrow = Plan.uniform(layers, min(sensitivity.bits), keep_output_float=not quantize_output)
-    wide = Plan.uniform(layers, max(sensitivity.bits), keep_output_float=not quantize_output)
+    """The budget values of the all-narrowest and all-widest plans (the search interval),
+    `fixed` layers at their bits in both."""
+    narrow = _uniform(layers, min(sensitivity.bits), quantize_output, fixed)
+    wide = _uniform(layers, max(sensitivity.bits), quantize_output, fixed)
     budget = Budget(budget_kind, 1.0, profile)
     return plan_price(budget, layers, narrow), plan_price(budget, layers, wide)
+
+
+def _uniform(layers: Sequence[Layer], bits: int, quantize_output: bool, fixed: Mapping[str, int] | None) -> Plan:
+    plan = Plan.uniform(layers, bits, keep_output_float=not quantize_output)
+    for name, pinned in (fixed or {}).items():
+        plan = plan.with_bits((name,), pinned)
+    return plan
 
 
 def smallest_within_guard(
@@ -190,6 +205,7 @@ def smallest_within_guard(
     quantize_output: bool = False,
     evaluate_many: EvaluateMany | None = None,
     parallel: int = 1,
+    fixed: Mapping[str, int] | None = None,
 ) -> Verified:
     """Accuracy-target mode: the smallest budget whose solved plan keeps the guard.
 
@@ -209,7 +225,7 @@ def smallest_within_guard(
     """
     if parallel < 1:
         raise UsageError(f"parallel {parallel} must be at least 1")
-    low, high = budget_range(budget_kind, layers, sensitivity, profile, quantize_output)
+    low, high = budget_range(budget_kind, layers, sensitivity, profile, quantize_output, fixed)
     tolerance = tolerance if tolerance is not None else (0.125 if budget_kind == "avg-bits" else 0.01 * (high - low))
     measure_many = evaluate_many or one_by_one(evaluate)
     measured: dict[float, tuple[Plan, float]] = {}
@@ -225,7 +241,7 @@ def smallest_within_guard(
             solve(
                 layers, joins, sensitivity, Budget(budget_kind, value, profile),
                 ans=ans, ans_weight=ans_weight, lipschitz=lipschitz, robustness_signal=robustness_signal,
-                quantize_output=quantize_output,
+                quantize_output=quantize_output, fixed=fixed,
             )
             for value in fresh
         ]
@@ -255,7 +271,7 @@ def smallest_within_guard(
         # correction). Uniform at the next narrower candidate, which uses neither, is the
         # second anchor.
         bits = sensitivity.bits[-2] if len(sensitivity.bits) > 1 else sensitivity.bits[-1]
-        uniform = Plan.uniform(layers, bits, keep_output_float=not quantize_output)
+        uniform = _uniform(layers, bits, quantize_output, fixed)
         second = plan_price(Budget(budget_kind, 1.0, profile), layers, uniform)
         if len(probes) < max_evaluations and low < second < high:
             if _signature(uniform) not in by_bits:
@@ -270,7 +286,7 @@ def smallest_within_guard(
             # fails, keep the most accurate plan measured.
             repaired = repair(
                 best_plan, layers, joins, sensitivity, evaluate, minimum_accuracy,
-                max_evaluations=max(max_evaluations - len(probes), 1), accuracy=best_accuracy,
+                max_evaluations=max(max_evaluations - len(probes), 1), accuracy=best_accuracy, fixed=fixed,
             )
             kept = repaired if repaired.passed or repaired.accuracy >= best_accuracy else replace(
                 repaired, plan=best_plan, accuracy=best_accuracy
@@ -323,13 +339,20 @@ def pareto_front(
     robustness_signal: RobustnessSignal = "ans",
     quantize_output: bool = False,
     evaluate_many: EvaluateMany | None = None,
+    fixed: Mapping[str, int] | None = None,
 ) -> list[ParetoPoint]:
     """Solve and evaluate one plan per budget; mark the points another beats on both axes.
-    The plans are independent: `evaluate_many` may measure them in parallel."""
+    The plans are independent: `evaluate_many` may measure them in parallel. With `fixed`
+    layers, budgets below the narrowest plan's are left out (no plan fits them)."""
+    if fixed:
+        budgets = [
+            budget for budget in budgets
+            if budget.value >= budget_range(budget.kind, layers, sensitivity, budget.profile, quantize_output, fixed)[0] - 1e-9
+        ]
     plans = [
         solve(
             layers, joins, sensitivity, budget, ans=ans, ans_weight=ans_weight, lipschitz=lipschitz,
-            robustness_signal=robustness_signal, quantize_output=quantize_output,
+            robustness_signal=robustness_signal, quantize_output=quantize_output, fixed=fixed,
         )
         for budget in budgets
     ]

@@ -167,15 +167,15 @@ class CompileOptions(AttackOptions, RunOptions):
             raise UsageError(f"{arg('sensitivity_samples')} {self.sensitivity_samples} must be at least 1")
         if not self.k_min <= self.max_bits <= MAX_BITS:
             raise UsageError(f"{arg('max_bits')} {self.max_bits} is outside {arg('k_min')} {self.k_min}..{MAX_BITS}")
+        if self.first_last_bits is not None and not self.k_min <= self.first_last_bits <= self.max_bits:
+            raise UsageError(
+                f"{arg('first_last_bits')} {self.first_last_bits} is outside the integer program's candidates "
+                f"{arg('k_min')}..{arg('max_bits')} ({self.k_min}..{self.max_bits})"
+            )
         if self.budget is not None:
             from ..allocate.solve import parse_budget
 
             parse_budget(self.budget)
-            if self.first_last_bits is not None and not self.k_min <= self.first_last_bits <= self.max_bits:
-                raise UsageError(
-                    f"{arg('first_last_bits')} {self.first_last_bits} is outside the integer program's candidates "
-                    f"{arg('k_min')}..{arg('max_bits')} ({self.k_min}..{self.max_bits})"
-                )
 
     def first_last_layers(self, layers: Sequence[Layer]) -> dict[str, int]:
         """The layers `first_last_bits` pins, with its bits (none without it)."""
@@ -625,13 +625,14 @@ def _milp_plan(
     solve_options = dict(
         ans=ans_means, ans_weight=options.ans_weight, lipschitz=lipschitz,
         robustness_signal=options.robustness_signal, quantize_output=options.quantize_output,
+        fixed=options.first_last_layers(layers),
     )
     if options.budget is not None:
         budget = parse_budget(options.budget)
-        plan = solve(layers, joins, table, budget, fixed=options.first_last_layers(layers), **solve_options)
+        plan = solve(layers, joins, table, budget, **solve_options)
         how = f"integer program within {budget.describe()}"
         if options.max_accuracy_drop is not None:
-            checked = repair(plan, layers, joins, table, evaluate, minimum, budget=budget)
+            checked = repair(plan, layers, joins, table, evaluate, minimum, budget=budget, fixed=solve_options["fixed"])
             plan, how = checked.plan, how + f", repaired in {len(checked.steps)} step(s)"
         accuracy = evaluate(plan)
     else:
