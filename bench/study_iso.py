@@ -1,7 +1,7 @@
 """Post-hoc, iso-size: what ANS adds to an accuracy-aware allocator (issue 20, items 1 and 4).
 
-For each model (bench/study_data.py: `resnet20`, `fashion`) and each average of 3, 4, 5 and 6
-weight bits, three plans of the same size:
+For each model (bench/study_data.py: `resnet20`, `fashion`, `efficientnet` with the cuts in
+AUDITS) and each average of 3, 4, 5 and 6 weight bits, three plans of the same size:
 
 - `ans`: the integer program (`allocate.solve.solve`, Budget("avg-bits", B)) on the compile's
   sensitivity table (kl, PTQ grids) with ANS (FGSM 0.05) at the default weight;
@@ -27,6 +27,7 @@ Every plan is one JSON cell under bench/cache/study-iso/<model>/ keyed by its al
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model fashion
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model resnet20
+    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model efficientnet
     PYTHONPATH=. python bench/study_iso.py --model resnet20 --model fashion --table
 """
 
@@ -38,7 +39,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,6 @@ from study_data import cached  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench/cache/study-iso"
-AVERAGES = (4, 5, 3, 6)
-"""Measured in this order (the middle budgets first), shown sorted."""
 ARMS = ("ans", "accuracy-only", "uniform")
 AUDIT_BATCH = 100
 BOOTSTRAP_DRAWS = 4000
@@ -61,19 +60,32 @@ PROFILES = ("standard", "dg", "dvafs")
 
 @dataclass(frozen=True)
 class AuditPlan:
-    """The audit's eps per model and PGD's step: the paper's PGD grid (8/255, 16/255; 7 steps of
-    2/255), and 2/255 (its Table IV) on CIFAR-10, where 16/255 leaves every model at 0%."""
+    """Per model: audit samples, eps and PGD's step (the paper's PGD grid, 8/255 and 16/255 in
+    7 steps of 2/255; on ImageNet and CIFAR-10 2/255 (its Table IV) and 8/255, as 16/255 leaves
+    every model at 0%), and the cuts: calibration and sensitivity images, batch size, averages,
+    whether the default compile is run."""
 
     samples: int
     eps: tuple[float, ...]
     eps_text: tuple[str, ...]
     pgd_alpha: float | None
+    calibration: int = 512
+    sensitivity: int = 256
+    batch: int = 128
+    averages: tuple[int, ...] = (4, 5, 3, 6)
+    compile: bool = True
 
 
 AUDITS = {
     "resnet20": AuditPlan(200, (2 / 255, 8 / 255), ("2/255", "8/255"), 2 / 255),
     "fashion": AuditPlan(500, (8 / 255, 16 / 255), ("8/255", "16/255"), 2 / 255),
+    "efficientnet": AuditPlan(
+        50, (2 / 255, 8 / 255), ("2/255", "8/255"), 2 / 255, calibration=256, sensitivity=32, batch=32,
+        averages=(4, 3), compile=False,
+    ),
 }
+"""EfficientNet-Lite0 is cut for the 2-core VM: 256 calibration images, the table on 32, the
+audit on 50, 3 and 4 bits, no default compile (it did not finish in 20 minutes, docs/benchmarks.md)."""
 
 
 def _bits_text(mask: np.ndarray) -> str:
@@ -92,10 +104,10 @@ def plan_key(plan: Any) -> str:
 
 class IsoStudy:
     def __init__(self, name: str, audit_samples: int | None = None) -> None:
-        self.bench = Bench(name)
-        self.name = name
         base = AUDITS[name]
-        self.audit_plan = base if audit_samples is None else AuditPlan(audit_samples, base.eps, base.eps_text, base.pgd_alpha)
+        self.bench = Bench(name, base.calibration, base.sensitivity, base.batch)
+        self.name = name
+        self.audit_plan = base if audit_samples is None else replace(base, samples=audit_samples)
         self.cache = CACHE / name
 
     # -- plans ---------------------------------------------------------------------------
@@ -187,7 +199,7 @@ class IsoStudy:
         for index, average in enumerate(averages):
             for arm in ARMS:
                 self.measure(f"{arm}-{average}", self.plan(arm, average))
-            if index == 1:
+            if index == 1 and self.audit_plan.compile:
                 self.measure("compile", self.compile_plan())
 
     def rows(self, averages: tuple[int, ...]) -> dict[tuple[str, int | None], dict[str, Any]]:
@@ -314,14 +326,14 @@ def main() -> None:
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=tuple(AUDITS), action="append")
-    parser.add_argument("--averages", default=",".join(map(str, AVERAGES)))
+    parser.add_argument("--averages", help="comma-separated average bits (default per model; measured in this order)")
     parser.add_argument("--audit", type=int, help="audit samples (default per model)")
     parser.add_argument("--table", action="store_true", help="print the tables of the cached cells")
     options = parser.parse_args()
-    averages = tuple(int(a) for a in options.averages.split(","))
     started = time.perf_counter()
     for name in options.model or list(AUDITS):
         study = IsoStudy(name, options.audit)
+        averages = tuple(int(a) for a in options.averages.split(",")) if options.averages else study.audit_plan.averages
         if options.table:
             print(render(study, averages))
         else:
