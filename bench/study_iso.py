@@ -6,6 +6,8 @@ AUDITS) and each average of 3, 4, 5 and 6 weight bits, three plans of the same s
 - `ans`: the integer program (`allocate.solve.solve`, Budget("avg-bits", B)) on the compile's
   sensitivity table (kl, PTQ grids) with ANS (FGSM 0.05) at the default weight;
 - `accuracy-only`: the same program with ans_weight=0;
+- `ans-w1`, `ans-w4` (with `--arms`): ANS weights 1 and 4, as the default 0.25 moves no bit on
+  these two models;
 - `uniform`: every layer at B bits (classifier float);
 
 plus `float` and `compile`: the plan of `quanos_onnx.compile(model, (tune_x, tune_y))` with
@@ -27,6 +29,7 @@ Every plan is one JSON cell under bench/cache/study-iso/<model>/ keyed by its al
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model fashion
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model resnet20
+    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model fashion --arms ans-w1,ans-w4
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model efficientnet
     PYTHONPATH=. python bench/study_iso.py --model resnet20 --model fashion --table
 """
@@ -52,7 +55,11 @@ from study_data import cached  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench/cache/study-iso"
-ARMS = ("ans", "accuracy-only", "uniform")
+ANS_WEIGHTS = {"ans": None, "ans-w1": 1.0, "ans-w4": 4.0, "accuracy-only": 0.0}
+"""The integer program's arms: `ans` at the default weight (None: DEFAULT_ANS_WEIGHT, 0.25), two
+stronger ANS weights (the default moves no layer on ResNet-20 or the Fashion CNN), and none."""
+ARMS = ("ans", "accuracy-only", "uniform", "ans-w1", "ans-w4")
+MAIN_ARMS = ARMS[:3]
 AUDIT_BATCH = 100
 BOOTSTRAP_DRAWS = 4000
 PROFILES = ("standard", "dg", "dvafs")
@@ -137,7 +144,8 @@ class IsoStudy:
         bench = self.bench
         if arm == "uniform":
             return Plan.uniform(bench.layers, average)
-        weight = DEFAULT_ANS_WEIGHT if arm == "ans" else 0.0
+        weight = ANS_WEIGHTS[arm]
+        weight = DEFAULT_ANS_WEIGHT if weight is None else weight
         return solve(bench.layers, bench.joins, bench.sensitivity("ptq"), Budget("avg-bits", average),
                      ans=bench.ans(), ans_weight=weight)
 
@@ -194,12 +202,14 @@ class IsoStudy:
         return audit_model(model, iter(batches), settings, seed=0, progress=None)
 
     # -- stages ----------------------------------------------------------------------------
-    def run(self, averages: tuple[int, ...]) -> None:
+    def run(self, averages: tuple[int, ...], arms: tuple[str, ...]) -> None:
+        """Float, then `arms` at each average; the default compile after the second average
+        when the main arms are run."""
         self.measure("float", None)
         for index, average in enumerate(averages):
-            for arm in ARMS:
+            for arm in arms:
                 self.measure(f"{arm}-{average}", self.plan(arm, average))
-            if index == 1 and self.audit_plan.compile:
+            if index == 1 and self.audit_plan.compile and set(MAIN_ARMS) <= set(arms):
                 self.measure("compile", self.compile_plan())
 
     def rows(self, averages: tuple[int, ...]) -> dict[tuple[str, int | None], dict[str, Any]]:
@@ -293,14 +303,14 @@ def render(study: IsoStudy, averages: tuple[int, ...]) -> str:
         "|---|---|---|" + "---|" * len(audit.eps),
     ]
     for average in sorted(averages):
-        for other in ("accuracy-only", "uniform"):
-            a, b = rows.get(("ans", average)), rows.get((other, average))
+        for arm, other in [(arm, other) for arm in ("ans", "ans-w1", "ans-w4") for other in ("accuracy-only", "uniform")]:
+            a, b = rows.get((arm, average)), rows.get((other, average))
             if a is None or b is None:
                 continue
             if a["key"] == b["key"]:
-                lines.append(f"| ans - {other} | {average} | same plan | " + " | ".join("0" for _ in audit.eps) + " |")
+                lines.append(f"| {arm} - {other} | {average} | same plan | " + " | ".join("0" for _ in audit.eps) + " |")
                 continue
-            cells = [f"ans - {other}", str(average)]
+            cells = [f"{arm} - {other}", str(average)]
             for pair in [("clean", None)] + [("worst", str(eps)) for eps in audit.eps]:
                 x = _mask(a[pair[0]] if pair[1] is None else a[pair[0]][pair[1]])
                 y = _mask(b[pair[0]] if pair[1] is None else b[pair[0]][pair[1]])
@@ -328,6 +338,7 @@ def main() -> None:
     parser.add_argument("--model", choices=tuple(AUDITS), action="append")
     parser.add_argument("--averages", help="comma-separated average bits (default per model; measured in this order)")
     parser.add_argument("--audit", type=int, help="audit samples (default per model)")
+    parser.add_argument("--arms", default=",".join(MAIN_ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--table", action="store_true", help="print the tables of the cached cells")
     options = parser.parse_args()
     started = time.perf_counter()
@@ -337,7 +348,7 @@ def main() -> None:
         if options.table:
             print(render(study, averages))
         else:
-            study.run(averages)
+            study.run(averages, tuple(options.arms.split(",")))
     print(f"{machine()}; {time.perf_counter() - started:.0f} s", flush=True)
 
 
