@@ -30,6 +30,7 @@ Every plan is one JSON cell under bench/cache/study-iso/<model>/ keyed by its al
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model fashion
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model resnet20
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model fashion --arms ans-w1,ans-w4
+    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model fashion --arms first-layer --averages 3,4,8
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/study_iso.py --model efficientnet
     PYTHONPATH=. python bench/study_iso.py --model resnet20 --model fashion --table
 """
@@ -58,7 +59,9 @@ CACHE = REPO / "bench/cache/study-iso"
 ANS_WEIGHTS = {"ans": None, "ans-w1": 1.0, "ans-w4": 4.0, "accuracy-only": 0.0}
 """The integer program's arms: `ans` at the default weight (None: DEFAULT_ANS_WEIGHT, 0.25), two
 stronger ANS weights (the default moves no layer on ResNet-20 or the Fashion CNN), and none."""
-ARMS = ("ans", "accuracy-only", "uniform", "ans-w1", "ans-w4")
+ARMS = ("ans", "accuracy-only", "uniform", "ans-w1", "ans-w4", "first-layer")
+"""`first-layer` (a probe, not an iso-size arm): the first layer at B bits (weights and its input),
+every other layer float, to see how much of a plan's robust accuracy is the input's bit depth."""
 MAIN_ARMS = ARMS[:3]
 AUDIT_BATCH = 100
 BOOTSTRAP_DRAWS = 4000
@@ -139,11 +142,18 @@ class IsoStudy:
 
     def plan(self, arm: str, average: int) -> Any:
         from quanos_onnx.allocate.solve import DEFAULT_ANS_WEIGHT, Budget, solve
-        from quanos_onnx.plan import Plan
+        from quanos_onnx.plan import LayerPlan, Plan
 
         bench = self.bench
         if arm == "uniform":
             return Plan.uniform(bench.layers, average)
+        if arm == "first-layer":
+            first = bench.layers[0].name
+            return Plan(tuple(
+                LayerPlan(layer.name, average, average) if layer.name == first
+                else LayerPlan(layer.name, None, None, keep_float=True)
+                for layer in bench.layers
+            ))
         weight = ANS_WEIGHTS[arm]
         weight = DEFAULT_ANS_WEIGHT if weight is None else weight
         return solve(bench.layers, bench.joins, bench.sensitivity("ptq"), Budget("avg-bits", average),
