@@ -307,18 +307,19 @@ def render(study: IsoStudy, averages: tuple[int, ...]) -> str:
     lines += [
         "",
         "Paired differences in points (the same images; 95% paired bootstrap interval, "
-        f"{BOOTSTRAP_DRAWS} draws); \"same plan\": the two arms chose identical bits.",
+        f"{BOOTSTRAP_DRAWS} draws).",
         "",
         "| comparison | target | clean | " + " | ".join(f"worst case {t}" for t in audit.eps_text) + " |",
         "|---|---|---|" + "---|" * len(audit.eps),
     ]
+    same: list[str] = []
     for average in sorted(averages):
         for arm, other in [(arm, other) for arm in ("ans", "ans-w1", "ans-w4") for other in ("accuracy-only", "uniform")]:
             a, b = rows.get((arm, average)), rows.get((other, average))
             if a is None or b is None:
                 continue
             if a["key"] == b["key"]:
-                lines.append(f"| {arm} - {other} | {average} | same plan | " + " | ".join("0" for _ in audit.eps) + " |")
+                same.append(f"{arm} = {other} at {average}")
                 continue
             cells = [f"{arm} - {other}", str(average)]
             for pair in [("clean", None)] + [("worst", str(eps)) for eps in audit.eps]:
@@ -327,6 +328,8 @@ def render(study: IsoStudy, averages: tuple[int, ...]) -> str:
                 mean, low, high = paired_bootstrap(x, y)
                 cells.append(f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]")
             lines.append("| " + " | ".join(cells) + " |")
+    if same:
+        lines += ["", "Identical plans (every difference exactly 0): " + "; ".join(same) + "."]
     compile_path = study.cache / "compile-default.json"
     if compile_path.exists():
         data = json.loads(compile_path.read_text())
