@@ -1,7 +1,7 @@
 """Post-hoc, iso-size: what ANS adds to an accuracy-aware allocator (issue 20, items 1 and 4).
 
 For each model (bench/study_data.py: `resnet20`, `fashion`, `efficientnet` with the cuts in
-AUDITS) and each average of 3, 4, 5 and 6 weight bits, three plans of the same size:
+AUDITS) and each average of 3, 4, 5 and 6 weight bits, plans of the same size:
 
 - `ans`: the integer program (`allocate.solve.solve`, Budget("avg-bits", B)) on the compile's
   sensitivity table (kl, PTQ grids) with ANS (FGSM 0.05) at the default weight;
@@ -71,8 +71,8 @@ PROFILES = ("standard", "dg", "dvafs")
 @dataclass(frozen=True)
 class AuditPlan:
     """Per model: audit samples, eps and PGD's step (the paper's PGD grid, 8/255 and 16/255 in
-    7 steps of 2/255; on ImageNet and CIFAR-10 2/255 (its Table IV) and 8/255, as 16/255 leaves
-    every model at 0%), and the cuts: calibration and sensitivity images, batch size, averages,
+    7 steps of 2/255; on ImageNet and CIFAR-10 2/255 (its Table IV) and 8/255, where 8/255 already
+    leaves these models near 0%), and the cuts: calibration and sensitivity images, batch size, averages,
     whether the default compile is run."""
 
     samples: int
