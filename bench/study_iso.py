@@ -60,7 +60,7 @@ ANS_WEIGHTS = {"ans": None, "ans-w1": 1.0, "ans-w4": 4.0, "accuracy-only": 0.0}
 """The integer program's arms: `ans` at the default weight (None: DEFAULT_ANS_WEIGHT, 0.25), two
 stronger ANS weights (the default moves no layer on ResNet-20 or the Fashion CNN), and none."""
 ARMS = ("ans", "accuracy-only", "uniform", "ans-w1", "ans-w4", "first-layer")
-"""`first-layer` (a probe, not an iso-size arm): the first layer at B bits (weights and its input),
+"""`first-layer` (a probe, not an iso-size arm): the first layer at B bits (weights and activations),
 every other layer float, to see how much of a plan's robust accuracy is the input's bit depth."""
 MAIN_ARMS = ARMS[:3]
 AUDIT_BATCH = 100
