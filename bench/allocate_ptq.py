@@ -67,8 +67,8 @@ SETTINGS = {
 }
 
 
-def _batches(x: np.ndarray) -> list[np.ndarray]:
-    return [x[i : i + BATCH] for i in range(0, len(x), BATCH)]
+def _batches(x: np.ndarray, size: int = BATCH) -> list[np.ndarray]:
+    return [x[i : i + size] for i in range(0, len(x), size)]
 
 
 class Timer:
@@ -83,23 +83,29 @@ class Timer:
 
 
 class Bench:
-    def __init__(self, name: str) -> None:
+    """One model's cached cells. `calibration` and `sensitivity` images and the `batch` size
+    default to this bench's; bench/study_iso.py passes fewer for EfficientNet-Lite0."""
+
+    def __init__(
+        self, name: str, calibration: int = CALIBRATION, sensitivity: int = SENSITIVITY, batch: int = BATCH
+    ) -> None:
         from quanos_onnx.layers import find_joins, list_layers
         from quanos_onnx.model import load_model
 
         self.name = name
-        self.settings = SETTINGS[name]
+        self.settings = SETTINGS.get(name)
+        self.batch, self.sensitivity_samples = batch, sensitivity
         self.setup = load_setup(name)
         tune_x, tune_y = self.setup.tune_x, self.setup.tune_y
-        self.cal_x, self.cal_y = tune_x[:CALIBRATION], tune_y[:CALIBRATION]
-        self.val_x = tune_x[CALIBRATION : CALIBRATION + VALIDATION]
-        self.val_y = tune_y[CALIBRATION : CALIBRATION + VALIDATION]
+        self.cal_x, self.cal_y = tune_x[:calibration], tune_y[:calibration]
+        self.val_x = tune_x[calibration : calibration + VALIDATION]
+        self.val_y = tune_y[calibration : calibration + VALIDATION]
         self.test_x, self.test_y = self.setup.test_x, self.setup.test_y
         self.proto = load_model(self.setup.model_path)
         self.layers = list_layers(self.proto)
         self.joins = find_joins(self.proto, self.layers)
         self.params = {layer.name: layer.params for layer in self.layers}
-        self.calibration = _batches(self.cal_x)
+        self.calibration = _batches(self.cal_x, batch)
         self.cache = CACHE / name
 
     def cached(self, name: str, compute: Callable[[], Any]) -> Any:
@@ -119,21 +125,21 @@ class Bench:
             from quanos_onnx.harness.attacks import Attack
 
             with Timer() as timer:
-                batches = list(zip(self.calibration, _batches(self.cal_y)))
+                batches = list(zip(self.calibration, _batches(self.cal_y, self.batch)))
                 result = measure_ans(self.proto, self.layers, batches, Attack.fgsm(0.05))
             return {"cpu_seconds": timer.cpu, "ans": {r.layer: r.mean for r in result.layers}}
 
         return self.cached("ans.json", compute)["ans"]
 
     def sensitivity(self, kind: str) -> Any:
-        """The compile's default table (kl, background 7 bits) on the first 256 calibration
-        images, with the min/max round-to-nearest quantizer or the compile's PTQ grids."""
+        """The compile's default table (kl, background 7 bits) on the first `sensitivity_samples`
+        (256) calibration images, with the min/max round-to-nearest quantizer or the compile's PTQ grids."""
         from quanos_onnx.allocate.sensitivity import Sensitivity, measure
 
         def compute() -> dict[str, Any]:
             extra = {} if kind == "minmax" else {"ptq": _ptq()}
             with Timer() as timer:
-                table = measure("kl", self.proto, self.layers, self.joins, _batches(self.cal_x[:SENSITIVITY]), **extra)
+                table = measure("kl", self.proto, self.layers, self.joins, _batches(self.cal_x[: self.sensitivity_samples], self.batch), **extra)
             return {**table.to_json(), "cpu_seconds": timer.cpu, "wall_seconds": timer.wall,
                     "layers": list(table.layers), "rows": [list(r) for r in table.cost]}
 
@@ -299,7 +305,7 @@ class Bench:
 
         name = output_names(model)[0]
         runner = Runner(model, [name])
-        return np.concatenate([runner.run(b, [name])[0].reshape(len(b), -1).argmax(1) for b in _batches(x)])
+        return np.concatenate([runner.run(b, [name])[0].reshape(len(b), -1).argmax(1) for b in _batches(x, self.batch)])
 
     def compiles(self) -> dict[str, Any]:
         """The default compile and a plain 8-bit one on the same data, verified on the test set."""

@@ -28,7 +28,7 @@ MNIST8 = SHARED / "models/mnist/mnist-8.onnx"
 CIFAR_TUNE = SHARED / "data/cifar10/cifar10_test_jpeg_q75.npz"
 CIFAR_TEST = SHARED / "data/cifar10/cifar10_test_first932.npz"
 FIRST_TUNE_INDEX = 932
-SETUP_NAMES = ("resnet20", "mnist8", "fashion")
+SETUP_NAMES = ("resnet20", "mnist8", "fashion", "efficientnet")
 
 
 def cached(path: Path, compute: Callable[[], Any]) -> Any:
@@ -54,7 +54,7 @@ class Setup:
 
 
 def load_setup(name: str, test_samples: int | None = None) -> Setup:
-    loaders = {"resnet20": _resnet20, "mnist8": _mnist8, "fashion": _fashion}
+    loaders = {"resnet20": _resnet20, "mnist8": _mnist8, "fashion": _fashion, "efficientnet": _efficientnet}
     setup = loaders[name]()
     if test_samples is not None:
         return Setup(
@@ -153,3 +153,40 @@ def train_fashion_cnn(x: np.ndarray, y: np.ndarray, target: Path, epochs: int = 
     )
     onnx.checker.check_model(onnx.load(str(target)))
     print(f"trained {target} in {time.perf_counter() - started:.0f} s")
+
+
+EFFICIENTNET = SHARED / "models/imagenet/efficientnet_lite0.onnx"
+IMAGENET = SHARED / "data/imagenet/val1300"
+IMAGENET_TUNE = 256
+"""Calibrate on the first 256 val1300 images (labels.csv order), test on the other 1044."""
+
+
+def _efficientnet() -> Setup:
+    images, labels = _val1300_224()
+    return Setup(
+        "efficientnet", EFFICIENTNET,
+        images[:IMAGENET_TUNE], labels[:IMAGENET_TUNE], images[IMAGENET_TUNE:], labels[IMAGENET_TUNE:],
+        "EfficientNet-Lite0 (shared ONNX, ImageNet); val1300 resized to 224x224 (bilinear), inputs in [0,1] "
+        "as bench/ptq.py feeds it; tune: the first 256 images (labels.csv order); test: the other 1044",
+    )
+
+
+def _val1300_224() -> tuple[np.ndarray, np.ndarray]:
+    """The 1300 images as float32 NCHW in [0,1] with their labels; the uint8 arrays are cached
+    under bench/cache (never committed)."""
+    arrays = CACHE / "imagenet/val1300_224.npz"
+    if not arrays.exists():
+        import csv
+
+        from PIL import Image
+
+        with open(IMAGENET / "labels.csv") as handle:
+            rows = [row for row in csv.reader(handle) if row and row[0] != "file"]
+        pixels = np.stack([
+            np.asarray(Image.open(IMAGENET / "images" / file).convert("RGB").resize((224, 224), Image.BILINEAR), np.uint8)
+            for file, _ in rows
+        ])
+        arrays.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(arrays, x=pixels, y=np.array([int(label) for _, label in rows], np.int64))
+    data = np.load(arrays)
+    return _nchw(data["x"]), data["y"].astype(np.int64)
