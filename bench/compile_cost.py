@@ -11,6 +11,10 @@ imported and the data loaded before it); the stage times are CPU seconds inside 
 Every compile is a JSON cell under bench/cache/compile-cost/, so a rerun resumes.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/compile_cost.py --model resnet20 --model fashion [--write]
+
+`--model efficientnet`: the ImageNet compile of docs/benchmarks.md ("ImageNet"): EfficientNet-Lite0
+on val1300 images 0..1279 as a folder (224x224), 256 calibration and 256 ANS samples, verified on
+its own held-out 20%.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_section import machine, write_section  # noqa: E402
-from study_data import cached, load_setup  # noqa: E402
+from study_data import SHARED, cached, load_setup  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench/cache/compile-cost"
@@ -69,12 +73,23 @@ def run_one(model: str, kind: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     import quanos_onnx as qn
 
-    setup = load_setup(model)
     stages = _timed_stages()
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = qn.compile(
-        str(setup.model_path), (setup.tune_x, setup.tune_y), eval_data=(setup.test_x, setup.test_y), **COMPILES[kind]
-    )
+    if model == "efficientnet":
+        # docs/benchmarks.md's ImageNet compile: val1300 as a folder, its own held-out 20%
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = qn.compile(
+            str(SHARED / "models/imagenet/efficientnet_lite0.onnx"), str(SHARED / "data/imagenet/val1300/images"),
+            labels=str(SHARED / "data/imagenet/val1300/labels.csv"), resize=224, data_range=(0, 1280),
+            calibration_samples=256, samples=256, **COMPILES[kind],
+        )
+        test_samples = result.verification.samples
+    else:
+        setup = load_setup(model)
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = qn.compile(
+            str(setup.model_path), (setup.tune_x, setup.tune_y), eval_data=(setup.test_x, setup.test_y), **COMPILES[kind]
+        )
+        test_samples = int(len(setup.test_y))
     models = {m["name"]: m for m in result.verification.to_json()["models"]}
     params = {layer.name: layer.params for layer in result.layers}
     allocation = result.plan.details.get("allocation", {})
@@ -87,7 +102,7 @@ def run_one(model: str, kind: str) -> dict[str, Any]:
         "models": {name: {"clean": m["clean_accuracy"], "average": m["average_weight_bits"]} for name, m in models.items()},
         "search": result.plan.details.get("search"),
         "how": allocation.get("how"),
-        "test_samples": int(len(setup.test_y)),
+        "test_samples": test_samples,
     }
 
 
@@ -144,7 +159,7 @@ def render(models: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", choices=("resnet20", "fashion"))
+    parser.add_argument("--model", action="append", choices=("resnet20", "fashion", "efficientnet"))
     parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
     options = parser.parse_args()
