@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_section import machine, write_section  # noqa: E402
+import study_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = next((p for p in (REPO.parent / "shared", REPO / "shared") if p.exists()), REPO.parent / "shared")
@@ -46,13 +47,8 @@ ROBUST = 300
 
 
 def cached(name: str, compute: Callable[[], Any]) -> Any:
-    path = CACHE / name
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=1))
-    return value
+    """A JSON cell of this bench's cache (study_data.cached)."""
+    return study_data.cached(CACHE / name, compute)
 
 
 def _nchw(images: np.ndarray) -> np.ndarray:
