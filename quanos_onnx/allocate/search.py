@@ -109,9 +109,10 @@ def repair(
 
     Each step raises one alignment group to its next candidate bit-width: the group with the
     largest predicted gain (drop of predicted cost) per unit of added price (the budget's
-    quantity; parameter-bits without a budget). Stops when the guard holds, when every layer is at the widest candidate, or after `max_evaluations`
-    evaluations. `accuracy`: the plan's accuracy when the caller measured it already;
-    `fixed` layers (solve's) are never raised.
+    quantity; parameter-bits without a budget). Stops when the guard holds, when every layer
+    is at the widest candidate, or after `max_evaluations` evaluations. `accuracy`: the
+    plan's accuracy when the caller measured it already; `fixed` layers (solve's) are never
+    raised.
     """
     if max_evaluations < 1:
         raise UsageError(f"max_evaluations {max_evaluations} must be at least 1")
@@ -214,8 +215,8 @@ def smallest_within_guard(
     found (its details list every probe). When the widest plan fails, uniform at the next
     narrower candidate bits anchors the bisection instead; when that fails too, the widest
     plan is repaired (`repair`, within the evaluations left) and returned, or, when even
-    that fails (`passed` false), the most accurate plan measured. `tolerance` defaults to 1/8 bit on average bits and to
-    1% of the interval otherwise.
+    that fails (`passed` false), the most accurate plan measured. `tolerance` defaults to
+    1/8 bit on average bits and to 1% of the interval otherwise.
 
     With `parallel` > 1 plans measured at once (`evaluate_many`, e.g. Ray jobs), each round
     measures every budget the next steps may probe (the first round: the widest plan and up
