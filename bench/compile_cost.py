@@ -107,10 +107,9 @@ def run_one(model: str, kind: str) -> dict[str, Any]:
 
 
 def measured(model: str, kind: str) -> dict[str, Any]:
-    """The cached cell, else a child process that computes it (its CPU time from rusage)."""
+    """The cached cell, else a child process that computes it (its peak RSS from rusage)."""
 
     def compute() -> dict[str, Any]:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         output = subprocess.run(
             [sys.executable, __file__, "--child", model, kind], check=True, capture_output=True, text=True
         ).stdout
