@@ -105,10 +105,20 @@ class OneLineErrors:
 def _interrupt_once() -> Any:
     """The first Ctrl-C raises KeyboardInterrupt; later ones are ignored, so a second
     Ctrl-C cannot cut short the cleanup that puts the output folder back as it was, nor
-    the one line that says so. Returns the handler it replaced."""
+    the one line that says so. Returns the handler it replaced.
+
+    SIG_IGN alone does not do it: a second signal that lands after Python took the first
+    from its queue but before the handler's first line runs is queued again, and its
+    handler call would raise a second KeyboardInterrupt in the cleanup (the process then
+    died of SIGINT, status -2, after printing the line). So the handler raises once."""
+    raised = False
 
     def interrupt(signum: int, frame: Any) -> None:
+        nonlocal raised
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if raised:
+            return
+        raised = True
         raise KeyboardInterrupt
 
     try:

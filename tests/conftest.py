@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,18 +29,38 @@ def shared_dir() -> Path:
     return found
 
 
-@pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
-    """A local Ray cluster for the --ray tests, started once in this process (node address
-    127.0.0.1, which Ray itself resolves to this machine's own address; 2 CPUs, no
-    dashboard, a small object store) and shut down at the end of the session. Yields the
-    address --ray takes; the commands run here use this connection as it is."""
-    ray = pytest.importorskip("ray")
-    context = ray.init(
-        address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-        log_to_driver=False, object_store_memory=200 * 1024**2,
-    )
-    try:
-        yield str(context.address_info["address"])
-    finally:
-        ray.shutdown()
+RAY_ON_LOOPBACK = (
+    "import ray; ray.init(address='local', num_cpus=2, include_dashboard=False, _node_ip_address='127.0.0.1', "
+    "log_to_driver=False, object_store_memory=200 * 1024**2)"
+)
+"""A local Ray instance on 127.0.0.1 with 2 CPUs, no dashboard and a small object store,
+started by a child process for itself; the commands it then runs use that connection."""
+
+
+@pytest.fixture
+def ray_address() -> str:
+    """The --ray address of the Ray tests. Run such a command with
+    `quanos_in_child(..., ray=True)`, never in pytest's own process: a Ray driver whose
+    raylet dies ends its whole process at once with status 1 and no word (that ended a CI
+    run half way), and a cluster kept for the session would live through minutes of other
+    tests. The child starts its Ray first (RAY_ON_LOOPBACK); the command uses it as it is."""
+    pytest.importorskip("ray")
+    return "local"
+
+
+@pytest.fixture
+def quanos_in_child() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run `quanos ARGUMENTS...` (or `quanos-compile` with entry="compile_main") in a child
+    Python in `cwd`, its output captured as text, after starting a local Ray with ray=True.
+    The child imports the package from this checkout, as the tests here do, whatever an
+    editable install points at."""
+
+    def run(*arguments: object, cwd: Path, entry: str = "main", ray: bool = False) -> subprocess.CompletedProcess[str]:
+        code = f"{RAY_ON_LOOPBACK + '; ' if ray else ''}from quanos_onnx.cli import {entry}; {entry}()"
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        return subprocess.run(
+            [sys.executable, "-c", code, *map(str, arguments)],
+            cwd=cwd, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600, check=False,
+        )
+
+    return run

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from tiny_models import vgg_chain
 
 from quanos_onnx import outputs
 from quanos_onnx.commands import compile as compile_room
-from quanos_onnx.cli import compile_command, main
+from quanos_onnx.cli import _interrupt_once, compile_command, main
 from quanos_onnx.errors import ModelError
 
 
@@ -43,6 +44,20 @@ def test_success_exits_0_and_writes_model_plan_and_report(inputs: tuple[str, str
     assert result.stderr == ""
     written = sorted(path.name for path in out.iterdir())
     assert written == ["model.quanos.onnx", "plan.json", "report.html", "report.json", "report.md", "run.json"]
+
+
+def test_the_interrupt_handler_raises_once_however_often_it_is_called() -> None:
+    """A second Ctrl-C queued while the first is being taken gets its handler call too:
+    that call must not raise into the cleanup."""
+    previous = _interrupt_once()
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert handler(signal.SIGINT, None) is None
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_in_a_stage_exits_130_and_writes_nothing(inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

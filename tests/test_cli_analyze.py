@@ -112,14 +112,13 @@ def test_several_models_each_get_the_folder_a_single_run_would_write(files, two_
     assert [document["model"] for document in json.loads(listed.stdout)] == [str(files["smooth"]), str(files["stepped"])]
 
 
-def test_several_models_analysed_as_ray_jobs_give_the_same_files(files, two_models, tmp_path, ray_address):
+def test_several_models_analysed_as_ray_jobs_give_the_same_files(files, two_models, tmp_path, ray_address, quanos_in_child):
     out = tmp_path / "ray"
-    result = CliRunner().invoke(
-        main,
-        ["analyze", str(files["smooth"]), str(files["stepped"]), "--data", str(files["data"]), *AUDIT[:-1],
-         "--ray", ray_address, "-o", str(out)],
+    result = quanos_in_child(
+        "analyze", files["smooth"], files["stepped"], "--data", files["data"], *AUDIT[:-1], "--ray", ray_address, "-o", out,
+        cwd=tmp_path, ray=True
     )
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stdout + result.stderr
     for folder in ("smooth", "stepped"):
         for name in ("analysis.json", "report.json"):  # report.md and run.json also say when and how it ran
             assert (out / folder / name).read_bytes() == (two_models / folder / name).read_bytes(), (folder, name)

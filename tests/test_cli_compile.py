@@ -386,7 +386,7 @@ def test_the_search_judges_a_plan_by_a_lower_bound_on_its_paired_difference_from
     assert guarded_accuracy(float_correct, lucky) == pytest.approx(0.97 - GUARD_STANDARD_ERRORS * 2 / 100)
 
 
-def test_the_milp_search_on_ray_writes_the_same_model_and_plan(workdir: Path, ray_address: str):
+def test_the_milp_search_on_ray_writes_the_same_model_and_plan(workdir: Path, ray_address: str, quanos_in_child):
     """The search's trial plans (bisection rounds, the Pareto front and its uniform points)
     as Ray jobs: the same plan, search record and model bytes as in one process."""
     common = [
@@ -395,8 +395,8 @@ def test_the_milp_search_on_ray_writes_the_same_model_and_plan(workdir: Path, ra
     ]
     here = _compile([*common, "-o", "here"])
     assert here.exit_code == 0, here.output
-    on_ray = _compile([*common, "--ray", ray_address, "-o", "ray"])
-    assert on_ray.exit_code == 0, on_ray.output
+    on_ray = quanos_in_child(*common, "--ray", ray_address, "-o", "ray", cwd=workdir, entry="compile_main", ray=True)
+    assert on_ray.returncode == 0, on_ray.stdout + on_ray.stderr
     for name in (MODEL_FILE, PLAN_FILE, "report.json"):
         assert (workdir / "ray" / name).read_bytes() == (workdir / "here" / name).read_bytes(), name
     assert "<img" not in (workdir / "ray" / "report.html").read_text()

@@ -165,12 +165,12 @@ def test_dynamic_size_model_on_a_labelled_image_folder(tmp_path: Path) -> None:
     assert document["data"]["samples"] == 6
 
 
-def test_models_evaluated_as_ray_jobs_give_the_same_files(files, tmp_path, ray_address):
+def test_models_evaluated_as_ray_jobs_give_the_same_files(files, tmp_path, ray_address, quanos_in_child):
     arguments = [files["float"], files["compiled"], "--data", files["data"], "--eps", "0.05", "--pgd-steps", 3]
     here = _run(*arguments, "-o", tmp_path / "here")
     assert here.exit_code == 0, here.output
-    on_ray = _run(*arguments, "--ray", ray_address, "-o", tmp_path / "ray")
-    assert on_ray.exit_code == 0, on_ray.output
+    on_ray = quanos_in_child("evaluate", *arguments, "--ray", ray_address, "-o", tmp_path / "ray", cwd=tmp_path, ray=True)
+    assert on_ray.returncode == 0, on_ray.stdout + on_ray.stderr
     for name in ("evaluation.json", "report.json"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
 

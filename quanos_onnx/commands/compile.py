@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -627,47 +628,47 @@ def _milp_plan(
         robustness_signal=options.robustness_signal, quantize_output=options.quantize_output,
         fixed=options.first_last_layers(layers),
     )
-    if options.budget is not None:
-        budget = parse_budget(options.budget)
-        plan = solve(layers, joins, table, budget, **solve_options)
-        how = f"integer program within {budget.describe()}"
-        if options.max_accuracy_drop is not None:
-            checked = repair(plan, layers, joins, table, evaluate, minimum, budget=budget, fixed=solve_options["fixed"])
-            plan, how = checked.plan, how + f", repaired in {len(checked.steps)} step(s)"
-        accuracy = evaluate(plan)
-    else:
-        with jobs.open():
+    # One connection for every round of trial plans (one Ray instance with --ray local).
+    with jobs.open() if options.budget is None or options.pareto else nullcontext():
+        if options.budget is not None:
+            budget = parse_budget(options.budget)
+            plan = solve(layers, joins, table, budget, **solve_options)
+            how = f"integer program within {budget.describe()}"
+            if options.max_accuracy_drop is not None:
+                checked = repair(plan, layers, joins, table, evaluate, minimum, budget=budget, fixed=solve_options["fixed"])
+                plan, how = checked.plan, how + f", repaired in {len(checked.steps)} step(s)"
+            accuracy = evaluate(plan)
+        else:
             checked = smallest_within_guard(
                 layers, joins, table, evaluate, minimum, **solve_options,
                 evaluate_many=_evaluate_many(jobs, trial), parallel=jobs.slots(),
             )
-        if not checked.passed:
-            logging.getLogger(__name__).warning(
-                "no plan with bits %d..%d keeps the search split within the guard; writing the widest, repaired as far as it went",
-                candidates[0], candidates[-1],
-            )
-        plan, accuracy = checked.plan, checked.accuracy
-        how = f"smallest average-bits budget within {100 * (search.float_accuracy - minimum):.2g} point(s) of float"
-        if checked.steps:
-            how += f" (the widest plans failed; repaired in {len(checked.steps)} step(s))"
-    details: dict[str, Any] = {
-        "how": how,
-        "sensitivity": table.to_json(),
-        "ans_weight": options.ans_weight,
-        "robustness_signal": options.robustness_signal,
-        "float_accuracy": search.float_accuracy,
-        "search_accuracy": accuracy,
-        "search_samples": search.samples,
-        "search_source": search.source,
-        "moved_from_eqn3": moved_from_eqn3(layers, eqn3, plan),
-    }
-    if options.pareto:
-        budgets = [Budget("avg-bits", float(b)) for b in candidates]
-        with jobs.open():
+            if not checked.passed:
+                logging.getLogger(__name__).warning(
+                    "no plan with bits %d..%d keeps the search split within the guard; writing the widest, repaired as far as it went",
+                    candidates[0], candidates[-1],
+                )
+            plan, accuracy = checked.plan, checked.accuracy
+            how = f"smallest average-bits budget within {100 * (search.float_accuracy - minimum):.2g} point(s) of float"
+            if checked.steps:
+                how += f" (the widest plans failed; repaired in {len(checked.steps)} step(s))"
+        details: dict[str, Any] = {
+            "how": how,
+            "sensitivity": table.to_json(),
+            "ans_weight": options.ans_weight,
+            "robustness_signal": options.robustness_signal,
+            "float_accuracy": search.float_accuracy,
+            "search_accuracy": accuracy,
+            "search_samples": search.samples,
+            "search_source": search.source,
+            "moved_from_eqn3": moved_from_eqn3(layers, eqn3, plan),
+        }
+        if options.pareto:
+            budgets = [Budget("avg-bits", float(b)) for b in candidates]
             points = pareto_front(
                 layers, joins, table, evaluate, budgets, **solve_options, evaluate_many=_evaluate_many(jobs, trial)
             )
-        details["pareto"] = [point.to_json() for point in points]  # measured on the written models by compile()
+            details["pareto"] = [point.to_json() for point in points]  # measured on the written models by compile()
     return plan.with_details(ans=ans.to_json(), allocation=details)
 
 
