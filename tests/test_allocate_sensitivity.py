@@ -165,6 +165,54 @@ def test_gradient_score_does_not_depend_on_how_many_samples_go_through_at_once(r
     np.testing.assert_allclose(np.array(chunked.cost), np.array(reference.cost), rtol=1e-4)
 
 
+def _wide_weight_conv() -> onnx.ModelProto:
+    """Conv(3 -> 8, 3x3) with weights spread over [-1, 1] (at 8 bits many adjacent pairs of
+    integers sum past 128, so 255 * pair leaves int16), Relu, pooling and a classifier."""
+    rng = np.random.default_rng(3)
+    return onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [
+                onnx.helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+                onnx.helper.make_node("Relu", ["c"], ["r"], name="relu"),
+                onnx.helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+                onnx.helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+                onnx.helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1, name="fc"),
+            ],
+            "wide",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 6, 6])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
+            [
+                onnx.numpy_helper.from_array(rng.uniform(-1, 1, (8, 3, 3, 3)).astype(np.float32), "w"),
+                onnx.numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+                onnx.numpy_helper.from_array(rng.uniform(-1, 1, (4, 8)).astype(np.float32), "fc_w"),
+                onnx.numpy_helper.from_array(np.zeros(4, np.float32), "fc_b"),
+            ],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 17)],
+    )
+
+
+def test_the_gradient_score_counts_the_pair_saturation_of_8_bit_weights(monkeypatch):
+    """On a CPU whose u8 x s8 kernels clamp pairs of products (AVX2 without VNNI), 8-bit
+    weights cost what the deployed kernel loses; 7 bits cannot saturate and score the same."""
+    from quanos_onnx.twin import fusion
+    from quanos_onnx.twin.fusion import PairSaturation
+
+    model = normalize(_wide_weight_conv())
+    layers = list_layers(model)
+    rng = np.random.default_rng(4)
+    calibration = [rng.uniform(0.5, 1.0, (16, 3, 6, 6)).astype(np.float32)]
+    labels = [np.arange(16) % 4]
+    scores = {}
+    for saturating in (False, True):
+        monkeypatch.setattr(fusion, "pair_saturation", lambda saturating=saturating: PairSaturation(saturating, saturating))
+        table = measure("fisher", model, layers, find_joins(model, layers), calibration, labels=labels, bits=(7, 8))
+        scores[saturating] = table.of("conv", 7), table.of("conv", 8)
+    assert scores[True][0] == scores[False][0]
+    assert scores[False][1] < scores[False][0]  # exact kernels: 8 bits beat 7
+    assert scores[True][1] > 10 * scores[False][1] and scores[True][1] > scores[True][0]
+
+
 def test_fake_activation_lands_on_the_qdq_grid():
     import torch
 
@@ -173,7 +221,7 @@ def test_fake_activation_lands_on_the_qdq_grid():
 
     x = torch.linspace(-1.3, 2.1, 301)
     grid = activation_quantizer(3, Range(-1.3, 2.1))
-    q = sensitivity_module._fake_activation(x, 3, Range(-1.3, 2.1))
+    q = sensitivity_module._fake_activation(x, grid)
     levels = torch.round(q / grid.scale) + grid.zero_point
     assert torch.allclose(q, (levels - grid.zero_point) * grid.scale)
     assert len(torch.unique(levels)) <= 8

@@ -199,6 +199,12 @@ def integer_reference(model: onnx.ModelProto, x: np.ndarray, *, saturating: bool
     else:
         accumulator = _sum_products(raw[:, :, None], weight.T, saturating)[:, :, 0] - zero_point * weight.sum(0)
         channel_shape = (1, -1)
+    return requantized_output(values, accumulator, channel_shape)
+
+
+def requantized_output(values: dict[str, np.ndarray], accumulator: np.ndarray, channel_shape: tuple[int, ...]) -> np.ndarray:
+    """integer_layer's output from its accumulator before the bias: add the int32 bias,
+    requantize to uint8 with the float32 multiplier, dequantize."""
     accumulator = accumulator + values["b_q"].reshape(channel_shape)
     multiplier = (values["x_scale"] * values["w_scale"]).astype(np.float32) / values["y_scale"]
     requantized = np.round(accumulator.astype(np.float32) * multiplier.reshape(channel_shape)) + int(values["y_zp"])
@@ -242,6 +248,33 @@ def test_the_emulation_follows_the_probe_on_either_kind_of_cpu(
     with torch.no_grad():
         got = build_twin(model).run({"x_q": torch.from_numpy(x)})[0][0].numpy()
     np.testing.assert_array_equal(got, integer_reference(model, x, saturating=saturating))
+
+
+@pytest.mark.parametrize(("op_type", "group"), [("Conv", 1), ("Conv", 4), ("Conv", 12), ("MatMul", 1)])
+def test_saturation_change_turns_the_exact_accumulator_into_the_saturating_kernels(
+    monkeypatch, op_type: str, group: int
+) -> None:
+    """For a layer run outside a QDQ graph (the allocator's gradient score): the exact integer
+    accumulator plus saturation_change is what a saturating kernel accumulates; None for the
+    depthwise kernel, which is exact, and on CPUs whose kernels are exact."""
+    model, x = integer_layer(op_type, 12, 12, group=group, batch=16)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    step = next(s for s in OnnxTwin(compile_graph(prepare_model(model), trainable=False)).program.steps if s.node_name == "layer")
+    zero_point = int(values["x_zp"])
+    centered = torch.from_numpy(x.astype(np.float64) - zero_point)
+    weight = torch.from_numpy(values["w_q"].astype(np.float64))
+    exact = step.function(step.attributes, [centered, weight])[0]
+    monkeypatch.setattr(fusion, "pair_saturation", lambda: PairSaturation(conv=False, gemm=False))
+    assert fusion.saturation_change(step, centered, zero_point, weight, exact) is None
+    monkeypatch.setattr(fusion, "pair_saturation", lambda: PairSaturation(conv=True, gemm=True))
+    change = fusion.saturation_change(step, centered, zero_point, weight, exact)
+    if group == 12:
+        assert change is None
+        return
+    channel_shape = (1, -1, 1, 1) if op_type == "Conv" else (1, -1)
+    got = requantized_output(values, (exact + change).numpy(), channel_shape)
+    np.testing.assert_array_equal(got, integer_reference(model, x, saturating=True))
+    assert not np.array_equal(got, integer_reference(model, x, saturating=False))
 
 
 @pytest.mark.parametrize(

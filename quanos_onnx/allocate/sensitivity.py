@@ -36,7 +36,7 @@ from ..passes.calibrate import Range
 from ..ptq.ranges import choose_range
 from ..ptq.statistics import CalibrationStatistics
 from ..passes.points import QuantPoints, plan_points
-from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
+from ..passes.qdq import ActivationQuantizer, WeightGrid, activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, MIN_BITS, Plan
 from ..ptq import PtqSettings
 
@@ -334,7 +334,7 @@ def measure_gradient(
     steps = {step.node_name: step for step in twin.program.steps}
     weights = {**twin.constants_by_name(), **twin.parameters_by_name()}
     quantized_weights = {
-        (layer.name, b): _fake_weight(weights[layer.weight].detach(), b, layer.weight_axis)
+        (layer.name, b): _QuantizedWeight.of(weights[layer.weight].detach(), b, layer.weight_axis)
         for layer in targets
         for b in candidates
     }
@@ -370,8 +370,11 @@ def measure_gradient(
                 extra = [weights[name].detach() if name in weights else None for name in step.inputs[2:]]
                 value_range = builder.ranges.get(layer.input) or Range(float(x.min()), float(x.max()))
                 for column, b in enumerate(candidates):
-                    q_x = _fake_activation(x, b, value_range)
-                    q_y = step.function(step.attributes, [q_x, quantized_weights[(layer.name, b)], *extra])[0]
+                    grid = activation_quantizer(b, value_range)
+                    q_x = _fake_activation(x, grid)
+                    weight = quantized_weights[(layer.name, b)]
+                    q_y = step.function(step.attributes, [q_x, weight.values, *extra])[0]
+                    q_y = q_y + _saturation_error(step, q_x, grid, weight, q_y)
                     scores[row, column] += float(((grad.detach() ** 2) * (q_y - y) ** 2).sum())
     scores /= max(samples, 1)
     return Sensitivity(
@@ -384,24 +387,58 @@ def measure_gradient(
     )
 
 
-def _fake_weight(weight: Any, bits: int, axis: int | None) -> Any:
+@dataclass(frozen=True)
+class _QuantizedWeight:
+    """A layer's b-bit weight (absmax per channel, as the QDQ writer's default): its
+    integers, the per-channel scale shaped to the weight, and the dequantized values."""
+
+    integers: Any
+    scale: Any
+    values: Any
+
+    @classmethod
+    def of(cls, weight: Any, bits: int, axis: int | None) -> _QuantizedWeight:
+        import torch
+
+        integers, scale = quantize_weight(weight.numpy(), bits, axis)
+        shape = [1] * weight.ndim
+        if axis is not None:
+            shape[axis] = -1
+        as_float = torch.from_numpy(integers.astype(np.float32))
+        per_channel = torch.from_numpy(np.asarray(scale, dtype=np.float32).reshape(shape))
+        return cls(as_float, per_channel, as_float * per_channel)
+
+
+def _fake_activation(x: Any, grid: ActivationQuantizer) -> Any:
+    """x on the activation grid the QDQ writer gives its range (round half to even)."""
     import torch
 
-    integers, scale = quantize_weight(weight.numpy(), bits, axis)
-    shape = [1] * weight.ndim
-    if axis is not None:
-        shape[axis] = -1
-    return torch.from_numpy(integers.astype(np.float32) * scale.reshape(shape))
-
-
-def _fake_activation(x: Any, bits: int, value_range: Range) -> Any:
-    """x on the b-bit activation grid the QDQ writer gives this range (round half to even)."""
-    import torch
-
-    grid = activation_quantizer(bits, value_range)
     low, high = grid.levels
     q = torch.clamp(torch.round(x / grid.scale) + grid.zero_point, low, high)
     return (q - grid.zero_point) * grid.scale
+
+
+def _saturation_error(step: Any, q_x: Any, grid: ActivationQuantizer, weight: _QuantizedWeight, q_y: Any) -> Any:
+    """What the deployed kernel adds to the layer's output on this CPU: onnxruntime's u8 x s8
+    kernels without VNNI clamp sums of product pairs to int16 (twin/fusion.py), which 8-bit
+    weights can overflow and 7-bit ones cannot. Without it the score ranks 8 bits above 7
+    on every layer, and the plans it solves put layers at 8 bits that then lose points on
+    the data (docs/method.md). 0 where nothing saturates."""
+    import torch
+
+    from ..twin.fusion import saturation_change
+
+    if grid.wide or grid.container_range != (0, 255):
+        return 0.0
+    change = saturation_change(step, torch.round(q_x / grid.scale), grid.zero_point, weight.integers, q_y)
+    if change is None:
+        return 0.0
+    output_scale = weight.scale.reshape(-1) * grid.scale
+    axis = 1 if step.op_type == "Conv" else q_y.dim() - 1
+    shape = [1] * q_y.dim()
+    shape[axis] = -1
+    return (change * output_scale.double().reshape(shape)).to(q_y.dtype)
+
 
 
 def auto_method(layers: Sequence[Layer], bits: Sequence[int], samples: int, quantize_output: bool = False) -> str:

@@ -109,6 +109,36 @@ def pair_saturation() -> PairSaturation:
     return saturation
 
 
+def saturation_change(
+    layer: Step, centered_input: torch.Tensor, input_zero_point: int, centered_weight: torch.Tensor, output: torch.Tensor
+) -> torch.Tensor | None:
+    """What this CPU's onnxruntime kernel changes in a Conv/Gemm/MatMul layer's exact integer
+    accumulator by clamping pairs of u8 x s8 products to int16 (a tensor shaped like
+    `output`, in accumulator units), or None where it changes nothing: no pair of the
+    weights can leave int16 (7 bits or fewer), a depthwise conv, another op, or kernels
+    that are exact here.
+
+    `centered_input` is the layer's uint8 input minus `input_zero_point` and
+    `centered_weight` its int8 weight (zero point 0), both as float integers. The twin of a
+    QDQ model emulates this inside its fused steps; a layer's quantization error measured
+    outside a QDQ graph (allocate.sensitivity's gradient score) adds it here."""
+    saturation = pair_saturation()
+    if layer.op_type == "Conv":
+        depthwise = centered_weight.shape[1] == 1 and centered_weight.shape[0] == layer.attributes.get("group", 1)
+        if not saturation.conv or depthwise:
+            return None
+    elif layer.op_type not in ("Gemm", "MatMul") or not saturation.gemm:
+        return None
+    pairs = _saturable_pairs(layer, centered_weight.double())
+    if pairs is None:
+        return None
+    attrs = {**layer.attributes, "channel_axis": 1 if layer.op_type == "Conv" else -1}
+    zero_point = torch.tensor(float(input_zero_point), dtype=torch.float64)
+    return _pair_saturation(
+        attrs, centered_input.double(), centered_weight.shape[2:], zero_point, pairs, output.double()
+    )
+
+
 def _probe_pairs(op_type: str) -> bool:
     """True when the fused kernel of `op_type` clamps exactly the pairs (2j, 2j + 1) of its K axis."""
     model, inputs = _probe_model(op_type)
