@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quanos_onnx.allocate.search import pareto_front, repair, smallest_within_guard
+from quanos_onnx.allocate.search import no_worse_than_uniform, pareto_front, repair, smallest_within_guard
 from quanos_onnx.allocate.sensitivity import Sensitivity
 from quanos_onnx.allocate.solve import Budget, solve
 from quanos_onnx.layers import find_joins, list_layers
@@ -218,3 +218,37 @@ def test_fixed_layers_keep_their_bits_in_every_probe_and_repair_step(resnet):
     points = pareto_front(layers, joins, _table(layers), accuracy, [Budget("avg-bits", b) for b in (2, 4, 6)], fixed=fixed)
     assert [point.budget.value for point in points] == [4, 6]  # no plan with the stem at 8 bits fits 2 average bits
     assert all(_bits(point.plan)["stem"] == 8 for point in points)
+
+
+def test_a_budget_keeps_the_uniform_plan_of_its_size_when_that_measures_better(resnet):
+    layers, joins = resnet
+    table = _table(layers)
+    budget = Budget("avg-bits", 5.0)
+    solved = solve(layers, joins, table, budget, ans_weight=0.0)
+    assert len(set(_bits(solved).values())) > 1  # a mixed plan
+    measured: list[dict[str, int]] = []
+
+    def uniform_wins(plan: Plan) -> float:
+        measured.append(_bits(plan))
+        return 0.9 if len(set(_bits(plan).values())) == 1 else 0.8
+
+    kept = no_worse_than_uniform(solved, 0.8, layers, budget, BITS, uniform_wins)
+    assert measured == [dict.fromkeys(_bits(solved), 5)] and kept.evaluations == 1
+    assert set(_bits(kept.plan).values()) == {5} and kept.accuracy == 0.9
+    assert kept.plan.details["uniform_check"] == {
+        "uniform_bits": 5, "uniform_accuracy": 0.9, "solved_accuracy": 0.8, "kept": "uniform",
+    }
+    assert kept.plan.details["budget"] == "avg-bits=5" and kept.plan.details["achieved"] == 5.0
+
+
+def test_a_budget_keeps_the_solved_plan_on_a_tie_and_below_every_uniform_plan(resnet):
+    layers, joins = resnet
+    table = _table(layers)
+    budget = Budget("avg-bits", 4.5)
+    solved = solve(layers, joins, table, budget, ans_weight=0.0)
+    tie = no_worse_than_uniform(solved, 0.8, layers, budget, BITS, lambda plan: 0.8)
+    assert tie.plan.layers == solved.layers and tie.plan.details["uniform_check"]["uniform_bits"] == 4
+    assert tie.plan.details["uniform_check"]["kept"] == "solved"
+    narrow = Budget("avg-bits", 2.5)
+    below = no_worse_than_uniform(solve(layers, joins, table, narrow, ans_weight=0.0), 0.5, layers, narrow, (3, 4), Counting("x", 0))
+    assert below.evaluations == 0  # no uniform plan of bits 3..4 fits 2.5 average bits

@@ -216,6 +216,31 @@ def test_milp_with_a_budget_keeps_it_and_says_how_far_it_moved_from_eqn3(workdir
     assert plan.details["allocation"]["sensitivity"]["method"] == "kl@7+ptq"
 
 
+def test_a_budget_gives_the_uniform_plan_of_its_size_when_that_measured_better(workdir: Path, monkeypatch):
+    """The solved plan here is mixed (7, 6, 4, 4 bits); uniform 4 fits 4.5 average bits."""
+    from quanos_onnx.commands import compile as compile_room
+
+    def uniform_is_better(trial, plan):
+        bits = {e.weight_bits for e in plan.layers if e.quantized}
+        return 0.9 if len(bits) == 1 else 0.8
+
+    monkeypatch.setattr(compile_room._SearchTrial, "accuracy", uniform_is_better)
+    result = _compile([
+        "model.onnx", "--data", "data.npz", "--budget", "avg-bits=4.5", "--max-accuracy-drop", "none",
+        "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "--no-eval",
+        "-o", "out", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["allocation"]["how"] == (
+        "integer program within avg-bits=4.5; uniform 4 bits kept, more accurate on the search split than the "
+        "solved plan (90.0% against 80.0%)"
+    )
+    assert {row["weight_bits"] for row in summary["layers"] if row["weight_bits"] is not None} == {4}
+    plan = read_plan(workdir / "out" / PLAN_FILE)
+    assert plan.details["uniform_check"]["kept"] == "uniform"
+
+
 @pytest.mark.parametrize("signal", ["lipschitz", "both"])
 def test_milp_takes_the_lipschitz_robustness_signal(workdir: Path, signal: str):
     result = _compile([

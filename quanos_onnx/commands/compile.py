@@ -589,7 +589,7 @@ def _milp_plan(
     import logging
 
     from ..allocate import allocate
-    from ..allocate.search import pareto_front, repair, smallest_within_guard
+    from ..allocate.search import no_worse_than_uniform, pareto_front, repair, smallest_within_guard
     from ..allocate.sensitivity import auto_method, check_candidate_bits, measure
     from ..allocate.solve import Budget, parse_budget, solve
     from ..layers import find_joins
@@ -632,12 +632,24 @@ def _milp_plan(
     with jobs.open() if options.budget is None or options.pareto else nullcontext():
         if options.budget is not None:
             budget = parse_budget(options.budget)
-            plan = solve(layers, joins, table, budget, **solve_options)
+            solved = solve(layers, joins, table, budget, **solve_options)
+            compared = no_worse_than_uniform(
+                solved, evaluate(solved), layers, budget, candidates, evaluate,
+                quantize_output=options.quantize_output, fixed=solve_options["fixed"],
+            )
+            plan, accuracy = compared.plan, compared.accuracy
             how = f"integer program within {budget.describe()}"
+            if plan.details.get("uniform_check", {}).get("kept") == "uniform":
+                check = plan.details["uniform_check"]
+                how += (
+                    f"; uniform {check['uniform_bits']} bits kept, more accurate on the search split than the solved plan "
+                    f"({100 * check['uniform_accuracy']:.1f}% against {100 * check['solved_accuracy']:.1f}%)"
+                )
             if options.max_accuracy_drop is not None:
-                checked = repair(plan, layers, joins, table, evaluate, minimum, budget=budget, fixed=solve_options["fixed"])
-                plan, how = checked.plan, how + f", repaired in {len(checked.steps)} step(s)"
-            accuracy = evaluate(plan)
+                checked = repair(
+                    plan, layers, joins, table, evaluate, minimum, budget=budget, accuracy=accuracy, fixed=solve_options["fixed"]
+                )
+                plan, accuracy, how = checked.plan, checked.accuracy, how + f", repaired in {len(checked.steps)} step(s)"
         else:
             checked = smallest_within_guard(
                 layers, joins, table, evaluate, minimum, **solve_options,
