@@ -60,7 +60,7 @@ def quanos_in_child() -> Callable[..., subprocess.CompletedProcess[str]]:
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         return subprocess.run(
             [sys.executable, "-c", code, *map(str, arguments)],
-            cwd=cwd, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600, check=False,
+            cwd=cwd, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=300, check=False,
         )
 
     return run
