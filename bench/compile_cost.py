@@ -12,9 +12,9 @@ Every compile is a JSON cell under bench/cache/compile-cost/, so a rerun resumes
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/compile_cost.py --model resnet20 --model fashion [--write]
 
-`--model efficientnet`: the ImageNet compile of docs/benchmarks.md ("ImageNet"): EfficientNet-Lite0
-on val1300 images 0..1279 as a folder (224x224), 256 calibration and 256 ANS samples, verified on
-its own held-out 20%.
+`--model efficientnet|mobilenetv2`: the ImageNet compile of docs/benchmarks.md ("ImageNet"):
+EfficientNet-Lite0 or MobileNetV2 (label offset 1) on val1300 images 0..1279 as a folder
+(224x224), 256 calibration and 256 ANS samples, verified on its own held-out 20%.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ COMPILES = {"default": {}, "bits8": {"bits": 8}}
 BUDGETS = {f"budget{bits}": {"budget": f"avg-bits={bits}", "max_accuracy_drop": None} for bits in (3, 4, 5, 6)}
 """`--budgets`: the milp compile at each average-bits budget (issue 16's iso-size comparison, no repair:
 the kept plan, solved or uniform, against uniform of its size on the same test images)."""
+IMAGENET = {
+    "efficientnet": ("efficientnet_lite0.onnx", 0),
+    "mobilenetv2": ("tf2_mobilenet_v2_1.0_224_ptq_deq.onnx", 1),
+}
+"""The ImageNet models (file under shared/models/imagenet, label offset: MobileNetV2 has 1001
+classes with 0 = background)."""
 STAGES = {
     "ANS": ("quanos_onnx.harness.ans", "measure_ans"),
     "sensitivity table": ("quanos_onnx.allocate.sensitivity", "measure"),
@@ -77,13 +83,14 @@ def run_one(model: str, kind: str) -> dict[str, Any]:
     import quanos_onnx as qn
 
     stages = _timed_stages()
-    if model == "efficientnet":
+    if model in IMAGENET:
         # docs/benchmarks.md's ImageNet compile: val1300 as a folder, its own held-out 20%
+        file, label_offset = IMAGENET[model]
         wall, cpu = time.perf_counter(), time.process_time()
         result = qn.compile(
-            str(SHARED / "models/imagenet/efficientnet_lite0.onnx"), str(SHARED / "data/imagenet/val1300/images"),
+            str(SHARED / "models/imagenet" / file), str(SHARED / "data/imagenet/val1300/images"),
             labels=str(SHARED / "data/imagenet/val1300/labels.csv"), resize=224, data_range=(0, 1280),
-            calibration_samples=256, samples=256, **COMPILES[kind],
+            calibration_samples=256, samples=256, label_offset=label_offset, **COMPILES[kind],
         )
         test_samples = result.verification.samples
     else:
@@ -198,7 +205,7 @@ def render_budgets(models: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", choices=("resnet20", "fashion", "efficientnet"))
+    parser.add_argument("--model", action="append", choices=("resnet20", "fashion", *IMAGENET))
     parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     parser.add_argument("--budgets", action="store_true", help="the milp compile at avg-bits 3..6 against uniform instead")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
