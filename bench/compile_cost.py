@@ -90,7 +90,7 @@ def run_one(model: str, kind: str) -> dict[str, Any]:
         result = qn.compile(
             str(SHARED / "models/imagenet" / file), str(SHARED / "data/imagenet/val1300/images"),
             labels=str(SHARED / "data/imagenet/val1300/labels.csv"), resize=224, data_range=(0, 1280),
-            calibration_samples=256, samples=256, label_offset=label_offset, **COMPILES[kind],
+            calibration_samples=256, samples=256, label_offset=label_offset, **{**COMPILES, **BUDGETS}[kind],
         )
         test_samples = result.verification.samples
     else:
