@@ -422,13 +422,13 @@ def _saturation_error(step: Any, q_x: Any, grid: ActivationQuantizer, weight: _Q
     """What the deployed kernel adds to the layer's output on this CPU: onnxruntime's u8 x s8
     kernels without VNNI clamp sums of product pairs to int16 (twin/fusion.py), which 8-bit
     weights can overflow and 7-bit ones cannot. Without it the score ranks 8 bits above 7
-    on every layer, and the plans it solves put layers at 8 bits that then lose points on
-    the data (docs/method.md). 0 where nothing saturates."""
+    on layers where 8 bits saturate too, and the plans it solves put them at 8 bits that
+    then lose points on the data (docs/method.md). 0 where nothing saturates."""
     import torch
 
     from ..twin.fusion import saturation_change
 
-    if grid.wide or grid.container_range != (0, 255):
+    if grid.wide:  # int16 activations: onnxruntime leaves the layer in float
         return 0.0
     change = saturation_change(step, torch.round(q_x / grid.scale), grid.zero_point, weight.integers, q_y)
     if change is None:
@@ -438,7 +438,6 @@ def _saturation_error(step: Any, q_x: Any, grid: ActivationQuantizer, weight: _Q
     shape = [1] * q_y.dim()
     shape[axis] = -1
     return (change * output_scale.double().reshape(shape)).to(q_y.dtype)
-
 
 
 def auto_method(layers: Sequence[Layer], bits: Sequence[int], samples: int, quantize_output: bool = False) -> str:
