@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from algorithm1 import AUDIT_EPS, _ci, _eps_label, _mean_spread, _pct  # noqa: E402
 from allocate_ptq import CALIBRATION, SENSITIVITY, Bench  # noqa: E402
 from report_section import machine, write_section  # noqa: E402
-from study_data import FASHION, _idx_images, _idx_labels, cached  # noqa: E402
+from study_data import FASHION, _idx_images, _idx_labels, cached, cost_row  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs/results.md"
@@ -204,14 +204,8 @@ class Study:
         return cached(self.folder / "eval" / f"{stage}.{arm}.audit{count}_apgd{steps}.json", compute)
 
     def cost(self, arm: str) -> dict[str, float]:
-        from quanos_onnx.hwmodel import estimate_all
-
         plan = None if arm == "float" else self.plan(arm)
-        estimates = estimate_all(self.layers, plan)
-        row = {name: e.energy_pj for name, e in estimates.items()}
-        row["memory_kb"] = estimates["standard"].weight_memory_bits / 8e3
-        row["average_bits"] = 32.0 if plan is None else plan.average_weight_bits(self.params)
-        return row
+        return cost_row(self.layers, plan, self.params)
 
     def measured(self, arm: str, stage: str) -> dict[str, Any] | None:
         """The cached figures of one model (None until its clean accuracy is measured)."""

@@ -40,7 +40,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_section import machine, write_section  # noqa: E402
-from study_data import cached  # noqa: E402
+from study_data import cached, cost_row  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs/results.md"
@@ -300,14 +300,7 @@ class Seed:
         return cached(self.folder / "eval" / f"{arm}.audit{count}_apgd{self.options.apgd_steps}.json", compute)
 
     def cost(self, arm: str) -> dict[str, float]:
-        from quanos_onnx.hwmodel import estimate_all
-
-        plan = self.plan(arm)
-        estimates = estimate_all(self.layers, plan)
-        row = {name: e.energy_pj for name, e in estimates.items()}
-        row["memory_kb"] = estimates["standard"].weight_memory_bits / 8e3
-        row["average_bits"] = plan.average_weight_bits(self.params)
-        return row
+        return cost_row(self.layers, self.plan(arm), self.params)
 
 
 def config_name(options: argparse.Namespace) -> str:

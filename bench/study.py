@@ -29,7 +29,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_section import machine, write_section  # noqa: E402
-from study_data import CACHE, REPO, SETUP_NAMES, Setup, cached, load_setup  # noqa: E402
+from study_data import CACHE, REPO, SETUP_NAMES, Setup, cached, cost_row, load_setup  # noqa: E402
 
 from quanos_onnx.finetune.train import DEFAULT_LEARNING_RATES  # noqa: E402
 
@@ -247,14 +247,8 @@ class Study:
         )["value"]
 
     def energy(self, variant: str) -> dict[str, float]:
-        from quanos_onnx.hwmodel import estimate_all
-
         plan = None if variant == "float" else self.plan(variant)
-        estimates = estimate_all(self.layers, plan)
-        row = {name: e.energy_pj for name, e in estimates.items()}
-        row["memory_kb"] = estimates["standard"].weight_memory_bits / 8e3
-        row["average_bits"] = 32.0 if plan is None else plan.average_weight_bits(self.params)
-        return row
+        return cost_row(self.layers, plan, self.params)
 
 
 def run(options: argparse.Namespace) -> str:

@@ -40,6 +40,19 @@ def cached(path: Path, compute: Callable[[], Any]) -> Any:
     path.write_text(json.dumps(value, indent=1))
     return value
 
+
+def cost_row(layers: Any, plan: Any | None, params: dict[str, int]) -> dict[str, float]:
+    """A plan's energy per image on each hardware profile (pJ), weight memory (kB) and average
+    weight bits (the float model's when `plan` is None: 32)."""
+    from quanos_onnx.hwmodel import estimate_all
+
+    estimates = estimate_all(layers, plan)
+    row = {name: e.energy_pj for name, e in estimates.items()}
+    row["memory_kb"] = estimates["standard"].weight_memory_bits / 8e3
+    row["average_bits"] = 32.0 if plan is None else plan.average_weight_bits(params)
+    return row
+
+
 @dataclass(frozen=True)
 class Setup:
     """A float model and its data: `tune` calibrates, attacks for ANS and fine-tunes; `test` tests."""
