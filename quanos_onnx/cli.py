@@ -136,7 +136,18 @@ def _exit(code: int, handler: Any) -> None:
             signal.signal(signal.SIGINT, handler)
         except ValueError:
             pass
+    _forget_unhandled_interrupt()
     sys.exit(code)
+
+
+def _forget_unhandled_interrupt() -> None:
+    """CPython 3.11 marks a KeyboardInterrupt that leaves code run by exec() of a string
+    as "unhandled" (dataclasses and namedtuple build their methods that way, so a Ctrl-C
+    during an import often lands there), even when we catch it later. Under `python -m`
+    the interpreter then kills itself with SIGINT at exit (status -2) instead of exiting
+    with our code. Every exec() of a string clears that mark first, so one empty exec()
+    here does it."""
+    exec("")  # noqa: S102
 
 
 def _interrupted() -> tuple[str, int]:
@@ -176,6 +187,20 @@ def _silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, descriptor)
     os.close(devnull)
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    """Whether a Ctrl-C is behind this error: a C extension whose import is interrupted
+    (pybind11's "ImportError: initialization failed") keeps the KeyboardInterrupt only
+    as its cause. That is an interrupt for the user, not an internal error."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _from_stdout(error: BaseException) -> bool:
@@ -220,6 +245,10 @@ class QuanosCommand(OneLineErrors, click.Command):
             click.echo(line, err=True)
             ctx.exit(code)
         except Exception as error:
+            if _caused_by_interrupt(error):
+                line, code = _interrupted()
+                click.echo(line, err=True)
+                ctx.exit(code)
             if _from_stdout(error):
                 line, code = _stdout_lost(error)  # type: ignore[arg-type]
                 click.echo(line, err=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -67,6 +68,42 @@ def test_ctrl_c_in_a_stage_exits_130_and_writes_nothing(inputs: tuple[str, str],
     assert result.exit_code == 130
     assert result.stderr.splitlines() == ["error: interrupted; no output was written"]
     assert not out.exists()
+
+
+def test_ctrl_c_inside_exec_code_under_python_m_still_exits_130(inputs: tuple[str, str], tmp_path: Path) -> None:
+    """A Ctrl-C that lands in code built by exec() (a dataclass's __init__ during an
+    import) must not make `python -m` die of SIGINT (-2) after the line is printed."""
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import sys\n"
+        "from quanos_onnx import cli\n"
+        "from quanos_onnx.commands import compile as compile_room\n"
+        "def quantize(*args, **kwargs):\n"
+        "    exec('raise KeyboardInterrupt')\n"
+        "compile_room.quantize = quantize\n"
+        f"sys.argv = ['quanos', *{compile_bits(inputs, tmp_path / 'out')!r}]\n"
+        "cli.main()\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    done = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], env=environment, capture_output=True, timeout=120)
+    assert (done.returncode, done.stderr.decode().splitlines()) == (130, ["error: interrupted; no output was written"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_import_cut_short_by_ctrl_c_is_an_interrupt_not_an_internal_error(
+    inputs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pybind11 turns a Ctrl-C during a C extension's import into "ImportError:
+    initialization failed" with the KeyboardInterrupt as its cause."""
+
+    def interrupted_import(*args: object, **kwargs: object) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise ImportError("initialization failed") from interrupt
+
+    monkeypatch.setattr(compile_room, "quantize", interrupted_import)
+    result = CliRunner().invoke(main, compile_bits(inputs, tmp_path / "out"))
+    assert (result.exit_code, result.stderr.splitlines()) == (130, ["error: interrupted; no output was written"])
 
 
 @pytest.mark.parametrize("files_before_interrupt", [0, 1, 4])
