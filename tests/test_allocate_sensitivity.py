@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -152,6 +157,30 @@ def test_gradient_score_grows_as_bits_shrink(resnet):
     assert table.method == "fisher" and table.samples == 32
     for row in table.cost:
         assert row[0] > row[1] > row[2] > 0
+
+
+def test_gradient_score_on_read_only_data_prints_no_warning(tmp_path):
+    """Data memory-mapped from .npy is read-only; torch warns once per process about such
+    arrays, so the check runs in a fresh Python."""
+    script = (
+        "import warnings, numpy as np\n"
+        "warnings.simplefilter('error')\n"
+        "from tiny_models import random_inputs, resnet_style\n"
+        "from quanos_onnx.allocate.sensitivity import measure\n"
+        "from quanos_onnx.layers import find_joins, list_layers\n"
+        "from quanos_onnx.model import normalize\n"
+        "model = normalize(resnet_style())\n"
+        "layers = list_layers(model)\n"
+        "batch = random_inputs(model, 4, 0)\n"
+        "labels = np.arange(4) % 2\n"
+        "batch.setflags(write=False)\n"
+        "labels.setflags(write=False)\n"
+        "measure('fisher', model, layers, find_joins(model, layers), [batch], labels=[labels], bits=(2, 8))\n"
+    )
+    tests = Path(__file__).parent
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 @pytest.mark.parametrize("chunk", [5, 64])

@@ -350,12 +350,13 @@ def measure_gradient(
         for start in range(0, len(batch), ACTIVATION_CHUNK)
     ]
     for batch, batch_labels in chunks:
-        image = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).requires_grad_(True)
+        # A copy: data read from .npy files is often read-only, which torch.from_numpy warns about.
+        image = torch.tensor(np.asarray(batch), dtype=torch.float32).requires_grad_(True)
         inputs = {twin.input_names[0]: image}
         outputs, captured = twin.run(inputs, captured_names)
         logits = outputs[0].reshape(len(batch), -1)
         target = (
-            torch.from_numpy(np.asarray(batch_labels, dtype=np.int64))
+            torch.tensor(np.asarray(batch_labels), dtype=torch.int64)
             if batch_labels is not None
             else logits.argmax(dim=1)
         )
