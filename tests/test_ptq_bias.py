@@ -129,3 +129,95 @@ def test_layers_with_inputs_below_four_bits_keep_their_bias():
     plain = quantize(model, plan, [x], ptq=PLAIN).model
     corrected = quantize(model, plan, [x], ptq=CORRECTED).model
     assert plain.SerializeToString() == corrected.SerializeToString()
+
+
+def _one_layer(op: str, x_shape: list[int], weight_shape: list[int], **attributes: object) -> onnx.ModelProto:
+    rng = np.random.default_rng(5)
+    if op == "ConvTranspose":
+        outputs = weight_shape[1] * attributes.get("group", 1)
+    else:
+        outputs = weight_shape[1] if op == "Gemm" and not attributes.get("transB") else weight_shape[0]
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", "w", "b"], ["y"], name="layer", **attributes)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(rng.normal(size=weight_shape).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.normal(size=outputs).astype(np.float32), "b"),
+        ],
+    )
+    return normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+
+
+def _probed_means(op: str, attributes: dict, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The layer's mean output per channel without bias, computed by onnxruntime itself."""
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", "w"], ["y"], **attributes)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    output = Runner(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)).run(x)[0]
+    axis = output.ndim - 1 if op == "Gemm" else 1
+    return np.moveaxis(output, axis, 0).reshape(output.shape[axis], -1).astype(np.float64).mean(axis=1)
+
+
+@pytest.mark.parametrize(
+    ("op", "x_shape", "weight_shape", "attributes"),
+    [
+        ("Conv", [8, 4, 9, 9], [6, 4, 3, 3], {"strides": [2, 2], "pads": [1, 0, 2, 1]}),
+        ("Conv", [8, 4, 9, 9], [6, 2, 3, 3], {"group": 2, "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+        ("Conv", [8, 4, 9, 9], [4, 1, 5, 5], {"group": 4, "auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+        ("Conv", [8, 4, 10, 7], [6, 4, 1, 1], {}),
+        ("Conv", [8, 4, 11], [6, 4, 3], {"strides": [2], "pads": [0, 1]}),
+        ("Gemm", [8, 5], [4, 5], {"transB": 1, "alpha": 0.5}),
+        ("ConvTranspose", [8, 4, 5, 5], [4, 3, 3, 3], {"strides": [2, 2], "pads": [1, 1, 0, 0]}),
+    ],
+)
+def test_shifts_are_the_mean_output_difference_onnxruntime_computes(op, x_shape, weight_shape, attributes):
+    """Conv and Gemm shifts come from patch sums of the inputs (linearity); they must equal the
+    mean of the layer's own outputs, W * x minus Wq * xq, as onnxruntime computes them."""
+    model = _one_layer(op, x_shape, weight_shape, **attributes)
+    layers = list_layers(model)
+    x = np.random.default_rng(6).uniform(0, 1, x_shape).astype(np.float32)
+    plan = Plan((LayerPlan("layer", 3, 4),))
+    result = quantize(model, plan, [x], ptq=PLAIN)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    shifts = bias_shifts(result.model, weights, layers, result.plan, [x])
+    node = next(n for n in result.model.graph.node if n.name == "layer")
+    assert _before_quantizer(node.input[0], {out: n for n in result.model.graph.node for out in n.output}) == "x"
+    x_quantized, w_quantized = Runner(result.model, [node.input[0], node.input[1]]).run(x, [node.input[0], node.input[1]])
+    expected = _probed_means(op, attributes, x, weights["w"]) - _probed_means(op, attributes, x_quantized, w_quantized)
+    np.testing.assert_allclose(shifts["layer"], expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(expected).max() > 1e-3  # the quantization moved the mean: the check has something to see
+
+
+def test_a_gemm_with_transposed_input_is_corrected_per_output_feature():
+    """transA: the samples are the input's second axis (here after a Transpose)."""
+    rng = np.random.default_rng(7)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+            helper.make_node("Gemm", ["xt", "w", "b"], ["y"], name="layer", transA=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [
+            numpy_helper.from_array(rng.normal(size=(5, 4)).astype(np.float32), "w"),
+            numpy_helper.from_array(np.zeros(4, np.float32), "b"),
+        ],
+    )
+    model = normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+    x = rng.uniform(0, 1, (32, 5)).astype(np.float32)
+    result = quantize(model, Plan((LayerPlan("layer", 3, 4),)), [x], ptq=PLAIN)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    shifts = bias_shifts(result.model, weights, list_layers(model), result.plan, [x])
+    node = next(n for n in result.model.graph.node if n.name == "layer")
+    producers = {out: n for n in result.model.graph.node for out in n.output}
+    names = [_before_quantizer(node.input[0], producers), node.input[0], node.input[1]]
+    x_float, x_quantized, w_quantized = Runner(result.model, names).run(x, names)
+    expected = (x_float.T.astype(np.float64) @ weights["w"]).mean(axis=0) - (x_quantized.T.astype(np.float64) @ w_quantized).mean(axis=0)
+    np.testing.assert_allclose(shifts["layer"], expected, rtol=1e-4, atol=1e-5)
