@@ -24,6 +24,11 @@ recompute it, so a rerun resumes):
                table's integer-program plans
   compile      the default compile (`qn.compile(model, data, eval_data=test)`) and a plain
                `bits=8` compile of the same data: bits, accuracy vs float, CPU time
+  audit        the table's models (float, uniform and mixed at each average, the same plans
+               and PTQ-written models) under `quanos analyze`'s robustness audit: worst case per
+               sample over FGSM, PGD-7, APGD-CE, APGD-DLR and a transfer attack from the float
+               graph, counted in onnxruntime, with the masking diagnosis; `write-audit` renders
+               it (the table's FGSM/PGD are white-box on the twin only, which quantizers mask)
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/allocate_ptq.py --model resnet20 --stage table
 """
@@ -56,15 +61,24 @@ SENSITIVITY_KINDS = ("minmax", "ptq")
 
 @dataclass(frozen=True)
 class ModelSettings:
+    """`robust_samples`: the table's twin attacks; `audit_samples`: the audit's (its attacks
+    cost about 20x the table's per sample, APGD with 50 steps and the effort check)."""
+
     robust_samples: int
     small_eps: float
     small_eps_text: str
+    audit_samples: int
 
 
 SETTINGS = {
-    "resnet20": ModelSettings(300, 1 / 255, "1/255"),
-    "fashion": ModelSettings(500, 2 / 255, "2/255"),
+    "resnet20": ModelSettings(300, 1 / 255, "1/255", 200),
+    "fashion": ModelSettings(500, 2 / 255, "2/255", 300),
 }
+AUDIT_SEED = 0
+AUDIT_HEADING = "## Allocation under the audit: worst-case robust accuracy, mixed vs uniform (ResNet-20, Fashion-MNIST CNN)"
+PTQ_HEADING = "## Allocation under the compile's PTQ"
+SIGNIFICANCE = 0.05
+"""A paired difference is beyond noise when the two-sided sign test on its discordant samples gives p < 0.05."""
 
 
 def _batches(x: np.ndarray, size: int = BATCH) -> list[np.ndarray]:
@@ -221,6 +235,56 @@ class Bench:
             rows.append({"target": average, **self.cached(f"mixed-{kind}-{average}.json", mixed)})
         return rows
 
+    def audit(self, kind: str) -> list[dict[str, Any]]:
+        """The table's float, uniform and mixed models under the robustness audit, one cached
+        cell each (the mixed plan solved from the same cached table and ANS as the table's)."""
+        from quanos_onnx.plan import Plan
+
+        rows = [self.cached("audit-float.json", lambda: {"plan": "float", "average": 32.0, **self.audited(self.proto)})]
+        table = self.sensitivity(kind)
+        for average in AVERAGES:
+            rows.append({"target": average, **self.cached(
+                f"audit-uniform-{average}.json", lambda: self.audited_plan("uniform", Plan.uniform(self.layers, average)))})
+            rows.append({"target": average, **self.cached(
+                f"audit-mixed-{kind}-{average}.json", lambda: self.audited_plan("mixed", self.solve(table, average)[0]))})
+        return rows
+
+    def audit_settings(self) -> Any:
+        """`quanos analyze`'s default suite (AnalyzeOptions' defaults) at the table's two eps,
+        so the audit and the table's twin-only figures speak of the same perturbations."""
+        from quanos_onnx.commands.analyze import AnalyzeOptions
+
+        return AnalyzeOptions(audit_eps=(self.settings.small_eps, 8 / 255)).audit_settings()
+
+    def audited_plan(self, label: str, plan: Any) -> dict[str, Any]:
+        """The audit of the model the table writes for `plan` (same calibration, same PTQ)."""
+        return {
+            "plan": label, "average": plan.average_weight_bits(self.params),
+            "bits": {e.name: e.weight_bits for e in plan.layers}, **self.audited(self.written(plan)),
+        }
+
+    def audited(self, model: Any) -> dict[str, Any]:
+        """Audit and masking diagnosis on the first `audit_samples` test images, as `quanos
+        analyze` runs them (commands.options.audit_model: a quantized model's transfer attack
+        is crafted on its float graph), plus the per-sample outcomes that paired comparisons
+        between plans need."""
+        from quanos_onnx.commands.options import audit_model
+
+        count = self.settings.audit_samples
+        batches = zip(_batches(self.test_x[:count], self.batch), _batches(self.test_y[:count], self.batch))
+        with Timer() as timer:
+            audit, diagnosis = audit_model(model, iter(batches), self.audit_settings(), seed=AUDIT_SEED, progress=None)
+        eps_values = audit.suite.eps_values()
+        return {
+            "cpu_seconds": timer.cpu, "wall_seconds": timer.wall,
+            "audit": audit.to_json(), "masking": diagnosis.to_json(),
+            "per_sample": {
+                "eps": list(eps_values), "clean": _flags(audit.clean),
+                "worst_case": [_flags(audit.worst_case(eps)) for eps in eps_values],
+                "white_box": [_flags(_white_box_worst_case(audit, eps)) for eps in eps_values],
+            },
+        }
+
     def compare_sensitivity(self) -> dict[str, Any]:
         """Which table ranks plans written with the compile's PTQ better (validation split)."""
         from scipy.stats import spearmanr
@@ -339,6 +403,25 @@ def _ptq() -> Any:
     from quanos_onnx.ptq import PtqSettings
 
     return PtqSettings()
+
+
+def _flags(robust: np.ndarray) -> str:
+    """Per-sample outcomes as a '0'/'1' string: compact in the JSON cell, exact for paired tests."""
+    return "".join("1" if value else "0" for value in robust)
+
+
+def _white_box_worst_case(audit: Any, eps: float) -> np.ndarray:
+    """Robust at eps under every attack crafted on the model's own twin (the effort check
+    included), the transfer attack left out: what a twin-only evaluation could at best see."""
+    from quanos_onnx.harness.robustness import is_white_box
+
+    robust = audit.clean.copy()
+    for attack, outcome in zip(audit.suite.attacks, audit.outcomes):
+        if attack.eps == eps and is_white_box(attack):
+            robust &= outcome
+    if audit.effort is not None and audit.suite.effort_check.eps == eps:
+        robust &= audit.effort
+    return robust
 
 
 def _plan(bits: dict[str, int | None]) -> Any:
@@ -521,20 +604,196 @@ def render_bias(benches: list[Bench]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mixed minus uniform worst-case robust accuracy on the same samples: the share difference
+    and the two-sided sign (exact McNemar) test on the samples only one of the two kept."""
+
+    points: float
+    mixed_only: int
+    uniform_only: int
+    p_value: float
+
+    @property
+    def beyond_noise(self) -> bool:
+        return self.p_value < SIGNIFICANCE
+
+    def text(self, eps_text: str) -> str:
+        noise = "beyond noise" if self.beyond_noise else "within noise"
+        return (f"{self.points:+.1f} points at {eps_text} ({self.mixed_only} samples robust under mixed only, "
+                f"{self.uniform_only} under uniform only, sign test p = {self.p_value:.2g}: {noise})")
+
+
+def paired_difference(mixed: str, uniform: str) -> PairedDifference:
+    """From the cells' '0'/'1' per-sample strings (the same images in the same order)."""
+    from scipy.stats import binomtest
+
+    m, u = (np.frombuffer(flags.encode(), np.uint8) == ord("1") for flags in (mixed, uniform))
+    mixed_only, uniform_only = int((m & ~u).sum()), int((u & ~m).sum())
+    discordant = mixed_only + uniform_only
+    p_value = float(binomtest(mixed_only, discordant).pvalue) if discordant else 1.0
+    return PairedDifference(float(100 * (m.mean() - u.mean())), mixed_only, uniform_only, p_value)
+
+
+def _ci(entry: dict[str, Any]) -> str:
+    low, high = entry["ci95"]
+    return f"{100 * entry['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _attack_cell(audit: dict[str, Any], name: str, eps: float) -> str:
+    found = [a for a in audit["attacks"] if a["name"] == name and a["eps"] == eps]
+    return f"{100 * found[0]['accuracy']:.1f}" if found else "-"
+
+
+def _share(flags: str) -> float:
+    return flags.count("1") / len(flags)
+
+
+def _flagged(row: dict[str, Any]) -> list[dict[str, Any]]:
+    return [check for check in row["masking"]["checks"] if check["flagged"]]
+
+
+def _twin_table_cell(bench: Bench, row: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The table stage's cell of the same model (its twin-only PGD-10), when it is cached."""
+    name = "float.json" if row["plan"] == "float" else (
+        f"uniform-{row['target']}.json" if row["plan"] == "uniform" else f"mixed-{kind}-{row['target']}.json")
+    path = bench.cache / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def render_audit(benches: list[Bench], kind: str, host: str) -> str:
+    """The audit section: per model a summary table, a per-attack table and the paired verdicts."""
+    lines = [
+        AUDIT_HEADING,
+        "",
+        f"`OMP_NUM_THREADS=1 PYTHONPATH=. python bench/allocate_ptq.py --stage audit --stage write-audit --sensitivity {kind}` "
+        "(both models; each (model, plan) is a cached cell bench/cache/allocate-ptq/<model>/audit-*.json, so a rerun "
+        f"resumes). Machine: 2-core VM ({host}), shared with other engineers' jobs, torch and onnxruntime at 1 thread; "
+        "CPU s: the audit of one model (bench process, all its threads), not inflated by the load as wall time is.",
+        "",
+        "The models are the previous section's (same plans, written by `quantize(..., ptq=PtqSettings())` on the same "
+        "512 calibration images). The previous section's FGSM and PGD-10 are crafted white-box on each model's "
+        "fake-quant twin only, whose straight-through gradients a quantized model can mask; here every model goes "
+        "through `quanos analyze`'s default audit (`harness.robustness.audit_robustness`, "
+        "`commands.options.audit_model`) at the table's two eps: FGSM, PGD-7 (steps of 2/255), APGD-CE and APGD-DLR "
+        "(50 steps, 1 restart) on the twin, and (quantized models) APGD-CE crafted on the model's float graph and "
+        "transferred; the effort check (APGD-CE, 100 steps, 3 restarts on the survivors at 8/255) and the large-eps "
+        "probe (APGD-CE at 0.5). Every accuracy is counted in onnxruntime; a sample is robust at an eps only if it is "
+        "classified correctly clean and under every attack at that eps (worst case per sample, as AutoAttack reports), "
+        "with its 95% Wilson interval. `twin only`: the same worst case without the transfer attack, the most a "
+        "twin-only evaluation could find. Masking flags: `harness.masking.diagnose` (a check flags at 1% of the "
+        "samples). Mixed minus uniform is paired (the same images): the samples robust under one plan only, with a "
+        f"two-sided sign test (exact McNemar, `scipy.stats.binomtest`); beyond noise at p < {SIGNIFICANCE}.",
+    ]
+    for bench in benches:
+        lines += _render_audit_model(bench, kind)
+    return "\n".join(lines) + "\n"
+
+
+def _render_audit_model(bench: Bench, kind: str) -> list[str]:
+    rows = bench.audit(kind)
+    settings = bench.settings
+    small, large = settings.small_eps_text, "8/255"
+    samples = rows[0]["audit"]["samples"]
+    lines = [
+        "",
+        f"### {bench.setup.description}: audit",
+        "",
+        f"The first {samples} test images (the previous table's twin PGD-10: the first {settings.robust_samples}).",
+        "",
+        f"| plan | target bits | average bits | clean % | robust {small} % | robust {large} % | twin only {small} % "
+        f"| twin only {large} % | table's twin PGD-10 {small} % | masking flags | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        audit, per_sample = row["audit"], row["per_sample"]
+        table_cell = _twin_table_cell(bench, row, kind)
+        flags = "; ".join(check["check"] for check in _flagged(row)) or "none"
+        lines.append("| " + " | ".join([
+            row["plan"], str(row.get("target", "-")), f"{row['average']:.2f}", _ci(audit["clean"]),
+            *(_ci(entry) for entry in audit["worst_case"]),
+            *(f"{100 * _share(f):.1f}" for f in per_sample["white_box"]),
+            f"{100 * table_cell['pgd_small']:.1f}" if table_cell else "",
+            flags, f"{row['cpu_seconds']:.0f}",
+        ]) + " |")
+    eps_values = rows[0]["per_sample"]["eps"]
+    names = ("fgsm", "pgd-7", "apgd-ce", "apgd-dlr", "transfer")
+    lines += [
+        "",
+        "Each attack's accuracy (%), and the two probes:",
+        "",
+        "| plan | target bits | " + " | ".join(f"{n} {t}" for t in (small, large) for n in names)
+        + f" | effort check {large} | APGD-CE at 0.5 |",
+        "|---|---|" + "---|" * (2 * len(names) + 2),
+    ]
+    for row in rows:
+        audit = row["audit"]
+        probes = [f"{100 * audit[k]['accuracy']:.1f}" if audit[k] else "-" for k in ("effort_check", "large_eps_check")]
+        lines.append("| " + " | ".join([
+            row["plan"], str(row.get("target", "-")),
+            *(_attack_cell(audit, name, eps) for eps in eps_values for name in names), *probes,
+        ]) + " |")
+    lines += ["", *_audit_verdicts(bench, rows, (small, large)), "", *_masking_notes(bench, rows, kind, small)]
+    return lines
+
+
+def _audit_verdicts(bench: Bench, rows: list[dict[str, Any]], eps_texts: tuple[str, str]) -> list[str]:
+    """A sentence per average (mixed minus uniform at each eps) and issue 16's target, stated."""
+    by = {(row["plan"], row.get("target")): row for row in rows}
+    lines, failed = [], []
+    for average in AVERAGES:
+        mixed, uniform = by[("mixed", average)], by[("uniform", average)]
+        differences = [
+            paired_difference(m, u) for m, u in zip(mixed["per_sample"]["worst_case"], uniform["per_sample"]["worst_case"])
+        ]
+        for difference, text in zip(differences, eps_texts):
+            if difference.points < 0:
+                failed.append(f"{average} bits at {text} ({'beyond' if difference.beyond_noise else 'within'} noise)")
+        lines.append(
+            f"- {bench.name}, {average} bits (mixed {mixed['average']:.2f}, uniform {uniform['average']:.2f} average "
+            "bits): mixed minus uniform worst-case robust " + "; ".join(d.text(t) for d, t in zip(differences, eps_texts)) + "."
+        )
+    verdict = (
+        "holds at every average and both eps" if not failed
+        else "fails at " + ", ".join(failed) + "; holds elsewhere"
+    )
+    return [*lines, "", f"Issue 16's robust target on {bench.name} (mixed at least uniform at the same size), worst case: {verdict}."]
+
+
+def _masking_notes(bench: Bench, rows: list[dict[str, Any]], kind: str, small: str) -> list[str]:
+    """Where the twin-only figures were masking: the transfer attack (or more effort) broke
+    samples the twin's attacks left standing, and the table's PGD-10 against the worst case."""
+    notes = []
+    for row in rows:
+        label = row["plan"] if row["plan"] == "float" else f"{row['plan']} {row['target']}"
+        gaps = [
+            f"{check['check']}: {check['samples']} samples" for check in _flagged(row)
+        ]
+        table_cell = _twin_table_cell(bench, row, kind)
+        twin = (f"the table's twin PGD-10 at {small} {100 * table_cell['pgd_small']:.1f}%, the audit's worst case "
+                f"{100 * row['audit']['worst_case'][0]['accuracy']:.1f}%") if table_cell else ""
+        if gaps or twin:
+            notes.append(f"{label}: " + "; ".join([*gaps, twin] if twin else gaps) + ".")
+    return [f"Masking evidence on {bench.name} (flagged checks with the samples they point at; twin-only against worst case):", "",
+            *(f"- {note}" for note in notes)]
+
+
 def main() -> None:
     import torch
 
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=tuple(SETTINGS), action="append")
-    parser.add_argument("--stage", choices=("table", "sensitivity", "compile", "guard", "bias", "write"), action="append")
-    # write: render the cached cells of every --model into docs/benchmarks.md (computes what is missing)
+    stages = ("table", "sensitivity", "compile", "guard", "bias", "audit", "write", "write-audit")
+    parser.add_argument("--stage", choices=stages, action="append")
+    # write: render the cached cells of every --model into docs/benchmarks.md (computes what is missing);
+    # write-audit: the audit's section alone, after the PTQ section
     parser.add_argument("--sensitivity", choices=SENSITIVITY_KINDS, default="minmax")
     options = parser.parse_args()
     for name in options.model or list(SETTINGS):
         bench = Bench(name)
         for stage in options.stage or ["table"]:
-            if stage == "write":
+            if stage in ("write", "write-audit"):
                 continue
             if stage == "table":
                 bench.table(options.sensitivity)
@@ -546,13 +805,19 @@ def main() -> None:
                 print(json.dumps(bench.guard_margins(), indent=1), flush=True)
             elif stage == "bias":
                 print(json.dumps(bench.bias_probe(), indent=1), flush=True)
+            elif stage == "audit":
+                bench.audit(options.sensitivity)
     if "write" in (options.stage or []):
         benches = [Bench(name) for name in options.model or list(SETTINGS)]
         section = (
             render(benches, options.sensitivity, machine()) + render_sensitivity(benches) + render_compiles(benches)
             + render_guard(benches) + render_bias(benches)
         )
-        write_section(REPO / "docs/benchmarks.md", "## Allocation under the compile's PTQ", section)
+        write_section(REPO / "docs/benchmarks.md", PTQ_HEADING, section)
+    if "write-audit" in (options.stage or []):
+        benches = [Bench(name) for name in options.model or list(SETTINGS)]
+        section = render_audit(benches, options.sensitivity, machine())
+        write_section(REPO / "docs/benchmarks.md", AUDIT_HEADING, section, after=PTQ_HEADING)
     print(machine(), flush=True)
 
 
