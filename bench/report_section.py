@@ -16,12 +16,20 @@ def machine() -> str:
     return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared{load})"
 
 
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace the section under `heading` (up to the next '## ' heading), keeping the rest."""
+def write_section(path: Path, heading: str, section: str, after: str | None = None) -> None:
+    """Replace the section under `heading` (up to the next '## ' heading), keeping the rest.
+
+    A new section goes at the end, or, when `after` names a '## ' heading in the file, right
+    after that heading's section (so related sections stay together on the first write)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start = text.find(heading)
+    if start < 0 and after is not None and after in text:
+        follows = text.find("\n## ", text.find(after) + len(after))
+        if follows >= 0:
+            text = text[: follows + 1] + heading + "\n\n" + text[follows + 1 :]
+            start = follows + 1
     before = text if start < 0 else text[:start]
     end = -1 if start < 0 else text.find("\n## ", start + len(heading))
-    after = text[end + 1 :] if end >= 0 else ""
+    rest = text[end + 1 :] if end >= 0 else ""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(before.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + ("\n" + after if after else ""))
+    path.write_text(before.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + ("\n" + rest if rest else ""))
