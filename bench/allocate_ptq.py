@@ -247,7 +247,17 @@ class Bench:
                 f"audit-uniform-{average}.json", lambda: self.audited_plan("uniform", Plan.uniform(self.layers, average)))})
             rows.append({"target": average, **self.cached(
                 f"audit-mixed-{kind}-{average}.json", lambda: self.audited_plan("mixed", self.solve(table, average)[0]))})
+            rows.append({"target": average, **self.cached(
+                f"audit-mixed-input-{average}.json", lambda: self.audited_input_plan(self.solve(table, average)[0], average))})
         return rows
+
+    def audited_input_plan(self, plan: Any, bits: int) -> dict[str, Any]:
+        """The mixed plan with the model input at `bits` (compile's --input-bits, plan.with_input_bits):
+        its audit and its clean accuracy on the whole test set (the table's clean column)."""
+        from quanos_onnx.plan import with_input_bits
+
+        capped = with_input_bits(plan, self.layers, bits)
+        return {**self.audited_plan("mixed-input", capped), "clean_test": self.clean(self.written(capped), self.test_x, self.test_y)}
 
     def audit_settings(self) -> Any:
         """`quanos analyze`'s default suite (AnalyzeOptions' defaults) at the table's two eps,
@@ -623,7 +633,7 @@ class PairedDifference:
         if self.first_only + self.second_only == 0:
             return f"{self.points:+.1f} points at {eps_text} (no sample robust under one plan only)"
         noise = "beyond noise" if self.beyond_noise else "within noise"
-        return (f"{self.points:+.1f} points at {eps_text} ({self.first_only} samples robust under mixed only, "
+        return (f"{self.points:+.1f} points at {eps_text} ({self.first_only} samples robust under it only, "
                 f"{self.second_only} under uniform only, sign test p = {self.p_value:.2g}: {noise})")
 
 
@@ -658,6 +668,8 @@ def _flagged(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _twin_table_cell(bench: Bench, row: dict[str, Any], kind: str) -> dict[str, Any] | None:
     """The table stage's cell of the same model (its twin-only PGD-10), when it is cached."""
+    if row["plan"] == "mixed-input":
+        return None
     name = "float.json" if row["plan"] == "float" else (
         f"uniform-{row['target']}.json" if row["plan"] == "uniform" else f"mixed-{kind}-{row['target']}.json")
     path = bench.cache / name
@@ -744,17 +756,41 @@ def _render_audit_model(bench: Bench, rows: list[dict[str, Any]], kind: str) -> 
             row["plan"], str(row.get("target", "-")),
             *(_attack_cell(audit, name, eps) for eps in eps_values for name in names), *probes,
         ]) + " |")
-    lines += ["", *_audit_verdicts(bench, rows, (small, large)), "", *_masking_notes(bench, rows, kind, small)]
+    lines += ["", *_audit_verdicts(bench, rows, (small, large)), "", *_input_bits_notes(bench, rows, kind, (small, large)),
+              "", *_masking_notes(bench, rows, kind, small)]
     return lines
 
 
-def _audit_verdicts(bench: Bench, rows: list[dict[str, Any]], eps_texts: tuple[str, str]) -> list[str]:
-    """A sentence per average (mixed minus uniform at each eps) and issue 16's target, stated:
+def _input_bits_notes(bench: Bench, rows: list[dict[str, Any]], kind: str, eps_texts: tuple[str, str]) -> list[str]:
+    """The mixed plans again with the model input at the average's bits (compile's --input-bits B):
+    the bit depth uniform B reads its input at, which no other change gives the mixed plan."""
+    by = {(row["plan"], row.get("target")): row for row in rows}
+    first = bench.layers[0].name
+    first_bits = " or ".join(str(b) for b in sorted({by[("mixed", average)]["bits"][first] for average in AVERAGES}))
+    clean = []
+    for average in AVERAGES:
+        table = {name: json.loads((bench.cache / f"{name}-{average}.json").read_text())["clean"]
+                 for name in ("uniform", f"mixed-{kind}")}
+        clean.append(f"{average} bits {100 * by[('mixed-input', average)]['clean_test']:.1f} (mixed "
+                     f"{100 * table[f'mixed-{kind}']:.1f}, uniform {100 * table['uniform']:.1f})")
+    return [
+        f"`mixed-input` rows: the same mixed plans with the model input read at B bits (`--input-bits B`, "
+        "`plan.with_input_bits`: the first layer's input activation capped, its weights and every other layer "
+        "unchanged), which is the one place uniform B quantizes more coarsely than every mixed plan here (the "
+        f"solver gave the first layer {first_bits} bits in these plans). Clean accuracy on the whole test set, %: "
+        f"{'; '.join(clean)}.",
+        "",
+        *_audit_verdicts(bench, rows, eps_texts, plan="mixed-input"),
+    ]
+
+
+def _audit_verdicts(bench: Bench, rows: list[dict[str, Any]], eps_texts: tuple[str, str], plan: str = "mixed") -> list[str]:
+    """A sentence per average (`plan` minus uniform at each eps) and issue 16's target, stated:
     a shortfall counts against the target whether or not it is beyond noise, and says which."""
     by = {(row["plan"], row.get("target")): row for row in rows}
     lines, beyond, within, held = [], [], [], []
     for average in AVERAGES:
-        mixed, uniform = by[("mixed", average)], by[("uniform", average)]
+        mixed, uniform = by[(plan, average)], by[("uniform", average)]
         differences = [
             paired_difference(m, u) for m, u in zip(mixed["per_sample"]["worst_case"], uniform["per_sample"]["worst_case"])
         ]
@@ -765,17 +801,17 @@ def _audit_verdicts(bench: Bench, rows: list[dict[str, Any]], eps_texts: tuple[s
             else:
                 (beyond if difference.beyond_noise else within).append(f"{place} ({difference.points:+.1f})")
         lines.append(
-            f"- {bench.name}, {average} bits (mixed {mixed['average']:.2f}, uniform {uniform['average']:.2f} average "
-            "bits): mixed minus uniform worst-case robust " + "; ".join(d.text(t) for d, t in zip(differences, eps_texts)) + "."
+            f"- {bench.name}, {average} bits ({plan} {mixed['average']:.2f}, uniform {uniform['average']:.2f} average "
+            f"bits): {plan} minus uniform worst-case robust " + "; ".join(d.text(t) for d, t in zip(differences, eps_texts)) + "."
         )
     if not beyond and not within:
         verdict = "holds at every average and both eps"
     else:
-        parts = [f"mixed is below uniform beyond noise at {', '.join(beyond)}" if beyond else "",
-                 f"mixed is below uniform within noise at {', '.join(within)}" if within else ""]
+        parts = [f"{plan} is below uniform beyond noise at {', '.join(beyond)}" if beyond else "",
+                 f"{plan} is below uniform within noise at {', '.join(within)}" if within else ""]
         verdict = ("does not hold: " if beyond else "not shown: ") + "; ".join(p for p in parts if p) + (
-            f"; mixed is at least uniform at {', '.join(held)}" if held else "")
-    return [*lines, "", f"Issue 16's robust target on {bench.name} (mixed at least uniform at the same size), "
+            f"; {plan} is at least uniform at {', '.join(held)}" if held else "")
+    return [*lines, "", f"Issue 16's robust target on {bench.name} ({plan} at least uniform at the same size), "
             f"worst case over the audit: {verdict}."]
 
 

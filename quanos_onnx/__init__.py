@@ -78,6 +78,7 @@ def compile(
     bits: int | None = None,
     quantize_output: bool = False,
     first_last_bits: int | None = None,
+    input_bits: int | None = None,
     calibration: Calibration = "auto",
     percentile: float = 99.99,
     weight_clipping: WeightClipping = "output",
@@ -144,6 +145,10 @@ def compile(
     optimization ("adaround", "brecq") of `rounding_iterations` steps per layer or block.
     `first_last_bits` keeps the first quantized layer (and the output layer when
     `quantize_output`) at those bits whatever the plan says, as the PTQ papers keep them at 8.
+    `input_bits` caps the bits of the model input's quantizer (the first layer's input
+    activation) on the written plan and on every plan a milp search measures: a coarse
+    input grid is what keeps uniform low-bit models robust to small perturbations
+    (docs/method.md, "Input bit depth").
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
     QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the

@@ -159,6 +159,28 @@ def first_and_last_layers(layers: Sequence[Any], *, quantize_output: bool) -> tu
     return tuple(dict.fromkeys([allocated[0].name, *(layer.name for layer in allocated if layer.is_output)]))
 
 
+def with_input_bits(plan: Plan, layers: Sequence[Any], bits: int) -> Plan:
+    """The plan with the model input read at no more than `bits`: the input activation of
+    the first layer in graph order, and of every layer reading the same tensor, is capped.
+
+    A coarse input grid removes perturbations smaller than its step before any weight sees
+    them (feature squeezing by bit depth, Xu et al., NDSS 2018): measured under the
+    worst-case audit, it is most of what uniform low-bit models keep against small-eps
+    attacks and accuracy-driven mixed plans lose (docs/benchmarks.md, "Allocation under the
+    audit"). Weights and every other activation keep their bits."""
+    check_bits(bits, "input bits")
+    if not layers:
+        return plan
+    readers = {layer.name for layer in layers if layer.input == layers[0].input}
+    capped = [
+        replace(e, act_bits=min(e.act_bits, bits)) if e.name in readers and e.quantized and e.act_bits is not None else e
+        for e in plan.layers
+    ]
+    if capped == list(plan.layers):
+        return plan
+    return plan.with_layers(capped).with_details(input_bits={"bits": bits, "layers": sorted(readers)})
+
+
 def _float_entry(name: str) -> LayerPlan:
     return LayerPlan(name, None, None, keep_float=True)
 

@@ -337,6 +337,36 @@ def test_first_last_bits_pins_the_first_and_the_quantized_output_layer(workdir: 
     assert ("classifier.weight_w8_quantized" in names) == quantize_output
 
 
+def test_input_bits_quantize_the_model_input_coarser_than_the_first_layers_weights(workdir: Path):
+    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "6", "--input-bits", "3", "-o", "out", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    plan = read_plan(workdir / "out" / PLAN_FILE)
+    assert [(e.name, e.weight_bits, e.act_bits) for e in plan.layers][:2] == [("conv0", 6, 3), ("conv1", 6, 6)]
+    model = onnx.load(workdir / "out" / MODEL_FILE)
+    assert {"x_q3_scale", "conv0.weight_w6_quantized"} <= {t.name for t in model.graph.initializer}
+
+
+def test_the_milp_search_measures_its_plans_with_the_input_bits(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    from quanos_onnx.commands import compile as compile_room
+
+    measured = []
+    real = compile_room.quantize
+
+    def recording(model, plan, *args, **kwargs):
+        measured.append(plan.by_name()["conv0"].act_bits)
+        return real(model, plan, *args, **kwargs)
+
+    monkeypatch.setattr(compile_room, "quantize", recording)
+    result = _compile([
+        "model.onnx", "--data", "data.npz", "--budget", "avg-bits=5", "--input-bits", "3", "--max-accuracy-drop", "none",
+        "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "--no-eval", "-o", "out", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    assert measured and set(measured) <= {2, 3}  # every trial plan and the written one read the input at 3 bits or fewer
+    layers = {row["layer"]: row for row in json.loads(result.output)["layers"]}
+    assert layers["conv0"]["act_bits"] <= 3
+
+
 def test_first_last_bits_are_fixed_in_the_integer_program_and_counted_in_its_budget(workdir: Path):
     result = _compile([
         "model.onnx", "--data", "data.npz", "--budget", "avg-bits=4", "--first-last-bits", "8", "--quantize-output",
@@ -356,6 +386,7 @@ def test_first_last_bits_are_fixed_in_the_integer_program_and_counted_in_its_bud
     [
         (["--bits", "4", "--first-last-bits", "1"], "error: --first-last-bits 1 is outside 2..16"),
         (["--budget", "avg-bits=4", "--first-last-bits", "12"], "error: --first-last-bits 12 is outside the integer program's candidates --k-min..--max-bits (2..8)"),
+        (["--bits", "4", "--input-bits", "1"], "error: --input-bits 1 is outside 2..16"),
     ],
 )
 def test_first_last_bits_out_of_range_is_one_line(workdir: Path, args, words):

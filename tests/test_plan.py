@@ -19,6 +19,7 @@ from quanos_onnx.plan import (
     plan_from_json,
     read_plan,
     validate_plan,
+    with_input_bits,
 )
 
 from tiny_models import resnet_style
@@ -80,6 +81,19 @@ def test_with_bits_pins_weights_and_activations_float_included(layers):
     assert {(e.weight_bits, e.act_bits) for e in plan.layers if e.name not in ("stem", "classifier")} == {(4, 4)}
     with pytest.raises(PlanError, match="pinned bits: 17 bits is outside 2..16"):
         plan.with_bits(("stem",), 17)
+
+
+def test_input_bits_cap_only_the_activation_of_the_layers_reading_the_model_input(layers):
+    plan = with_input_bits(Plan.uniform(layers, 6).with_bits(("stem",), 8), layers, 4)
+    entries = plan.by_name()
+    assert (entries["stem"].weight_bits, entries["stem"].act_bits) == (8, 4)
+    assert {(e.weight_bits, e.act_bits) for e in plan.layers if e.name != "stem" and e.quantized} == {(6, 6)}
+    assert plan.details["input_bits"] == {"bits": 4, "layers": ["stem"]}
+    # a cap, not a floor: a narrower input stays, and an unchanged plan records nothing
+    narrow = Plan.uniform(layers, 3)
+    assert with_input_bits(narrow, layers, 4) is narrow
+    with pytest.raises(PlanError, match="input bits: 1 bits is outside 2..16"):
+        with_input_bits(narrow, layers, 1)
 
 
 def test_short_form_bits_sets_weights_and_activations():

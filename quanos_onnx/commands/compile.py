@@ -86,6 +86,9 @@ class CompileOptions(AttackOptions, RunOptions):
     """The first quantized layer and, with `quantize_output`, the output layer at these bits
     (weights and activations) whatever the plan says, as the PTQ papers keep them at 8
     (plan.first_and_last_layers); the milp counts them in its budget."""
+    input_bits: int | None = None
+    """The model input's quantizer at no more than these bits (plan.with_input_bits), on the
+    written plan and on every plan the milp search measures."""
     calibration: Calibration = "auto"
     percentile: float = 99.99
     weight_clipping: WeightClipping = "output"
@@ -123,6 +126,8 @@ class CompileOptions(AttackOptions, RunOptions):
             raise UsageError(f"{arg('bits')} {self.bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.first_last_bits is not None and not MIN_BITS <= self.first_last_bits <= MAX_BITS:
             raise UsageError(f"{arg('first_last_bits')} {self.first_last_bits} is outside {MIN_BITS}..{MAX_BITS}")
+        if self.input_bits is not None and not MIN_BITS <= self.input_bits <= MAX_BITS:
+            raise UsageError(f"{arg('input_bits')} {self.input_bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.calibration_samples < 1:
             raise UsageError(f"{arg('calibration_samples')} {self.calibration_samples} must be at least 1")
         if not 50.0 < self.percentile <= 100.0:
@@ -194,6 +199,12 @@ class CompileOptions(AttackOptions, RunOptions):
         return plan.with_bits(tuple(pinned), self.first_last_bits).with_details(
             first_last_bits={"bits": self.first_last_bits, "layers": list(pinned)}
         )
+
+    def with_input_bits(self, plan: Plan, layers: Sequence[Layer]) -> Plan:
+        """The plan with the model input at no more than `input_bits` (unchanged without it)."""
+        from ..plan import with_input_bits
+
+        return plan if self.input_bits is None else with_input_bits(plan, layers, self.input_bits)
 
     def ptq_settings(self, *, rounding: bool = True) -> PtqSettings:
         """How the plan's grids are chosen (ptq/); without `rounding`, round-to-nearest,
@@ -430,7 +441,7 @@ def run_compile(
             chosen = _milp_plan(options, source.proto, layers, dataset, statistics, progress)
         else:
             chosen = _quanos_plan(options, source.proto, layers, dataset, statistics, progress)
-        chosen = options.with_first_last_bits(chosen, layers)
+        chosen = options.with_input_bits(options.with_first_last_bits(chosen, layers), layers)
 
         def quantize_plan(wanted: Plan) -> Any:
             return quantize(
@@ -463,7 +474,7 @@ def run_compile(
             pareto = measured_front(
                 source.proto, layers, final_plan, lambda wanted: quantize_plan(wanted).model, evaluation, checks,
                 verification, candidates=range(options.k_min, options.max_bits + 1), profile=_front_profile(options),
-                quantize_output=options.quantize_output, progress=progress,
+                quantize_output=options.quantize_output, input_bits=options.input_bits, progress=progress,
             )
             final_plan = final_plan.with_details(allocation={**final_plan.details["allocation"], "pareto": pareto})
             compiled = _with_plan(compiled, final_plan)
@@ -753,7 +764,7 @@ def _search_split(
     labels = float_predictions if y is None else np.asarray(y)
     trial = _SearchTrial(
         model, statistics, tuple(layers), tuple(joins), options.ptq_settings(rounding=False),
-        x, labels, float_predictions == labels, name, options.batch_size,
+        x, labels, float_predictions == labels, name, options.batch_size, options.input_bits,
     )
     return trial, _SearchSplit(len(x), source, float((float_predictions == labels).mean()))
 
@@ -775,9 +786,14 @@ class _SearchTrial:
     float_correct: np.ndarray
     output: str
     batch_size: int
+    input_bits: int | None
 
     def accuracy(self, plan: Plan) -> float:
-        """The plan compiled and judged on the search split (guarded_accuracy)."""
+        """The plan compiled (with the compile's input bits) and judged on the search split (guarded_accuracy)."""
+        if self.input_bits is not None:
+            from ..plan import with_input_bits
+
+            plan = with_input_bits(plan, self.layers, self.input_bits)
         quantized = quantize(
             self.model, plan, self.statistics.batches, layers=self.layers, joins=self.joins, ptq=self.ptq,
             statistics=self.statistics,

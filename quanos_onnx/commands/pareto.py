@@ -42,15 +42,21 @@ def measured_front(
     candidates: Sequence[int],
     profile: HardwareProfile,
     quantize_output: bool = False,
+    input_bits: int | None = None,
     progress: ProgressFactory = no_progress,
 ) -> dict[str, Any]:
-    """The front document: one point per solved mixed plan and per uniform bit-width, plus
-    the compiled and float models from the verification; `dominated` marks the points
-    another beats on both weight memory and clean accuracy."""
+    """The front document: one point per solved mixed plan (with the compile's `input_bits`,
+    as the search measured it) and per uniform bit-width, plus the compiled and float models
+    from the verification; `dominated` marks the points another beats on both weight memory
+    and clean accuracy."""
+    from ..plan import with_input_bits
     from ..verify import measure_plans
 
     searched = plan.details["allocation"]["pareto"]
-    mixed = [(f"mixed {point['budget']}", "mixed", _plan_of(point["bits"])) for point in searched]
+    mixed = [
+        (f"mixed {point['budget']}", "mixed", _plan_of(point["bits"]) if input_bits is None else with_input_bits(_plan_of(point["bits"]), layers, input_bits))
+        for point in searched
+    ]
     uniform = [
         (f"uniform {bits}", "uniform", Plan.uniform(layers, bits, keep_output_float=not quantize_output))
         for bits in candidates
