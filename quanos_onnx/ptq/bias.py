@@ -94,6 +94,7 @@ def bias_shifts(
     weights = [p.node.input[1] for p in probes if p.linear]
     names = list(dict.fromkeys(name for probe in probes for name in probe.fetched))
     runner = Runner(model, names + weights)
+    wanted = names + weights  # the dequantized weights are constants: fetched with the first chunk only
     sums: dict[str, list[np.ndarray]] = {}
     counts = dict.fromkeys((probe.layer.name for probe in probes), 0)
     quantized_weights: dict[str, np.ndarray] = {}
@@ -105,15 +106,15 @@ def bias_shifts(
             batch = batch[: BIAS_SAMPLES - seen]
             seen += len(batch)
             for start in range(0, len(batch), ACTIVATION_CHUNK):  # every layer's tensors of a few samples at a time
-                fetched = runner.run(batch[start : start + ACTIVATION_CHUNK], names + (weights if not quantized_weights else []))
-                values = dict(zip(names + weights, fetched))
-                quantized_weights = quantized_weights or {name: values[name] for name in weights}
+                values = dict(zip(wanted, runner.run(batch[start : start + ACTIVATION_CHUNK], wanted)))
+                if wanted != names:
+                    quantized_weights, wanted = {name: values[name] for name in weights}, names
                 for probe in probes:
                     reduced, count = _reduce(probe, values)
                     previous = sums.get(probe.layer.name)
                     sums[probe.layer.name] = reduced if previous is None else [a + b for a, b in zip(previous, reduced)]
                     counts[probe.layer.name] += count
-                del values, fetched
+                del values
             advance(len(batch))
     if not any(counts.values()):
         raise DataError("calibration data is empty")
