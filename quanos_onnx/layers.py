@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import onnx
 
@@ -422,3 +423,23 @@ def layer_table(layers: Sequence[Layer]) -> list[dict[str, object]]:
         }
         for layer in layers
     ]
+
+
+def spatial_pads(
+    attrs: Mapping[str, Any], sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[tuple[int, int]]:
+    """(begin, end) padding per spatial axis of a Conv-like node, resolving auto_pad against the
+    input sizes as onnxruntime does (`attrs`: the decoded attributes: the twin's ops and bias
+    correction share it)."""
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for size, extent, stride, dilation in zip(sizes, kernel, strides, dilations):
+            total = max((math.ceil(size / stride) - 1) * stride + (extent - 1) * dilation + 1 - size, 0)
+            small = total // 2
+            pads.append((small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small))
+        return pads
+    if auto_pad == "VALID":
+        return [(0, 0)] * len(kernel)
+    flat = attrs.get("pads", [0] * (2 * len(kernel)))
+    return list(zip(flat[: len(kernel)], flat[len(kernel) :]))

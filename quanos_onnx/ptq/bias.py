@@ -23,7 +23,6 @@ copies of the node compute W * x and Wq * xq in onnxruntime and their outputs ar
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ import numpy as np
 import onnx
 
 from ..errors import DataError
-from ..layers import Layer
+from ..layers import Layer, spatial_pads
 from ..model import ACTIVATION_CHUNK, Runner
 from ..passes.qdq import WeightGrid
 from ..plan import Plan
@@ -166,7 +165,8 @@ def _patch_selections(node: onnx.NodeProto, sizes: Sequence[int], kernel: Sequen
     spatial = len(kernel)
     strides = list(_attribute(node, "strides", [1] * spatial))
     dilations = list(_attribute(node, "dilations", [1] * spatial))
-    pads = _conv_pads(node, sizes, kernel, strides, dilations)
+    padding = {"auto_pad": _attribute(node, "auto_pad", "NOTSET"), "pads": list(_attribute(node, "pads", [0] * (2 * spatial)))}
+    pads = spatial_pads(padding, sizes, kernel, strides, dilations)
     selections, outputs = [], 1
     for size, extent, stride, dilation, (begin, end) in zip(sizes, kernel, strides, dilations, pads):
         count = (size + begin + end - dilation * (extent - 1) - 1) // stride + 1
@@ -178,25 +178,6 @@ def _patch_selections(node: onnx.NodeProto, sizes: Sequence[int], kernel: Sequen
         selections.append(selection)
         outputs *= count
     return selections, outputs
-
-
-def _conv_pads(
-    node: onnx.NodeProto, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
-) -> list[tuple[int, int]]:
-    """(begin, end) zero padding per spatial axis, auto_pad resolved as onnxruntime's Conv does."""
-    auto_pad = _attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = []
-        for size, extent, stride, dilation in zip(sizes, kernel, strides, dilations):
-            total = max((math.ceil(size / stride) - 1) * stride + (extent - 1) * dilation + 1 - size, 0)
-            small = total // 2
-            pads.append((small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small))
-        return pads
-    if auto_pad == "VALID":
-        return [(0, 0)] * len(kernel)
-    flat = list(_attribute(node, "pads", [0] * (2 * len(kernel))))
-    return list(zip(flat[: len(kernel)], flat[len(kernel) :]))
 
 
 def _patch_sums(values: np.ndarray, selections: Sequence[np.ndarray]) -> np.ndarray:
@@ -219,7 +200,8 @@ def _grouped_dot(weight: np.ndarray, sums: np.ndarray, groups: int) -> np.ndarra
 def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:
     for attribute in node.attribute:
         if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
+            value = onnx.helper.get_attribute_value(attribute)
+            return value.decode() if isinstance(value, bytes) else value
     return default
 
 

@@ -17,6 +17,7 @@ import onnx
 import torch
 from torch.nn import functional as F
 
+from ...layers import spatial_pads
 from ..registry import NotSupported, register
 
 Inputs = Sequence[torch.Tensor | None]
@@ -30,24 +31,6 @@ _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 def _optional(inputs: Inputs, index: int) -> torch.Tensor | None:
     return inputs[index] if len(inputs) > index else None
-
-
-def spatial_pads(
-    attrs: Attributes, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
-) -> list[tuple[int, int]]:
-    """(begin, end) padding per spatial axis, resolving auto_pad against the input sizes."""
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = []
-        for size, extent, stride, dilation in zip(sizes, kernel, strides, dilations):
-            total = max((math.ceil(size / stride) - 1) * stride + (extent - 1) * dilation + 1 - size, 0)
-            small = total // 2
-            pads.append((small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small))
-        return pads
-    if auto_pad == "VALID":
-        return [(0, 0)] * len(kernel)
-    flat = attrs.get("pads", [0] * (2 * len(kernel)))
-    return list(zip(flat[: len(kernel)], flat[len(kernel) :]))
 
 
 def torch_pads(pads: Sequence[tuple[int, int]]) -> list[int]:
