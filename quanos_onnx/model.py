@@ -838,12 +838,16 @@ def make_session(
     optimized_model_path: str | None = None,
     config: Sequence[tuple[str, str]] = (),
     threads: int = 0,
+    fuse: bool = True,
 ) -> onnxruntime.InferenceSession:
     """A CPU session for a model held in memory; a failure names onnxruntime's reason.
 
     The entries the model needs (session_config) come first; `config` adds to or
     overrides them. `threads` (else threads.session_threads(), else onnxruntime's
-    default) sets the intra-op threads.
+    default) sets the intra-op threads. `fuse=False` turns off onnxruntime's graph
+    optimizations, so that every node computes its own output: with them on, a tensor's
+    values change in the last bit with the set of tensors fetched (a fetched tensor blocks
+    the fusion of its producer and consumer), which calibration statistics must not.
     """
     import onnxruntime as ort
 
@@ -860,6 +864,8 @@ def make_session(
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
+    if not fuse:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for key, value in {**dict(session_config(proto)), **dict(config)}.items():
         options.add_session_config_entry(key, value)
     try:
@@ -904,12 +910,18 @@ class Runner:
     """
 
     def __init__(
-        self, proto: onnx.ModelProto, extra_outputs: Sequence[str] = (), config: Sequence[tuple[str, str]] = ()
+        self,
+        proto: onnx.ModelProto,
+        extra_outputs: Sequence[str] = (),
+        config: Sequence[tuple[str, str]] = (),
+        *,
+        fuse: bool = True,
     ) -> None:
+        """`fuse`: make_session's (False: each tensor's values whatever else is fetched)."""
         freed, self.batched = dynamic_batch(proto)
         self.fixed_batch = input_shape(proto)[0] or 1
         model = with_outputs(freed, extra_outputs) if extra_outputs else freed
-        self.session = make_session(model, config=config)
+        self.session = make_session(model, config=config, fuse=fuse)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -137,11 +137,12 @@ def collect_histograms(
     total: int = 0,
 ) -> dict[str, TensorHistogram]:
     """Histograms of the named tensors of the float model over every calibration batch
-    (only the extremes for the tensors in `extremes_only`)."""
+    (only the extremes for the tensors in `extremes_only`). Unfused, so that a tensor's
+    histogram does not depend on which others are collected with it (make_session)."""
     names = list(tensors)
     if not names:
         return {}
-    runner = Runner(proto, names)
+    runner = Runner(proto, names, fuse=False)
     histograms = {name: TensorHistogram(counting=name not in extremes_only) for name in names}
     seen = 0
     with progress("calibrate", total) as advance:

@@ -108,7 +108,7 @@ def input_moments_of(
     if not patches:
         return {}
     inputs = sorted({layer.input for layer in layers if layer.name in patches})
-    runner = Runner(proto, inputs)
+    runner = Runner(proto, inputs, fuse=False)  # the same moments whichever layers are asked for
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(patches, 0)
     by_name = {layer.name: layer for layer in layers}
