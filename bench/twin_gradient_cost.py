@@ -25,7 +25,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from quanos_onnx.harness.attacks import _channels_last, loss_gradient, twin_of
+    from quanos_onnx.harness.attacks import loss_gradient, twin_of
+    from quanos_onnx.twin.tensors import channels_last
     from quanos_onnx.layers import find_joins, list_layers
     from quanos_onnx.model import load_model
     from quanos_onnx.plan import Plan
@@ -38,7 +39,7 @@ def main() -> None:
     model = load_model(setup.model_path)
     layers = list_layers(model)
     calibration = [setup.tune_x[:32]]
-    x = _channels_last(torch.from_numpy(np.array(setup.tune_x[:BATCH])))
+    x = channels_last(torch.from_numpy(np.array(setup.tune_x[:BATCH])))
     y = torch.from_numpy(np.array(setup.tune_y[:BATCH]))
     models = {"float": model}
     for bits in bit_widths:

@@ -11,7 +11,9 @@ saw, and puts it beside
 the uniform models calibrated and quantized exactly as the compiled one (the caller passes
 the one function that does it). Clean top-1 is counted by onnxruntime on the whole
 evaluation part; robust accuracy under each attack (white-box through each model's twin,
-fake-quant for QDQ models, counted by onnxruntime) on its first `robust_samples`. Beside
+fake-quant for QDQ models, counted by onnxruntime) on its first `robust_samples`, of which
+only those classified correctly are attacked, each until its first iterate that fools the
+twin (harness.evaluate's `until_fooled`). Beside
 each accuracy sit the model's weight memory and energy per image (hwmodel/).
 
 Without labels in the data, the labels are the float model's clean predictions, so every
@@ -432,7 +434,7 @@ def _accuracies(
     with progress(f"verify {name}: {len(settings.attacks)} attack(s)", robust) as advance:
         attacked = evaluate(
             model, _batches(x[:robust], labels[:robust], settings.batch_size), settings.attacks,
-            seed=settings.seed, progress=advance,
+            seed=settings.seed, progress=advance, until_fooled=True,
         ) if settings.attacks else None
     return clean.clean_accuracy, attacked
 

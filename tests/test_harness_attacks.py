@@ -167,3 +167,54 @@ def test_the_twin_of_the_onnx_model_gives_the_same_attack(model):
 
 def test_eps_reads_as_the_paper_writes_it():
     assert eps_text(8 / 255) == "8/255" and eps_text(0.05) == "0.05" and eps_text(0.5) == "0.5"
+
+
+class _Counting(torch.nn.Module):
+    """Counts the samples each forward pass sees (the attack's gradient work)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += len(x)
+        return self.model(x)
+
+
+def test_until_fooled_keeps_each_sample_at_its_first_fooling_iterate(model):
+    x = tiny_inputs(32)
+    y = _labels(model, x)
+    attack = Attack.pgd(0.04, steps=6)
+    every = perturb(model, x, y, attack)
+    stopped = perturb(model, x, y, attack, until_fooled=True)
+    assert np.abs(stopped - x).max() <= 0.04 + 1e-6
+    # Replay the plain walk step by step: a sample stops where the model first misses it.
+    point = x.copy()
+    first_miss = np.full(len(x), -1)
+    walk = [point]
+    for step in range(1, attack.steps + 1):
+        point = perturb(model, x, y, Attack.pgd(0.04, steps=step, alpha=attack.step_size))
+        walk.append(point)
+    for index in range(len(x)):
+        for step in range(1, attack.steps):
+            if _labels(model, walk[step][index : index + 1])[0] != y[index]:
+                first_miss[index] = step
+                break
+    assert (first_miss > 0).any() and (first_miss < 0).any()  # the case is not vacuous
+    for index in range(len(x)):
+        expected = walk[first_miss[index]][index] if first_miss[index] > 0 else every[index]
+        np.testing.assert_allclose(stopped[index], expected, atol=1e-6)
+
+
+def test_until_fooled_skips_the_gradients_of_fooled_samples(model):
+    x = tiny_inputs(32)
+    y = _labels(model, x)
+    attack = Attack.pgd(0.3, steps=6)
+    plain, stopping = _Counting(model), _Counting(model)
+    perturb(plain, x, y, attack)
+    adversarial = perturb(stopping, x, y, attack, until_fooled=True)
+    assert plain.rows == 6 * len(x)
+    assert stopping.rows < plain.rows
+    # never weaker on the model attacked: every sample the full walk ends fooling, it fools
+    fooled_by_every_step = _labels(model, perturb(model, x, y, attack)) != y
+    assert not (fooled_by_every_step & (_labels(model, adversarial) == y)).any()

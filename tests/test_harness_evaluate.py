@@ -95,3 +95,20 @@ def test_resnet20_falls_to_pgd_and_further_with_fgsm_eps(shared_dir):
     accuracies = [entry.accuracy for entry in fgsm]
     assert accuracies == sorted(accuracies, reverse=True) and accuracies[0] > accuracies[-1] + 0.2
     assert pgd.accuracy <= fgsm[2].accuracy  # PGD at 2/255 beats FGSM at 2/255
+
+
+def test_until_fooled_attacks_only_correct_samples_and_counts_clean_misses_as_broken(tiny):
+    proto, model = tiny
+    x = tiny_inputs(40)
+    y = np.arange(40) % 5  # about one in five right, so most samples are clean misses
+    attacks = (Attack.fgsm(0.05), Attack.pgd(0.05, steps=4))
+    plain = evaluate(proto, _batches(x, y, 16), attacks, twin=model)
+    stopping = evaluate(proto, _batches(x, y, 16), attacks, twin=model, until_fooled=True)
+    assert stopping.clean_accuracy == plain.clean_accuracy
+    correct = Runner(proto).run(x)[0].argmax(1) == y
+    for row, attack in zip(stopping.attacks, attacks):
+        assert row.accuracy <= stopping.clean_accuracy
+        # the surviving samples are exactly the correct ones whose attack fails in onnxruntime
+        x_adv = perturb(model, x[correct], y[correct], attack, until_fooled=True)
+        survived = Runner(proto).run(x_adv)[0].argmax(1) == y[correct]
+        assert row.accuracy == pytest.approx(survived.sum() / len(x))

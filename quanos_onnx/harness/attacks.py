@@ -177,20 +177,27 @@ def perturb(
     *,
     rng: np.random.Generator | None = None,
     clean_gradient: torch.Tensor | None = None,
+    until_fooled: bool = False,
 ) -> np.ndarray:
     """Adversarial inputs for one batch: float32, same shape, within eps and the input range.
 
     `rng` draws the PGD random start (required then); everything else is deterministic.
     `clean_gradient` is loss_gradient at `x` when the caller already has it (an audit runs
     FGSM and PGD at several eps from the same clean point): the first step then reuses it.
+    `until_fooled` keeps each sample at the first iterate its model misclassifies, as APGD
+    does, and takes no more steps for it: a verification needs to know whether a sample
+    falls, not how far, and on a model that falls in a step or two this skips most of
+    PGD's gradients (docs/method.md, "Verification attacks").
     """
     import torch
+
+    from ..twin.tensors import channels_last
 
     width = attack.input_range.width
     eps, step = attack.eps * width, attack.step_size * width
     low, high = attack.input_range.low, attack.input_range.high
     # copies: batches are read-only views of the dataset, which torch warns about on stderr
-    clean = on_device(_channels_last(torch.from_numpy(np.array(x, dtype=np.float32))))
+    clean = on_device(channels_last(torch.from_numpy(np.array(x, dtype=np.float32))))
     targets = on_device(torch.from_numpy(np.array(labels, dtype=np.int64)))
     adversarial = clean
     if attack.random_start:
@@ -198,23 +205,30 @@ def perturb(
             raise ValueError("a PGD random start needs an rng")
         noise = rng.uniform(-eps, eps, size=clean.shape).astype(np.float32)
         adversarial = (clean + on_device(torch.from_numpy(noise))).clamp(low, high)
+    active = torch.arange(len(clean), device=clean.device)
+
+    def stepped(point: torch.Tensor, gradient: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        point = point + step * gradient.sign()
+        return torch.minimum(torch.maximum(point, origin - eps), origin + eps).clamp(low, high)
+
     for step_index in range(attack.steps):
         reuse = step_index == 0 and clean_gradient is not None and not attack.random_start
-        gradient = on_device(clean_gradient) if reuse else loss_gradient(model, adversarial, targets)
+        if reuse:
+            gradient = on_device(clean_gradient)
+        elif until_fooled:
+            gradient, missed = _gradient_and_misses(model, adversarial[active], targets[active])
+            active, gradient = active[~missed], gradient[~missed]
+        else:
+            gradient = loss_gradient(model, adversarial, targets)
+        if len(active) == 0:
+            break
         with torch.no_grad():
-            adversarial = adversarial + step * gradient.sign()
-            adversarial = torch.minimum(torch.maximum(adversarial, clean - eps), clean + eps)
-            adversarial = adversarial.clamp(low, high)
+            if len(active) == len(clean):
+                adversarial = stepped(adversarial, gradient, clean)
+            else:
+                adversarial = adversarial.clone()
+                adversarial[active] = stepped(adversarial[active], gradient, clean[active])
     return np.ascontiguousarray(adversarial.detach().cpu().numpy(), dtype=np.float32)
-
-
-def _channels_last(images: torch.Tensor) -> torch.Tensor:
-    """Image batches in torch's channels-last memory format (values and shape unchanged):
-    oneDNN's convolutions, depthwise ones most, run forward and backward about a third
-    faster in it on CPU (EfficientNet-Lite0, docs/benchmarks.md#imagenet)."""
-    import torch
-
-    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
 
 
 def loss_gradient(model: LogitsModel, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -228,6 +242,37 @@ def loss_gradient(model: LogitsModel, x: torch.Tensor, targets: torch.Tensor) ->
         loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
         (gradient,) = torch.autograd.grad(loss, inputs)
     return gradient
+
+
+def _gradient_and_misses(
+    model: LogitsModel, x: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss_gradient at `x`, and which samples the model already misclassifies there (from
+    the same forward pass, so stopping early costs no extra one)."""
+    import torch
+
+    from ..twin.tensors import channels_last
+
+    inputs = channels_last(x.detach()).requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(inputs).reshape(len(inputs), -1)
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, inputs)
+    return gradient, logits.detach().argmax(dim=1) != targets
+
+
+def clean_gradient_of(model: LogitsModel, x: np.ndarray, labels: np.ndarray) -> torch.Tensor:
+    """loss_gradient at the clean points, detached: the first step of FGSM and of PGD without
+    a random start, so a caller running both takes it once (perturb's `clean_gradient`).
+    Channels-last as perturb's own steps: on a fake-quant twin a last-bit difference of
+    the convolution can move a value across a rounding step and flip gradient signs."""
+    import torch
+
+    from ..twin.tensors import channels_last
+
+    inputs = on_device(channels_last(torch.from_numpy(np.array(x, dtype=np.float32))))
+    targets = on_device(torch.from_numpy(np.array(labels, dtype=np.int64)))
+    return loss_gradient(model, inputs, targets).detach()
 
 
 def attack_labels(y: np.ndarray | None, clean_logits: np.ndarray) -> np.ndarray:

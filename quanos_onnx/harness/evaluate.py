@@ -18,7 +18,7 @@ import onnx
 from ..errors import DataError, UsageError, arg
 from ..model import Runner, output_names
 from .ans import Batches, Progress
-from .attacks import Attack, InputRange, LogitsModel, attack_labels, perturb, predictions, twin_of
+from .attacks import Attack, InputRange, LogitsModel, attack_labels, clean_gradient_of, perturb, predictions, twin_of
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,15 @@ def evaluate(
     twin: LogitsModel | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    until_fooled: bool = False,
 ) -> Evaluation:
     """Clean accuracy and accuracy under each attack, one pass over the batches.
 
     `twin` defaults to build_twin(proto); `seed` seeds PGD random starts per batch and attack.
+    `until_fooled` is the compile verification's cheaper count: only samples onnxruntime
+    classifies correctly are attacked (a clean miss counts as broken, as in the audit), the
+    clean gradient is taken once per batch for every attack's first step, and each sample
+    stops at the first iterate that fools the twin (attacks.perturb).
     """
     runner = Runner(proto)
     logits_name = output_names(proto)[0]
@@ -100,12 +105,19 @@ def evaluate(
         labels = attack_labels(y, logits)
         if y is None:
             labels_source = "model"
-        clean_correct += int((predictions(logits) == labels).sum())
+        correct = predictions(logits) == labels
+        clean_correct += int(correct.sum())
+        rows = np.flatnonzero(correct) if until_fooled else np.arange(len(x))
+        clean_gradient = clean_gradient_of(model, x[rows], labels[rows]) if until_fooled and attacks and len(rows) else None
         for position, attack in enumerate(attacks):
+            if len(rows) == 0:
+                break
             rng = np.random.default_rng([seed, index, position])
-            x_adv = perturb(model, x, labels, attack, rng=rng)
+            x_adv = perturb(
+                model, x[rows], labels[rows], attack, rng=rng, clean_gradient=clean_gradient, until_fooled=until_fooled
+            )
             (adversarial_logits,) = runner.run(x_adv, [logits_name])
-            attacked_correct[position] += int((predictions(adversarial_logits) == labels).sum())
+            attacked_correct[position] += int((predictions(adversarial_logits) == labels[rows]).sum())
         samples += len(x)
         if progress is not None:
             progress(len(x))
@@ -117,3 +129,4 @@ def evaluate(
         for attack, correct in zip(attacks, attacked_correct)
     )
     return Evaluation(samples, labels_source, clean_accuracy, results)
+

@@ -27,7 +27,7 @@ from ..errors import DataError, UsageError, arg
 from ..model import Runner, output_names
 from .ans import Batches, Progress
 from .apgd import Apgd, apgd_perturb
-from .attacks import Attack, LogitsModel, attack_labels, loss_gradient, perturb, predictions, twin_of
+from .attacks import Attack, LogitsModel, attack_labels, clean_gradient_of, perturb, predictions, twin_of
 from .evaluate import AttackAccuracy, Evaluation
 
 AUDIT_METHODS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "transfer")
@@ -269,7 +269,7 @@ def audit_robustness(
 
         clean_gradient = None
         if len(rows):
-            clean_gradient = _clean_gradient(model, x_in, y_in)
+            clean_gradient = clean_gradient_of(model, x_in, y_in).cpu()
             all_zero, zeros, size = _zero_gradients(clean_gradient)
             zero_samples, zero_entries, entries = zero_samples + all_zero, zero_entries + zeros, entries + size
             attacked += len(rows)
@@ -325,16 +325,6 @@ def _craft(
     if isinstance(attack, Apgd):
         return apgd_perturb(model, x, labels, attack, rng=rng)
     return perturb(model, x, labels, attack, rng=rng, clean_gradient=clean_gradient)
-
-
-def _clean_gradient(model: LogitsModel, x: np.ndarray, labels: np.ndarray) -> Any:
-    """d CE / dx at the clean points, summed over the batch (attacks.loss_gradient's)."""
-    import torch
-
-    from ..device import on_device
-
-    inputs = on_device(torch.from_numpy(np.array(x, dtype=np.float32)))
-    return loss_gradient(model, inputs, on_device(torch.from_numpy(np.array(labels, dtype=np.int64)))).detach().cpu()
 
 
 def _zero_gradients(gradient: Any) -> tuple[int, int, int]:
