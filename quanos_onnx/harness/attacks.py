@@ -216,7 +216,8 @@ def perturb(
         if reuse:
             gradient = on_device(clean_gradient)
         elif until_fooled:
-            gradient, missed = _gradient_and_misses(model, adversarial[active], targets[active])
+            gradient, logits = _gradient_and_logits(model, channels_last(adversarial[active]), targets[active])
+            missed = logits.argmax(dim=1) != targets[active]
             active, gradient = active[~missed], gradient[~missed]
         else:
             gradient = loss_gradient(model, adversarial, targets)
@@ -233,6 +234,14 @@ def perturb(
 
 def loss_gradient(model: LogitsModel, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """d CE(model(x), targets) / dx, summed over the batch so no sample's gradient is scaled."""
+    return _gradient_and_logits(model, x, targets)[0]
+
+
+def _gradient_and_logits(
+    model: LogitsModel, x: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss_gradient and the logits of the same forward pass (an attack that stops fooled
+    samples reads them, so stopping early costs no extra pass)."""
     import torch
 
     inputs = x.detach().requires_grad_(True)
@@ -241,24 +250,7 @@ def loss_gradient(model: LogitsModel, x: torch.Tensor, targets: torch.Tensor) ->
         logits = logits.reshape(len(inputs), -1)
         loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
         (gradient,) = torch.autograd.grad(loss, inputs)
-    return gradient
-
-
-def _gradient_and_misses(
-    model: LogitsModel, x: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """loss_gradient at `x`, and which samples the model already misclassifies there (from
-    the same forward pass, so stopping early costs no extra one)."""
-    import torch
-
-    from ..twin.tensors import channels_last
-
-    inputs = channels_last(x.detach()).requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(inputs).reshape(len(inputs), -1)
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-        (gradient,) = torch.autograd.grad(loss, inputs)
-    return gradient, logits.detach().argmax(dim=1) != targets
+    return gradient, logits.detach()
 
 
 def clean_gradient_of(model: LogitsModel, x: np.ndarray, labels: np.ndarray) -> torch.Tensor:
