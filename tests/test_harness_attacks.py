@@ -218,3 +218,25 @@ def test_until_fooled_skips_the_gradients_of_fooled_samples(model):
     # never weaker on the model attacked: every sample the full walk ends fooling, it fools
     fooled_by_every_step = _labels(model, perturb(model, x, y, attack)) != y
     assert not (fooled_by_every_step & (_labels(model, adversarial) == y)).any()
+
+
+def test_gradients_are_taken_in_chunks_and_equal_the_whole_batchs(model, monkeypatch):
+    import quanos_onnx.harness.attacks as attacks
+
+    x = tiny_inputs(10)
+    y = _labels(model, x)
+    whole = attacks.loss_gradient(model, torch.from_numpy(x), torch.from_numpy(y))
+    seen: list[int] = []
+
+    class Sizes(torch.nn.Module):
+        def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            seen.append(len(batch))
+            return model(batch)
+
+    monkeypatch.setattr(attacks, "GRADIENT_CHUNK_ELEMENTS", 3 * x[0].size)
+    chunked = attacks.loss_gradient(Sizes(), torch.from_numpy(x), torch.from_numpy(y))
+    assert seen == [3, 3, 3, 1]
+    torch.testing.assert_close(chunked, whole)
+    stopped = perturb(Sizes(), x, y, Attack.pgd(0.04, steps=4), until_fooled=True)
+    monkeypatch.setattr(attacks, "GRADIENT_CHUNK_ELEMENTS", 10**9)
+    np.testing.assert_array_equal(stopped, perturb(model, x, y, Attack.pgd(0.04, steps=4), until_fooled=True))
