@@ -129,4 +129,3 @@ def evaluate(
         for attack, correct in zip(attacks, attacked_correct)
     )
     return Evaluation(samples, labels_source, clean_accuracy, results)
-
