@@ -159,6 +159,23 @@ def test_gradient_score_grows_as_bits_shrink(resnet):
         assert row[0] > row[1] > row[2] > 0
 
 
+def test_gradient_score_on_the_compiles_statistics_leaves_no_pass_for_the_plans_after_it(resnet, monkeypatch):
+    """The score's ranges come from the compile's statistics, in the one pass that also
+    gathers the histograms every candidate's uniform plan needs; the score is the same."""
+    model, layers, joins, calibration = resnet
+    labels = [np.arange(len(batch)) % 10 for batch in calibration]
+    alone = measure("fisher", model, layers, joins, calibration, labels=labels, bits=BITS)
+    statistics = CalibrationStatistics(model, calibration)
+    calls = _count_range_collections(monkeypatch)
+    shared = measure(
+        "fisher", model, layers, joins, calibration, labels=labels, bits=BITS, ptq=PtqSettings(), statistics=statistics
+    )
+    for bits in BITS:
+        quantize(model, reference_plan(layers, bits), calibration, layers=layers, statistics=statistics)
+    assert calls == [1]
+    assert shared.cost == alone.cost
+
+
 def test_gradient_score_on_read_only_data_prints_no_warning(tmp_path):
     """Data memory-mapped from .npy is read-only; torch warns once per process about such
     arrays, so the check runs in a fresh Python."""
@@ -242,7 +259,7 @@ def test_the_gradient_score_counts_the_pair_saturation_of_8_bit_weights(monkeypa
     assert scores[True][1] > 10 * scores[False][1] and scores[True][1] > scores[True][0]
 
 
-def test_fake_activation_lands_on_the_qdq_grid():
+def test_centered_activation_lands_on_the_qdq_grid():
     import torch
 
     from quanos_onnx.passes.calibrate import Range
@@ -250,10 +267,12 @@ def test_fake_activation_lands_on_the_qdq_grid():
 
     x = torch.linspace(-1.3, 2.1, 301)
     grid = activation_quantizer(3, Range(-1.3, 2.1))
-    q = sensitivity_module._fake_activation(x, grid)
-    levels = torch.round(q / grid.scale) + grid.zero_point
-    assert torch.allclose(q, (levels - grid.zero_point) * grid.scale)
-    assert len(torch.unique(levels)) <= 8
+    centered = sensitivity_module._centered_activation(x, grid)
+    levels = centered + grid.zero_point
+    low, high = grid.levels
+    expected = torch.clamp(torch.round(x / grid.scale) + grid.zero_point, low, high)
+    assert torch.equal(levels, expected)
+    assert len(torch.unique(levels)) <= 8 and x.dtype == torch.float32
 
 
 def test_predict_sums_the_table():

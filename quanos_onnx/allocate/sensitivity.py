@@ -313,13 +313,20 @@ def measure_gradient(
     labels: Sequence[np.ndarray] | None = None,
     bits: Sequence[int] = DEFAULT_BITS,
     quantize_output: bool = False,
+    ptq: PtqSettings | None = None,
+    statistics: CalibrationStatistics | None = None,
 ) -> Sensitivity:
     """ModelOpt's score sum (dL/dY)^2 (Q(Y) - Y)^2 per layer and candidate, through the twin.
 
     L is the cross-entropy against `labels` (the float model's own predictions when None),
     summed over the batch, so each sample's dL/dY is its own. Q(Y) runs the layer's op on
     its b-bit weights (absmax per channel, as the QDQ writer does) and its input on the
-    b-bit grid of the same calibrated range the QDQ model would use.
+    b-bit grid of the calibrated min/max range.
+
+    `statistics` (the compile's) supplies those ranges; with `ptq`, the same pass also
+    gathers the histograms the settings' range method needs for every candidate's uniform
+    plan, so that the compile's plans after the table find them collected (one pass over
+    the calibration data instead of two; the score itself is the same either way).
     """
     import torch
 
@@ -328,7 +335,8 @@ def measure_gradient(
     started = time.perf_counter()
     candidates = check_candidate_bits(bits)
     targets = allocatable(layers, quantize_output)
-    builder = QdqBuilder(model, layers, joins, [reference_plan(layers, candidates[-1], quantize_output)], calibration)
+    plans = [reference_plan(layers, b, quantize_output) for b in (candidates if ptq is not None else candidates[-1:])]
+    builder = QdqBuilder(model, layers, joins, plans, calibration, ptq, statistics)
     twin = build_twin(model)
     twin.eval()
     steps = {step.node_name: step for step in twin.program.steps}
@@ -368,15 +376,18 @@ def measure_gradient(
                 step = steps[layer.name]
                 x = captured[layer.input].detach()
                 y = captured[layer.output].detach()
+                squared_gradient = grad.detach().square()
                 extra = [weights[name].detach() if name in weights else None for name in step.inputs[2:]]
                 value_range = builder.ranges.get(layer.input) or Range(float(x.min()), float(x.max()))
                 for column, b in enumerate(candidates):
                     grid = activation_quantizer(b, value_range)
-                    q_x = _fake_activation(x, grid)
+                    centered = _centered_activation(x, grid)
+                    q_x = centered * grid.scale
                     weight = quantized_weights[(layer.name, b)]
                     q_y = step.function(step.attributes, [q_x, weight.values, *extra])[0]
-                    q_y = q_y + _saturation_error(step, q_x, grid, weight, q_y)
-                    scores[row, column] += float(((grad.detach() ** 2) * (q_y - y) ** 2).sum())
+                    saturation = _saturation_error(step, centered, grid, weight, q_y)
+                    error = q_y.sub_(y).add_(saturation)
+                    scores[row, column] += float(error.square_().mul_(squared_gradient).sum())
     scores /= max(samples, 1)
     return Sensitivity(
         tuple(layer.name for layer in targets),
@@ -410,16 +421,16 @@ class _QuantizedWeight:
         return cls(as_float, per_channel, as_float * per_channel)
 
 
-def _fake_activation(x: Any, grid: ActivationQuantizer) -> Any:
-    """x on the activation grid the QDQ writer gives its range (round half to even)."""
-    import torch
-
+def _centered_activation(x: Any, grid: ActivationQuantizer) -> Any:
+    """x on the activation grid the QDQ writer gives its range (round half to even), as
+    integers minus the zero point: `clip(round(x / scale) + zp) - zp` clipped on the centered
+    levels, in place on one new tensor (this runs for every layer, candidate and sample)."""
     low, high = grid.levels
-    q = torch.clamp(torch.round(x / grid.scale) + grid.zero_point, low, high)
-    return (q - grid.zero_point) * grid.scale
+    centered = x / grid.scale
+    return centered.round_().clamp_(low - grid.zero_point, high - grid.zero_point)
 
 
-def _saturation_error(step: Any, q_x: Any, grid: ActivationQuantizer, weight: _QuantizedWeight, q_y: Any) -> Any:
+def _saturation_error(step: Any, centered: Any, grid: ActivationQuantizer, weight: _QuantizedWeight, q_y: Any) -> Any:
     """What the deployed kernel adds to the layer's output on this CPU: onnxruntime's u8 x s8
     kernels without VNNI clamp sums of product pairs to int16 (twin/fusion.py), which 8-bit
     weights can overflow and 7-bit ones cannot. Without it the score ranks 8 bits above 7
@@ -431,7 +442,7 @@ def _saturation_error(step: Any, q_x: Any, grid: ActivationQuantizer, weight: _Q
 
     if grid.wide:  # int16 activations: onnxruntime leaves the layer in float
         return 0.0
-    change = saturation_change(step, torch.round(q_x / grid.scale), grid.zero_point, weight.integers, q_y)
+    change = saturation_change(step, centered, grid.zero_point, weight.integers, q_y)
     if change is None:
         return 0.0
     output_scale = weight.scale.reshape(-1) * grid.scale
@@ -463,11 +474,12 @@ def measure(
     statistics: CalibrationStatistics | None = None,
 ) -> Sensitivity:
     """Dispatch on the method name ("kl", "mse", "fisher" or "auto", see auto_method;
-    `background`, `ptq` and `statistics` are for kl and mse)."""
+    `background` is for kl and mse)."""
     method = auto_method(layers, bits, sum(len(batch) for batch in calibration), quantize_output) if method == "auto" else method
     if method == "fisher":
         return measure_gradient(
-            model, layers, joins, calibration, labels=labels, bits=bits, quantize_output=quantize_output
+            model, layers, joins, calibration, labels=labels, bits=bits, quantize_output=quantize_output,
+            ptq=ptq, statistics=statistics,
         )
     return measure_divergence(
         model, layers, joins, calibration, bits=bits, metric=method, background=background,

@@ -114,7 +114,7 @@ def saturation_change(
 ) -> torch.Tensor | None:
     """What this CPU's onnxruntime kernel changes in a Conv/Gemm/MatMul layer's exact integer
     accumulator by clamping pairs of u8 x s8 products to int16 (a tensor shaped like
-    `output`, in accumulator units), or None where it changes nothing: no pair of the
+    `output` and of its dtype, in accumulator units), or None where it changes nothing: no pair of the
     weights can leave int16 (7 bits or fewer), a depthwise conv, another op, or kernels
     that are exact here.
 
@@ -134,9 +134,7 @@ def saturation_change(
         return None
     attrs = {**layer.attributes, "channel_axis": 1 if layer.op_type == "Conv" else -1}
     zero_point = torch.tensor(float(input_zero_point), dtype=torch.float64)
-    return _pair_saturation(
-        attrs, centered_input.double(), centered_weight.shape[2:], zero_point, pairs, output.double()
-    )
+    return _pair_saturation(attrs, centered_input, centered_weight.shape[2:], zero_point, pairs, output)
 
 
 def _probe_pairs(op_type: str) -> bool:
@@ -499,14 +497,18 @@ def _pair_saturation(
     """What clamping each pair's sum of raw uint8 x int8 products to int16 changes in the exact accumulator.
 
     The raw input is the centered one plus the zero point (padding included), so a pair's raw
-    sum is its centered sum plus zp * (w_a + w_b)."""
+    sum is its centered sum plus zp * (w_a + w_b). The sums are formed in float32 whatever
+    the accumulator's type: a raw pair sum is at most 2 * 255 * 127 in magnitude, far inside
+    float32's exact integers (2^24), and gathering every pair at every position is most of
+    this function's time, halved against float64."""
     axis = attrs["channel_axis"] % accumulator.dim()
-    weight = pairs.weight.to(integers.dtype)
+    integers = integers.to(torch.float32)
+    weight = pairs.weight.to(torch.float32)
     sums = _pair_sums(attrs, integers, kernel, pairs.sources, pairs.offsets, weight)
-    sums += zero_point.to(integers.dtype) * _along(weight.sum(dim=1), axis, accumulator.dim())
+    sums += zero_point.to(torch.float32) * _along(weight.sum(dim=1), axis, accumulator.dim())
     excess = sums - torch.clamp(sums, _INT16.minimum, _INT16.maximum)
     where = list(torch.nonzero(excess, as_tuple=True))
-    change = excess[tuple(where)].neg_()
+    change = excess[tuple(where)].neg_().to(accumulator.dtype)
     where[axis] = pairs.channels[where[axis]]
     return torch.zeros_like(accumulator).index_put_(tuple(where), change, accumulate=True)
 
