@@ -39,6 +39,7 @@ from .errors import (
     UsageError,
 )
 from .progress import ProgressFactory, no_progress
+from .threads import DEFAULT_THREADS
 
 __version__ = "0.1.0"
 
@@ -113,7 +114,7 @@ def compile(
     data_range: tuple[int | None, int | None] | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    threads: int | None = 1,
+    threads: int | None = DEFAULT_THREADS,
     evaluate: bool = True,
     eval_data: DataSource | None = None,
     eval_fraction: float = 0.2,
@@ -189,7 +190,7 @@ def analyze(
     data_range: tuple[int | None, int | None] | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    threads: int | None = 1,
+    threads: int | None = DEFAULT_THREADS,
     input_shape: tuple[int, ...] | None = None,
     labels: str | os.PathLike[str] | None = None,
     label_offset: int = 0,
@@ -239,7 +240,7 @@ def evaluate(
     data_range: tuple[int | None, int | None] | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    threads: int | None = 1,
+    threads: int | None = DEFAULT_THREADS,
     input_shape: tuple[int, ...] | None = None,
     labels: str | os.PathLike[str] | None = None,
     label_offset: int = 0,
@@ -287,7 +288,7 @@ def finetune(
     data_range: tuple[int | None, int | None] | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    threads: int | None = 1,
+    threads: int | None = DEFAULT_THREADS,
     input_shape: tuple[int, ...] | None = None,
     labels: str | os.PathLike[str] | None = None,
     label_offset: int = 0,

@@ -338,7 +338,7 @@ def data_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the twin (attacks, ANS, fine-tuning) and onnxruntime compute; cuda needs a GPU and a CUDA build of torch (onnxruntime-gpu for onnxruntime)."),
         click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Channel order the model takes for colour images."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and attacks."),
-        click.option("--threads", type=int, default=DEFAULT_THREADS or 0, show_default=True, help="Threads of torch and of onnxruntime (intra-op), set together; 0 keeps the libraries' defaults (docs/benchmarks.md)."),
+        click.option("--threads", type=int, default=DEFAULT_THREADS or 0, show_default=True, help="Threads of torch and of onnxruntime (intra-op), set together; the default is every core this process may use; 0 keeps the libraries' defaults (docs/benchmarks.md)."),
     ]
     for option in reversed(options):
         function = option(function)

@@ -9,14 +9,28 @@ asks `session_threads()`; torch is set here when the command uses it.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-DEFAULT_THREADS: int | None = 1
-"""Threads per command: 1, from the benchmark in docs/benchmarks.md (bench/threads.py).
-None keeps torch's and onnxruntime's own defaults."""
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS reports one (a
+    container or `taskset` may allow fewer than the machine has), else every core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+DEFAULT_THREADS: int | None = usable_cores()
+"""Threads per command: every core the process may use. On the idle 2-core VM a default
+ResNet-20 compile took 64 s wall at 2 threads against 76 s at 1 (about a fifth more CPU
+in all) and the EfficientNet-Lite0 compile 547 s against 806 s (docs/benchmarks.md,
+Threads; bench/threads.py); on a machine shared with other jobs `--threads 1` costs the
+least CPU. None keeps torch's and onnxruntime's own defaults."""
 
 _SESSION_THREADS: ContextVar[int | None] = ContextVar("quanos_session_threads", default=None)
 
