@@ -27,7 +27,7 @@ BEFORE_REVISION = "4b4468c"
 """The last commit with the float64 pair sums and the out-of-place grid of the score."""
 
 
-def _module_from_history(path: str, name: str, replacements: dict[str, str]) -> Any:
+def module_from_history(path: str, name: str, replacements: dict[str, str]) -> Any:
     source = subprocess.run(
         ["git", "-C", str(REPO), "show", f"{BEFORE_REVISION}:{path}"], check=True, capture_output=True, text=True
     ).stdout
@@ -44,10 +44,10 @@ def _module_from_history(path: str, name: str, replacements: dict[str, str]) -> 
 
 def before_implementation() -> Any:
     """allocate/sensitivity.py at BEFORE_REVISION, calling twin/fusion.py of the same revision."""
-    _module_from_history(
+    module_from_history(
         "quanos_onnx/twin/fusion.py", "before_fusion", {"from ..": "from quanos_onnx.", "from .": "from quanos_onnx.twin."}
     )
-    return _module_from_history(
+    return module_from_history(
         "quanos_onnx/allocate/sensitivity.py",
         "before_sensitivity",
         {"from ..twin.fusion import": "from before_fusion import", "from ..": "from quanos_onnx."},

@@ -313,3 +313,35 @@ def test_auto_measures_the_divergence_unless_the_table_would_cost_too_many_macs(
     heavy = [replaced(layer, macs=int(per_sample / len(layers)) + 1) for layer in layers]
     assert auto_method(heavy, BITS, 256) == "fisher"
     assert auto_method(heavy, BITS, 128) == "kl"  # the same model measured on half the samples
+
+
+def test_overlapped_measures_in_order_while_the_next_model_is_written():
+    """The second thread measures model k while this one writes model k + 1 (the measure of
+    the first model waits for the second to be written), in this thread's context."""
+    import threading
+
+    from quanos_onnx.threads import session_threads, using_threads
+
+    second_written = threading.Event()
+
+    def build(key: int) -> int:
+        if key == 1:
+            second_written.set()
+        return key * 10
+
+    def measure(model: int) -> float:
+        if model == 0:
+            assert second_written.wait(timeout=30), "model 1 was not written while model 0 was measured"
+        return model + session_threads()
+
+    with using_threads(3):
+        assert sensitivity_module.overlapped(build, measure, [0, 1, 2, 3]) == [3, 13, 23, 33]
+    assert sensitivity_module.overlapped(build, measure, []) == []
+
+
+def test_a_failed_measurement_raises_in_the_caller():
+    def measure(model: int) -> float:
+        raise PlanError(f"model {model} broke")
+
+    with pytest.raises(PlanError, match="model 0 broke"):
+        sensitivity_module.overlapped(lambda key: key, measure, [0, 1])
