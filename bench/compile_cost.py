@@ -172,7 +172,8 @@ def render(models: list[str], two_threads: bool = False) -> str:
         drop = default["guard"]["accuracy_drop"]
         ratios.append(
             f"{model}: the default compile took {default['cpu_s'] / cells['bits8']['cpu_s']:.1f}x "
-            f"the CPU time of the plain one ({default['test_samples']} test images); it wrote {default['average_bits']:.2f} "
+            f"the CPU time of the plain one and {default['wall_s'] / cells['bits8']['wall_s']:.1f}x its wall time "
+            f"({default['test_samples']} test images); it wrote {default['average_bits']:.2f} "
             f"average bits, float minus compiled {drop:+.2f} points ({'within' if default['guard']['passed'] else 'beyond'} the 1-point guard)."
         )
         if "default-2threads" in cells:
