@@ -92,7 +92,7 @@ def test_a_torch_dataloader_is_data(task) -> None:
 def test_save_writes_the_cli_files_byte_for_byte(task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same settings and seed, same bytes: run provenance (start, wall time, command line)
     is the only thing that differs between two runs, so it is fixed here."""
-    monkeypatch.setattr(report.RunClock, "finish", lambda self: FIXED_RUN)
+    monkeypatch.setattr(report.RunClock, "finish", lambda self, threads=None: FIXED_RUN)
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     cli = CliRunner().invoke(
         main, ["compile", task["model"], "--data", task["data"], "--plan", str(_plan(tmp_path)), "--eps", "8/255",
@@ -110,7 +110,7 @@ def test_save_writes_the_cli_files_byte_for_byte(task, tmp_path: Path, monkeypat
 
 
 def test_analyze_evaluate_energy_and_export_save_what_their_commands_write(task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(report.RunClock, "finish", lambda self: FIXED_RUN)
+    monkeypatch.setattr(report.RunClock, "finish", lambda self, threads=None: FIXED_RUN)
     compiled = tmp_path / "q.onnx"
     result = qn.compile(task["model"], task["data"], bits=4)
     compiled.write_bytes(result.model.SerializeToString())

@@ -26,6 +26,7 @@ from quanos_onnx.report import (
     report_files,
 )
 from quanos_onnx.report.document import report_document
+from quanos_onnx.threads import usable_cores
 
 SCHEMAS = load_schemas()
 
@@ -103,6 +104,13 @@ def test_run_clock_records_start_wall_time_and_quoted_command_line() -> None:
     assert 0 <= document["wall_time_s"] < 5
     assert document["command_line"] == "quanos compile 'my model.onnx'"
     assert document["packages"]["onnx"] is not None
+    assert document["threads"] is None and document["usable_cores"] >= 1
+    assert validate(document, "urn:quanos:quanos-run", SCHEMAS) == []
+
+
+def test_run_json_records_the_threads_the_command_set() -> None:
+    document = RunClock.start(["quanos", "evaluate", "m.onnx"]).finish(threads=3).to_json()
+    assert (document["threads"], document["usable_cores"]) == (3, usable_cores())
     assert validate(document, "urn:quanos:quanos-run", SCHEMAS) == []
 
 

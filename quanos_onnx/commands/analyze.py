@@ -373,4 +373,4 @@ def _analyze_model(shared: _AnalyzeShared, model: ModelSource, progress: Progres
         evaluations=[{"model": model_entry, "evaluation": document["evaluation"]}],
         audits=[audit],
     )
-    return AnalyzeResult(document, tuple(layers), report_document, clock.finish(), tuple(inputs), figures=options.figures)
+    return AnalyzeResult(document, tuple(layers), report_document, clock.finish(options.threads), tuple(inputs), figures=options.figures)

@@ -496,7 +496,7 @@ def run_compile(
         outputs=[report.output_entry(name, content) for name, content in files.items()],
     )
     guard = None if verification is None else verification.guard.to_json()
-    run = replace(clock.finish(), accuracy_guard=guard)
+    run = replace(clock.finish(options.threads), accuracy_guard=guard)
     result = CompileResult(
         compiled, final_plan, tuple(layers), document, run, tuple(inputs), verification=verification, figures=options.figures
     )

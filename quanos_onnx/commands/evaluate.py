@@ -279,7 +279,7 @@ def run_evaluate(
     report_document = report.evaluation_report(
         evaluations, data=data_entry(data, dataset, count), seed=options.seed, settings=options.settings(), audits=audits
     )
-    result = EvaluateResult(document, report_document, clock.finish(), tuple(inputs), figures=options.figures)
+    result = EvaluateResult(document, report_document, clock.finish(options.threads), tuple(inputs), figures=options.figures)
     return result if save_to is None else replace(result, written=result.save(save_to))
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..threads import usable_cores
 from .document import RunInfo
 
 
@@ -399,6 +400,8 @@ def _provenance_table(document: Mapping[str, Any], run: RunInfo) -> Table:
     rows.append(("seed", "-" if document["seed"] is None else str(document["seed"])))
     rows.append(("started", run.started_at))
     rows.append(("wall time", f"{run.wall_time_s:.1f} s"))
+    if run.threads is not None:
+        rows.append(("threads", f"{run.threads} (of {usable_cores()} usable cores)"))
     return Table("provenance", "Provenance", ("", ""), tuple(rows))
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from .. import __version__
 from ..layers import Layer
 from ..plan import Plan
+from ..threads import usable_cores
 
 REPORT_FORMAT = "quanos-report"
 REPORT_VERSION = 1
@@ -44,6 +45,9 @@ class RunInfo:
     wall_time_s: float
     accuracy_guard: Mapping[str, Any] | None = None
     """A compile's verification guard (Guard.to_json()), so run.json says when it failed."""
+    threads: int | None = None
+    """The intra-op threads the command set (None: the libraries' defaults, or no models run):
+    the default follows the machine's cores, so a wall time means little without it."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +61,8 @@ class RunInfo:
             "platform": platform.platform(),
             "packages": package_versions(),
             "accuracy_guard": None if self.accuracy_guard is None else dict(self.accuracy_guard),
+            "threads": self.threads,
+            "usable_cores": usable_cores(),
         }
 
 
@@ -73,8 +79,8 @@ class RunClock:
         now = datetime.now(timezone.utc).replace(microsecond=0)
         return cls(tuple(command_line), now.isoformat().replace("+00:00", "Z"), time.perf_counter())
 
-    def finish(self) -> RunInfo:
-        return RunInfo(self.command_line, self.started_at, time.perf_counter() - self.started)
+    def finish(self, threads: int | None = None) -> RunInfo:
+        return RunInfo(self.command_line, self.started_at, time.perf_counter() - self.started, threads=threads)
 
 
 def package_versions() -> dict[str, str | None]:
