@@ -25,7 +25,7 @@ from quanos_onnx.report import (
     plan_summary,
     report_files,
 )
-from quanos_onnx.report.document import report_document
+from quanos_onnx.report.document import RunInfo, report_document
 from quanos_onnx.threads import usable_cores
 
 SCHEMAS = load_schemas()
@@ -112,6 +112,8 @@ def test_run_json_records_the_threads_the_command_set() -> None:
     document = RunClock.start(["quanos", "evaluate", "m.onnx"]).finish(threads=3).to_json()
     assert (document["threads"], document["usable_cores"]) == (3, usable_cores())
     assert validate(document, "urn:quanos:quanos-run", SCHEMAS) == []
+    elsewhere = RunInfo(("quanos", "evaluate"), "2026-01-01T00:00:00Z", 1.0, threads=2, usable_cores=16)
+    assert elsewhere.to_json()["usable_cores"] == 16  # the run's machine, not the reader's
 
 
 def test_document_has_every_section_and_validates() -> None:

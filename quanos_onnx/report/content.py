@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..threads import usable_cores
 from .document import RunInfo
 
 
@@ -401,7 +400,7 @@ def _provenance_table(document: Mapping[str, Any], run: RunInfo) -> Table:
     rows.append(("started", run.started_at))
     rows.append(("wall time", f"{run.wall_time_s:.1f} s"))
     if run.threads is not None:
-        rows.append(("threads", f"{run.threads} (of {usable_cores()} usable cores)"))
+        rows.append(("threads", f"{run.threads} (of {run.usable_cores} usable cores)"))
     return Table("provenance", "Provenance", ("", ""), tuple(rows))
 
 

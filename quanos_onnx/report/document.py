@@ -15,7 +15,7 @@ import platform
 import shlex
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +48,8 @@ class RunInfo:
     threads: int | None = None
     """The intra-op threads the command set (None: the libraries' defaults, or no models run):
     the default follows the machine's cores, so a wall time means little without it."""
+    usable_cores: int = field(default_factory=usable_cores)
+    """The cores the run's process could use, taken when the run finished."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,7 +64,7 @@ class RunInfo:
             "packages": package_versions(),
             "accuracy_guard": None if self.accuracy_guard is None else dict(self.accuracy_guard),
             "threads": self.threads,
-            "usable_cores": usable_cores(),
+            "usable_cores": self.usable_cores,
         }
 
 
