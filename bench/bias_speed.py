@@ -12,32 +12,21 @@ relative difference of the shifts.
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from from_history import module_at  # noqa: E402
 from study_data import load_setup  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 PROBE_REVISION = "00191a2"
 """The last commit with two probe convolutions per layer."""
 
 
 def probe_implementation() -> Any:
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{PROBE_REVISION}:quanos_onnx/ptq/bias.py"], check=True, capture_output=True, text=True
-    ).stdout.replace("from ..", "from quanos_onnx.")
-    path = Path(tempfile.mkdtemp()) / "probe_bias.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("probe_bias", path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return module_at(PROBE_REVISION, "quanos_onnx/ptq/bias.py", "probe_bias", {"from ..": "from quanos_onnx."})
 
 
 def main() -> None:

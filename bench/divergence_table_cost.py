@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gradient_score_cost import module_from_history  # noqa: E402
+from from_history import module_at  # noqa: E402
 from study_data import load_setup  # noqa: E402
+
+BEFORE_REVISION = "4b4468c"
+"""The last commit whose divergence table wrote and ran its models one after the other."""
 
 
 def main() -> None:
@@ -42,7 +45,7 @@ def main() -> None:
     joins = find_joins(model, layers)
     batches = [np.asarray(setup.tune_x[start : min(start + 64, options.samples)], np.float32) for start in range(0, options.samples, 64)]
     statistics = CalibrationStatistics(model, batches)
-    before = module_from_history("quanos_onnx/allocate/sensitivity.py", "before_sensitivity", {"from ..": "from quanos_onnx."})
+    before = module_at(BEFORE_REVISION, "quanos_onnx/allocate/sensitivity.py", "before_sensitivity", {"from ..": "from quanos_onnx."})
 
     def timed(module: Any) -> tuple[float, float, np.ndarray]:
         wall, cpu = time.perf_counter(), time.process_time()

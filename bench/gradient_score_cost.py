@@ -11,43 +11,27 @@ thread) and the largest relative difference of the two tables.
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from from_history import module_at  # noqa: E402
 from study_data import load_setup  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 BEFORE_REVISION = "4b4468c"
 """The last commit with the float64 pair sums and the out-of-place grid of the score."""
 
 
-def module_from_history(path: str, name: str, replacements: dict[str, str]) -> Any:
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{BEFORE_REVISION}:{path}"], check=True, capture_output=True, text=True
-    ).stdout
-    for old, new in replacements.items():
-        source = source.replace(old, new)
-    file = Path(tempfile.mkdtemp()) / f"{name}.py"
-    file.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, file)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def before_implementation() -> Any:
     """allocate/sensitivity.py at BEFORE_REVISION, calling twin/fusion.py of the same revision."""
-    module_from_history(
+    module_at(
+        BEFORE_REVISION,
         "quanos_onnx/twin/fusion.py", "before_fusion", {"from ..": "from quanos_onnx.", "from .": "from quanos_onnx.twin."}
     )
-    return module_from_history(
+    return module_at(
+        BEFORE_REVISION,
         "quanos_onnx/allocate/sensitivity.py",
         "before_sensitivity",
         {"from ..twin.fusion import": "from before_fusion import", "from ..": "from quanos_onnx."},
