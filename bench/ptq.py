@@ -58,6 +58,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "auto + output clip + adaround + bias corr.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "adaround",
     },
+    "auto + output clip + gptq + bias corr.": {
+        "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "gptq",
+    },
+    "auto + output clip + gptq + bias corr., first/last W8A8": {
+        "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "gptq",
+        "first_layer_bits": 8, "last_layer_bits": 8,
+    },
     "mse + output clip + bias corr. + equalize": {
         "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "equalize": True,
     },
@@ -98,6 +105,7 @@ ONLY_AT = {
     "auto + output clip + brecq + bias corr.": ("W4A4", "W2A4", "W3A3"),
     "auto + output clip + adaround + bias corr.": ("W4A4",),
     "auto + output clip + bias corr., first/last W8A8": ("W4A8", "W4A4"),
+    "auto + output clip + gptq + bias corr., first/last W8A8": ("W4A8", "W4A4", "W3A3", "W2A4"),
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
     "auto + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
 }

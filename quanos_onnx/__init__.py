@@ -142,8 +142,9 @@ def compile(
 
     The grids come from the PTQ stack (docs/quantization.md): activation ranges by
     `calibration` ("auto": entropy up to 6 bits, min/max above), per-channel weight
-    clipping `weight_clipping`, `bias_correction`, cross-layer `equalize`, and `rounding`
-    optimization ("adaround", "brecq") of `rounding_iterations` steps per layer or block.
+    clipping `weight_clipping`, `bias_correction`, cross-layer `equalize`, and `rounding`:
+    "gptq" (closed form, layer by layer) or learned ("adaround", "brecq") with
+    `rounding_iterations` steps per layer or block.
     `first_last_bits` keeps the first quantized layer (and the output layer when
     `quantize_output`) at those bits whatever the plan says, as the PTQ papers keep them at 8.
     `input_bits` caps the bits of the model input's quantizer (the first layer's input

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quanos_onnx.errors import ModelError, OutputError
 from quanos_onnx.model import (
+    computing_only,
     TARGET_OPSET,
     Runner,
     check_finite_outputs,
@@ -24,9 +25,10 @@ from quanos_onnx.model import (
     num_classes,
     refuse_quantized,
     save_model,
+    with_outputs,
 )
 
-from tiny_models import dynamic_size_classifier, vgg_chain
+from tiny_models import dynamic_size_classifier, random_inputs, vgg_chain
 
 
 def _ort_outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -395,3 +397,42 @@ def test_fix_input_shape_refuses_a_wrong_rank_or_a_fixed_dim():
         fix_input_shape(model, (12, 10))
     with pytest.raises(UsageError, match="size 3 in dimension 1, not 4"):
         fix_input_shape(model, (4, 12, 10))
+
+
+def test_a_model_cut_to_an_early_tensor_computes_it_alone():
+    model = normalize(vgg_chain(seed=1))
+    early = next(node for node in model.graph.node if node.op_type == "Relu").output[0]
+    cut = computing_only(model, [early])
+    onnx.checker.check_model(cut)
+    assert [output.name for output in cut.graph.output] == [early]
+    assert 0 < len(cut.graph.node) < len(model.graph.node) / 2
+    kept = {name for node in cut.graph.node for name in node.input}
+    assert {tensor.name for tensor in cut.graph.initializer} <= kept
+    x = random_inputs(model, 2)
+    expected = Runner(with_outputs(model, [early]), [early]).run(x, [early])[0]
+    np.testing.assert_array_equal(Runner(cut, [early]).run(x, [early])[0], expected)
+
+
+def test_a_model_with_subgraphs_is_not_cut():
+    """If/Loop bodies read outer tensors without naming them as node inputs."""
+    then_branch = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["then_out"])], "then", [], [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)]
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["else_out"])], "else", [], [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)]
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+            helper.make_node("Greater", ["total", "zero"], ["positive"]),
+            helper.make_node("If", ["positive"], ["y"], then_branch=then_branch, else_branch=else_branch),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((), np.float32), "zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    cut = computing_only(model, ["total"])
+    assert len(cut.graph.node) == 3
+    assert [output.name for output in cut.graph.output] == ["y", "total"]

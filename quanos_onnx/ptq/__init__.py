@@ -3,12 +3,13 @@
 The stages, in order, each optional and each on any plan (any bits 2..16 per layer):
 cross-layer equalization of the float weights (equalize.py), activation ranges for each
 quantizer group's bits from histograms of the calibration set (ranges.py), per-channel
-weight clipping (weights.py), learned rounding on those grids (reconstruct.py: AdaRound,
-BRECQ/QDrop), and bias correction measured through the QDQ model (bias.py). All of them
-only choose scales, integers and biases: the output is always passes/qdq's exact k-bit QDQ
-form, so onnxruntime's integer fusions are unchanged. Only the rounding draws random numbers
-(batches, QDrop masks), from `seed`; the result depends only on the model, the plan, the
-data and the settings.
+weight clipping (weights.py), rounding on those grids chosen in closed form (gptq.py) or
+learned through the twin (reconstruct.py: AdaRound, BRECQ/QDrop), and bias correction
+measured through the QDQ model (bias.py). All of them only choose scales, integers and
+biases: the output is always passes/qdq's exact k-bit QDQ form, so onnxruntime's integer
+fusions are unchanged. Only the learned rounding draws random numbers (batches, QDrop
+masks), from `seed`; the result depends only on the model, the plan, the data and the
+settings.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_
 from ..plan import MAX_BITS, Plan
 from ..progress import ProgressFactory, no_progress
 from .bias import bias_shifts, corrected_grids
+from .gptq import gptq_weights
 from .reconstruct import DEFAULT_ITERATIONS
 from .reconstruct import METHODS as ROUNDING_METHODS
 from .ranges import RANGE_METHODS, check_range_method, choose_range
@@ -48,10 +50,12 @@ class PtqSettings:
     weight_clipping: absmax | mse | output (per-channel clipping search on the weight error
       or on the layer's output error).
     bias_correction: add each layer's measured mean output shift to its bias (after rounding;
-      layers whose input has fewer than BIAS_CORRECTION_MIN_ACT_BITS bits are left alone).
+      layers whose input has fewer than BIAS_CORRECTION_MIN_ACT_BITS bits and layers GPTQ
+      rounded, whose target already is the float output, are left alone).
     equalize: cross-layer equalization of the float model first (data-free, same function).
-    rounding: nearest | adaround | brecq (ptq/reconstruct.py, through the torch twin), with
-      rounding_iterations per layer or block and `seed` for its batches and QDrop masks.
+    rounding: nearest | gptq (ptq/gptq.py, closed form, layer by layer) | adaround |
+      brecq (ptq/reconstruct.py, through the torch twin), with rounding_iterations per layer
+      or block and `seed` for their batches and QDrop masks.
     """
 
     act_range: Literal["auto", "minmax", "percentile", "entropy", "mse"] = AUTO
@@ -59,7 +63,7 @@ class PtqSettings:
     weight_clipping: Literal["absmax", "mse", "output"] = "output"
     bias_correction: bool = True
     equalize: bool = False
-    rounding: Literal["nearest", "adaround", "brecq"] = "nearest"
+    rounding: Literal["nearest", "gptq", "adaround", "brecq"] = "nearest"
     rounding_iterations: int = DEFAULT_ITERATIONS
     seed: int = 0
 
@@ -91,7 +95,7 @@ AUTO_SEARCH_MAX_BITS = 6
 """auto: entropy ranges up to here (ResNet-20: +2 to +6 points over mse at 2-4 and 6 bits),
 min/max above (at 8 bits every method is within 0.2 points, and min/max needs no histogram)."""
 ACT_RANGES = (AUTO, *RANGE_METHODS)
-ROUNDINGS = ("nearest", *ROUNDING_METHODS)
+ROUNDINGS = ("nearest", "gptq", *ROUNDING_METHODS)
 
 
 def apply_ptq(
@@ -133,12 +137,17 @@ def apply_ptq(
     weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
     grids = _weight_grids(weights, layers, plan, settings, statistics) | dict(weight_grids or {})
     quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
+    rounded: dict[str, WeightGrid] = {}
     if settings.rounding != "nearest":
-        grids = _rounded(model, quantized, layers, plan, batches, settings, grids, weight_grids or {}, progress)
+        rounded = _rounded(model, quantized, layers, plan, batches, settings, progress)
+        rounded = {name: grid for name, grid in rounded.items() if name not in (weight_grids or {})}
+        grids = {**grids, **rounded}
         quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
     if not settings.bias_correction:
         return quantized
     given = {name for name, grid in (weight_grids or {}).items() if grid.bias is not None}
+    if settings.rounding == "gptq":
+        given |= set(rounded)
     input_bits = {entry.name: entry.act_bits or MAX_BITS for entry in plan.layers}
     corrected_layers = [
         layer
@@ -162,14 +171,14 @@ def _rounded(
     plan: Plan,
     batches: Sequence[np.ndarray],
     settings: PtqSettings,
-    grids: Mapping[str, WeightGrid],
-    given: Mapping[str, WeightGrid],
     progress: ProgressFactory,
 ) -> dict[str, WeightGrid]:
-    """The grids with learned rounding; a caller's own grids stay as given."""
+    """GPTQ's or the learned rounding's grids, on the grids of the round-to-nearest `quantized`."""
     from .reconstruct import reconstruct_weights
 
-    learned = reconstruct_weights(
+    if settings.rounding == "gptq":
+        return gptq_weights(model, quantized, layers, plan, batches, progress=progress)
+    return reconstruct_weights(
         model,
         quantized,
         layers,
@@ -180,7 +189,6 @@ def _rounded(
         seed=settings.seed,
         progress=progress,
     )
-    return {**grids, **{name: grid for name, grid in learned.items() if name not in given}}
 
 
 def _weight_grids(

@@ -486,15 +486,17 @@ def _twin(model: onnx.ModelProto) -> OnnxTwin:
 
 
 class Collector:
-    """Runs a model in onnxruntime with extra feeds and returns named tensors over all
-    samples (the quantized model with the current weights, or the float model). Faster
-    than the twin for the forward-only passes that gather each unit's data."""
+    """Runs a model in onnxruntime with extra feeds (those it does not read are left out)
+    and returns named tensors over all samples (the quantized model with the current
+    weights, or the float model). Faster than the twin for the forward-only passes that
+    gather each unit's data."""
 
     def __init__(self, model: onnx.ModelProto, names: Sequence[str]) -> None:
         from ..model import input_shape, make_session, with_outputs
 
         self.input_name = model.graph.input[0].name
         self.session = make_session(with_outputs(model, [name for name in names if name != self.input_name]))
+        self.feeds = {value.name for value in self.session.get_inputs()}
         self.fixed_batch = input_shape(model)[0]
 
     def run(self, samples: np.ndarray, names: Sequence[str], feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -502,7 +504,7 @@ class Collector:
 
         computed = [name for name in names if name != self.input_name]
         chunk = self.fixed_batch or COLLECT_BATCH
-        extra = {name: np.asarray(value) for name, value in feeds.items()}
+        extra = {name: np.asarray(value) for name, value in feeds.items() if name in self.feeds}
         parts: list[list[np.ndarray]] = []
         for start in range(0, len(samples), chunk):
             batch = samples[start : start + chunk]

@@ -40,7 +40,7 @@ def clipped_grid(
     from the weights' to the layer output's.
     """
     limit = 2 ** (bits - 1) - 1
-    rows = _channel_rows(np.asarray(weight, dtype=np.float32), axis)
+    rows = channel_rows(np.asarray(weight, dtype=np.float32), axis)
     absmax = np.abs(rows).max(axis=1)
     absmax = np.where(absmax > 0, absmax, np.float32(1.0))
     scales = (absmax[None, :] * CLIP_RATIOS[:, None].astype(np.float32) / np.float32(limit)).astype(np.float32)
@@ -103,7 +103,7 @@ def input_moments_of(
     patches = {
         layer.name: shaper
         for layer in layers
-        if (shaper := _patch_shaper(layer, nodes[layer.name])) is not None
+        if (shaper := patch_shaper(layer, nodes[layer.name])) is not None
     }
     if not patches:
         return {}
@@ -128,7 +128,7 @@ def input_moments_of(
     return {name: sums[name] / max(counts[name], 1) for name in sums}
 
 
-def _patch_shaper(layer: Layer, node: onnx.NodeProto):
+def patch_shaper(layer: Layer, node: onnx.NodeProto):
     """A function from the layer's input batch to its patches, samples x groups x D x
     positions, or None when this module does not form them."""
     import torch.nn.functional as functional
@@ -175,7 +175,7 @@ def _errors(deltas: np.ndarray, moments: np.ndarray | None) -> np.ndarray:
     return errors.reshape(deltas.shape[0], -1).double().numpy()
 
 
-def _channel_rows(weight: np.ndarray, axis: int | None) -> np.ndarray:
+def channel_rows(weight: np.ndarray, axis: int | None) -> np.ndarray:
     if axis is None:
         return weight.reshape(1, -1)
     return np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
