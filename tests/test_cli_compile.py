@@ -66,6 +66,25 @@ def test_uniform_bits_writes_a_runnable_model_and_its_plan(workdir: Path, via_gr
     assert logits.shape == (5, 10)
 
 
+def test_rounding_gptq_changes_the_integers_on_the_same_grid(workdir: Path):
+    """--rounding gptq reaches ptq/gptq.py: the same scales as round-to-nearest, other integers."""
+    args = ["model.onnx", "--data", "data.npz", "--plan", "plan.json", "--no-eval", "--no-figures"]
+    assert _compile([*args, "-o", "nearest"]).exit_code == 0
+    result = _compile([*args, "--rounding", "gptq", "-o", "gptq"])
+    assert result.exit_code == 0, result.output
+
+    def weights(folder: str) -> dict[str, np.ndarray]:
+        model = onnx.load(workdir / folder / MODEL_FILE)
+        return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if ".weight_w" in t.name}
+
+    nearest, gptq = weights("nearest"), weights("gptq")
+    assert nearest.keys() == gptq.keys()
+    for name in nearest:
+        if name.endswith("_scale"):
+            np.testing.assert_array_equal(nearest[name], gptq[name])
+    assert any(not np.array_equal(nearest[n], gptq[n]) for n in nearest if n.endswith("_quantized"))
+
+
 def test_plan_sets_per_layer_bits(workdir: Path):
     result = _compile(["model.onnx", "--data", "data.npz", "--plan", "plan.json", "-o", "out", "--no-eval"])
     assert result.exit_code == 0, result.output
