@@ -42,7 +42,7 @@ def evaluation(clean: float, drop: float) -> Evaluation:
         AttackAccuracy(attack, max(0.0, clean - drop * attack.eps * 5), min(clean, drop * attack.eps * 5))
         for attack in attacks
     )
-    return Evaluation(64, "data", clean, results)
+    return Evaluation(64, "data", clean, results, np.arange(64) < round(64 * clean))
 
 
 def compile_document(layers: tuple[Layer, ...] | None = None) -> dict[str, Any]:

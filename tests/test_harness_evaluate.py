@@ -31,9 +31,10 @@ def test_accuracies_are_counted_by_onnxruntime_on_the_attacked_inputs(tiny):
     result = evaluate(proto, _batches(x, y, 7), attacks, twin=model, seed=3)
 
     runner = Runner(proto)
-    clean = np.mean(runner.run(x)[0].argmax(1) == y)
+    clean = runner.run(x)[0].argmax(1) == y
     assert result.samples == 20 and result.labels == "data"
-    assert result.clean_accuracy == pytest.approx(clean)
+    assert result.clean_accuracy == pytest.approx(clean.mean())
+    np.testing.assert_array_equal(result.clean_outcomes, clean)  # per sample, across the batches of 7
     fgsm_small = result.attacks[0]
     x_adv = perturb(model, x, y, fgsm_small.attack)
     assert fgsm_small.accuracy == pytest.approx(np.mean(runner.run(x_adv)[0].argmax(1) == y))

@@ -28,6 +28,7 @@ from quanos_onnx.verify import (
     comparison_warnings,
     evaluation_attacks,
     kernel_warnings,
+    paired_drop_interval,
     parse_max_accuracy_drop,
     saturation_warnings,
     uniform_bits_near,
@@ -79,10 +80,14 @@ def test_rows_compare_the_compiled_model_with_float_and_uniform(task):
     assert float_row.weight_memory_bits > uniform8.weight_memory_bits > result.compiled.weight_memory_bits
     assert float_row.energy_pj["dvafs"] > uniform8.energy_pj["dvafs"] > result.compiled.energy_pj["dvafs"]
     assert result.guard.accuracy_drop == pytest.approx(100 * (float_row.clean_accuracy - result.compiled.clean_accuracy))
+    outcomes = [_top1(m, evaluation.x) == evaluation.y for m in (model, compiled)]
+    assert result.guard.interval == paired_drop_interval(*outcomes)
+    assert result.guard.interval[0] <= result.guard.accuracy_drop <= result.guard.interval[1]
     assert result.headline().startswith("compiled: clean ")
     assert "uniform 8:" in result.headline() and "FGSM eps=0.05" in result.headline()
     document = result.to_json()
     assert document["models"][0]["name"] == "compiled" and document["guard"]["passed"] == result.passed
+    assert document["guard"]["accuracy_drop_interval"] == [round(bound, 4) for bound in result.guard.interval]
 
 
 def test_labels_from_the_float_model_measure_agreement_with_float(task):
@@ -99,16 +104,55 @@ def test_labels_from_the_float_model_measure_agreement_with_float(task):
     assert result.headline().startswith("compiled: agreement with float ")
     assert "float 100" not in result.headline()
     assert not result.passed and "points below float" in result.guard_line()
+    low, high = result.guard.interval
+    assert f"95% interval of the drop: {low:.1f} to {high:.1f} points" in result.guard_line()
 
 
 def test_guard_passes_up_to_the_limit_and_none_turns_it_off():
-    assert Guard(1.0, 1.0).passed and Guard(1.0, -3.0).passed
-    assert not Guard(1.0, 1.01).passed
-    assert Guard(None, 80.0).passed and not Guard(None, 80.0).enabled
+    assert Guard(1.0, 1.0, (-1.0, 3.0)).passed and Guard(1.0, -3.0, (-5.0, -1.0)).passed
+    assert not Guard(1.0, 1.01, (-1.0, 3.0)).passed  # the measured drop decides, not the interval
+    assert Guard(None, 80.0, (75.0, 85.0)).passed and not Guard(None, 80.0, (75.0, 85.0)).enabled
     assert parse_max_accuracy_drop("none") is None and parse_max_accuracy_drop("2.5") == 2.5
     for bad in ("-1", "lots", "nan"):
         with pytest.raises(UsageError, match="max_accuracy_drop"):
             parse_max_accuracy_drop(bad)
+
+
+def _paired(only_reference: int, only_compared: int, both: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+    reference = np.array([True] * only_reference + [False] * only_compared + [True] * both + [False] * neither)
+    compared = np.array([False] * only_reference + [True] * only_compared + [True] * both + [False] * neither)
+    return reference, compared
+
+
+def test_the_drop_interval_comes_from_the_samples_the_models_disagree_on():
+    low, high = paired_drop_interval(*_paired(16, 5, 190, 45))  # MobileNetV2's held-out split, this session
+    assert low < 100 * 11 / 256 < high and low > 0  # the drop (4.3 points) is beyond noise
+    # By hand: p_b = 17/258, p_c = 6/258, 1.96 sqrt((p_b + p_c - (p_b - p_c)^2) / 258) = 0.0361
+    assert (low, high) == pytest.approx((0.66, 7.87), abs=0.01)
+    # Agreement on more samples narrows it around the smaller drop it implies.
+    diluted = paired_drop_interval(*_paired(16, 5, 190 + 256, 45))
+    assert 0 < diluted[0] < 100 * 11 / 512 < diluted[1] and diluted[1] - diluted[0] < high - low
+    # Swapping the models mirrors the interval; models that never disagree measure no drop,
+    # within what 256 samples can rule out.
+    assert paired_drop_interval(*reversed(_paired(16, 5, 190, 45))) == pytest.approx((-high, -low))
+    agreeing = paired_drop_interval(*_paired(0, 0, 200, 56))
+    assert agreeing[0] == pytest.approx(-agreeing[1]) and 0 < agreeing[1] < 1.5
+    with pytest.raises(ValueError, match="not paired"):
+        paired_drop_interval(np.ones(3, bool), np.ones(4, bool))
+
+
+def test_the_drop_interval_covers_the_true_drop_about_95_percent_of_the_time():
+    """Simulated paired outcomes with a true drop of 3 points on 256 samples (6% only float
+    right, 3% only the compiled model); the interval conditional on the disagreements covered 92%."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    draws = 2000
+    for _ in range(draws):
+        kind = rng.choice(4, size=256, p=[0.06, 0.03, 0.75, 0.16])
+        reference, compared = np.isin(kind, (0, 2)), np.isin(kind, (1, 2))
+        low, high = paired_drop_interval(reference, compared)
+        covered += low <= 3.0 <= high
+    assert 0.93 <= covered / draws <= 0.97
 
 
 def test_evaluation_attacks():
@@ -202,6 +246,8 @@ def test_compile_that_breaks_the_guard_writes_its_outputs_and_exits_with_the_gua
     assert report["verification"]["guard"]["passed"] is False
     assert run["accuracy_guard"] == report["verification"]["guard"]
     assert (tmp_path / "out" / "model.quanos.onnx").is_file()
+    low, high = report["verification"]["guard"]["accuracy_drop_interval"]
+    assert f"95% interval {low:.1f} to {high:.1f}" in (tmp_path / "out" / "report.md").read_text()
     assert "FAILED" in (tmp_path / "out" / "report.md").read_text()
     selection = report["verification"]["data"]["selection"]
     assert "evaluation part, 120 of 600 held out (seed 0)" in selection

@@ -196,7 +196,7 @@ class RobustnessAudit:
             for attack, outcome in zip(self.suite.attacks, self.outcomes)
             if isinstance(attack, Attack)
         )
-        return Evaluation(self.samples, self.labels, clean, rows)
+        return Evaluation(self.samples, self.labels, clean, rows, np.asarray(self.clean, bool))
 
     def to_json(self) -> dict[str, Any]:
         def share(robust: np.ndarray) -> dict[str, Any]:
