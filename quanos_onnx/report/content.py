@@ -162,9 +162,8 @@ def guard_text(verification: Mapping[str, Any]) -> str:
     guard = verification["guard"]
     metric = "agreement" if verification["labels"] == "float model" else "clean accuracy"
     drop = f"{metric} {guard['accuracy_drop']:.1f} points below float on {verification['data']['samples']} evaluation samples"
-    if "accuracy_drop_interval" in guard:  # documents before the interval have none
-        low, high = guard["accuracy_drop_interval"]
-        drop += f" (95% interval {low:.1f} to {high:.1f})"
+    low, high = guard["accuracy_drop_interval"]
+    drop += f" (95% interval {low:.1f} to {high:.1f})"
     if guard["max_accuracy_drop"] is None:
         return f"off (--max-accuracy-drop none); {drop}"
     verdict = "passed" if guard["passed"] else "FAILED"
