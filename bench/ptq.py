@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -152,7 +153,10 @@ def imagenet(shared: Path, name: str, calibration: int, cache: Path) -> Setup:
             ]
         )
         cache.mkdir(parents=True, exist_ok=True)
-        np.savez(arrays, x=images, y=np.array([int(label) for _, label in rows]))
+        # Written under another name and renamed: a second run beside this one must never read half a file.
+        partial = arrays.with_name(f"{arrays.stem}.{os.getpid()}.partial.npz")
+        np.savez(partial, x=images, y=np.array([int(label) for _, label in rows]))
+        os.replace(partial, arrays)
     data = np.load(arrays)
     x = data["x"].transpose(0, 3, 1, 2)
     file = {"efficientnet": "efficientnet_lite0.onnx", "mobilenetv2": "tf2_mobilenet_v2_1.0_224_ptq_deq.onnx"}[name]
