@@ -26,9 +26,9 @@ interval of the drop; the warnings say what a user must know before shipping the
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -128,7 +128,7 @@ class Guard:
     interval: tuple[float, float]
     """95% interval of `accuracy_drop` (paired_drop_interval). The guard judges the measured
     drop; the interval says how far the same model could measure on other samples (on 256
-    ImageNet images, about +/- 2 points), which a user weighing a failed guard needs."""
+    ImageNet images, 2-4 points either way), which a user weighing a failed guard needs."""
 
     @property
     def enabled(self) -> bool:
@@ -302,7 +302,7 @@ def verify(
         uniform = uniform_baseline(layers, plan, bits)
         model = compiled if _same_bits(uniform, plan) else quantize_plan(uniform)
         candidates.append((f"uniform {bits}", "uniform", model, uniform))
-    measured: dict[int, tuple[Any, Any]] = {}
+    measured: dict[int, tuple[Evaluation, Evaluation | None]] = {}
     rows = []
     for name, kind, model, model_plan in candidates:
         if id(model) not in measured:
