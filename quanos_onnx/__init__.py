@@ -80,6 +80,7 @@ def compile(
     quantize_output: bool = False,
     first_last_bits: int | None = None,
     input_bits: int | None = None,
+    act_bits: int | None = None,
     calibration: Calibration = "auto",
     percentile: float = 99.99,
     weight_clipping: WeightClipping = "output",
@@ -150,7 +151,11 @@ def compile(
     `input_bits` caps the bits of the model input's quantizer (the first layer's input
     activation) on the written plan and on every plan a milp search measures: a coarse
     input grid is what keeps uniform low-bit models robust to small perturbations
-    (docs/method.md, "Input bit depth").
+    (docs/method.md, "Input bit depth"). `act_bits` puts every quantized layer's activations
+    at those bits whatever its weight bits (mixed precision of the weights alone, e.g. 8 for
+    onnxruntime's CPU kernels, where narrower activations save nothing; docs/method.md,
+    "Activation bits"); the milp's table, its trial plans and the verification's uniform
+    models follow it.
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
     QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the

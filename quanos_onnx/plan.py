@@ -159,6 +159,21 @@ def first_and_last_layers(layers: Sequence[Any], *, quantize_output: bool) -> tu
     return tuple(dict.fromkeys([allocated[0].name, *(layer.name for layer in allocated if layer.is_output)]))
 
 
+def with_act_bits(plan: Plan, bits: int) -> Plan:
+    """The plan with every quantized layer's activations (its input quantizer) at `bits`,
+    whatever its weight bits: mixed precision of the weights alone.
+
+    QUANOS gives a layer one bit-width for its weights and its input. On onnxruntime's CPU
+    kernels, activations under 8 bits save neither time nor memory (every layer up to 8 bits
+    runs on the same uint8 kernels), only energy on precision-scalable hardware, and they
+    cost accuracy: MobileNetV2's default 5-bit plan kept 78.1% of float's 82.4%, the same
+    weight bits with 8-bit activations 81.6% (docs/benchmarks.md)."""
+    check_bits(bits, "activation bits")
+    return plan.with_layers(
+        replace(e, act_bits=bits) if e.quantized and e.act_bits is not None else e for e in plan.layers
+    ).with_details(act_bits={"bits": bits})
+
+
 def with_input_bits(plan: Plan, layers: Sequence[Any], bits: int) -> Plan:
     """The plan with the model input read at no more than `bits`: the input activation of
     the first layer in graph order, and of every layer reading the same tensor, is capped.

@@ -39,7 +39,7 @@ from .harness.attacks import METHODS, Attack, InputRange
 from .harness.evaluate import AttackAccuracy, Evaluation, evaluate
 from .layers import Layer, list_layers
 from .model import Runner, output_names
-from .plan import MAX_BITS, MIN_BITS, Plan
+from .plan import MAX_BITS, MIN_BITS, Plan, with_act_bits
 from .progress import ProgressFactory, no_progress
 
 if TYPE_CHECKING:
@@ -298,10 +298,12 @@ def verify(
         ("float", "float", float_model, None),
     ]
     near = uniform_bits_near(plan, layers)
+    act_bits = plan.details.get("act_bits", {}).get("bits")
     for bits in dict.fromkeys(b for b in (near, INTEGER_KERNEL_BITS) if b is not None):
-        uniform = uniform_baseline(layers, plan, bits)
+        # A plan whose activations are all at one width is compared with uniform weights at that width too.
+        uniform = uniform_baseline(layers, plan, bits) if act_bits is None else with_act_bits(uniform_baseline(layers, plan, bits), act_bits)
         model = compiled if _same_bits(uniform, plan) else quantize_plan(uniform)
-        candidates.append((f"uniform {bits}", "uniform", model, uniform))
+        candidates.append((uniform_name(bits, act_bits), "uniform", model, uniform))
     measured: dict[int, tuple[Evaluation, Evaluation | None]] = {}
     rows = []
     for name, kind, model, model_plan in candidates:
@@ -330,6 +332,11 @@ def verify(
             + saturation_warnings(compiled, plan, evaluation.x, labels, rows[0].clean_accuracy, settings.batch_size)
         ),
     )
+
+
+def uniform_name(bits: int, act_bits: int | None = None) -> str:
+    """'uniform 4', or 'uniform 4 (activations 8)' for uniform weights under other activation bits."""
+    return f"uniform {bits}" if act_bits is None or act_bits == bits else f"uniform {bits} (activations {act_bits})"
 
 
 def measure_plans(

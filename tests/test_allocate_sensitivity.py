@@ -26,7 +26,7 @@ from quanos_onnx.errors import PlanError, UsageError
 from quanos_onnx.layers import find_joins, list_layers
 from quanos_onnx.model import Runner, normalize, output_names
 from quanos_onnx.passes.align import align_plan
-from quanos_onnx.plan import Plan
+from quanos_onnx.plan import Plan, with_act_bits
 from quanos_onnx.quantize import quantize
 
 from tiny_models import random_inputs, resnet_style
@@ -105,6 +105,37 @@ def test_background_costs_are_the_divergence_the_layer_adds(resnet):
     background = reference_plan(layers, 5)
     changed = sensitivity_module.with_bits(background, "block1.conv1", 2)
     assert table.of("block1.conv1", 2) == pytest.approx(kl(changed) - kl(background), rel=1e-4, abs=1e-7)
+
+
+def test_with_act_bits_the_divergence_prices_weight_bits_under_those_activations(resnet):
+    """cost(l, b) with act_bits = KL(background with l's weights at b, every activation at 8)
+    - KL(background), measured independently; cheaper at 2 bits than with 2-bit activations."""
+    model, layers, joins, calibration = resnet
+    table = measure("kl", model, layers, joins, calibration, bits=BITS, background=5, act_bits=8)
+    both = measure("kl", model, layers, joins, calibration, bits=BITS, background=5)
+    name = output_names(model)[0]
+    inputs = np.concatenate(calibration)
+    float_logits = Runner(model, [name]).run(inputs, [name])[0]
+
+    def kl(plan: Plan) -> float:
+        rounded = quantize(model, plan, calibration, layers=layers, ptq=MINMAX_NEAREST).model
+        return sensitivity_module.kl_divergence(float_logits, Runner(rounded, [name]).run(inputs, [name])[0])
+
+    background = with_act_bits(reference_plan(layers, 5), 8)
+    changed = sensitivity_module.with_bits(background, "block1.conv1", 2, 8)
+    assert {(e.weight_bits, e.act_bits) for e in changed.layers if e.name == "block1.conv1"} == {(2, 8)}
+    assert table.of("block1.conv1", 2) == pytest.approx(kl(changed) - kl(background), rel=1e-4, abs=1e-7)
+    assert sum(row[0] for row in table.cost) < sum(row[0] for row in both.cost)
+
+
+def test_with_act_bits_the_gradient_score_quantizes_inputs_at_those_bits(resnet):
+    model, layers, joins, calibration = resnet
+    labels = [np.arange(len(batch)) % 10 for batch in calibration]
+    both = measure("fisher", model, layers, joins, calibration, labels=labels, bits=BITS)
+    weights_only = measure("fisher", model, layers, joins, calibration, labels=labels, bits=BITS, act_bits=8)
+    for with_inputs, alone in zip(both.cost, weights_only.cost):
+        assert alone[0] > alone[1] > alone[2] > 0  # still the weights' bits
+        assert alone[0] < with_inputs[0]  # 2-bit weights hurt less without 2-bit inputs
 
 
 @pytest.mark.parametrize("plan_bits", [3, 5])

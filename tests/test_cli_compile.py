@@ -332,6 +332,17 @@ def test_pareto_writes_the_measured_front_of_written_models_and_its_chart(workdi
     assert [a["accuracy"] for a in rebuilt["attacks"]] == [a["accuracy"] for a in points["mixed avg-bits=4"]["attacks"]]
 
 
+def test_pareto_with_act_bits_measures_every_point_under_them(workdir: Path):
+    result = _compile(["model.onnx", "--data", "data.npz", "--pareto", "--act-bits", "8", *PARETO_ARGS, "-o", "out", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    names = [point["name"] for point in summary["allocation"]["pareto"]["points"]]
+    assert [n for n in names if n.startswith("uniform")] == [f"uniform {b} (activations 8)" for b in range(2, 7)]
+    verification = {row["name"] for row in summary["verification"]["models"]}
+    assert {n for n in names if n.startswith("uniform")} & verification  # the verification's uniform row is a point
+    assert {row["act_bits"] for row in summary["layers"] if row["weight_bits"]} == {8}
+
+
 def test_pareto_needs_the_evaluation(workdir: Path):
     result = _compile(["model.onnx", "--data", "data.npz", "--pareto", "--no-eval", "-o", "out"])
     assert result.exit_code == 2
@@ -386,6 +397,46 @@ def test_the_milp_search_measures_its_plans_with_the_input_bits(workdir: Path, m
     assert layers["conv0"]["act_bits"] <= 3
 
 
+def test_act_bits_write_every_activation_at_those_bits_and_compare_with_uniform_weights_at_them(workdir: Path):
+    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "3", "--act-bits", "8", "-o", "out", "--eval-samples", "8", "--json"])
+    assert result.exit_code in (0, 4), result.output
+    plan = read_plan(workdir / "out" / PLAN_FILE)
+    assert {(e.weight_bits, e.act_bits) for e in plan.layers if e.quantized} == {(3, 8)}
+    model = onnx.load(workdir / "out" / MODEL_FILE)
+    names = {t.name for t in model.graph.initializer}
+    assert {"x_q8_scale", "conv1.weight_w3_quantized"} <= names and not any("_q3_" in name for name in names)
+    rows = [m["name"] for m in json.loads(result.stdout)["verification"]["models"]]
+    assert rows == ["compiled", "float", "uniform 3 (activations 8)", "uniform 8"]
+
+
+def test_the_milp_table_and_search_measure_weights_with_the_act_bits(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    from quanos_onnx.allocate import sensitivity
+    from quanos_onnx.commands import compile as compile_room
+
+    measured, tables = [], []
+    real_quantize, real_measure = compile_room.quantize, sensitivity.measure
+
+    def recording(model, plan, *args, **kwargs):
+        measured.append({e.act_bits for e in plan.layers if e.quantized})
+        return real_quantize(model, plan, *args, **kwargs)
+
+    def table(*args, **kwargs):
+        tables.append(kwargs["act_bits"])
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(compile_room, "quantize", recording)
+    monkeypatch.setattr(sensitivity, "measure", table)
+    result = _compile([
+        "model.onnx", "--data", "data.npz", "--budget", "avg-bits=3", "--act-bits", "8", "--max-accuracy-drop", "none",
+        "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "--no-eval", "-o", "out", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    assert tables == [8] and measured and all(bits == {8} for bits in measured)
+    summary = json.loads(result.output)
+    assert summary["average_weight_bits"] <= 3.0
+    assert {row["act_bits"] for row in summary["layers"] if row["weight_bits"]} == {8}
+
+
 def test_first_last_bits_are_fixed_in_the_integer_program_and_counted_in_its_budget(workdir: Path):
     result = _compile([
         "model.onnx", "--data", "data.npz", "--budget", "avg-bits=4", "--first-last-bits", "8", "--quantize-output",
@@ -406,6 +457,7 @@ def test_first_last_bits_are_fixed_in_the_integer_program_and_counted_in_its_bud
         (["--bits", "4", "--first-last-bits", "1"], "error: --first-last-bits 1 is outside 2..16"),
         (["--budget", "avg-bits=4", "--first-last-bits", "12"], "error: --first-last-bits 12 is outside the integer program's candidates --k-min..--max-bits (2..8)"),
         (["--bits", "4", "--input-bits", "1"], "error: --input-bits 1 is outside 2..16"),
+        (["--bits", "4", "--act-bits", "17"], "error: --act-bits 17 is outside 2..16"),
     ],
 )
 def test_first_last_bits_out_of_range_is_one_line(workdir: Path, args, words):

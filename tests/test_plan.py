@@ -19,6 +19,7 @@ from quanos_onnx.plan import (
     plan_from_json,
     read_plan,
     validate_plan,
+    with_act_bits,
     with_input_bits,
 )
 
@@ -94,6 +95,18 @@ def test_input_bits_cap_only_the_activation_of_the_layers_reading_the_model_inpu
     assert with_input_bits(narrow, layers, 4) is narrow
     with pytest.raises(PlanError, match="input bits: 1 bits is outside 2..16"):
         with_input_bits(narrow, layers, 1)
+
+
+def test_act_bits_set_every_quantized_layers_activations_and_leave_weights_and_float_layers(layers):
+    plan = with_act_bits(Plan.uniform(layers, 3).with_bits(("stem",), 6), 8)
+    assert {e.name: (e.weight_bits, e.act_bits) for e in plan.layers if e.quantized} == {
+        e.name: (6 if e.name == "stem" else 3, 8) for e in plan.layers if e.quantized
+    }
+    assert not plan.by_name()["classifier"].quantized and plan.by_name()["classifier"].act_bits is None
+    assert plan.details["act_bits"] == {"bits": 8}
+    assert with_act_bits(plan, 4).by_name()["stem"].act_bits == 4  # a setting, not a cap
+    with pytest.raises(PlanError, match="activation bits: 1 bits is outside 2..16"):
+        with_act_bits(plan, 1)
 
 
 def test_short_form_bits_sets_weights_and_activations():

@@ -39,7 +39,7 @@ from ..ptq.ranges import choose_range
 from ..ptq.statistics import CalibrationStatistics
 from ..passes.points import QuantPoints, plan_points
 from ..passes.qdq import ActivationQuantizer, WeightGrid, activation_quantizer, insert_qdq, quantize_weight
-from ..plan import MAX_BITS, MIN_BITS, Plan
+from ..plan import MAX_BITS, MIN_BITS, Plan, with_act_bits
 from ..ptq import PtqSettings
 
 DEFAULT_BITS = tuple(range(2, 9))
@@ -192,7 +192,7 @@ class QdqBuilder:
         points = plan_points(self.model, self.layers, aligned)
         return insert_qdq(self.model, self.layers, aligned, points, self._quantizers(points), weight_grids=self._grids(aligned))
 
-    def single_layer(self, reference: Plan, layer: Layer, bits: int) -> onnx.ModelProto:
+    def single_layer(self, reference: Plan, layer: Layer, bits: int, act_bits: int | None = None) -> onnx.ModelProto:
         """The float model with only `layer` at `bits`: its weights, its input quantizer, the
         residual-join quantizers alignment ties to it and the shortcut convs those joins fix.
 
@@ -200,7 +200,7 @@ class QdqBuilder:
         would give it, so a plan's predicted cost counts each quantizer once (a layer's output
         is quantized by its consumer, not here).
         """
-        aligned = align_plan(with_bits(reference, layer.name, bits), self.layers, self.joins)
+        aligned = align_plan(with_bits(reference, layer.name, bits, act_bits), self.layers, self.joins)
         owned = {
             join.name
             for join in aligned.joins
@@ -220,8 +220,11 @@ class QdqBuilder:
         return insert_qdq(self.model, self.layers, weights, kept, self._quantizers(kept), weight_grids=self._grids(weights))
 
 
-def with_bits(plan: Plan, name: str, bits: int) -> Plan:
-    return plan.with_layers(replace(e, weight_bits=bits, act_bits=bits) if e.name == name else e for e in plan.layers)
+def with_bits(plan: Plan, name: str, bits: int, act_bits: int | None = None) -> Plan:
+    """Layer `name` at `bits` weights and `act_bits` activations (None: `bits` too)."""
+    return plan.with_layers(
+        replace(e, weight_bits=bits, act_bits=act_bits or bits) if e.name == name else e for e in plan.layers
+    )
 
 
 def measure_divergence(
@@ -236,6 +239,7 @@ def measure_divergence(
     quantize_output: bool = False,
     ptq: PtqSettings | None = None,
     statistics: CalibrationStatistics | None = None,
+    act_bits: int | None = None,
 ) -> Sensitivity:
     """Logit divergence (KL or MSE) from the float model when one layer changes, per candidate.
 
@@ -257,7 +261,9 @@ def measure_divergence(
     candidates = check_candidate_bits(bits)
     targets = allocatable(layers, quantize_output)
     reference = reference_plan(layers, background or candidates[-1], quantize_output)
-    variants = {(layer.name, b): with_bits(reference, layer.name, b) for layer in targets for b in candidates}
+    if act_bits is not None:
+        reference = with_act_bits(reference, act_bits)
+    variants = {(layer.name, b): with_bits(reference, layer.name, b, act_bits) for layer in targets for b in candidates}
     builder = QdqBuilder(model, layers, joins, [reference, *variants.values()], calibration, ptq, statistics)
     output = output_names(model)[0]
 
@@ -271,7 +277,7 @@ def measure_divergence(
 
     def variant(layer: Layer, b: int) -> onnx.ModelProto:
         if background is None:
-            return builder.single_layer(reference, layer, b)
+            return builder.single_layer(reference, layer, b, act_bits)
         return builder.build(variants[(layer.name, b)])
 
     measured = [(layer, b) for layer in targets for b in candidates if b != background]
@@ -344,13 +350,14 @@ def measure_gradient(
     quantize_output: bool = False,
     ptq: PtqSettings | None = None,
     statistics: CalibrationStatistics | None = None,
+    act_bits: int | None = None,
 ) -> Sensitivity:
     """ModelOpt's score sum (dL/dY)^2 (Q(Y) - Y)^2 per layer and candidate, through the twin.
 
     L is the cross-entropy against `labels` (the float model's own predictions when None),
     summed over the batch, so each sample's dL/dY is its own. Q(Y) runs the layer's op on
     its b-bit weights (absmax per channel, as the QDQ writer does) and its input on the
-    b-bit grid of the calibrated min/max range.
+    b-bit grid (the `act_bits` grid when given) of the calibrated min/max range.
 
     `statistics` (the compile's) supplies those ranges; with `ptq`, the same pass also
     gathers the histograms the settings' range method needs for every candidate's uniform
@@ -409,7 +416,7 @@ def measure_gradient(
                 extra = [weights[name].detach() if name in weights else None for name in step.inputs[2:]]
                 value_range = builder.ranges.get(layer.input) or Range(float(x.min()), float(x.max()))
                 for column, b in enumerate(candidates):
-                    grid = activation_quantizer(b, value_range)
+                    grid = activation_quantizer(act_bits or b, value_range)
                     centered = _centered_activation(x, grid)
                     q_x = centered * grid.scale
                     weight = quantized_weights[(layer.name, b)]
@@ -501,16 +508,18 @@ def measure(
     quantize_output: bool = False,
     ptq: PtqSettings | None = None,
     statistics: CalibrationStatistics | None = None,
+    act_bits: int | None = None,
 ) -> Sensitivity:
     """Dispatch on the method name ("kl", "mse", "fisher" or "auto", see auto_method;
-    `background` is for kl and mse)."""
+    `background` is for kl and mse). With `act_bits`, every candidate is b-bit weights with
+    activations at `act_bits` (plan.with_act_bits), else b bits for both."""
     method = auto_method(layers, bits, sum(len(batch) for batch in calibration), quantize_output) if method == "auto" else method
     if method == "fisher":
         return measure_gradient(
             model, layers, joins, calibration, labels=labels, bits=bits, quantize_output=quantize_output,
-            ptq=ptq, statistics=statistics,
+            ptq=ptq, statistics=statistics, act_bits=act_bits,
         )
     return measure_divergence(
         model, layers, joins, calibration, bits=bits, metric=method, background=background,
-        quantize_output=quantize_output, ptq=ptq, statistics=statistics,
+        quantize_output=quantize_output, ptq=ptq, statistics=statistics, act_bits=act_bits,
     )

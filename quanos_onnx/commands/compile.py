@@ -89,6 +89,12 @@ class CompileOptions(AttackOptions, RunOptions):
     input_bits: int | None = None
     """The model input's quantizer at no more than these bits (plan.with_input_bits), on the
     written plan and on every plan the milp search measures."""
+    act_bits: int | None = None
+    """Every quantized layer's activations at these bits whatever its weight bits
+    (plan.with_act_bits; the first and last layers' too, after `first_last_bits`): on the
+    written plan, on every plan the milp measures, in its sensitivity table and in the
+    verification's uniform models. None: QUANOS's one bit-width per layer for its weights and
+    its input."""
     calibration: Calibration = "auto"
     percentile: float = 99.99
     weight_clipping: WeightClipping = "output"
@@ -128,6 +134,8 @@ class CompileOptions(AttackOptions, RunOptions):
             raise UsageError(f"{arg('first_last_bits')} {self.first_last_bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.input_bits is not None and not MIN_BITS <= self.input_bits <= MAX_BITS:
             raise UsageError(f"{arg('input_bits')} {self.input_bits} is outside {MIN_BITS}..{MAX_BITS}")
+        if self.act_bits is not None and not MIN_BITS <= self.act_bits <= MAX_BITS:
+            raise UsageError(f"{arg('act_bits')} {self.act_bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.calibration_samples < 1:
             raise UsageError(f"{arg('calibration_samples')} {self.calibration_samples} must be at least 1")
         if not 50.0 < self.percentile <= 100.0:
@@ -205,6 +213,12 @@ class CompileOptions(AttackOptions, RunOptions):
         from ..plan import with_input_bits
 
         return plan if self.input_bits is None else with_input_bits(plan, layers, self.input_bits)
+
+    def with_act_bits(self, plan: Plan) -> Plan:
+        """The plan with every activation at `act_bits` (unchanged without it)."""
+        from ..plan import with_act_bits
+
+        return plan if self.act_bits is None else with_act_bits(plan, self.act_bits)
 
     def ptq_settings(self, *, rounding: bool = True) -> PtqSettings:
         """How the plan's grids are chosen (ptq/); without `rounding`, round-to-nearest,
@@ -441,7 +455,7 @@ def run_compile(
             chosen = _milp_plan(options, source.proto, layers, dataset, statistics, progress)
         else:
             chosen = _quanos_plan(options, source.proto, layers, dataset, statistics, progress)
-        chosen = options.with_input_bits(options.with_first_last_bits(chosen, layers), layers)
+        chosen = options.with_input_bits(options.with_act_bits(options.with_first_last_bits(chosen, layers)), layers)
 
         def quantize_plan(wanted: Plan) -> Any:
             return quantize(
@@ -474,7 +488,8 @@ def run_compile(
             pareto = measured_front(
                 source.proto, layers, final_plan, lambda wanted: quantize_plan(wanted).model, evaluation, checks,
                 verification, candidates=range(options.k_min, options.max_bits + 1), profile=_front_profile(options),
-                quantize_output=options.quantize_output, input_bits=options.input_bits, progress=progress,
+                quantize_output=options.quantize_output, input_bits=options.input_bits, act_bits=options.act_bits,
+                progress=progress,
             )
             final_plan = final_plan.with_details(allocation={**final_plan.details["allocation"], "pareto": pareto})
             compiled = _with_plan(compiled, final_plan)
@@ -620,7 +635,7 @@ def _milp_plan(
             method, model, layers, joins, [x for x, _ in sensitivity_batches],
             labels=None if any(y is None for _, y in sensitivity_batches) else [y for _, y in sensitivity_batches],
             bits=candidates, quantize_output=options.quantize_output, ptq=options.ptq_settings(rounding=False),
-            statistics=statistics,
+            statistics=statistics, act_bits=options.act_bits,
         )
         advance(1)
     trial, search = _search_split(options, model, layers, joins, dataset, statistics)
@@ -764,7 +779,7 @@ def _search_split(
     labels = float_predictions if y is None else np.asarray(y)
     trial = _SearchTrial(
         model, statistics, tuple(layers), tuple(joins), options.ptq_settings(rounding=False),
-        x, labels, float_predictions == labels, name, options.batch_size, options.input_bits,
+        x, labels, float_predictions == labels, name, options.batch_size, options.input_bits, options.act_bits,
     )
     return trial, _SearchSplit(len(x), source, float((float_predictions == labels).mean()))
 
@@ -787,9 +802,15 @@ class _SearchTrial:
     output: str
     batch_size: int
     input_bits: int | None
+    act_bits: int | None
 
     def accuracy(self, plan: Plan) -> float:
-        """The plan compiled (with the compile's input bits) and judged on the search split (guarded_accuracy)."""
+        """The plan compiled (with the compile's activation and input bits) and judged on the
+        search split (guarded_accuracy)."""
+        if self.act_bits is not None:
+            from ..plan import with_act_bits
+
+            plan = with_act_bits(plan, self.act_bits)
         if self.input_bits is not None:
             from ..plan import with_input_bits
 

@@ -43,22 +43,27 @@ def measured_front(
     profile: HardwareProfile,
     quantize_output: bool = False,
     input_bits: int | None = None,
+    act_bits: int | None = None,
     progress: ProgressFactory = no_progress,
 ) -> dict[str, Any]:
-    """The front document: one point per solved mixed plan (with the compile's `input_bits`,
-    as the search measured it) and per uniform bit-width, plus the compiled and float models
+    """The front document: one point per solved mixed plan (with the compile's `act_bits` and
+    `input_bits`, as the search measured it) and per uniform bit-width (with `act_bits`),
+    plus the compiled and float models
     from the verification; `dominated` marks the points another beats on both weight memory
     and clean accuracy."""
-    from ..plan import with_input_bits
-    from ..verify import measure_plans
+    from ..plan import with_act_bits, with_input_bits
+    from ..verify import measure_plans, uniform_name
+
+    def activations(each: Plan) -> Plan:
+        return each if act_bits is None else with_act_bits(each, act_bits)
 
     searched = plan.details["allocation"]["pareto"]
     mixed = [
-        (f"mixed {point['budget']}", "mixed", _plan_of(point["bits"]) if input_bits is None else with_input_bits(_plan_of(point["bits"]), layers, input_bits))
+        (f"mixed {point['budget']}", "mixed", activations(_plan_of(point["bits"])) if input_bits is None else with_input_bits(activations(_plan_of(point["bits"])), layers, input_bits))
         for point in searched
     ]
     uniform = [
-        (f"uniform {bits}", "uniform", Plan.uniform(layers, bits, keep_output_float=not quantize_output))
+        (uniform_name(bits, act_bits), "uniform", activations(Plan.uniform(layers, bits, keep_output_float=not quantize_output)))
         for bits in candidates
     ]
     measured = measure_plans(
