@@ -172,7 +172,7 @@ def paired_drop_interval(reference: np.ndarray, compared: np.ndarray) -> tuple[f
     difference = only_reference - only_compared
     z = float(NormalDist().inv_cdf(0.5 + CONFIDENCE / 2))
     half = z * math.sqrt(max(only_reference + only_compared - difference**2, 0.0) / total)
-    return 100 * (difference - half), 100 * (difference + half)
+    return float(100 * (difference - half)), float(100 * (difference + half))
 
 
 @dataclass(frozen=True)
