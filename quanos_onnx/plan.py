@@ -174,6 +174,17 @@ def with_act_bits(plan: Plan, bits: int) -> Plan:
     ).with_details(act_bits={"bits": bits})
 
 
+def with_activation_bits(
+    plan: Plan, layers: Sequence[Any], *, act_bits: int | None = None, input_bits: int | None = None
+) -> Plan:
+    """The plan as a compile measures and writes it: every activation at `act_bits`
+    (with_act_bits), then the model input capped at `input_bits` (with_input_bits); either
+    left out when None."""
+    if act_bits is not None:
+        plan = with_act_bits(plan, act_bits)
+    return plan if input_bits is None else with_input_bits(plan, layers, input_bits)
+
+
 def with_input_bits(plan: Plan, layers: Sequence[Any], bits: int) -> Plan:
     """The plan with the model input read at no more than `bits`: the input activation of
     the first layer in graph order, and of every layer reading the same tensor, is capped.

@@ -301,7 +301,9 @@ def verify(
     act_bits = plan.details.get("act_bits", {}).get("bits")
     for bits in dict.fromkeys(b for b in (near, INTEGER_KERNEL_BITS) if b is not None):
         # A plan whose activations are all at one width is compared with uniform weights at that width too.
-        uniform = uniform_baseline(layers, plan, bits) if act_bits is None else with_act_bits(uniform_baseline(layers, plan, bits), act_bits)
+        uniform = uniform_baseline(layers, plan, bits)
+        if act_bits is not None:
+            uniform = with_act_bits(uniform, act_bits)
         model = compiled if _same_bits(uniform, plan) else quantize_plan(uniform)
         candidates.append((uniform_name(bits, act_bits), "uniform", model, uniform))
     measured: dict[int, tuple[Evaluation, Evaluation | None]] = {}
@@ -311,11 +313,10 @@ def verify(
             measured[id(model)] = _accuracies(model, evaluation.x, labels, robust, settings, name, progress)
         clean, attacked = measured[id(model)]
         rows.append(_row(name, kind, model_plan, layers, clean.clean_accuracy, attacked))
-    compiled_outcomes, float_outcomes = (measured[id(model)][0].clean_outcomes for _, _, model, _ in candidates[:2])
     guard = Guard(
         settings.max_accuracy_drop,
         100 * (rows[1].clean_accuracy - rows[0].clean_accuracy),
-        paired_drop_interval(float_outcomes, compiled_outcomes),
+        paired_drop_interval(measured[id(float_model)][0].clean_outcomes, measured[id(compiled)][0].clean_outcomes),
     )
     return Verification(
         source=evaluation.source,

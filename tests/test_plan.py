@@ -20,6 +20,7 @@ from quanos_onnx.plan import (
     read_plan,
     validate_plan,
     with_act_bits,
+    with_activation_bits,
     with_input_bits,
 )
 
@@ -107,6 +108,14 @@ def test_act_bits_set_every_quantized_layers_activations_and_leave_weights_and_f
     assert with_act_bits(plan, 4).by_name()["stem"].act_bits == 4  # a setting, not a cap
     with pytest.raises(PlanError, match="activation bits: 1 bits is outside 2..16"):
         with_act_bits(plan, 1)
+
+
+def test_activation_bits_set_every_activation_then_cap_the_input(layers):
+    plan = with_activation_bits(Plan.uniform(layers, 4), layers, act_bits=8, input_bits=3)
+    assert plan.by_name()["stem"].act_bits == 3  # the input cap applies after the activation width
+    assert {e.act_bits for e in plan.layers if e.quantized and e.name != "stem"} == {8}
+    unchanged = Plan.uniform(layers, 4)
+    assert with_activation_bits(unchanged, layers) is unchanged
 
 
 def test_short_form_bits_sets_weights_and_activations():

@@ -208,17 +208,12 @@ class CompileOptions(AttackOptions, RunOptions):
             first_last_bits={"bits": self.first_last_bits, "layers": list(pinned)}
         )
 
-    def with_input_bits(self, plan: Plan, layers: Sequence[Layer]) -> Plan:
-        """The plan with the model input at no more than `input_bits` (unchanged without it)."""
-        from ..plan import with_input_bits
+    def with_activation_bits(self, plan: Plan, layers: Sequence[Layer]) -> Plan:
+        """The plan with every activation at `act_bits` and the model input at no more than
+        `input_bits` (plan.with_activation_bits; unchanged without either)."""
+        from ..plan import with_activation_bits
 
-        return plan if self.input_bits is None else with_input_bits(plan, layers, self.input_bits)
-
-    def with_act_bits(self, plan: Plan) -> Plan:
-        """The plan with every activation at `act_bits` (unchanged without it)."""
-        from ..plan import with_act_bits
-
-        return plan if self.act_bits is None else with_act_bits(plan, self.act_bits)
+        return with_activation_bits(plan, layers, act_bits=self.act_bits, input_bits=self.input_bits)
 
     def ptq_settings(self, *, rounding: bool = True) -> PtqSettings:
         """How the plan's grids are chosen (ptq/); without `rounding`, round-to-nearest,
@@ -455,7 +450,7 @@ def run_compile(
             chosen = _milp_plan(options, source.proto, layers, dataset, statistics, progress)
         else:
             chosen = _quanos_plan(options, source.proto, layers, dataset, statistics, progress)
-        chosen = options.with_input_bits(options.with_act_bits(options.with_first_last_bits(chosen, layers)), layers)
+        chosen = options.with_activation_bits(options.with_first_last_bits(chosen, layers), layers)
 
         def quantize_plan(wanted: Plan) -> Any:
             return quantize(
@@ -807,14 +802,9 @@ class _SearchTrial:
     def accuracy(self, plan: Plan) -> float:
         """The plan compiled (with the compile's activation and input bits) and judged on the
         search split (guarded_accuracy)."""
-        if self.act_bits is not None:
-            from ..plan import with_act_bits
+        from ..plan import with_activation_bits
 
-            plan = with_act_bits(plan, self.act_bits)
-        if self.input_bits is not None:
-            from ..plan import with_input_bits
-
-            plan = with_input_bits(plan, self.layers, self.input_bits)
+        plan = with_activation_bits(plan, self.layers, act_bits=self.act_bits, input_bits=self.input_bits)
         quantized = quantize(
             self.model, plan, self.statistics.batches, layers=self.layers, joins=self.joins, ptq=self.ptq,
             statistics=self.statistics,

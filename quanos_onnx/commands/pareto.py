@@ -51,19 +51,19 @@ def measured_front(
     plus the compiled and float models
     from the verification; `dominated` marks the points another beats on both weight memory
     and clean accuracy."""
-    from ..plan import with_act_bits, with_input_bits
+    from ..plan import with_activation_bits
     from ..verify import measure_plans, uniform_name
-
-    def activations(each: Plan) -> Plan:
-        return each if act_bits is None else with_act_bits(each, act_bits)
 
     searched = plan.details["allocation"]["pareto"]
     mixed = [
-        (f"mixed {point['budget']}", "mixed", activations(_plan_of(point["bits"])) if input_bits is None else with_input_bits(activations(_plan_of(point["bits"])), layers, input_bits))
+        (f"mixed {point['budget']}", "mixed", with_activation_bits(_plan_of(point["bits"]), layers, act_bits=act_bits, input_bits=input_bits))
         for point in searched
     ]
     uniform = [
-        (uniform_name(bits, act_bits), "uniform", activations(Plan.uniform(layers, bits, keep_output_float=not quantize_output)))
+        (
+            uniform_name(bits, act_bits), "uniform",
+            with_activation_bits(Plan.uniform(layers, bits, keep_output_float=not quantize_output), layers, act_bits=act_bits),
+        )
         for bits in candidates
     ]
     measured = measure_plans(
