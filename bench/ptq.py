@@ -79,6 +79,18 @@ METHODS: dict[str, dict[str, Any]] = {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
         "first_layer_bits": 8, "last_layer_bits": 8,
     },
+    "mse + output clip + bias corr., first/last W8A8": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True,
+        "first_layer_bits": 8, "last_layer_bits": 8,
+    },
+    "percentile 99.99 + output clip + bias corr., first/last W8A8": {
+        "act_range": "percentile", "weight_clipping": "output", "bias_correction": True,
+        "first_layer_bits": 8, "last_layer_bits": 8,
+    },
+    "minmax + output clip + bias corr., first/last W8A8": {
+        "act_range": "minmax", "weight_clipping": "output", "bias_correction": True,
+        "first_layer_bits": 8, "last_layer_bits": 8,
+    },
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
         "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
@@ -107,6 +119,9 @@ ONLY_AT = {
     "auto + output clip + adaround + bias corr.": ("W4A4",),
     "auto + output clip + bias corr., first/last W8A8": ("W4A8", "W4A4"),
     "auto + output clip + gptq + bias corr., first/last W8A8": ("W4A8", "W4A4", "W3A3", "W2A4"),
+    "mse + output clip + bias corr., first/last W8A8": ("W4A4",),
+    "percentile 99.99 + output clip + bias corr., first/last W8A8": ("W4A4",),
+    "minmax + output clip + bias corr., first/last W8A8": ("W4A4",),
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
     "auto + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
 }
