@@ -15,6 +15,7 @@ from quanos_onnx.ptq import PtqSettings
 from quanos_onnx.allocate import sensitivity as sensitivity_module
 from quanos_onnx.ptq import statistics as statistics_module
 from quanos_onnx.ptq.statistics import CalibrationStatistics
+from quanos_onnx.logits import kl_divergence
 from quanos_onnx.allocate.sensitivity import (
     QdqBuilder,
     Sensitivity,
@@ -102,7 +103,7 @@ def test_background_costs_are_the_divergence_the_layer_adds(resnet, act_bits):
     def kl(plan: Plan) -> float:
         rounded = quantize(model, plan, calibration, layers=layers, ptq=MINMAX_NEAREST).model
         logits = Runner(rounded, [name]).run(inputs, [name])[0]
-        return sensitivity_module.kl_divergence(float_logits, logits)
+        return kl_divergence(float_logits, logits)
 
     background = reference_plan(layers, 5) if act_bits is None else with_act_bits(reference_plan(layers, 5), act_bits)
     changed = sensitivity_module.with_bits(background, "block1.conv1", 2, act_bits)
@@ -130,7 +131,7 @@ def test_with_act_bits_the_gradient_score_quantizes_inputs_at_those_bits(resnet)
 @pytest.mark.parametrize("plan_bits", [3, 5])
 def test_ptq_builder_writes_the_compiles_grids_but_bias_correction(resnet, plan_bits):
     """With the compile's settings, a table model is the one quantize() writes without bias
-    correction (entropy ranges per bit-width, output-error clipped weights), logits alike."""
+    correction (auto ranges per bit-width, output-error clipped weights), logits alike."""
     model, layers, joins, calibration = resnet
     settings = PtqSettings()
     plan = sensitivity_module.with_bits(reference_plan(layers, 7), "block1.conv1", plan_bits)
@@ -138,7 +139,10 @@ def test_ptq_builder_writes_the_compiles_grids_but_bias_correction(resnet, plan_
     name = output_names(model)[0]
     inputs = np.concatenate(calibration)
     built = Runner(builder.build(plan), [name]).run(inputs, [name])[0]
-    written = quantize(model, plan, calibration, layers=layers, ptq=PtqSettings(bias_correction=False)).model
+    # auto's method at 6 bits and fewer: the one measured for the compile's settings
+    chosen = builder.ptq.auto_low_range
+    assert chosen in ("entropy", "mse")
+    written = quantize(model, plan, calibration, layers=layers, ptq=PtqSettings(bias_correction=False, auto_low_range=chosen)).model
     assert np.allclose(built, Runner(written, [name]).run(inputs, [name])[0], rtol=1e-5, atol=1e-6)
     plain = Runner(QdqBuilder(model, layers, joins, [plan], calibration).build(plan), [name]).run(inputs, [name])[0]
     assert not np.allclose(built, plain, rtol=1e-3, atol=1e-4)

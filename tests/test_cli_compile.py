@@ -97,6 +97,20 @@ def test_plan_sets_per_layer_bits(workdir: Path):
                             "conv2": onnx.TensorProto.INT16, "conv3": onnx.TensorProto.INT8}
 
 
+def test_plan_json_says_which_range_method_auto_chose_and_why(workdir: Path):
+    """At 6 bits and fewer auto's method is measured on the calibration data; the plan says
+    which and with what divergences; with an explicit method, or at 8 bits, nothing is measured."""
+    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "4", "-o", "out", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    ranges = read_plan(workdir / "out" / PLAN_FILE).details["activation_ranges"]
+    assert set(ranges["kl_from_float"]) == {"entropy", "mse"}
+    assert ranges["method"] == min(ranges["kl_from_float"], key=ranges["kl_from_float"].get)
+    for flags in (["--bits", "8"], ["--bits", "4", "--calibration", "mse"]):
+        result = _compile(["model.onnx", "--data", "data.npz", *flags, "-o", "out2", "--no-eval"])
+        assert result.exit_code == 0, result.output
+        assert "activation_ranges" not in read_plan(workdir / "out2" / PLAN_FILE).details
+
+
 def test_json_summary(workdir: Path):
     result = _compile(["model.onnx", "--data", "data.npz", "--bits", "6", "-o", "out", "--json", "-q"])
     assert result.exit_code == 0, result.output
@@ -113,7 +127,7 @@ def test_same_inputs_give_byte_identical_outputs(workdir: Path):
     for out, seed in (("first", "1"), ("second", "2")):
         environment = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
         command = [sys.executable, "-m", "quanos_onnx.cli", "compile", "resnet.onnx", "--data", "data.npz",
-                   "--plan", "resnet_plan.json", "-o", out, "-q"]
+                   "--plan", "resnet_plan.json", "-o", out, "-q", "--max-accuracy-drop", "none"]
         completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
         assert completed.returncode == 0, completed.stderr
     for name in (MODEL_FILE, PLAN_FILE):

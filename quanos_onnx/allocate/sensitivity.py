@@ -33,6 +33,7 @@ import onnx
 from ..errors import PlanError, UsageError
 from ..model import ACTIVATION_CHUNK
 from ..layers import Join, Layer
+from ..logits import kl_divergence, mean_squared_error
 from ..passes.align import align_plan
 from ..passes.calibrate import Range
 from ..ptq.ranges import choose_range
@@ -40,7 +41,7 @@ from ..ptq.statistics import CalibrationStatistics
 from ..passes.points import QuantPoints, plan_points
 from ..passes.qdq import ActivationQuantizer, WeightGrid, activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, MIN_BITS, Plan, with_act_bits
-from ..ptq import PtqSettings
+from ..ptq import AUTO_SEARCH_MAX_BITS, PtqSettings, resolved
 
 DEFAULT_BITS = tuple(range(2, 9))
 """2..8: every layer stays in onnxruntime's integer (uint8/int8) kernels."""
@@ -149,8 +150,11 @@ class QdqBuilder:
         """`statistics`: the compile's own calibration statistics (then `calibration` is
         unused), so that the table's grids are those of the written models."""
         statistics = statistics or CalibrationStatistics(model, calibration, equalized=bool(ptq and ptq.equalize))
-        self.model, self.layers, self.joins, self.ptq = statistics.model, list(layers), list(joins), ptq
+        self.model, self.layers, self.joins = statistics.model, list(layers), list(joins)
         all_points = [self._points(plan) for plan in plans]
+        low_bits = any(group.bits <= AUTO_SEARCH_MAX_BITS for points in all_points for group in points.groups)
+        self.ptq = resolved(ptq, self.layers, statistics) if ptq is not None and low_bits else ptq
+        ptq = self.ptq
         tensors = sorted({t for points in all_points for group in points.groups for t in group.tensors})
         counted = set() if ptq is None else {
             t for points in all_points for g in points.groups if ptq.range_method(g.bits) != "minmax" for t in g.tensors
@@ -272,7 +276,7 @@ def measure_divergence(
         return np.concatenate([runner.run(batch, [output])[0].reshape(len(batch), -1) for batch in calibration])
 
     float_logits = logits(model)
-    divergence = kl_divergence if metric == "kl" else _mse
+    divergence = kl_divergence if metric == "kl" else mean_squared_error
     base = 0.0 if background is None else divergence(float_logits, logits(builder.build(reference)))
 
     def variant(layer: Layer, b: int) -> onnx.ModelProto:
@@ -322,21 +326,6 @@ def overlapped(
         if pending is not None:
             results.append(pending.result())
     return results
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def kl_divergence(reference: np.ndarray, other: np.ndarray) -> float:
-    """Mean over samples of KL(softmax(reference) || softmax(other)) (logits as [samples, classes])."""
-    log_p, log_q = _log_softmax(reference), _log_softmax(other)
-    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
-
-
-def _mse(reference: np.ndarray, other: np.ndarray) -> float:
-    return float(np.mean((reference.astype(np.float64) - other) ** 2))
 
 
 def measure_gradient(

@@ -466,7 +466,7 @@ def run_compile(
 
         quantized = quantize_plan(chosen)
         energy, baselines = report.energy_sections(layers, quantized.plan)
-        final_plan = quantized.plan.with_details(energy=energy)
+        final_plan = quantized.plan.with_details(energy=energy, **_range_details(options, statistics))
         compiled = stamp_producer(_with_plan(quantized.model, final_plan), __version__)
         verification = None
         if checks is not None and evaluation is not None:
@@ -511,6 +511,15 @@ def run_compile(
         compiled, final_plan, tuple(layers), document, run, tuple(inputs), verification=verification, figures=options.figures
     )
     return result if save_to is None else replace(result, written=result.save(save_to))
+
+
+def _range_details(options: CompileOptions, statistics: CalibrationStatistics) -> dict[str, Any]:
+    """plan.json's `activation_ranges`: auto's method at 6 bits and fewer and the measurement
+    that chose it, when the compile wrote any plan with such activations (else nothing)."""
+    from ..ptq import chosen_low_bits_range
+
+    chosen = chosen_low_bits_range(statistics, options.ptq_settings())
+    return {} if chosen is None else {"activation_ranges": chosen.to_json()}
 
 
 def _front_profile(options: CompileOptions) -> Any:

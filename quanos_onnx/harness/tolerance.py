@@ -40,11 +40,11 @@ from ..allocate.sensitivity import (
     Sensitivity,
     allocatable,
     check_candidate_bits,
-    kl_divergence,
     reference_plan,
 )
 from ..errors import DataError
 from ..layers import Layer, find_joins
+from ..logits import kl_divergence
 from ..plan import Plan
 from .ans import Progress
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 
 from ..errors import UsageError, arg
-from ..layers import Layer
-from ..passes.points import QuantPoints
+from ..layers import Layer, find_joins
+from ..logits import kl_divergence
+from ..passes.align import align_plan
+from ..passes.points import QuantPoints, plan_points
 from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, Plan
 from ..progress import ProgressFactory, no_progress
@@ -45,8 +47,11 @@ AUTO = "auto"
 class PtqSettings:
     """How the grids of a plan are chosen; the defaults are the measured best (docs/quantization.md).
 
-    act_range: minmax | percentile | entropy | mse | auto (entropy up to 6 bits, minmax
-      above: see the measurements). percentile: for act_range percentile.
+    act_range: minmax | percentile | entropy | mse | auto (min/max above 6 bits; at 6 bits
+      and fewer entropy or mse, whichever the model's calibration data favours: `resolved`).
+      percentile: for act_range percentile.
+    auto_low_range: auto's method at 6 bits and fewer once `resolved` measured it (None
+      before; a caller may also set it to skip the measurement).
     weight_clipping: absmax | mse | output (per-channel clipping search on the weight error
       or on the layer's output error).
     bias_correction: add each layer's measured mean output shift to its bias (after rounding;
@@ -66,12 +71,15 @@ class PtqSettings:
     rounding: Literal["nearest", "gptq", "adaround", "brecq"] = "nearest"
     rounding_iterations: int = DEFAULT_ITERATIONS
     seed: int = 0
+    auto_low_range: Literal["entropy", "mse"] | None = None
 
     def __post_init__(self) -> None:
         if self.act_range != AUTO:
             check_range_method(self.act_range, self.percentile)
         elif not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"{arg('percentile')}: {self.percentile} is outside (50, 100]")
+        if self.auto_low_range is not None and self.auto_low_range not in AUTO_CANDIDATES:
+            raise UsageError(f"auto_low_range: use one of {', '.join(AUTO_CANDIDATES)}, not {self.auto_low_range!r}")
         if self.rounding not in ROUNDINGS:
             raise UsageError(f"{arg('rounding')}: unknown method '{self.rounding}' (use {', '.join(ROUNDINGS)})")
         if self.rounding_iterations < 1:
@@ -85,15 +93,117 @@ class PtqSettings:
         """The activation range method used for a quantizer of `bits` bits."""
         if self.act_range != AUTO:
             return self.act_range
-        return "entropy" if bits <= AUTO_SEARCH_MAX_BITS else "minmax"
+        if bits > AUTO_SEARCH_MAX_BITS:
+            return "minmax"
+        if self.auto_low_range is None:
+            raise ValueError("auto ranges at 6 bits and fewer are chosen on the calibration data first (ptq.resolved)")
+        return self.auto_low_range
 
 
 BIAS_CORRECTION_MIN_ACT_BITS = 4
 """Layers whose input has fewer bits keep their bias: on ResNet-20, bias correction gained
 0.5-1 point at W2A4, W4A4 and W6A6 but lost 5-6 points at W3A3 (two range methods)."""
 AUTO_SEARCH_MAX_BITS = 6
-"""auto: entropy ranges up to here (ResNet-20: +2 to +6 points over mse at 2-4 and 6 bits),
-min/max above (at 8 bits every method is within 0.2 points, and min/max needs no histogram)."""
+"""auto: a searched range (entropy or mse) up to here, min/max above (at 8 bits every method
+is within 0.2 points, and min/max needs no histogram)."""
+AUTO_CANDIDATES = ("entropy", "mse")
+"""auto's methods at 6 bits and fewer. Neither wins everywhere, and the calibration images
+decide as much as the model: W4A4 scored 84.9% with entropy against 82.0% with mse on
+ResNet-20; on MobileNetV2 (first conv and classifier W8A8) 18.7% against 32.2% calibrated on
+the first 256 val1300 images and 26.5% against 26.3% on another 256 (docs/quantization.md)."""
+AUTO_PROBE_BITS = 4
+"""The plan auto judges the candidates on: uniform at these bits (weights and activations),
+written with the settings' bias correction: without it EfficientNet-Lite0's probe preferred
+entropy (logit KL 1.58 against 1.71), with it mse (0.94 against 1.04), the method its W4A4
+models score higher with."""
+AUTO_PROBE_SAMPLES = 256
+"""Calibration samples the candidates' logits are compared with float's on (at most)."""
+
+
+@dataclass(frozen=True)
+class LowBitsRange:
+    """auto's method at 6 bits and fewer, and the measurement that chose it."""
+
+    method: str
+    divergence: tuple[tuple[str, float], ...]
+    samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "probe": f"uniform {AUTO_PROBE_BITS}-bit plan, round-to-nearest",
+            "kl_from_float": dict(self.divergence),
+            "samples": self.samples,
+        }
+
+
+def resolved(settings: PtqSettings, layers: Sequence[Layer], statistics: CalibrationStatistics) -> PtqSettings:
+    """`settings` with auto's method at 6 bits and fewer chosen, when it is auto and not chosen yet.
+
+    The uniform AUTO_PROBE_BITS plan is written with each candidate's ranges (the settings'
+    weight clipping and bias correction, round-to-nearest) and the candidate whose logits
+    are closer to float's (mean KL on the first AUTO_PROBE_SAMPLES calibration samples) is
+    kept; ties go to the first candidate. Measured once per calibration (statistics.choices),
+    so every plan of a compile, the sensitivity table's included, gets the same method.
+    """
+    if settings.act_range != AUTO or settings.auto_low_range is not None:
+        return settings
+    return replace(settings, auto_low_range=low_bits_range(layers, statistics, settings).method)
+
+
+def chosen_low_bits_range(statistics: CalibrationStatistics, settings: PtqSettings) -> LowBitsRange | None:
+    """What `resolved` measured on these statistics for these settings (None: nothing yet)."""
+    known = statistics.choices.get(_choice_key(settings))
+    return known if isinstance(known, LowBitsRange) else None
+
+
+def _choice_key(settings: PtqSettings) -> tuple[str, ...]:
+    """What the probe's models depend on besides the calibration: their weights and biases."""
+    return ("low_bits_range", settings.weight_clipping, str(settings.bias_correction))
+
+
+def low_bits_range(layers: Sequence[Layer], statistics: CalibrationStatistics, settings: PtqSettings) -> LowBitsRange:
+    """The measurement behind `resolved` (memoized on `statistics` per weight clipping and
+    bias correction, the settings the probe's models depend on)."""
+    from ..model import Runner, output_names
+
+    known = chosen_low_bits_range(statistics, settings)
+    if known is not None:
+        return known
+    model = statistics.source
+    probe_batches = _first_samples(statistics.batches, AUTO_PROBE_SAMPLES)
+    output = output_names(model)[0]
+
+    def logits(proto: onnx.ModelProto) -> np.ndarray:
+        runner = Runner(proto, [output])
+        return np.concatenate([runner.run(batch, [output])[0].reshape(len(batch), -1) for batch in probe_batches])
+
+    aligned = align_plan(Plan.uniform(layers, AUTO_PROBE_BITS), layers, find_joins(model, layers))
+    points = plan_points(model, layers, aligned)
+    reference = logits(model)
+    divergence = []
+    for method in AUTO_CANDIDATES:
+        candidate = replace(settings, act_range=method, rounding="nearest")
+        written = apply_ptq(model, layers, aligned, points, statistics.batches, candidate, statistics=statistics)
+        divergence.append((method, kl_divergence(reference, logits(written))))
+    best = min(divergence, key=lambda pair: pair[1])[0]
+    choice = LowBitsRange(best, tuple(divergence), sum(len(batch) for batch in probe_batches))
+    log.info(
+        "auto activation ranges at 6 bits and fewer: %s (logit KL from float of the uniform %d-bit plan: %s)",
+        best, AUTO_PROBE_BITS, ", ".join(f"{m} {d:.4f}" for m, d in divergence),
+    )
+    statistics.choices[_choice_key(settings)] = choice
+    return choice
+
+
+def _first_samples(batches: Sequence[np.ndarray], count: int) -> list[np.ndarray]:
+    taken, left = [], count
+    for batch in batches:
+        if left <= 0:
+            break
+        taken.append(batch[:left])
+        left -= len(taken[-1])
+    return taken
 ACT_RANGES = (AUTO, *RANGE_METHODS)
 ROUNDINGS = ("nearest", "gptq", *ROUNDING_METHODS)
 
@@ -124,6 +234,8 @@ def apply_ptq(
     elif not statistics.serves(model, batches, settings.equalize):
         raise ValueError("the calibration statistics given were measured on another model, data or equalization")
     model = statistics.model
+    if any(group.bits <= AUTO_SEARCH_MAX_BITS for group in points.groups):
+        settings = resolved(settings, layers, statistics)
     total = sum(len(batch) for batch in batches)
     tensors = sorted({t for group in points.groups for t in group.tensors})
     counted = {t for g in points.groups if settings.range_method(g.bits) != "minmax" for t in g.tensors}

@@ -42,6 +42,9 @@ class CalibrationStatistics:
         self._moments: dict[str, np.ndarray | None] = {}
         self._grids: dict[tuple[str, int, bool], WeightGrid] = {}
         self._weights: dict[str, np.ndarray] | None = None
+        self.choices: dict[tuple[str, ...], object] = {}
+        """Settings chosen by measuring quantized models on these batches (ptq.resolved's
+        low-bits range method), kept so that every plan of a compile gets the same one."""
 
     def serves(self, source: onnx.ModelProto, batches: Sequence[np.ndarray], equalized: bool) -> bool:
         """Whether these statistics are those of this model, these batches and this equalization."""
