@@ -124,11 +124,17 @@ def run_one(model: str, kind: str) -> dict[str, Any]:
 
 
 def measured(model: str, kind: str) -> dict[str, Any]:
-    """The cached cell, else a child process that computes it (its peak RSS from rusage)."""
+    """The cached cell, else a child process of this script that computes it."""
+    return cell_in_child(__file__, CACHE / model / f"{kind}.json", model, kind)
+
+
+def cell_in_child(script: str, path: Path, model: str, kind: str) -> dict[str, Any]:
+    """The JSON cell at `path`, else `script --child MODEL KIND` run in a fresh process (its
+    last stdout line), with the peak RSS of the children so far and the machine added."""
 
     def compute() -> dict[str, Any]:
         output = subprocess.run(
-            [sys.executable, __file__, "--child", model, kind], check=True, capture_output=True, text=True
+            [sys.executable, script, "--child", model, kind], check=True, capture_output=True, text=True
         ).stdout
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cell = json.loads(output.strip().splitlines()[-1])
@@ -136,7 +142,7 @@ def measured(model: str, kind: str) -> dict[str, Any]:
         cell["machine"] = machine()
         return cell
 
-    return cached(CACHE / model / f"{kind}.json", compute)
+    return cached(path, compute)
 
 
 def render(models: list[str], two_threads: bool = False) -> str:

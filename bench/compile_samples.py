@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compile_cost import _timed_stages  # noqa: E402
+from compile_cost import _timed_stages, cell_in_child  # noqa: E402
 from report_section import machine, write_section  # noqa: E402
-from study_data import cached, load_setup  # noqa: E402
+from study_data import load_setup  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench/cache/compile-samples"
@@ -85,13 +84,8 @@ def run_one(model: str, kind: str) -> dict[str, Any]:
 
 
 def measured(model: str, kind: str) -> dict[str, Any]:
-    def compute() -> dict[str, Any]:
-        output = subprocess.run(
-            [sys.executable, __file__, "--child", model, kind], check=True, capture_output=True, text=True
-        ).stdout
-        return json.loads(output.strip().splitlines()[-1])
-
-    return cached(CACHE / model / f"{kind}.json", compute)
+    """The cached cell, else a child process of this script that computes it."""
+    return cell_in_child(__file__, CACHE / model / f"{kind}.json", model, kind)
 
 
 def ans_agreement(model: str, sensitivity: int) -> tuple[float, float]:
