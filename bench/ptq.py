@@ -103,6 +103,10 @@ METHODS: dict[str, dict[str, Any]] = {
         "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
         "rounding_iterations": 200, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
     },
+    "auto + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": {
+        "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 200, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
+    },
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
         "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
@@ -141,6 +145,7 @@ ONLY_AT = {
     "mse + output clip + gptq + bias corr., first/last W8A8": ("W4A4",),
     "mse + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
     "mse + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
+    "auto + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
     "auto + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
 }
