@@ -454,7 +454,7 @@ def render(benches: list[Bench], kind: str, host: str) -> str:
         "which the load does not inflate the way it inflates wall time.",
         "",
         "Every quantized model here is written by `quantize(..., ptq=PtqSettings())`, the compile's defaults "
-        "(auto activation ranges: min/max above 6 bits, entropy or mse as auto chooses per model at 6 and fewer, output-error weight clipping, bias correction on "
+        "(entropy activation ranges up to 6 bits, min/max above, output-error weight clipping, bias correction on "
         "layers with inputs of 4 bits or more, round-to-nearest), calibrated on the same "
         f"{CALIBRATION} images. Mixed: the integer program (`solve`, budget avg-bits=B, default ANS weight 0.25, bits "
         f"2..8) on the compile's sensitivity table (kl, background 7 bits, the first {SENSITIVITY} calibration images; "

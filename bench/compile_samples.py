@@ -41,7 +41,7 @@ BUDGET_BITS = (3, 4, 5, 6)
 
 def kinds() -> dict[str, dict[str, Any]]:
     """Every compile of the table, by cell name."""
-    cells: dict[str, dict[str, Any]] = {"bits8": {"bits": 8}}
+    cells: dict[str, dict[str, Any]] = {"bits8": {"bits": 8}, "default-probe": {"calibration": "probe"}}
     for sensitivity in SENSITIVITY_SAMPLES:
         for ans in ANS_SAMPLES:
             cells[f"default-s{sensitivity}-a{ans}"] = {"sensitivity_samples": sensitivity, "samples": ans}
@@ -133,6 +133,14 @@ def render(models: list[str]) -> str:
                     f"{cell['cpu_s'] / plain['cpu_s']:.1f} | {stage.get('ANS', 0):.1f} | {stage.get('sensitivity table', 0):.1f} | {stage.get('search', 0):.1f} | "
                     f"{stage.get('verification', 0):.1f} |"
                 )
+        probe = measured(model, "default-probe")
+        lines.append(
+            f"| {model} | default, `calibration=\"probe\"` | 256 | 1000 | {probe['average_bits']:.2f} | "
+            f"{100 * probe['models']['compiled']:.1f} | {100 * probe['models']['float']:.1f} | "
+            f"{'passed' if probe['guard']['passed'] else 'FAILED'} | {probe['cpu_s']:.1f} | {probe['cpu_s'] / plain['cpu_s']:.1f} | "
+            f"{probe['stages_cpu_s'].get('ANS', 0):.1f} | {probe['stages_cpu_s'].get('sensitivity table', 0):.1f} | "
+            f"{probe['stages_cpu_s'].get('search', 0):.1f} | {probe['stages_cpu_s'].get('verification', 0):.1f} |"
+        )
         lines.append(
             f"| {model} | bits=8 | | | 8.00 | {100 * plain['models']['compiled']:.1f} | {100 * plain['models']['float']:.1f} | "
             f"{'passed' if plain['guard']['passed'] else 'FAILED'} | {plain['cpu_s']:.1f} | 1.0 | | | | "

@@ -103,8 +103,8 @@ METHODS: dict[str, dict[str, Any]] = {
         "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
         "rounding_iterations": 200, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
     },
-    "auto + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": {
-        "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+    "probe + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": {
+        "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
         "rounding_iterations": 200, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
     },
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
@@ -117,11 +117,9 @@ METHODS: dict[str, dict[str, Any]] = {
     },
 }
 """Each row names its settings in full, so a later change of PtqSettings' defaults does not
-change what a row measured, except `auto`: min/max above 6 activation bits, and at 6 and
-fewer entropy until the eleventh session, since then entropy or mse as PtqSettings' probe
-chooses per model (entropy for ResNet-20, mse for EfficientNet-Lite0 and MobileNetV2;
-docs/quantization.md), so the ImageNet `auto` rows at A4 measured before it are today's
-explicit entropy, and today's `auto` is the `mse` row.
+change what a row measured. `auto` is entropy up to 6 activation bits, min/max above;
+`probe` is min/max above 6 bits and, at 6 and fewer, entropy or mse as its probe on the
+calibration images chooses (docs/quantization.md).
 Bench-only keys: first_layer_bits / last_layer_bits put the first quantized layer / the
 classifier at WkAk (the papers' 8-bit first and last layers); calibration_images uses the
 first that many calibration images only (the test images stay the same)."""
@@ -145,7 +143,7 @@ ONLY_AT = {
     "mse + output clip + gptq + bias corr., first/last W8A8": ("W4A4",),
     "mse + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
     "mse + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
-    "auto + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
+    "probe + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
     "auto + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
 }

@@ -1,4 +1,4 @@
-"""What `auto` activation ranges choose at 6 bits and fewer, and whether the choice is right.
+"""What `--calibration probe` chooses at 6 bits and fewer, and whether the choice is right.
 
 For each model and calibration set: the probe's logit KL from float with entropy and with mse
 ranges (`ptq.low_bits_range`: the uniform 4-bit plan, the default weight clipping and bias
@@ -78,7 +78,7 @@ def measure(row: str) -> dict[str, Any]:
     from quanos_onnx.layers import list_layers
     from quanos_onnx.model import Runner, normalize
     from quanos_onnx.plan import Plan
-    from quanos_onnx.ptq import AUTO_CANDIDATES, PtqSettings, low_bits_range
+    from quanos_onnx.ptq import PROBE_CANDIDATES, PtqSettings, low_bits_range
     from quanos_onnx.ptq.statistics import CalibrationStatistics
     from quanos_onnx.quantize import quantize
 
@@ -99,7 +99,7 @@ def measure(row: str) -> dict[str, Any]:
 
     accuracy = {
         method: top1(quantize(model, plan, calibration, ptq=PtqSettings(act_range=method), statistics=statistics).model)
-        for method in AUTO_CANDIDATES
+        for method in PROBE_CANDIDATES
     }
     return {
         "kl": dict(choice.divergence), "picks": choice.method, "accuracy": accuracy, "float": top1(model),
@@ -110,15 +110,15 @@ def measure(row: str) -> dict[str, Any]:
 def render(rows: list[str]) -> str:
     flags = " ".join(f"--row {row}" for row in rows)
     lines = [
-        "## auto's range method at 6 bits and fewer (bench/range_choice.py)",
+        "## The probe's range method at 6 bits and fewer (bench/range_choice.py)",
         "",
-        f"`OMP_NUM_THREADS=1 PYTHONPATH=. python bench/range_choice.py {flags} --write`: the probe of `--calibration auto` "
+        f"`OMP_NUM_THREADS=1 PYTHONPATH=. python bench/range_choice.py {flags} --write`: the probe of `--calibration probe` "
         "(`ptq.low_bits_range`: the uniform 4-bit plan written with entropy and with mse ranges, default weight clipping and "
         "bias correction, round-to-nearest; logit KL from float on the first 256 calibration samples) and the top-1 of W4A4 "
         "models written with each method on images that did not calibrate them (uniform W4A4 for ResNet-20 and the Fashion "
         "CNN; first conv and classifier W8A8 for the ImageNet models). Calibration sets: see the script's docstring.",
         "",
-        "| model | calibration set | KL entropy | KL mse | auto picks | W4A4 entropy | W4A4 mse | float | test images | right? | probe CPU s |",
+        "| model | calibration set | KL entropy | KL mse | probe picks | W4A4 entropy | W4A4 mse | float | test images | right? | probe CPU s |",
         "|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|",
     ]
     machines = set()

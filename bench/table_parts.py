@@ -27,7 +27,7 @@ def main() -> None:
     from quanos_onnx.layers import find_joins, list_layers
     from quanos_onnx.model import Runner, load_model, normalize, output_names
     from quanos_onnx.passes.align import align_plan
-    from quanos_onnx.ptq import PtqSettings, resolved
+    from quanos_onnx.ptq import PtqSettings
     from quanos_onnx.ptq.statistics import CalibrationStatistics
     from quanos_onnx.threads import using_threads
 
@@ -53,7 +53,7 @@ def main() -> None:
         reference = sensitivity.reference_plan(layers, sensitivity.BACKGROUND_BITS)
         bits = [b for b in sensitivity.DEFAULT_BITS if b != sensitivity.BACKGROUND_BITS]
         variants = [sensitivity.with_bits(reference, layer.name, b) for layer in sensitivity.allocatable(layers) for b in bits]
-        settings = timed("auto's range probe", lambda: resolved(PtqSettings(rounding="nearest"), layers, statistics))
+        settings = PtqSettings(rounding="nearest")
         builder = timed(
             "histogram pass", lambda: sensitivity.QdqBuilder(model, layers, joins, [reference, *variants], [images], settings, statistics)
         )

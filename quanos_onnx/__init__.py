@@ -142,8 +142,8 @@ def compile(
     `bits`, or a given `plan`.
 
     The grids come from the PTQ stack (docs/quantization.md): activation ranges by
-    `calibration` ("auto": min/max above 6 bits, and at 6 and fewer entropy or mse, chosen
-    per model on the calibration data), per-channel weight
+    `calibration` ("auto": entropy up to 6 bits, min/max above; "probe": at 6 bits and
+    fewer entropy or mse, chosen per model on the calibration data), per-channel weight
     clipping `weight_clipping`, `bias_correction`, cross-layer `equalize`, and `rounding`:
     "gptq" (closed form, layer by layer) or learned ("adaround", "brecq") with
     `rounding_iterations` steps per layer or block.

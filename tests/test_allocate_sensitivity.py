@@ -131,7 +131,7 @@ def test_with_act_bits_the_gradient_score_quantizes_inputs_at_those_bits(resnet)
 @pytest.mark.parametrize("plan_bits", [3, 5])
 def test_ptq_builder_writes_the_compiles_grids_but_bias_correction(resnet, plan_bits):
     """With the compile's settings, a table model is the one quantize() writes without bias
-    correction (auto ranges per bit-width, output-error clipped weights), logits alike."""
+    correction (entropy ranges per bit-width, output-error clipped weights), logits alike."""
     model, layers, joins, calibration = resnet
     settings = PtqSettings()
     plan = sensitivity_module.with_bits(reference_plan(layers, 7), "block1.conv1", plan_bits)
@@ -139,13 +139,25 @@ def test_ptq_builder_writes_the_compiles_grids_but_bias_correction(resnet, plan_
     name = output_names(model)[0]
     inputs = np.concatenate(calibration)
     built = Runner(builder.build(plan), [name]).run(inputs, [name])[0]
-    # auto's method at 6 bits and fewer: the one measured for the compile's settings
-    chosen = builder.ptq.auto_low_range
-    assert chosen in ("entropy", "mse")
-    written = quantize(model, plan, calibration, layers=layers, ptq=PtqSettings(bias_correction=False, auto_low_range=chosen)).model
+    written = quantize(model, plan, calibration, layers=layers, ptq=PtqSettings(bias_correction=False)).model
     assert np.allclose(built, Runner(written, [name]).run(inputs, [name])[0], rtol=1e-5, atol=1e-6)
     plain = Runner(QdqBuilder(model, layers, joins, [plan], calibration).build(plan), [name]).run(inputs, [name])[0]
     assert not np.allclose(built, plain, rtol=1e-3, atol=1e-4)
+
+
+def test_probe_table_uses_the_method_the_probe_chose_for_every_variant(resnet):
+    """With --calibration probe the table's grids are the written model's: the method is
+    measured once and every table model uses it."""
+    model, layers, joins, calibration = resnet
+    plan = sensitivity_module.with_bits(reference_plan(layers, 7), "block1.conv1", 3)
+    builder = QdqBuilder(model, layers, joins, [reference_plan(layers, 7), plan], calibration, PtqSettings(act_range="probe"))
+    chosen = builder.ptq.probed_range
+    assert chosen in ("entropy", "mse")
+    name = output_names(model)[0]
+    inputs = np.concatenate(calibration)
+    built = Runner(builder.build(plan), [name]).run(inputs, [name])[0]
+    written = quantize(model, plan, calibration, layers=layers, ptq=PtqSettings(act_range="probe", bias_correction=False, probed_range=chosen)).model
+    assert np.allclose(built, Runner(written, [name]).run(inputs, [name])[0], rtol=1e-5, atol=1e-6)
 
 
 def test_ptq_table_is_named_and_differs_from_the_minmax_one(resnet):

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from quanos_onnx.cli import compile_command, main
 from quanos_onnx.plan import read_plan
-from quanos_onnx.ptq import AUTO_TIE_KL
+from quanos_onnx.ptq import PROBE_TIE_KL
 
 from json_schema import load_schemas, validate
 from tiny_models import GraphBuilder, resnet_style, vgg_chain
@@ -98,16 +98,17 @@ def test_plan_sets_per_layer_bits(workdir: Path):
                             "conv2": onnx.TensorProto.INT16, "conv3": onnx.TensorProto.INT8}
 
 
-def test_plan_json_says_which_range_method_auto_chose_and_why(workdir: Path):
-    """At 6 bits and fewer auto's method is measured on the calibration data; the plan says
-    which and with what divergences; with an explicit method, or at 8 bits, nothing is measured."""
-    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "4", "-o", "out", "--no-eval"])
+def test_plan_json_says_which_range_method_the_probe_chose_and_why(workdir: Path):
+    """With --calibration probe the method at 6 bits and fewer is measured on the calibration
+    data and the plan says which and with what divergences; with auto, or at 8 bits, nothing
+    is measured."""
+    result = _compile(["model.onnx", "--data", "data.npz", "--bits", "4", "--calibration", "probe", "-o", "out", "--no-eval"])
     assert result.exit_code == 0, result.output
     ranges = read_plan(workdir / "out" / PLAN_FILE).details["activation_ranges"]
     assert set(ranges["kl_from_float"]) == {"entropy", "mse"}
     kl = ranges["kl_from_float"]
-    assert ranges["method"] == ("mse" if kl["mse"] < kl["entropy"] - AUTO_TIE_KL else "entropy")
-    for flags in (["--bits", "8"], ["--bits", "4", "--calibration", "mse"]):
+    assert ranges["method"] == ("mse" if kl["mse"] < kl["entropy"] - PROBE_TIE_KL else "entropy")
+    for flags in (["--bits", "8", "--calibration", "probe"], ["--bits", "4"]):
         result = _compile(["model.onnx", "--data", "data.npz", *flags, "-o", "out2", "--no-eval"])
         assert result.exit_code == 0, result.output
         assert "activation_ranges" not in read_plan(workdir / "out2" / PLAN_FILE).details
@@ -129,7 +130,7 @@ def test_same_inputs_give_byte_identical_outputs(workdir: Path):
     for out, seed in (("first", "1"), ("second", "2")):
         environment = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
         command = [sys.executable, "-m", "quanos_onnx.cli", "compile", "resnet.onnx", "--data", "data.npz",
-                   "--plan", "resnet_plan.json", "-o", out, "-q", "--max-accuracy-drop", "none"]
+                   "--plan", "resnet_plan.json", "-o", out, "-q"]
         completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
         assert completed.returncode == 0, completed.stderr
     for name in (MODEL_FILE, PLAN_FILE):

@@ -54,7 +54,7 @@ def test_options_check_types_and_ranges_naming_the_argument() -> None:
         (dict(bits=8.0), "bits 8.0 is not a whole number or None"),
         (dict(k_init=8, k_min=9), "k_min 9 must be a whole number in 2..8 (k_init)"),
         (dict(target_avg_bits=20.0), "target_avg_bits 20.0 is outside 2..16 (k_init)"),
-        (dict(calibration="mean"), "calibration 'mean' is not one of 'auto', 'minmax', 'percentile', 'entropy', 'mse'"),
+        (dict(calibration="mean"), "calibration 'mean' is not one of 'auto', 'probe', 'minmax', 'percentile', 'entropy', 'mse'"),
         (dict(eps=2.0), "eps 2 must be in (0, 1]"),
         (dict(threads=0), "threads 0 must be at least 1"),
         (dict(data_range=(5, 5, 5)), "data_range (5, 5, 5) is not a tuple of 2"),

@@ -16,13 +16,14 @@ from quanos_onnx.model import Runner, make_session, normalize
 from quanos_onnx.plan import LayerPlan, Plan
 from quanos_onnx import ptq as ptq_module
 from quanos_onnx.logits import kl_divergence
-from quanos_onnx.ptq import AUTO_CANDIDATES, PtqSettings, chosen_low_bits_range, low_bits_range
+from quanos_onnx.ptq import PROBE_CANDIDATES, PtqSettings, chosen_low_bits_range, low_bits_range
 from quanos_onnx.ptq.statistics import CalibrationStatistics
 from quanos_onnx.quantize import quantize
 
 from tiny_models import random_inputs, resnet_style, vgg_chain
 
 PLAIN = PtqSettings(act_range="minmax", weight_clipping="absmax", bias_correction=False)
+PROBE = PtqSettings(act_range="probe")
 EVERYTHING = PtqSettings(act_range="mse", weight_clipping="output", bias_correction=True, equalize=True)
 
 
@@ -88,34 +89,35 @@ def test_the_defaults_beat_round_to_nearest_at_four_bits():
 
 
 def test_auto_ranges_search_at_low_bits_and_keep_minmax_at_eight():
-    settings = PtqSettings(auto_low_range="mse")
-    assert [settings.range_method(bits) for bits in (2, 4, 6, 7, 8, 16)] == ["mse"] * 3 + ["minmax"] * 3
+    settings = PtqSettings()
+    assert [settings.range_method(bits) for bits in (2, 4, 6, 7, 8, 16)] == ["entropy"] * 3 + ["minmax"] * 3
     assert PtqSettings(act_range="mse").range_method(3) == "mse"
-    assert PtqSettings().range_method(8) == "minmax"
+    probed = PtqSettings(act_range="probe", probed_range="mse")
+    assert [probed.range_method(bits) for bits in (2, 4, 6, 7, 8, 16)] == ["mse"] * 3 + ["minmax"] * 3
 
 
-def test_auto_below_seven_bits_must_be_chosen_before_it_is_used():
-    """An unresolved auto setting never silently falls back to one method."""
+def test_probe_below_seven_bits_must_be_chosen_before_it_is_used():
+    """An unresolved probe setting never silently falls back to one method."""
     with pytest.raises(ValueError, match="resolved"):
-        PtqSettings().range_method(6)
-    with pytest.raises(UsageError, match="auto_low_range"):
-        PtqSettings(auto_low_range="minmax")  # type: ignore[arg-type]
+        PtqSettings(act_range="probe").range_method(6)
+    with pytest.raises(UsageError, match="probed_range"):
+        PtqSettings(probed_range="minmax")  # type: ignore[arg-type]
 
 
-def test_auto_picks_the_method_whose_uniform_4_bit_model_is_closer_to_float(resnet):
+def test_probe_picks_the_method_whose_uniform_4_bit_model_is_closer_to_float(resnet):
     """The probe's divergences are those of the models quantize() writes with each method
     (the settings' weights and bias correction, round-to-nearest), and the smaller one wins."""
     model, layers = resnet
     x = random_inputs(model, 24)
     statistics = CalibrationStatistics(model, [x])
-    choice = low_bits_range(layers, statistics, PtqSettings())
+    choice = low_bits_range(layers, statistics, PROBE)
     reference = Runner(model).run(x)[0]
     expected = {}
-    for method in AUTO_CANDIDATES:
+    for method in PROBE_CANDIDATES:
         written = quantize(model, Plan.uniform(layers, 4), [x], ptq=PtqSettings(act_range=method)).model
         expected[method] = kl_divergence(reference, Runner(written).run(x)[0])
     assert dict(choice.divergence) == pytest.approx(expected, rel=1e-9)
-    assert choice.method == ("mse" if expected["mse"] < expected["entropy"] - ptq_module.AUTO_TIE_KL else "entropy")
+    assert choice.method == ("mse" if expected["mse"] < expected["entropy"] - ptq_module.PROBE_TIE_KL else "entropy")
     assert choice.samples == 24
     assert choice.to_json()["kl_from_float"] == dict(choice.divergence)
 
@@ -124,33 +126,35 @@ def test_auto_picks_the_method_whose_uniform_4_bit_model_is_closer_to_float(resn
     ("entropy", "mse", "picked"),
     [(0.5, 0.3, "mse"), (0.3, 0.5, "entropy"), (0.00077, 0.00059, "entropy"), (1.0, 0.995, "entropy")],
 )
-def test_auto_keeps_entropy_unless_mse_is_clearly_closer_to_float(entropy, mse, picked):
-    """A difference under AUTO_TIE_KL is noise (the bundled MNIST example's probes: 0.00077 and 0.00059)."""
+def test_probe_keeps_entropy_unless_mse_is_clearly_closer_to_float(entropy, mse, picked):
+    """A difference under PROBE_TIE_KL is noise (the bundled MNIST example's probes: 0.00077 and 0.00059)."""
     assert ptq_module._preferred([("entropy", entropy), ("mse", mse)]) == picked
 
 
-def test_auto_measures_once_per_calibration_and_writes_the_chosen_methods_model(resnet, monkeypatch):
+def test_probe_measures_once_per_calibration_and_writes_the_chosen_methods_model(resnet, monkeypatch):
     model, layers = resnet
     x = random_inputs(model, 16)
     statistics = CalibrationStatistics(model, [x])
     calls = []
     monkeypatch.setattr(ptq_module, "kl_divergence", lambda *a: calls.append(1) or kl_divergence(*a))
     plan = Plan.uniform(layers, 4)
-    first = quantize(model, plan, [x], statistics=statistics).model
-    again = quantize(model, mixed_plan(layers, MIXED), [x], statistics=statistics)
-    assert len(calls) == len(AUTO_CANDIDATES) and again.model is not None
-    chosen = chosen_low_bits_range(statistics, PtqSettings())
+    first = quantize(model, plan, [x], ptq=PROBE, statistics=statistics).model
+    again = quantize(model, mixed_plan(layers, MIXED), [x], ptq=PROBE, statistics=statistics)
+    assert len(calls) == len(PROBE_CANDIDATES) and again.model is not None
+    chosen = chosen_low_bits_range(statistics, PROBE)
     assert chosen is not None
     explicit = quantize(model, plan, [x], ptq=PtqSettings(act_range=chosen.method)).model
     assert first.SerializeToString() == explicit.SerializeToString()
 
 
-def test_auto_does_not_measure_plans_above_six_bits(resnet):
-    """A plain 8-bit compile pays nothing for auto: min/max needs no choice."""
+def test_probe_does_not_measure_plans_above_six_bits_and_auto_never_does(resnet):
+    """An 8-bit plan pays nothing for probe (min/max needs no choice); auto is entropy."""
     model, layers = resnet
     x = random_inputs(model, 8)
     statistics = CalibrationStatistics(model, [x])
-    quantize(model, Plan.uniform(layers, 8), [x], statistics=statistics)
+    quantize(model, Plan.uniform(layers, 8), [x], ptq=PROBE, statistics=statistics)
+    assert chosen_low_bits_range(statistics, PROBE) is None
+    quantize(model, Plan.uniform(layers, 4), [x], statistics=statistics)
     assert chosen_low_bits_range(statistics, PtqSettings()) is None
 
 

@@ -41,16 +41,18 @@ from .weights import WEIGHT_CLIPPINGS
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+PROBE = "probe"
 
 
 @dataclass(frozen=True)
 class PtqSettings:
     """How the grids of a plan are chosen; the defaults are the measured best (docs/quantization.md).
 
-    act_range: minmax | percentile | entropy | mse | auto (min/max above 6 bits; at 6 bits
-      and fewer entropy or mse, whichever the model's calibration data favours: `resolved`).
-      percentile: for act_range percentile.
-    auto_low_range: auto's method at 6 bits and fewer once `resolved` measured it (None
+    act_range: minmax | percentile | entropy | mse | auto (entropy up to 6 bits, minmax
+      above: see the measurements) | probe (min/max above 6 bits; at 6 bits and fewer
+      entropy or mse, whichever a probe on the calibration data finds closer to float:
+      `resolved`). percentile: for act_range percentile.
+    probed_range: probe's method at 6 bits and fewer once `resolved` measured it (None
       before; a caller may also set it to skip the measurement).
     weight_clipping: absmax | mse | output (per-channel clipping search on the weight error
       or on the layer's output error).
@@ -63,7 +65,7 @@ class PtqSettings:
       or block and `seed` for their batches and QDrop masks.
     """
 
-    act_range: Literal["auto", "minmax", "percentile", "entropy", "mse"] = AUTO
+    act_range: Literal["auto", "probe", "minmax", "percentile", "entropy", "mse"] = AUTO
     percentile: float = 99.99
     weight_clipping: Literal["absmax", "mse", "output"] = "output"
     bias_correction: bool = True
@@ -71,15 +73,15 @@ class PtqSettings:
     rounding: Literal["nearest", "gptq", "adaround", "brecq"] = "nearest"
     rounding_iterations: int = DEFAULT_ITERATIONS
     seed: int = 0
-    auto_low_range: Literal["entropy", "mse"] | None = None
+    probed_range: Literal["entropy", "mse"] | None = None
 
     def __post_init__(self) -> None:
-        if self.act_range != AUTO:
+        if self.act_range not in (AUTO, PROBE):
             check_range_method(self.act_range, self.percentile)
         elif not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"{arg('percentile')}: {self.percentile} is outside (50, 100]")
-        if self.auto_low_range is not None and self.auto_low_range not in AUTO_CANDIDATES:
-            raise UsageError(f"auto_low_range: use one of {', '.join(AUTO_CANDIDATES)}, not {self.auto_low_range!r}")
+        if self.probed_range is not None and self.probed_range not in PROBE_CANDIDATES:
+            raise UsageError(f"probed_range: use one of {', '.join(PROBE_CANDIDATES)}, not {self.probed_range!r}")
         if self.rounding not in ROUNDINGS:
             raise UsageError(f"{arg('rounding')}: unknown method '{self.rounding}' (use {', '.join(ROUNDINGS)})")
         if self.rounding_iterations < 1:
@@ -91,44 +93,47 @@ class PtqSettings:
 
     def range_method(self, bits: int) -> str:
         """The activation range method used for a quantizer of `bits` bits."""
-        if self.act_range != AUTO:
+        if self.act_range not in (AUTO, PROBE):
             return self.act_range
         if bits > AUTO_SEARCH_MAX_BITS:
             return "minmax"
-        if self.auto_low_range is None:
-            raise ValueError("auto ranges at 6 bits and fewer are chosen on the calibration data first (ptq.resolved)")
-        return self.auto_low_range
+        if self.act_range == AUTO:
+            return "entropy"
+        if self.probed_range is None:
+            raise ValueError("probe ranges at 6 bits and fewer are chosen on the calibration data first (ptq.resolved)")
+        return self.probed_range
 
 
 BIAS_CORRECTION_MIN_ACT_BITS = 4
 """Layers whose input has fewer bits keep their bias: on ResNet-20, bias correction gained
 0.5-1 point at W2A4, W4A4 and W6A6 but lost 5-6 points at W3A3 (two range methods)."""
 AUTO_SEARCH_MAX_BITS = 6
-"""auto: a searched range (entropy or mse) up to here, min/max above (at 8 bits every method
-is within 0.2 points, and min/max needs no histogram)."""
-AUTO_CANDIDATES = ("entropy", "mse")
-"""auto's methods at 6 bits and fewer. Neither wins everywhere, and the calibration images
+"""auto and probe: a searched range up to here (auto: entropy, ResNet-20: +2 to +6 points
+over mse at 2-4 and 6 bits), min/max above (at 8 bits every method is within 0.2 points, and
+min/max needs no histogram)."""
+PROBE_CANDIDATES = ("entropy", "mse")
+"""probe's methods at 6 bits and fewer. Neither wins everywhere, and the calibration images
 decide as much as the model: W4A4 scored 84.9% with entropy against 82.0% with mse on
 ResNet-20; on MobileNetV2 (first conv and classifier W8A8) 18.7% against 32.2% calibrated on
 the first 256 val1300 images and 26.5% against 26.3% on another 256 (docs/quantization.md)."""
-AUTO_PROBE_BITS = 4
-"""The plan auto judges the candidates on: uniform at these bits (weights and activations),
+PROBE_BITS = 4
+"""The plan probe judges the candidates on: uniform at these bits (weights and activations),
 written with the settings' bias correction: without it EfficientNet-Lite0's probe preferred
 entropy, with it mse, the method its W4A4 models score higher with (docs/quantization.md)."""
-AUTO_PROBE_SAMPLES = 256
+PROBE_SAMPLES = 256
 """Calibration samples the candidates' logits are compared with float's on (at most)."""
-AUTO_TIE_KL = 0.01
+PROBE_TIE_KL = 0.01
 """mse replaces entropy (the first candidate, ResNet-20's measured best) only when its probe
 is closer to float by more than this (mean KL, nats). Where both models are near float the
 difference is noise that still moves the search's discrete outcome: on the bundled MNIST
-example the probes were 0.00077 and 0.00059, and mse's ranges took the default compile from
-3.94 to 5.00 bits. Every model where the methods' W4A4 accuracies differed measured a KL
+example the probes were 0.00077 and 0.00059, and mse's ranges took its compile from 3.94 to
+5.00 bits. Every model where the methods' W4A4 accuracies differed measured a KL
 difference of 0.03 nats or more (docs/quantization.md)."""
 
 
 @dataclass(frozen=True)
 class LowBitsRange:
-    """auto's method at 6 bits and fewer, and the measurement that chose it."""
+    """probe's method at 6 bits and fewer, and the measurement that chose it."""
 
     method: str
     divergence: tuple[tuple[str, float], ...]
@@ -137,24 +142,24 @@ class LowBitsRange:
     def to_json(self) -> dict[str, Any]:
         return {
             "method": self.method,
-            "probe": f"uniform {AUTO_PROBE_BITS}-bit plan, round-to-nearest",
+            "probe": f"uniform {PROBE_BITS}-bit plan, round-to-nearest",
             "kl_from_float": dict(self.divergence),
             "samples": self.samples,
         }
 
 
 def resolved(settings: PtqSettings, layers: Sequence[Layer], statistics: CalibrationStatistics) -> PtqSettings:
-    """`settings` with auto's method at 6 bits and fewer chosen, when it is auto and not chosen yet.
+    """`settings` with probe's method at 6 bits and fewer chosen, when it is probe and not chosen yet.
 
-    The uniform AUTO_PROBE_BITS plan is written with each candidate's ranges (the settings'
+    The uniform PROBE_BITS plan is written with each candidate's ranges (the settings'
     weight clipping and bias correction, round-to-nearest) and the candidate whose logits
-    are closer to float's (mean KL on the first AUTO_PROBE_SAMPLES calibration samples) is
-    kept; within AUTO_TIE_KL of the first candidate (entropy), the first. Measured once per calibration (statistics.choices),
+    are closer to float's (mean KL on the first PROBE_SAMPLES calibration samples) is
+    kept; within PROBE_TIE_KL of the first candidate (entropy), the first. Measured once per calibration (statistics.choices),
     so every plan of a compile, the sensitivity table's included, gets the same method.
     """
-    if settings.act_range != AUTO or settings.auto_low_range is not None:
+    if settings.act_range != PROBE or settings.probed_range is not None:
         return settings
-    return replace(settings, auto_low_range=low_bits_range(layers, statistics, settings).method)
+    return replace(settings, probed_range=low_bits_range(layers, statistics, settings).method)
 
 
 def chosen_low_bits_range(statistics: CalibrationStatistics, settings: PtqSettings) -> LowBitsRange | None:
@@ -177,36 +182,36 @@ def low_bits_range(layers: Sequence[Layer], statistics: CalibrationStatistics, s
     if known is not None:
         return known
     model = statistics.source
-    probe_batches = _first_samples(statistics.batches, AUTO_PROBE_SAMPLES)
+    probe_batches = _first_samples(statistics.batches, PROBE_SAMPLES)
     output = output_names(model)[0]
 
     def logits(proto: onnx.ModelProto) -> np.ndarray:
         runner = Runner(proto, [output])
         return np.concatenate([runner.run(batch, [output])[0].reshape(len(batch), -1) for batch in probe_batches])
 
-    aligned = align_plan(Plan.uniform(layers, AUTO_PROBE_BITS), layers, find_joins(model, layers))
+    aligned = align_plan(Plan.uniform(layers, PROBE_BITS), layers, find_joins(model, layers))
     points = plan_points(model, layers, aligned)
     reference = logits(model)
     divergence = []
-    for method in AUTO_CANDIDATES:
+    for method in PROBE_CANDIDATES:
         candidate = replace(settings, act_range=method, rounding="nearest")
         written = apply_ptq(model, layers, aligned, points, statistics.batches, candidate, statistics=statistics)
         divergence.append((method, kl_divergence(reference, logits(written))))
     best = _preferred(divergence)
     choice = LowBitsRange(best, tuple(divergence), sum(len(batch) for batch in probe_batches))
     log.info(
-        "auto activation ranges at 6 bits and fewer: %s (logit KL from float of the uniform %d-bit plan: %s)",
-        best, AUTO_PROBE_BITS, ", ".join(f"{m} {d:.4f}" for m, d in divergence),
+        "probe activation ranges at 6 bits and fewer: %s (logit KL from float of the uniform %d-bit plan: %s)",
+        best, PROBE_BITS, ", ".join(f"{m} {d:.4f}" for m, d in divergence),
     )
     statistics.choices[_choice_key(settings)] = choice
     return choice
 
 
 def _preferred(divergence: Sequence[tuple[str, float]]) -> str:
-    """The first candidate unless a later one is closer to float by more than AUTO_TIE_KL."""
+    """The first candidate unless a later one is closer to float by more than PROBE_TIE_KL."""
     best, best_kl = divergence[0]
     for method, kl in divergence[1:]:
-        if kl < best_kl - AUTO_TIE_KL:
+        if kl < best_kl - PROBE_TIE_KL:
             best, best_kl = method, kl
     return best
 
@@ -219,7 +224,7 @@ def _first_samples(batches: Sequence[np.ndarray], count: int) -> list[np.ndarray
         taken.append(batch[:left])
         left -= len(taken[-1])
     return taken
-ACT_RANGES = (AUTO, *RANGE_METHODS)
+ACT_RANGES = (AUTO, PROBE, *RANGE_METHODS)
 ROUNDINGS = ("nearest", "gptq", *ROUNDING_METHODS)
 
 
