@@ -1,13 +1,24 @@
 """How far a quantized model's logits are from the float model's.
 
 The allocator's divergence table (allocate/sensitivity.py), the per-layer tolerance probe
-(harness/tolerance.py) and the `auto` activation ranges (ptq/autorange.py) all judge a
-quantized model by its logits against float on the same images; one definition serves them.
+(harness/tolerance.py) and `--calibration probe`'s range choice (ptq.low_bits_range) all judge
+a quantized model by its logits against float on the same images; one definition serves them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import onnx
+
+
+def model_logits(proto: onnx.ModelProto, output: str, batches: Sequence[np.ndarray]) -> np.ndarray:
+    """The model's `output` on every batch in onnxruntime, as [samples, classes]."""
+    from .model import Runner
+
+    runner = Runner(proto, [output])
+    return np.concatenate([runner.run(batch, [output])[0].reshape(len(batch), -1) for batch in batches])
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

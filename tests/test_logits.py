@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from quanos_onnx.logits import kl_divergence, log_softmax, mean_squared_error
+from quanos_onnx.logits import kl_divergence, log_softmax, mean_squared_error, model_logits
 
 
 def test_log_softmax_is_normalized_and_shift_invariant():
@@ -36,3 +36,16 @@ def test_kl_is_the_mean_over_samples():
 
 def test_mean_squared_error_of_raw_logits():
     assert mean_squared_error(np.array([[1.0, 2.0]]), np.array([[0.0, 4.0]])) == pytest.approx(2.5)
+
+
+def test_model_logits_are_the_models_outputs_over_every_batch_in_order():
+    from quanos_onnx.model import Runner, normalize, output_names
+
+    from tiny_models import random_inputs, vgg_chain
+
+    model = normalize(vgg_chain())
+    x = random_inputs(model, 10)
+    output = output_names(model)[0]
+    batches = [x[:4], x[4:7], x[7:]]
+    expected = Runner(model, [output]).run(x, [output])[0].reshape(10, -1)
+    assert np.allclose(model_logits(model, output, batches), expected, rtol=1e-5, atol=1e-6)

@@ -33,7 +33,7 @@ import onnx
 from ..errors import PlanError, UsageError
 from ..model import ACTIVATION_CHUNK
 from ..layers import Join, Layer
-from ..logits import kl_divergence, mean_squared_error
+from ..logits import kl_divergence, mean_squared_error, model_logits
 from ..passes.align import align_plan
 from ..passes.calibrate import Range
 from ..ptq.ranges import choose_range
@@ -257,7 +257,7 @@ def measure_divergence(
     With `background=None`, every other layer stays float and the cost is D(l alone at b):
     onnxruntime then runs l's Conv in float on dequantized values (no fused kernel).
     """
-    from ..model import Runner, output_names
+    from ..model import output_names
 
     if metric not in DIVERGENCES:
         raise UsageError(f"--sensitivity {metric!r}: use one of {', '.join(METHODS)}")
@@ -272,8 +272,7 @@ def measure_divergence(
     output = output_names(model)[0]
 
     def logits(proto: onnx.ModelProto) -> np.ndarray:
-        runner = Runner(proto, [output])
-        return np.concatenate([runner.run(batch, [output])[0].reshape(len(batch), -1) for batch in calibration])
+        return model_logits(proto, output, calibration)
 
     float_logits = logits(model)
     divergence = kl_divergence if metric == "kl" else mean_squared_error

@@ -44,7 +44,7 @@ from ..allocate.sensitivity import (
 )
 from ..errors import DataError
 from ..layers import Layer, find_joins
-from ..logits import kl_divergence
+from ..logits import kl_divergence, model_logits
 from ..plan import Plan
 from .ans import Progress
 
@@ -154,7 +154,7 @@ def measure_tolerance(
     reference = reference_plan(layers, candidates[-1])
     builder = QdqBuilder(model, layers, joins, [reference], list(batches))
     output = output_names(model)[0]
-    float_logits = _logits(model, output, batches)
+    float_logits = model_logits(model, output, batches)
     float_top = float_logits.argmax(axis=1)
 
     def judge(logits: np.ndarray) -> tuple[float, float]:
@@ -169,7 +169,7 @@ def measure_tolerance(
         for b in candidates:
             variant = builder.single_layer(reference, layer, b)
             if original is None:
-                logits = _logits(variant, output, batches)
+                logits = model_logits(variant, output, batches)
             else:
                 suffix = _Suffix(original, variant, output)
                 if suffix.cut != cut:  # the same for every candidate of a layer: computed once
@@ -199,7 +199,7 @@ def measure_tolerance(
     )
 
     def check(plan: Plan) -> PlanCheck:
-        kl, agreement = judge(_logits(builder.build(plan), output, batches))
+        kl, agreement = judge(model_logits(builder.build(plan), output, batches))
         return PlanCheck(_average_bits(targets, plan), agreement, kl)
 
     return ToleranceTable(
@@ -217,13 +217,6 @@ def _average_bits(layers: Sequence[Layer], plan: Plan) -> float:
     entries = plan.by_name()
     params = sum(layer.params for layer in layers)
     return sum(layer.params * (entries[layer.name].weight_bits or 32) for layer in layers) / max(params, 1)
-
-
-def _logits(proto: onnx.ModelProto, output: str, batches: Sequence[np.ndarray]) -> np.ndarray:
-    from ..model import Runner
-
-    runner = Runner(proto, [output])
-    return np.concatenate([runner.run(batch, [output])[0].reshape(len(batch), -1) for batch in batches])
 
 
 class _Suffix:

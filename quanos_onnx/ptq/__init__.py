@@ -24,7 +24,7 @@ import onnx
 
 from ..errors import UsageError, arg
 from ..layers import Layer, find_joins
-from ..logits import kl_divergence
+from ..logits import kl_divergence, model_logits
 from ..passes.align import align_plan
 from ..passes.points import QuantPoints, plan_points
 from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
@@ -129,6 +129,8 @@ difference is noise that still moves the search's discrete outcome: on the bundl
 example the probes were 0.00077 and 0.00059, and mse's ranges took its compile from 3.94 to
 5.00 bits. Every model where the methods' W4A4 accuracies differed measured a KL
 difference of 0.03 nats or more (docs/quantization.md)."""
+ACT_RANGES = (AUTO, PROBE, *RANGE_METHODS)
+ROUNDINGS = ("nearest", "gptq", *ROUNDING_METHODS)
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,9 @@ def resolved(settings: PtqSettings, layers: Sequence[Layer], statistics: Calibra
     The uniform PROBE_BITS plan is written with each candidate's ranges (the settings'
     weight clipping and bias correction, round-to-nearest) and the candidate whose logits
     are closer to float's (mean KL on the first PROBE_SAMPLES calibration samples) is
-    kept; within PROBE_TIE_KL of the first candidate (entropy), the first. Measured once per calibration (statistics.choices),
-    so every plan of a compile, the sensitivity table's included, gets the same method.
+    kept; within PROBE_TIE_KL of the first candidate (entropy), the first. Measured once per
+    calibration (statistics.choices), so every plan of a compile, the sensitivity table's
+    included, gets the same method.
     """
     if settings.act_range != PROBE or settings.probed_range is not None:
         return settings
@@ -176,7 +179,7 @@ def _choice_key(settings: PtqSettings) -> tuple[str, ...]:
 def low_bits_range(layers: Sequence[Layer], statistics: CalibrationStatistics, settings: PtqSettings) -> LowBitsRange:
     """The measurement behind `resolved` (memoized on `statistics` per weight clipping and
     bias correction, the settings the probe's models depend on)."""
-    from ..model import Runner, output_names
+    from ..model import output_names
 
     known = chosen_low_bits_range(statistics, settings)
     if known is not None:
@@ -186,8 +189,7 @@ def low_bits_range(layers: Sequence[Layer], statistics: CalibrationStatistics, s
     output = output_names(model)[0]
 
     def logits(proto: onnx.ModelProto) -> np.ndarray:
-        runner = Runner(proto, [output])
-        return np.concatenate([runner.run(batch, [output])[0].reshape(len(batch), -1) for batch in probe_batches])
+        return model_logits(proto, output, probe_batches)
 
     aligned = align_plan(Plan.uniform(layers, PROBE_BITS), layers, find_joins(model, layers))
     points = plan_points(model, layers, aligned)
@@ -224,8 +226,6 @@ def _first_samples(batches: Sequence[np.ndarray], count: int) -> list[np.ndarray
         taken.append(batch[:left])
         left -= len(taken[-1])
     return taken
-ACT_RANGES = (AUTO, PROBE, *RANGE_METHODS)
-ROUNDINGS = ("nearest", "gptq", *ROUNDING_METHODS)
 
 
 def apply_ptq(
