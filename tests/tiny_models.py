@@ -119,6 +119,21 @@ def resnet_style(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
     return builder.model([batch, 3, 8, 8], builder.head(block2, 16, 10), 10)
 
 
+def mobilenet_style(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
+    """Stem, an inverted residual block without a shortcut (strided depthwise) and one with
+    it: expand 1x1 -> Relu, depthwise 3x3 -> Relu, linear 1x1 projection."""
+    builder = GraphBuilder(seed)
+    stem = builder.relu(builder.conv("x", 3, 8, name="stem"))
+    inner = builder.relu(builder.conv(stem, 8, 16, kernel=1, name="a.expand"))
+    inner = builder.relu(builder.conv(inner, 16, 16, stride=2, group=16, name="a.depthwise"))
+    block_a = builder.conv(inner, 16, 8, kernel=1, name="a.project")
+    inner = builder.relu(builder.conv(block_a, 8, 16, kernel=1, name="b.expand"))
+    inner = builder.relu(builder.conv(inner, 16, 16, group=16, name="b.depthwise"))
+    inner = builder.conv(inner, 16, 8, kernel=1, name="b.project")
+    block_b = builder.node("Add", [inner, block_a], name="b.add")
+    return builder.model([batch, 3, 8, 8], builder.head(block_b, 8, 10), 10)
+
+
 def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> np.ndarray:
     """Uniform [0, 1) inputs of the model's per-sample shape."""
     dims = model.graph.input[0].type.tensor_type.shape.dim
