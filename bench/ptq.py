@@ -56,10 +56,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "auto + output clip + brecq + bias corr.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
     },
-    "auto + output clip + brecq + learned act. steps + bias corr.": {
-        "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
-        "learn_activation_steps": True,
-    },
     "auto + output clip + adaround + bias corr.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True, "rounding": "adaround",
     },
@@ -111,10 +107,13 @@ METHODS: dict[str, dict[str, Any]] = {
         "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
         "rounding_iterations": 200, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
     },
-    "mse + output clip + brecq 100 it. + learned act. steps + bias corr., first/last W8A8, 64 calib.": {
-        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
-        "rounding_iterations": 100, "learn_activation_steps": True, "first_layer_bits": 8, "last_layer_bits": 8,
-        "calibration_images": 64,
+    "probe + output clip + brecq 200 it. seed 1 + bias corr., first/last W8A8, 64 calib.": {
+        "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 200, "seed": 1, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
+    },
+    "probe + output clip + brecq 300 it. + bias corr., first/last W8A8, 64 calib.": {
+        "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 300, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
     },
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
@@ -143,7 +142,6 @@ ONLY_AT = {
     "mse + output clip + bias corr. + equalize": ("W4A4", "W3A3"),
     "entropy + output clip + bias corr.": ("W6A6", "W5A5", "W4A4", "W3A3", "W2A4"),
     "auto + output clip + brecq + bias corr.": ("W4A4", "W2A4", "W3A3"),
-    "auto + output clip + brecq + learned act. steps + bias corr.": ("W4A4", "W2A4", "W3A3"),
     "auto + output clip + adaround + bias corr.": ("W4A4",),
     "auto + output clip + bias corr., first/last W8A8": ("W4A8", "W4A4"),
     "auto + output clip + gptq + bias corr., first/last W8A8": ("W4A8", "W4A4", "W3A3", "W2A4"),
@@ -154,7 +152,8 @@ ONLY_AT = {
     "mse + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
     "mse + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
     "probe + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
-    "mse + output clip + brecq 100 it. + learned act. steps + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
+    "probe + output clip + brecq 200 it. seed 1 + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
+    "probe + output clip + brecq 300 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
     "auto + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
 }

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from quanos_onnx import model as onnx_model  # noqa: E402
 from quanos_onnx.layers import Layer, list_layers  # noqa: E402
 from quanos_onnx.plan import LayerPlan, Plan  # noqa: E402
-from quanos_onnx.ptq.reconstruct import DEFAULT_ITERATIONS, reconstruct  # noqa: E402
+from quanos_onnx.ptq.reconstruct import DEFAULT_ITERATIONS, reconstruct_weights  # noqa: E402
 from quanos_onnx.quantize import quantize  # noqa: E402
 
 SHARED = next(p for p in (REPO.parent / "shared", REPO.parents[1] / "shared") if p.is_dir())
@@ -89,10 +89,10 @@ def main() -> None:
         print(f"W{weight_bits}A{act_bits} nearest {row[1]}", flush=True)
         for method in args.methods.split(","):
             start, cpu = time.perf_counter(), time.process_time()
-            grids = reconstruct(
+            grids = reconstruct_weights(
                 model, nearest.model, layers, nearest.plan, calibration,
                 method=method, iterations=args.iterations, seed=args.seed,
-            ).weight_grids
+            )
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             accuracy = top1(quantize(model, plan, calibration, method=args.ranges, weight_grids=grids).model, x, y)
             print(f"W{weight_bits}A{act_bits} {method} {accuracy:.1%} in {seconds:.0f} s ({cpu:.0f} s CPU)", flush=True)

@@ -6,7 +6,7 @@ images) with `reconstruct.reconstruction_units` cut down to the first layer and 
 named units, and `reconstruct._optimize` wrapped: on each named unit's own data it runs
 the optimization again per variant (iterations, learning rate, QDrop on or off) from fresh
 rounding variables and the same seed, and prints one JSON line each: the unit's output
-error (quantized inputs, no drop, as reconstruct's keep-nearest check measures it)
+error (quantized inputs, no drop, as reconstruct_weights' keep-nearest check measures it)
 with round-to-nearest, with the final soft weights and with the rounded ones, the share
 of rounding variables h(V) still strictly between 0.01 and 0.99, and the share of weights
 whose integer differs from round-to-nearest. The first layer keeps round-to-nearest (it
@@ -66,7 +66,7 @@ def measure(
     reconstruct.learning_rate = lambda iterations: variant.learning_rate
     try:
         cpu = time.process_time()
-        optimize(twin, roundings, weights, (), {}, trained, variant.iterations, generator, lambda steps: None)
+        optimize(twin, roundings, weights, trained, variant.iterations, generator, lambda steps: None)
         cpu = time.process_time() - cpu
     finally:
         reconstruct.learning_rate = default_rate
@@ -110,8 +110,8 @@ def main() -> None:
         return (units[0], *(unit for unit in units[1:] if unit.label.split(" ", 1)[1] in wanted))
 
     def diagnosed(
-        twin: Any, roundings: Any, weights: Sequence[reconstruct.RoundedWeight], steps: Any, fixed: Any,
-        data: reconstruct.UnitData, iterations: int, generator: Any, advance: Any,
+        twin: Any, roundings: Any, weights: Sequence[reconstruct.RoundedWeight], data: reconstruct.UnitData,
+        iterations: int, generator: Any, advance: Any,
     ) -> None:
         """In place of reconstruct._optimize: the variants on this unit's data, and the unit
         itself left at round-to-nearest."""

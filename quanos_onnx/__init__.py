@@ -88,7 +88,6 @@ def compile(
     equalize: bool = False,
     rounding: Rounding = "nearest",
     rounding_iterations: int = 500,
-    learn_activation_steps: bool = False,
     calibration_samples: int = 512,
     storage: Storage = "int8",
     k_init: int = 16,
@@ -147,8 +146,7 @@ def compile(
     fewer entropy or mse, chosen per model on the calibration data), per-channel weight
     clipping `weight_clipping`, `bias_correction`, cross-layer `equalize`, and `rounding`:
     "gptq" (closed form, layer by layer) or learned ("adaround", "brecq") with
-    `rounding_iterations` steps per layer or block; with `learn_activation_steps` the learned
-    rounding also learns the step sizes of the activation quantizers inside each block.
+    `rounding_iterations` steps per layer or block.
     `first_last_bits` keeps the first quantized layer (and the output layer when
     `quantize_output`) at those bits whatever the plan says, as the PTQ papers keep them at 8.
     `input_bits` caps the bits of the model input's quantizer (the first layer's input

@@ -86,31 +86,6 @@ def test_rounding_gptq_changes_the_integers_on_the_same_grid(workdir: Path):
     assert any(not np.array_equal(nearest[n], gptq[n]) for n in nearest if n.endswith("_quantized"))
 
 
-def test_learn_activation_steps_moves_the_steps_inside_residual_blocks(workdir: Path):
-    """--learn-activation-steps reaches ptq/reconstruct.py: with brecq on a residual model,
-    some activation scales differ from the rounding alone; without a learned rounding it
-    is one usage line naming the flag."""
-    onnx.save(resnet_style(), workdir / "resnet.onnx")
-    args = ["resnet.onnx", "--data", "data.npz", "--bits", "3", "--no-eval", "--no-figures",
-            "--rounding", "brecq", "--rounding-iterations", "20"]
-    assert _compile([*args, "-o", "rounding"]).exit_code == 0
-    result = _compile([*args, "--learn-activation-steps", "-o", "steps"])
-    assert result.exit_code == 0, result.output
-
-    def activation_scales(folder: str) -> dict[str, float]:
-        model = onnx.load(workdir / folder / MODEL_FILE)
-        return {t.name: float(onnx.numpy_helper.to_array(t)) for t in model.graph.initializer
-                if t.name.endswith("_scale") and ".weight_w" not in t.name and ".bias" not in t.name}
-
-    rounding, steps = activation_scales("rounding"), activation_scales("steps")
-    assert rounding.keys() == steps.keys()
-    assert any(rounding[name] != steps[name] for name in rounding)
-    refused = _compile(["resnet.onnx", "--data", "data.npz", "--bits", "3", "--learn-activation-steps", "-o", "bad"])
-    assert refused.exit_code == 2
-    assert "--learn-activation-steps" in refused.output and "Traceback" not in refused.output
-    assert not (workdir / "bad").exists()
-
-
 def test_plan_sets_per_layer_bits(workdir: Path):
     result = _compile(["model.onnx", "--data", "data.npz", "--plan", "plan.json", "-o", "out", "--no-eval"])
     assert result.exit_code == 0, result.output

@@ -225,7 +225,3 @@ def test_bad_rounding_settings_name_the_option():
     with pytest.raises(UsageError) as raised:
         PtqSettings(rounding="adaround", rounding_iterations=0)
     assert raised.value.arguments == ("rounding_iterations",)
-    for rounding in ("nearest", "gptq"):
-        with pytest.raises(UsageError) as raised:
-            PtqSettings(rounding=rounding, learn_activation_steps=True)
-        assert raised.value.arguments == ("learn_activation_steps",)

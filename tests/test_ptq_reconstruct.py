@@ -12,14 +12,12 @@ from onnx import TensorProto, helper, numpy_helper
 from quanos_onnx.errors import UsageError
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import make_session, normalize, with_outputs
-from quanos_onnx.passes.points import plan_points
 from quanos_onnx.plan import LayerPlan, Plan
 from quanos_onnx.ptq import PtqSettings
 from quanos_onnx.ptq.reconstruct import (
     DEFAULT_ITERATIONS,
     SoftRounding,
-    activation_steps,
-    reconstruct,
+    reconstruct_weights,
     reconstruction_units,
     rounded_weights,
 )
@@ -56,8 +54,8 @@ def test_grids_are_k_bit_integers_that_quantize_writes(method: str) -> None:
     mixed = {"stem": (3, 4), "block1.conv1": (2, 4), "block1.conv2": (4, 4), "block2.conv1": (3, 3),
              "block2.conv2": (2, 3), "block2.shortcut": (4, 3), "classifier": (5, 6)}
     model, layers, plan, calibration, nearest = _setup(resnet_style(), mixed)
-    grids = reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                       method=method, iterations=20, seed=0).weight_grids
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method=method, iterations=20, seed=0)
     assert set(grids) == set(mixed)
     aligned = nearest.plan.by_name()
     for name, grid in grids.items():
@@ -72,8 +70,8 @@ def test_grids_are_k_bit_integers_that_quantize_writes(method: str) -> None:
 
 def test_adaround_lowers_the_layer_output_errors() -> None:
     model, layers, plan, calibration, nearest = _setup(vgg_chain(), 3)
-    grids = reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                       method="adaround", iterations=ITERATIONS, seed=0).weight_grids
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method="adaround", iterations=ITERATIONS, seed=0)
     learned = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
     x = calibration[0]
     learned_errors = [_error(learned, model, layer.block_output, x) for layer in layers]
@@ -92,8 +90,8 @@ def test_a_unit_whose_learned_rounding_is_worse_keeps_round_to_nearest(monkeypat
         return rounded.clamp(-self.limit, self.limit).numpy().astype(np.int32)
 
     monkeypatch.setattr(SoftRounding, "integers", the_other_way)
-    grids = reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                       method="adaround", iterations=5, seed=0).weight_grids
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method="adaround", iterations=5, seed=0)
     weights = rounded_weights(model, nearest.model, layers, nearest.plan)
     assert set(grids) == {layer.name for layer in layers}
     for name, grid in grids.items():
@@ -119,8 +117,8 @@ def test_a_block_keeps_each_layers_better_rounding(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(SoftRounding, "__init__", remembering)
     monkeypatch.setattr(SoftRounding, "integers", spoiled_integers)
-    grids = reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                        method="brecq", iterations=ITERATIONS, seed=0).weight_grids
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method="brecq", iterations=ITERATIONS, seed=0)
     weights = rounded_weights(model, nearest.model, layers, nearest.plan)
     np.testing.assert_array_equal(grids[spoiled].integers, weights[spoiled].integers)
     for other in ("block2.conv1", "block2.conv2"):
@@ -134,8 +132,8 @@ def test_brecq_reconstructs_residual_blocks_and_lowers_their_output_error() -> N
         ("stem",), ("block1.conv1", "block1.conv2"), ("block2.conv1", "block2.conv2", "block2.shortcut"), ("classifier",)
     ]
     assert units[1].input == units[0].output and units[2].input == units[1].output
-    grids = reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                       method="brecq", iterations=ITERATIONS, seed=0).weight_grids
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method="brecq", iterations=ITERATIONS, seed=0)
     learned = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
     x = calibration[0]
     for unit in units[1:3]:
@@ -155,8 +153,8 @@ def test_brecq_reconstructs_an_inverted_residual_block_without_shortcut_as_one_u
         ("layer", ("classifier",)),
     ]
     assert units[1].input == units[0].output and units[2].input == units[1].output
-    grids = reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                        method="brecq", iterations=ITERATIONS, seed=0).weight_grids
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method="brecq", iterations=ITERATIONS, seed=0)
     learned = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
     x = calibration[0]
     assert _error(learned, model, units[1].output, x) < _error(nearest.model, model, units[1].output, x)
@@ -176,8 +174,8 @@ def test_same_seed_same_rounding_and_kept_float_layers_are_left_alone() -> None:
     calibration = [random_inputs(model, 48, seed=3)]
     nearest = quantize(model, plan, calibration, ptq=ROUND_TO_NEAREST)
     runs = [
-        reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                    method="brecq", iterations=40, seed=7).weight_grids
+        reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                            method="brecq", iterations=40, seed=7)
         for _ in range(2)
     ]
     assert set(runs[0]) == set(bits)
@@ -203,8 +201,8 @@ def test_progress_is_reported_per_unit_with_the_iteration_count() -> None:
 
         yield advance
 
-    reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                method="adaround", iterations=5, seed=0, progress=progress)
+    reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                        method="adaround", iterations=5, seed=0, progress=progress)
     assert list(totals) == [f"layer {layer.name}" for layer in layers]
     assert set(totals.values()) == {5} and reported == totals
 
@@ -212,9 +210,9 @@ def test_progress_is_reported_per_unit_with_the_iteration_count() -> None:
 def test_unknown_method_and_no_iterations_are_usage_errors() -> None:
     model, layers, plan, calibration, nearest = _setup(vgg_chain(), 4, samples=8)
     with pytest.raises(UsageError, match="rounding method 'qdrop'"):
-        reconstruct(model, nearest.model, layers, nearest.plan, calibration, method="qdrop", iterations=5, seed=0)
+        reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration, method="qdrop", iterations=5, seed=0)
     with pytest.raises(UsageError, match="at least 1"):
-        reconstruct(model, nearest.model, layers, nearest.plan, calibration, method="brecq", iterations=0, seed=0)
+        reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration, method="brecq", iterations=0, seed=0)
 
 
 def _tied_inputs_gemm(fractions: tuple[float, ...], step: float) -> onnx.ModelProto:
@@ -244,73 +242,10 @@ def test_default_iterations_flip_weights_far_from_a_half() -> None:
     shared, own = rng.uniform(0, 1, (256, 1)), rng.uniform(0, 1, (256, 1))
     calibration = [np.concatenate([own, shared, shared, shared], axis=1).astype(np.float32)]
     nearest = quantize(model, plan, calibration, ptq=ROUND_TO_NEAREST)
-    grids = reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                       method="adaround", iterations=DEFAULT_ITERATIONS, seed=0).weight_grids
+    grids = reconstruct_weights(model, nearest.model, layers, nearest.plan, calibration,
+                                method="adaround", iterations=DEFAULT_ITERATIONS, seed=0)
     integers = grids["fc"].integers.reshape(-1)
     assert integers[0] == 7
     assert int(integers[1:].sum()) == 1
     learned = quantize(model, plan, calibration, weight_grids=grids, ptq=ROUND_TO_NEAREST).model
     assert _error(learned, model, "y", calibration[0]) < 0.5 * _error(nearest.model, model, "y", calibration[0])
-
-
-LEARNABLE_3_BIT_GROUPS = {"relu2_out@3", "relu4_out@3", "block2.conv2_out@3@block2.add"}
-"""resnet_style's quantizer groups whose every tensor is computed inside one residual block:
-each block's inner activation, and block 2's join (its conv and its projection shortcut
-both lie inside the block). Block 1's join shares its grid with the block's input."""
-
-
-def test_brecq_learns_the_steps_of_the_quantizers_inside_its_blocks() -> None:
-    model, layers, plan, calibration, nearest = _setup(resnet_style(), 3)
-    points = plan_points(model, layers, nearest.plan)
-    calibrated = activation_steps(nearest.model, points)
-    assert LEARNABLE_3_BIT_GROUPS < set(calibrated)
-    result = reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                         method="brecq", iterations=ITERATIONS, seed=0, points=points)
-    assert set(result.activation_scales) == LEARNABLE_3_BIT_GROUPS
-    for group, scale in result.activation_scales.items():
-        assert scale > 0 and scale != calibrated[group].scale
-        assert scale == float(np.float32(scale))
-
-
-def test_learned_steps_are_written_and_lower_the_block_errors() -> None:
-    """Through quantize(): the written model holds the learned steps (every scale of the
-    group), and each block's output is closer to float than with the rounding alone."""
-    model, layers, plan, calibration, _ = _setup(resnet_style(), 3)
-    options = dict(act_range="minmax", weight_clipping="absmax", bias_correction=False,
-                   rounding="brecq", rounding_iterations=ITERATIONS)
-    rounding_only = quantize(model, plan, calibration, ptq=PtqSettings(**options)).model
-    learned = quantize(model, plan, calibration, ptq=PtqSettings(**options, learn_activation_steps=True))
-    steps = activation_steps(learned.model, plan_points(model, layers, learned.plan))
-    before = activation_steps(rounding_only, plan_points(model, layers, learned.plan))
-    moved = {group for group in steps if steps[group].scale != before[group].scale}
-    assert moved == LEARNABLE_3_BIT_GROUPS
-    scales = {t.name: float(numpy_helper.to_array(t)) for t in learned.model.graph.initializer if t.name in
-              {name for step in steps.values() for name in step.initializers}}
-    for group in moved:
-        assert {scales[name] for name in steps[group].initializers} == {steps[group].scale}
-    x = random_inputs(model, 64, seed=5)
-    blocks = [unit for unit in reconstruction_units(model, layers, learned.plan, method="brecq") if len(unit.layers) > 1]
-    assert len(blocks) == 2
-    for block in blocks:
-        assert _error(learned.model, model, block.output, x) < _error(rounding_only, model, block.output, x)
-
-
-def test_a_chain_learns_the_steps_between_its_layers() -> None:
-    model, layers, plan, calibration, nearest = _setup(mobilenet_style(), 4)
-    points = plan_points(model, layers, nearest.plan)
-    result = reconstruct(model, nearest.model, layers, nearest.plan, calibration,
-                         method="brecq", iterations=40, seed=0, points=points)
-    # block a's expand and depthwise outputs, block b's (its projection shares the join's
-    # grid with the block input, so it keeps its calibrated step)
-    assert set(result.activation_scales) == {"relu2_out@4", "relu3_out@4", "relu4_out@4", "relu5_out@4"}
-
-
-def test_steps_are_learned_only_up_to_8_bits() -> None:
-    """Wider grids carry float Clip bounds computed from their step; they keep it."""
-    bits = {layer.name: (4, 4) for layer in list_layers(normalize(resnet_style()))}
-    bits["block1.conv2"] = (4, 12)
-    model, layers, plan, calibration, nearest = _setup(resnet_style(), bits)
-    points = plan_points(model, layers, nearest.plan)
-    wide = {group.name for group in points.groups if group.bits > 8}
-    assert wide
-    assert not wide & set(activation_steps(nearest.model, points))

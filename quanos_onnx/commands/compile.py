@@ -102,7 +102,6 @@ class CompileOptions(AttackOptions, RunOptions):
     equalize: bool = False
     rounding: Rounding = "nearest"
     rounding_iterations: int = 500
-    learn_activation_steps: bool = False
     calibration_samples: int = 512
     storage: Storage = "int8"
     k_init: int = 16
@@ -229,7 +228,6 @@ class CompileOptions(AttackOptions, RunOptions):
             equalize=self.equalize,
             rounding=self.rounding if rounding else "nearest",
             rounding_iterations=self.rounding_iterations,
-            learn_activation_steps=self.learn_activation_steps and rounding,
             seed=self.seed,
         )
 

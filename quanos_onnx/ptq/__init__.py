@@ -27,7 +27,7 @@ from ..layers import Layer, find_joins
 from ..logits import kl_divergence, model_logits
 from ..passes.align import align_plan
 from ..passes.points import QuantPoints, plan_points
-from ..passes.qdq import ActivationQuantizer, WeightGrid, activation_quantizer, insert_qdq, quantize_weight
+from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, Plan
 from ..progress import ProgressFactory, no_progress
 from .bias import bias_shifts, corrected_grids
@@ -63,9 +63,6 @@ class PtqSettings:
     rounding: nearest | gptq (ptq/gptq.py, closed form, layer by layer) | adaround |
       brecq (ptq/reconstruct.py, through the torch twin), with rounding_iterations per layer
       or block and `seed` for their batches and QDrop masks.
-    learn_activation_steps: adaround | brecq also learn the step sizes of the activation
-      quantizers inside each unit (LSQ; a block's inner activations), starting from the
-      calibrated ranges (docs/quantization.md, "Learned activation steps").
     """
 
     act_range: Literal["auto", "probe", "minmax", "percentile", "entropy", "mse"] = AUTO
@@ -77,7 +74,6 @@ class PtqSettings:
     rounding_iterations: int = DEFAULT_ITERATIONS
     seed: int = 0
     probed_range: Literal["entropy", "mse"] | None = None
-    learn_activation_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.act_range not in (AUTO, PROBE):
@@ -88,11 +84,6 @@ class PtqSettings:
             raise UsageError(f"probed_range: use one of {', '.join(PROBE_CANDIDATES)}, not {self.probed_range!r}")
         if self.rounding not in ROUNDINGS:
             raise UsageError(f"{arg('rounding')}: unknown method '{self.rounding}' (use {', '.join(ROUNDINGS)})")
-        if self.learn_activation_steps and self.rounding not in ROUNDING_METHODS:
-            raise UsageError(
-                f"{arg('learn_activation_steps')}: steps are learned with the rounding; use rounding "
-                f"{' or '.join(ROUNDING_METHODS)}, not {self.rounding}"
-            )
         if self.rounding_iterations < 1:
             raise UsageError(f"{arg('rounding_iterations')}: must be at least 1, got {self.rounding_iterations}")
         if self.weight_clipping not in WEIGHT_CLIPPINGS:
@@ -280,10 +271,9 @@ def apply_ptq(
     quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
     rounded: dict[str, WeightGrid] = {}
     if settings.rounding != "nearest":
-        rounded, steps = _rounded(model, quantized, layers, plan, points, batches, settings, progress)
+        rounded = _rounded(model, quantized, layers, plan, batches, settings, progress)
         rounded = {name: grid for name, grid in rounded.items() if name not in (weight_grids or {})}
         grids = {**grids, **rounded}
-        quantizers = _with_steps(quantizers, steps)
         quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
     if not settings.bias_correction:
         return quantized
@@ -311,18 +301,16 @@ def _rounded(
     quantized: onnx.ModelProto,
     layers: Sequence[Layer],
     plan: Plan,
-    points: QuantPoints,
     batches: Sequence[np.ndarray],
     settings: PtqSettings,
     progress: ProgressFactory,
-) -> tuple[dict[str, WeightGrid], dict[str, float]]:
-    """GPTQ's or the learned rounding's grids, on the grids of the round-to-nearest
-    `quantized`, and the learned activation steps by quantizer group (when asked)."""
-    from .reconstruct import reconstruct
+) -> dict[str, WeightGrid]:
+    """GPTQ's or the learned rounding's grids, on the grids of the round-to-nearest `quantized`."""
+    from .reconstruct import reconstruct_weights
 
     if settings.rounding == "gptq":
-        return gptq_weights(model, quantized, layers, plan, batches, progress=progress), {}
-    reconstruction = reconstruct(
+        return gptq_weights(model, quantized, layers, plan, batches, progress=progress)
+    return reconstruct_weights(
         model,
         quantized,
         layers,
@@ -331,16 +319,8 @@ def _rounded(
         method=settings.rounding,
         iterations=settings.rounding_iterations,
         seed=settings.seed,
-        points=points if settings.learn_activation_steps else None,
         progress=progress,
     )
-    return reconstruction.weight_grids, reconstruction.activation_scales
-
-
-def _with_steps(quantizers: Mapping[str, ActivationQuantizer], steps: Mapping[str, float]) -> dict[str, ActivationQuantizer]:
-    """The groups' quantizers with learned step sizes: same levels and zero point, so each
-    grid only stretches about its zero."""
-    return {group: replace(quantizer, scale=steps.get(group, quantizer.scale)) for group, quantizer in quantizers.items()}
 
 
 def _weight_grids(

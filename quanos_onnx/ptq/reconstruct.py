@@ -18,19 +18,11 @@ Units are reconstructed in graph order against the float model's output for the 
 input (asymmetric reconstruction, as all three papers do); each unit's quantized input
 comes from the quantized model with the units before it already rounded. The choices
 and their measurements are in docs/quantization.md, "Rounding optimization".
-
-With `points`, the step sizes of the activation quantizers a unit holds (those whose every
-Q/DQ node lies inside the unit: a block's inner activations) are learned with the rounding,
-as BRECQ and QDrop learn them with LSQ (Esser et al., ICLR 2020): each quantizer group's
-scale becomes a graph input fed with exp(log step), and the straight-through rounding gives
-LSQ's gradient; the zero point and the integer range stay, so the grid keeps its levels and
-its place in the container and only stretches.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,7 +34,6 @@ from onnx import helper, numpy_helper
 from ..errors import ModelError, UsageError
 from ..layers import ACTIVATION_OPS, Join, Layer, find_joins
 from ..model import data_dependent_tensors
-from ..passes.points import QuantPoints
 from ..passes.qdq import WeightGrid
 from ..plan import Plan
 from ..progress import ProgressFactory, no_progress
@@ -82,11 +73,6 @@ COLLECT_BATCH = 32
 activation of the units for the chunk at once and its arena keeps the peak, so memory grows
 with the chunk (EfficientNet-Lite0, 128 samples in one chunk of 128: 12.7 GB resident,
 killed for memory on the 23 GB VM, docs/benchmarks.md)."""
-STEP_TRAVEL = 0.5
-"""How far (in log step size) Adam can move a learned activation step over a unit's run:
-a factor of 1.6 either way, kept between MIN_LEARNING_RATE and MAX_LEARNING_RATE per step.
-The calibrated ranges start close (mse or entropy); the papers' 4e-5 over 20k steps on the
-step itself moves a step of 0.05 by a similar factor."""
 ERROR_SAMPLES = 256
 """Samples on which the log reports each unit's output error before and after."""
 
@@ -132,27 +118,7 @@ class RoundedWeight:
         return torch.from_numpy((integers * self.broadcast_scale).astype(np.float32))
 
 
-@dataclass(frozen=True)
-class ActivationStep:
-    """An activation quantizer group whose step size can be learned: its scale initializers
-    in the QDQ model (one per quantization point of the group, all equal) become `feed`."""
-
-    group: str
-    feed: str
-    initializers: tuple[str, ...]
-    scale: float
-
-
-@dataclass(frozen=True)
-class Reconstruction:
-    """What the reconstruction chose: layer name -> WeightGrid for quantize(...,
-    weight_grids=...), and quantizer group -> learned step size (empty unless asked)."""
-
-    weight_grids: dict[str, WeightGrid]
-    activation_scales: dict[str, float]
-
-
-def reconstruct(
+def reconstruct_weights(
     model: onnx.ModelProto,
     quantized: onnx.ModelProto,
     layers: Sequence[Layer],
@@ -162,20 +128,18 @@ def reconstruct(
     method: str,
     iterations: int,
     seed: int,
-    points: QuantPoints | None = None,
     progress: ProgressFactory = no_progress,
-) -> Reconstruction:
+) -> dict[str, WeightGrid]:
     """Learned up/down rounding for every quantized layer, on the quantized model's grid.
 
     `quantized` is the round-to-nearest QDQ model of `model` for the aligned `plan`; its
-    weight scales and activation quantizers are kept, except, when `points` (the plan's
-    quantization points) are given, the step sizes of the activation quantizers inside a
-    unit, learned with its rounding. `method` "adaround" reconstructs each layer's output
-    (after its activation), "brecq" each residual block's with QDrop. Deterministic per seed.
-    Each unit then keeps, per layer, the learned or the nearest rounding (and its learned or
-    calibrated steps), whichever mix gives the lowest output error (`_best_choice`): a
-    learned rounding can end worse than nearest (EfficientNet-Lite0's first depthwise conv at
-    100 steps on 64 samples: 13.0 -> 16.9, docs/benchmarks.md).
+    weight scales and activation quantizers are kept. Returns layer name -> WeightGrid for
+    quantize(..., weight_grids=...). `method` "adaround" reconstructs each layer's output
+    (after its activation), "brecq" each block's with QDrop. Deterministic per seed.
+    Each layer of a unit then keeps its learned or its nearest rounding, whichever mix
+    gives the unit the lowest output error (`_best_choice`): a learned rounding can end worse
+    than nearest (EfficientNet-Lite0's first depthwise conv at 100 steps on 64 samples:
+    13.0 -> 16.9, docs/benchmarks.md).
     """
     import torch
 
@@ -185,22 +149,16 @@ def reconstruct(
         raise UsageError(f"rounding iterations must be at least 1, got {iterations}")
     units = reconstruction_units(model, layers, plan, method=method)
     if not units:
-        return Reconstruction({}, {})
+        return {}
     weights = rounded_weights(model, quantized, layers, plan)
-    steps = activation_steps(quantized, points) if points is not None else {}
     samples = _samples(calibration)
-    rounding_model = with_weight_feeds(quantized, weights.values(), steps.values())
+    rounding_model = with_weight_feeds(quantized, weights.values())
     float_names = _tensor_names(model)
-    graphs = [
-        unit_subgraph(rounding_model, float_names, unit, [weights[n] for n in unit.layers], steps.values())
-        for unit in units
-    ]
+    graphs = [unit_subgraph(rounding_model, float_names, unit, [weights[n] for n in unit.layers]) for unit in units]
     quantized_runs = Collector(rounding_model, sorted({name for graph in graphs for name in graph.activations}))
     float_runs = Collector(model, sorted({name for unit in units for name in (unit.input, unit.output)}))
     current = {w.feed: w.dequantized(w.integers) for w in weights.values()}
-    current |= {step.feed: torch.tensor(step.scale, dtype=torch.float32) for step in steps.values()}
     grids: dict[str, WeightGrid] = {}
-    scales: dict[str, float] = {}
     for index, (unit, graph) in enumerate(zip(units, graphs)):
         unit_weights = [weights[name] for name in unit.layers]
         quantized_inputs = quantized_runs.run(samples, graph.activations, current)
@@ -209,37 +167,30 @@ def reconstruct(
         twin = _twin(graph.model)
         generator = torch.Generator().manual_seed(seed * 100_003 + index)
         roundings = [SoftRounding(weight) for weight in unit_weights]
-        learning = [LearnedStep(steps[group], float(current[steps[group].feed])) for group in graph.learned_steps]
-        fixed = {feed: current[feed] for feed in graph.step_feeds}
         nearest = {w.feed: current[w.feed] for w in unit_weights}
         with progress(unit.label, iterations) as advance:
-            _optimize(twin, roundings, unit_weights, learning, fixed, data, iterations, generator, advance)
+            _optimize(twin, roundings, unit_weights, data, iterations, generator, advance)
         learned = {weight.feed: weight.dequantized(rounding.integers()) for weight, rounding in zip(unit_weights, roundings)}
-        learned_steps = {step.step.feed: step.hard_scale() for step in learning}
-        choice = _best_choice(twin, data, fixed, nearest, learned, learned_steps)
+        choice = _best_choice(twin, data, nearest, learned)
         for weight, rounding in zip(unit_weights, roundings):
             integers = rounding.integers() if weight.feed in choice.learned else weight.integers
             current[weight.feed] = weight.dequantized(integers)
             grids[weight.layer] = WeightGrid(integers.astype(np.int8 if weight.bits <= 8 else np.int16), weight.scale)
-        if choice.steps:
-            current |= learned_steps
-            scales |= {step.step.group: float(learned_steps[step.step.feed]) for step in learning}
         log.info(
             "%s: output error %.4g with nearest rounding, %.4g learned, %.4g kept (%s)",
             unit.label, choice.nearest_error, choice.learned_error, choice.error,
-            _described(choice, [(w.feed, w.layer) for w in unit_weights], len(learning)),
+            _described(choice, [(w.feed, w.layer) for w in unit_weights]),
         )
-    return Reconstruction(grids, scales)
+    return grids
 
 
 @dataclass(frozen=True)
 class Choice:
     """What a unit keeps: the weight feeds whose learned rounding it takes (the others keep
-    round-to-nearest), whether it takes its learned activation steps, and the unit's output
-    error then, with all nearest and calibrated, and with everything learned."""
+    round-to-nearest), and the unit's output error then, with all nearest, and with all
+    learned."""
 
     learned: frozenset[str]
-    steps: bool
     error: float
     nearest_error: float
     learned_error: float
@@ -247,51 +198,39 @@ class Choice:
 
 MAX_COMBINED_LAYERS = 4
 """Units with up to this many layers try every mix of learned and nearest rounding per layer
-(2^4 = 16 error evaluations, each a forward pass over ERROR_SAMPLES: about a tenth of 100
-training steps); larger units try all learned or all nearest."""
+(2^4 = 16 error evaluations, each a forward pass over at most ERROR_SAMPLES: about a tenth
+of 100 training steps); larger units try all learned or all nearest."""
 
 
 def _best_choice(
-    twin: OnnxTwin,
-    data: UnitData,
-    fixed: Mapping[str, torch.Tensor],
-    nearest: Mapping[str, torch.Tensor],
-    learned: Mapping[str, torch.Tensor],
-    learned_steps: Mapping[str, torch.Tensor],
+    twin: OnnxTwin, data: UnitData, nearest: Mapping[str, torch.Tensor], learned: Mapping[str, torch.Tensor]
 ) -> Choice:
-    """The mix of learned and nearest rounding per layer (and learned or calibrated steps)
-    with the lowest unit output error, all nearest first so that ties keep it. At 100 steps
-    a depthwise conv's rounding variables are often still undecided when rounded and its
-    learned rounding ends worse than nearest, while the projection after it ends better
-    (docs/benchmarks.md): a block reconstructed together should still keep each layer's
-    better rounding."""
+    """The mix of learned and nearest rounding per layer with the lowest unit output error,
+    all nearest first so that ties keep it. At 100 steps a depthwise conv's rounding
+    variables are often still undecided when rounded and its learned rounding ends worse
+    than nearest, while the projection after it ends better (docs/benchmarks.md): a block
+    reconstructed together should still keep each layer's better rounding."""
     feeds = list(learned)
     if len(feeds) <= MAX_COMBINED_LAYERS:
         subsets = [frozenset(f for bit, f in enumerate(feeds) if mask >> bit & 1) for mask in range(2 ** len(feeds))]
     else:
         subsets = [frozenset(), frozenset(feeds)]
-    options = [False, True] if learned_steps else [False]
-    errors: dict[tuple[frozenset[str], bool], float] = {}
-    for steps in options:
-        for subset in subsets:
-            weights = {feed: learned[feed] if feed in subset else nearest[feed] for feed in feeds}
-            errors[(subset, steps)] = _unit_error(twin, data, {**fixed, **(learned_steps if steps else {}), **weights})
-    (subset, steps), error = min(errors.items(), key=lambda item: item[1])
-    return Choice(subset, steps, error, errors[(frozenset(), False)], errors[(frozenset(feeds), bool(learned_steps))])
+    errors = {
+        subset: _unit_error(twin, data, {feed: learned[feed] if feed in subset else nearest[feed] for feed in feeds})
+        for subset in subsets
+    }
+    best = min(subsets, key=lambda subset: errors[subset])
+    return Choice(best, errors[best], errors[frozenset()], errors[frozenset(feeds)])
 
 
-def _described(choice: Choice, layers: Sequence[tuple[str, str]], learnable_steps: int) -> str:
+def _described(choice: Choice, layers: Sequence[tuple[str, str]]) -> str:
     """The log's account of a unit's choice; `layers`: (weight feed, layer name)."""
     taken = [layer for feed, layer in layers if feed in choice.learned]
     if len(taken) == len(layers):
-        kept = "learned rounding"
-    elif taken:
-        kept = "learned rounding on " + ", ".join(taken)
-    else:
-        kept = "nearest rounding"
-    if learnable_steps:
-        kept += f", {learnable_steps} learned activation steps" if choice.steps else ", calibrated activation steps"
-    return kept
+        return "learned rounding"
+    if taken:
+        return "learned rounding on " + ", ".join(taken)
+    return "nearest rounding"
 
 
 def reconstruction_units(
@@ -474,32 +413,10 @@ def rounded_weights(
     return found
 
 
-def activation_steps(quantized: onnx.ModelProto, points: QuantPoints) -> dict[str, ActivationStep]:
-    """The activation quantizer groups of up to 8 bits in `quantized` (written for `points`),
-    by group name. Wider groups keep their calibrated steps: their float-domain Clip bounds
-    are constants computed from the step."""
-    initializers = {t.name: t for t in quantized.graph.initializer}
-    bits = {group.name: group.bits for group in points.groups}
-    names: dict[str, set[str]] = {}
-    for point in points.points:
-        if bits[point.group] <= 8 and f"{point.name}_scale" in initializers:
-            names.setdefault(point.group, set()).add(f"{point.name}_scale")
-    return {
-        group: ActivationStep(
-            group, f"{group}::step", tuple(sorted(found)), float(numpy_helper.to_array(initializers[min(found)]))
-        )
-        for group, found in sorted(names.items())
-    }
-
-
-def with_weight_feeds(
-    quantized: onnx.ModelProto, weights: Iterable[RoundedWeight], steps: Iterable[ActivationStep] = ()
-) -> onnx.ModelProto:
+def with_weight_feeds(quantized: onnx.ModelProto, weights: Iterable[RoundedWeight]) -> onnx.ModelProto:
     """A copy of the QDQ model whose reconstructed layers read their weight from a graph
-    input (RoundedWeight.feed) instead of their DequantizeLinear, and whose activation
-    quantizers in `steps` read their scale from one (ActivationStep.feed), so the twin can be
-    given soft-rounded weights and learned steps; everything else (zero points, int32
-    biases) is kept."""
+    input (RoundedWeight.feed) instead of their DequantizeLinear, so the twin can be given
+    soft-rounded weights; everything else (activation quantizers, int32 biases) is kept."""
     copy = onnx.ModelProto()
     copy.CopyFrom(quantized)
     nodes = {node.name: node for node in copy.graph.node}
@@ -509,49 +426,28 @@ def with_weight_feeds(
         replaced.add(node.input[1])
         node.input[1] = weight.feed
         copy.graph.input.append(helper.make_tensor_value_info(weight.feed, onnx.TensorProto.FLOAT, None))
-    step_of = {name: step.feed for step in steps for name in step.initializers}
-    for node in copy.graph.node:
-        for position, name in enumerate(node.input):
-            if name in step_of:
-                node.input[position] = step_of[name]
-    for feed in sorted(set(step_of.values())):
-        copy.graph.input.append(helper.make_tensor_value_info(feed, onnx.TensorProto.FLOAT, []))
     still_read = {name for node in copy.graph.node for name in node.input}
     kept = [node for node in copy.graph.node if not (set(node.output) & replaced and not set(node.output) & still_read)]
     del copy.graph.node[:]
     copy.graph.node.extend(kept)
-    initializers = [t for t in copy.graph.initializer if t.name not in step_of]
-    del copy.graph.initializer[:]
-    copy.graph.initializer.extend(initializers)
     return copy
 
 
 @dataclass(frozen=True)
 class UnitGraph:
     """A unit cut out of the weight-feed QDQ model: it reads `activations` (values of the
-    quantized model derived from the unit's input tensor), the weight feeds and the
-    `step_feeds` of the activation quantizers it holds, and outputs the unit's output tensor
-    before any quantizer. `learned_steps`: the groups among those whose every Q/DQ node is
-    inside the unit, the steps it may learn without changing what another unit reads."""
+    quantized model derived from the unit's input tensor) and the weight feeds, and outputs
+    the unit's output tensor before any quantizer."""
 
     model: onnx.ModelProto
     activations: tuple[str, ...]
-    step_feeds: tuple[str, ...] = ()
-    learned_steps: tuple[str, ...] = ()
 
 
-def unit_subgraph(
-    rounding_model: onnx.ModelProto,
-    float_names: set[str],
-    unit: Unit,
-    weights: Sequence[RoundedWeight],
-    steps: Iterable[ActivationStep] = (),
-) -> UnitGraph:
+def unit_subgraph(rounding_model: onnx.ModelProto, float_names: set[str], unit: Unit, weights: Sequence[RoundedWeight]) -> UnitGraph:
     """The nodes between the unit's input (its quantized copies, or the float tensor itself
     where a node reads it unquantized) and its output, as a model of their own."""
     graph = _Graph(rounding_model)
-    step_groups = {step.feed: step.group for step in steps}
-    feeds = {weight.feed for weight in weights} | set(step_groups)
+    feeds = {weight.feed for weight in weights}
     kept: set[int] = set()
     activations: list[str] = []
     pending, seen = [unit.output], set()
@@ -572,22 +468,18 @@ def unit_subgraph(
     values = {v.name: v for v in [*rounding_model.graph.input, *rounding_model.graph.value_info, *rounding_model.graph.output]}
     nodes = [node for index, node in enumerate(graph.nodes) if index in kept]
     used = {name for node in nodes for name in node.input}
-    step_feeds = sorted(used & set(step_groups))
-    outside = {name for index, node in enumerate(graph.nodes) if index not in kept for name in node.input}
     activations.sort()
     sub = helper.make_graph(
         nodes,
         "unit",
         [_batched(values, name) for name in activations]
-        + [helper.make_tensor_value_info(weight.feed, onnx.TensorProto.FLOAT, None) for weight in weights]
-        + [helper.make_tensor_value_info(feed, onnx.TensorProto.FLOAT, []) for feed in step_feeds],
+        + [helper.make_tensor_value_info(weight.feed, onnx.TensorProto.FLOAT, None) for weight in weights],
         [_batched(values, unit.output)],
         [t for t in rounding_model.graph.initializer if t.name in used],
     )
     model = helper.make_model(sub, opset_imports=list(rounding_model.opset_import))
     model.ir_version = rounding_model.ir_version
-    learned = tuple(step_groups[feed] for feed in step_feeds if feed not in outside)
-    return UnitGraph(model, tuple(activations), tuple(step_feeds), learned)
+    return UnitGraph(model, tuple(activations))
 
 
 def _float_source(graph: _Graph, name: str, float_names: set[str]) -> str | None:
@@ -658,28 +550,6 @@ class SoftRounding:
     def integers(self) -> np.ndarray:
         rounded = self.floor + (self.logits.detach() >= 0).float()
         return rounded.clamp(-self.limit, self.limit).numpy().astype(np.int32)
-
-
-class LearnedStep:
-    """One activation quantizer's step size, learned in log space (it stays positive, and
-    Adam's steps are relative changes whatever the tensor's scale)."""
-
-    def __init__(self, step: ActivationStep, scale: float) -> None:
-        import torch
-
-        self.step = step
-        self.log_scale = torch.tensor(math.log(scale), dtype=torch.float32, requires_grad=True)
-
-    def scale(self) -> torch.Tensor:
-        import torch
-
-        return torch.exp(self.log_scale)
-
-    def hard_scale(self) -> torch.Tensor:
-        """The step as the written model stores it (float32), without gradient."""
-        import torch
-
-        return torch.tensor(float(np.float32(math.exp(float(self.log_scale.detach())))), dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -767,38 +637,27 @@ def _feeds(data: UnitData, index: torch.Tensor, generator: torch.Generator) -> d
     return {name: torch.where(mask, float_input, values[index]) for name, values in data.quantized.items()}
 
 
-def step_learning_rate(iterations: int) -> float:
-    """Adam's step for the log activation steps: STEP_TRAVEL spread over the run."""
-    return min(MAX_LEARNING_RATE, max(MIN_LEARNING_RATE, STEP_TRAVEL / iterations))
-
-
 def _optimize(
     twin: OnnxTwin,
     roundings: Sequence[SoftRounding],
     weights: Sequence[RoundedWeight],
-    steps: Sequence[LearnedStep],
-    fixed: Mapping[str, torch.Tensor],
     data: UnitData,
     iterations: int,
     generator: torch.Generator,
     advance: Callable[[int], None],
 ) -> None:
-    """Adam on the rounding variables (and the learned steps): reconstruction error, plus
-    the annealed regularizer after the warm-up. `fixed`: the unit's other step feeds."""
+    """Adam on the rounding variables: reconstruction error, plus the annealed regularizer
+    after the warm-up."""
     import torch
 
-    groups = [{"params": [rounding.logits for rounding in roundings], "lr": learning_rate(iterations)}]
-    if steps:
-        groups.append({"params": [step.log_scale for step in steps], "lr": step_learning_rate(iterations)})
-    optimizer = torch.optim.Adam(groups)
+    optimizer = torch.optim.Adam([rounding.logits for rounding in roundings], lr=learning_rate(iterations))
     count = int(data.target.shape[0])
     batch = min(BATCH_SIZE, count)
     warmup = int(WARMUP * iterations)
     for step in range(iterations):
         index = torch.randperm(count, generator=generator)[:batch]
-        feeds = {**fixed, **_feeds(data, index, generator)}
+        feeds = _feeds(data, index, generator)
         feeds.update({weight.feed: rounding.soft_weight() for weight, rounding in zip(weights, roundings)})
-        feeds.update({learned.step.feed: learned.scale() for learned in steps})
         outputs, _ = twin.run(feeds)
         loss = reconstruction_error(outputs[0], data.target[index])
         if step >= warmup:
