@@ -41,7 +41,7 @@ from ..ptq.statistics import CalibrationStatistics
 from ..passes.points import QuantPoints, plan_points
 from ..passes.qdq import ActivationQuantizer, WeightGrid, activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, MIN_BITS, Plan, with_act_bits
-from ..ptq import AUTO_SEARCH_MAX_BITS, PtqSettings, resolved
+from ..ptq import PtqSettings, resolved
 
 DEFAULT_BITS = tuple(range(2, 9))
 """2..8: every layer stays in onnxruntime's integer (uint8/int8) kernels."""
@@ -152,8 +152,8 @@ class QdqBuilder:
         statistics = statistics or CalibrationStatistics(model, calibration, equalized=bool(ptq and ptq.equalize))
         self.model, self.layers, self.joins = statistics.model, list(layers), list(joins)
         all_points = [self._points(plan) for plan in plans]
-        low_bits = any(group.bits <= AUTO_SEARCH_MAX_BITS for points in all_points for group in points.groups)
-        self.ptq = resolved(ptq, self.layers, statistics) if ptq is not None and low_bits else ptq
+        groups = [group for points in all_points for group in points.groups]
+        self.ptq = resolved(ptq, self.layers, statistics, groups) if ptq is not None else ptq
         ptq = self.ptq
         tensors = sorted({t for points in all_points for group in points.groups for t in group.tensors})
         counted = set() if ptq is None else {

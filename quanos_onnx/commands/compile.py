@@ -514,7 +514,7 @@ def run_compile(
 
 
 def _range_details(options: CompileOptions, statistics: CalibrationStatistics) -> dict[str, Any]:
-    """plan.json's `activation_ranges`: auto's method at 6 bits and fewer and the measurement
+    """plan.json's `activation_ranges`: probe's method at 6 bits and fewer and the measurement
     that chose it, when the compile wrote any plan with such activations (else nothing)."""
     from ..ptq import chosen_low_bits_range
 

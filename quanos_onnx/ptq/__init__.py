@@ -26,7 +26,7 @@ from ..errors import UsageError, arg
 from ..layers import Layer, find_joins
 from ..logits import kl_divergence, model_logits
 from ..passes.align import align_plan
-from ..passes.points import QuantPoints, plan_points
+from ..passes.points import QuantGroup, QuantPoints, plan_points
 from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, Plan
 from ..progress import ProgressFactory, no_progress
@@ -150,8 +150,12 @@ class LowBitsRange:
         }
 
 
-def resolved(settings: PtqSettings, layers: Sequence[Layer], statistics: CalibrationStatistics) -> PtqSettings:
-    """`settings` with probe's method at 6 bits and fewer chosen, when it is probe and not chosen yet.
+def resolved(
+    settings: PtqSettings, layers: Sequence[Layer], statistics: CalibrationStatistics, groups: Iterable[QuantGroup]
+) -> PtqSettings:
+    """`settings` with probe's method at 6 bits and fewer chosen, when it is probe, not chosen
+    yet, and some of the quantizer `groups` the settings are for has 6 bits or fewer (else
+    nothing is measured).
 
     The uniform PROBE_BITS plan is written with each candidate's ranges (the settings'
     weight clipping and bias correction, round-to-nearest) and the candidate whose logits
@@ -161,6 +165,8 @@ def resolved(settings: PtqSettings, layers: Sequence[Layer], statistics: Calibra
     included, gets the same method.
     """
     if settings.act_range != PROBE or settings.probed_range is not None:
+        return settings
+    if all(group.bits > AUTO_SEARCH_MAX_BITS for group in groups):
         return settings
     return replace(settings, probed_range=low_bits_range(layers, statistics, settings).method)
 
@@ -254,8 +260,7 @@ def apply_ptq(
     elif not statistics.serves(model, batches, settings.equalize):
         raise ValueError("the calibration statistics given were measured on another model, data or equalization")
     model = statistics.model
-    if any(group.bits <= AUTO_SEARCH_MAX_BITS for group in points.groups):
-        settings = resolved(settings, layers, statistics)
+    settings = resolved(settings, layers, statistics, points.groups)
     total = sum(len(batch) for batch in batches)
     tensors = sorted({t for group in points.groups for t in group.tensors})
     counted = {t for g in points.groups if settings.range_method(g.bits) != "minmax" for t in g.tensors}
