@@ -115,6 +115,14 @@ METHODS: dict[str, dict[str, Any]] = {
         "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
         "rounding_iterations": 300, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
     },
+    "mse + output clip + brecq 100 it. + bias corr., first/last W8A8, 256 calib.": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 100, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 256,
+    },
+    "mse + output clip + brecq 300 it. + bias corr., first/last W8A8, 256 calib.": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 300, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 256,
+    },
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
         "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
@@ -154,6 +162,8 @@ ONLY_AT = {
     "probe + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
     "probe + output clip + brecq 200 it. seed 1 + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
     "probe + output clip + brecq 300 it. + bias corr., first/last W8A8, 64 calib.": ("W4A4",),
+    "mse + output clip + brecq 100 it. + bias corr., first/last W8A8, 256 calib.": ("W4A4",),
+    "mse + output clip + brecq 300 it. + bias corr., first/last W8A8, 256 calib.": ("W4A4",),
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
     "auto + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib.": ("W4A8", "W4A4"),
 }
