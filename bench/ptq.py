@@ -123,6 +123,37 @@ METHODS: dict[str, dict[str, Any]] = {
         "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
         "rounding_iterations": 300, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 256,
     },
+    "mse + output clip + bias corr., first/last W8A8, joins A8": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True,
+        "first_layer_bits": 8, "last_layer_bits": 8, "join_operand_bits": 8,
+    },
+    "probe + output clip + bias corr., first/last W8A8, joins A8": {
+        "act_range": "probe", "weight_clipping": "output", "bias_correction": True,
+        "first_layer_bits": 8, "last_layer_bits": 8, "join_operand_bits": 8,
+    },
+    "probe + output clip + bias corr., first/last W8A8": {
+        "act_range": "probe", "weight_clipping": "output", "bias_correction": True,
+        "first_layer_bits": 8, "last_layer_bits": 8,
+    },
+    "mse + output clip + gptq + bias corr., first/last W8A8, joins A8": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "gptq",
+        "first_layer_bits": 8, "last_layer_bits": 8, "join_operand_bits": 8,
+    },
+    "mse + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib., joins A8": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 100, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
+        "join_operand_bits": 8,
+    },
+    "mse + output clip + brecq 100 it. + bias corr., first/last W8A8, 256 calib., joins A8": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 100, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 256,
+        "join_operand_bits": 8,
+    },
+    "probe + output clip + brecq 200 it. + bias corr., first/last W8A8, 64 calib., joins A8": {
+        "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 200, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
+        "join_operand_bits": 8,
+    },
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
         "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,

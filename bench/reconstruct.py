@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from quanos_onnx import model as onnx_model  # noqa: E402
 from quanos_onnx.layers import Layer, list_layers  # noqa: E402
 from quanos_onnx.plan import LayerPlan, Plan  # noqa: E402
+from quanos_onnx.ptq import PtqSettings  # noqa: E402
 from quanos_onnx.ptq.reconstruct import DEFAULT_ITERATIONS, reconstruct_weights  # noqa: E402
 from quanos_onnx.quantize import quantize  # noqa: E402
 
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--paper", action="store_true", help="first and output layers at W8A8")
     parser.add_argument("--ranges", default="minmax", help="quantize()'s activation range method")
+    parser.add_argument("--join-operand-bits", type=int, default=None, help="PtqSettings.join_operand_bits")
     args = parser.parse_args()
     import torch
 
@@ -80,11 +82,12 @@ def main() -> None:
     model = onnx_model.load_model(SHARED / "models/cifar10/resnet20_cifar10_akamaster.onnx")
     layers = list_layers(model)
     print(f"float top-1 {top1(model, x, y):.1%}", flush=True)
+    settings = PtqSettings(join_operand_bits=args.join_operand_bits)
     rows = []
     for pair in args.configs.split(","):
         weight_bits, act_bits = (int(v) for v in pair.split("/"))
         plan = bench_plan(layers, weight_bits, act_bits, paper=args.paper)
-        nearest = quantize(model, plan, calibration, method=args.ranges)
+        nearest = quantize(model, plan, calibration, method=args.ranges, ptq=settings)
         row = [f"W{weight_bits}A{act_bits}", f"{top1(nearest.model, x, y):.1%}"]
         print(f"W{weight_bits}A{act_bits} nearest {row[1]}", flush=True)
         for method in args.methods.split(","):
@@ -94,7 +97,9 @@ def main() -> None:
                 method=method, iterations=args.iterations, seed=args.seed,
             )
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-            accuracy = top1(quantize(model, plan, calibration, method=args.ranges, weight_grids=grids).model, x, y)
+            accuracy = top1(
+                quantize(model, plan, calibration, method=args.ranges, weight_grids=grids, ptq=settings).model, x, y
+            )
             print(f"W{weight_bits}A{act_bits} {method} {accuracy:.1%} in {seconds:.0f} s ({cpu:.0f} s CPU)", flush=True)
             row.append(f"{accuracy:.1%} ({seconds:.0f} s, {cpu:.0f} s CPU)")
         rows.append(row)

@@ -81,6 +81,7 @@ def compile(
     first_last_bits: int | None = None,
     input_bits: int | None = None,
     act_bits: int | None = None,
+    join_operand_bits: int | None = None,
     calibration: Calibration = "auto",
     percentile: float = 99.99,
     weight_clipping: WeightClipping = "output",
@@ -156,7 +157,10 @@ def compile(
     at those bits whatever its weight bits (mixed precision of the weights alone, e.g. 8 for
     onnxruntime's CPU kernels, where narrower activations save nothing; docs/method.md,
     "Activation bits"); the milp's table, its trial plans and the verification's uniform
-    models follow it.
+    models follow it. `join_operand_bits` (e.g. 8) quantizes the operands of residual joins
+    at no fewer than those bits, so a block's sum is rounded once, onto the grid of the layer
+    it feeds, as BRECQ and QDrop place their quantizers (docs/quantization.md, "Residual
+    joins"); None keeps the paper's rule, the operands at the join's bits.
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
     QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the

@@ -58,7 +58,11 @@ class Plan:
     """Per-layer bits plus how they were made (k_init, k_min, method, free-form details).
 
     `joins` is filled by the residual-alignment pass; a plan without it is not yet
-    consistent and QDQ insertion refuses it.
+    consistent and QDQ insertion refuses it. `join_operand_bits`, when set, puts the shared
+    quantizer of every quantized join's operands at no fewer than these bits; the join's
+    result still reaches the layer it feeds through that layer's own k-bit input quantizer
+    (the placement of BRECQ/QDrop, where a block's sum is quantized once; docs/quantization.md,
+    "Residual joins"). None: the operands at the join's bits, the paper's rule.
     """
 
     layers: tuple[LayerPlan, ...]
@@ -67,6 +71,17 @@ class Plan:
     method: str = "given"
     details: Mapping[str, Any] = field(default_factory=dict)
     joins: tuple[JoinPlan, ...] = ()
+    join_operand_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.join_operand_bits is not None:
+            check_bits(self.join_operand_bits, "join operand bits")
+
+    def operand_bits(self, join: JoinPlan) -> int | None:
+        """The bits of the quantizer a join's operands share (None: the join stays float)."""
+        if join.bits is None or self.join_operand_bits is None:
+            return join.bits
+        return max(join.bits, self.join_operand_bits)
 
     def layer(self, name: str) -> LayerPlan:
         for entry in self.layers:
@@ -141,6 +156,7 @@ class Plan:
                 }
                 for j in self.joins
             ],
+            "join_operand_bits": self.join_operand_bits,
             "details": dict(self.details),
         }
 
@@ -242,6 +258,9 @@ def plan_from_json(data: Any, source: str = "<plan>") -> Plan:
     if not isinstance(details, dict):
         raise PlanError(f"{source}: \"details\" must be an object")
     joins = tuple(_join_from_json(raw, f"{source}: joins[{i}]") for i, raw in enumerate(data.get("joins") or []))
+    join_operand_bits = data.get("join_operand_bits")
+    if join_operand_bits is not None:
+        check_bits(join_operand_bits, f"{source}: \"join_operand_bits\"")
     return Plan(
         entries,
         k_init=k_init,
@@ -249,6 +268,7 @@ def plan_from_json(data: Any, source: str = "<plan>") -> Plan:
         method=str(data.get("method", "given")),
         details=details,
         joins=joins,
+        join_operand_bits=join_operand_bits,
     )
 
 

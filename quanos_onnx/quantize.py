@@ -61,7 +61,7 @@ def quantize(
         ptq = replace(ptq, act_range=method or ptq.act_range, percentile=percentile or ptq.percentile)
     layers = list_layers(model) if layers is None else layers
     joins = find_joins(model, layers) if joins is None else joins
-    aligned = align_plan(float_above_containers(plan), layers, joins)
+    aligned = align_plan(float_above_containers(ptq.with_join_operands(plan)), layers, joins)
     points = plan_points(model, layers, aligned)
     quantized = apply_ptq(
         model, layers, aligned, points, calibration, ptq, storage=storage, weight_grids=weight_grids,

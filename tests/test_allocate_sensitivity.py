@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -128,18 +129,19 @@ def test_with_act_bits_the_gradient_score_quantizes_inputs_at_those_bits(resnet)
         assert alone[0] < with_inputs[0]  # 2-bit weights hurt less without 2-bit inputs
 
 
-@pytest.mark.parametrize("plan_bits", [3, 5])
-def test_ptq_builder_writes_the_compiles_grids_but_bias_correction(resnet, plan_bits):
+@pytest.mark.parametrize(("plan_bits", "join_operand_bits"), [(3, None), (5, None), (3, 8)])
+def test_ptq_builder_writes_the_compiles_grids_but_bias_correction(resnet, plan_bits, join_operand_bits):
     """With the compile's settings, a table model is the one quantize() writes without bias
-    correction (entropy ranges per bit-width, output-error clipped weights), logits alike."""
+    correction (entropy ranges per bit-width, output-error clipped weights, the join operands'
+    bits), logits alike."""
     model, layers, joins, calibration = resnet
-    settings = PtqSettings()
+    settings = PtqSettings(join_operand_bits=join_operand_bits)
     plan = sensitivity_module.with_bits(reference_plan(layers, 7), "block1.conv1", plan_bits)
     builder = QdqBuilder(model, layers, joins, [reference_plan(layers, 7), plan], calibration, settings)
     name = output_names(model)[0]
     inputs = np.concatenate(calibration)
     built = Runner(builder.build(plan), [name]).run(inputs, [name])[0]
-    written = quantize(model, plan, calibration, layers=layers, ptq=PtqSettings(bias_correction=False)).model
+    written = quantize(model, plan, calibration, layers=layers, ptq=replace(settings, bias_correction=False)).model
     assert np.allclose(built, Runner(written, [name]).run(inputs, [name])[0], rtol=1e-5, atol=1e-6)
     plain = Runner(QdqBuilder(model, layers, joins, [plan], calibration).build(plan), [name]).run(inputs, [name])[0]
     assert not np.allclose(built, plain, rtol=1e-3, atol=1e-4)

@@ -176,6 +176,8 @@ BAD_INPUTS = [
      ["model.onnx", "--data", "data.npz", "--plan", "wide.json"], 1, ["wide.json", "conv1", "17 bits"]),
     ("bits 1", None, ["model.onnx", "--data", "data.npz", "--bits", "1"], 2, ["--bits 1", "2..16"]),
     ("bits 17", None, ["model.onnx", "--data", "data.npz", "--bits", "17"], 2, ["--bits 17", "2..16"]),
+    ("join operand bits 1", None, ["model.onnx", "--data", "data.npz", "--bits", "4", "--join-operand-bits", "1"], 2,
+     ["--join-operand-bits 1", "2..16"]),
     ("data shape does not match", ("big.npz", lambda p: _data(p, np.zeros((4, 3, 9, 9), np.float32))),
      ["model.onnx", "--data", "big.npz", "--bits", "8"], 1, ["big.npz", "3x9x9", "[N,3,8,8]"]),
     ("NaN in data", ("nan.npz", _with_nan), ["model.onnx", "--data", "nan.npz", "--bits", "8"], 1,
@@ -382,6 +384,17 @@ def test_first_last_bits_pins_the_first_and_the_quantized_output_layer(workdir: 
     names = {t.name for t in model.graph.initializer}
     assert {"x_q8_scale", "conv0.weight_w8_quantized", "conv1.weight_w4_quantized"} <= names
     assert ("classifier.weight_w8_quantized" in names) == quantize_output
+
+
+def test_join_operand_bits_write_the_joins_at_those_bits_and_record_them_in_the_plan(workdir: Path):
+    onnx.save(resnet_style(), workdir / "residual.onnx")
+    result = _compile(["residual.onnx", "--data", "data.npz", "--bits", "4", "--join-operand-bits", "8", "-o", "out", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    plan = read_plan(workdir / "out" / PLAN_FILE)
+    assert plan.join_operand_bits == 8 and {j.bits for j in plan.joins} == {4}
+    names = {t.name for t in onnx.load(workdir / "out" / MODEL_FILE).graph.initializer}
+    assert any("_q8@block1.add" in n for n in names) and not any("_q4@block1.add" in n for n in names)
+    assert any("_q4_scale" in n and "@" not in n for n in names)
 
 
 def test_input_bits_quantize_the_model_input_coarser_than_the_first_layers_weights(workdir: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,32 @@ def test_json_round_trip_is_exact(tmp_path: Path):
     path = tmp_path / "plan.json"
     path.write_text(plan.dumps())
     assert read_plan(path) == plan
+
+
+def test_join_operand_bits_round_trip_and_floor_every_quantized_joins_operands(tmp_path: Path):
+    plan = replace(_plan(), join_operand_bits=8)
+    path = tmp_path / "plan.json"
+    path.write_text(plan.dumps())
+    assert read_plan(path) == plan
+    assert json.loads(path.read_text())["join_operand_bits"] == 8
+    assert plan.operand_bits(JoinPlan("narrow", 4, (), None)) == 8
+    assert plan.operand_bits(JoinPlan("wide", 12, (), None)) == 12
+    assert plan.operand_bits(JoinPlan("float", None, (), None)) is None
+    assert _plan().operand_bits(JoinPlan("narrow", 4, (), None)) == 4
+
+
+def test_a_plan_without_join_operand_bits_reads_as_the_papers_rule(tmp_path: Path):
+    document = json.loads(_plan().dumps())
+    del document["join_operand_bits"]
+    assert read_plan(_write(tmp_path, document)).join_operand_bits is None
+
+
+@pytest.mark.parametrize("value", [1, 17, "8", True])
+def test_join_operand_bits_outside_2_to_16_are_refused(tmp_path: Path, value: object):
+    document = json.loads(_plan().dumps())
+    document["join_operand_bits"] = value
+    with pytest.raises(PlanError, match="join_operand_bits"):
+        read_plan(_write(tmp_path, document))
 
 
 def test_uniform_plan_keeps_the_output_layer_float(layers):

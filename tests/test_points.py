@@ -97,3 +97,15 @@ def test_a_layer_input_that_is_also_a_graph_output_stays_float_there():
     quantized = quantize(model, Plan.uniform(layers, 4, keep_output_float=False), [calibration]).model
     producers = {out: node.op_type for node in quantized.graph.node for out in node.output}
     assert [producers[o.name] for o in quantized.graph.output] == ["Conv", "Relu"]
+
+
+def test_join_operand_bits_widen_the_operands_grid_and_not_the_layer_the_join_feeds():
+    """BRECQ/QDrop's placement: the sum is rounded once, onto the grid of the layer it feeds."""
+    model = normalize(resnet_style())
+    layers = list_layers(model)
+    plan = Plan(tuple(LayerPlan(layer.name, 4, 4) for layer in layers), join_operand_bits=8)
+    edges = _by_edge(plan_points(model, layers, align_plan(plan, layers, find_joins(model, layers))))
+    assert edges[("block1.add", 0)][1:] == edges[("block1.add", 1)][1:]
+    assert edges[("block1.add", 0)][1] == edges[("block2.add", 0)][1] == 8
+    assert edges[("block2.conv1", 0)][1] == edges[("block2.shortcut", 0)][1] == 4
+    assert edges[("block1.conv1", 0)][:2] == ("relu1_out", 4)  # the stem's output keeps its own grid for the conv

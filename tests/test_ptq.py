@@ -225,3 +225,6 @@ def test_bad_rounding_settings_name_the_option():
     with pytest.raises(UsageError) as raised:
         PtqSettings(rounding="adaround", rounding_iterations=0)
     assert raised.value.arguments == ("rounding_iterations",)
+    with pytest.raises(UsageError) as raised:
+        PtqSettings(join_operand_bits=17)
+    assert raised.value.arguments == ("join_operand_bits",)

@@ -10,10 +10,14 @@ import numpy as np
 import onnx
 import pytest
 
+from quanos_onnx.export.reading import activation_bits
 from quanos_onnx.layers import find_joins, list_layers
-from quanos_onnx.model import Runner, load_model, make_session
+from quanos_onnx.model import Runner, load_model, make_session, normalize, output_names
+from quanos_onnx.ptq import PtqSettings
 from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import LayerPlan, Plan
+
+from tiny_models import random_inputs, resnet_style
 
 
 def _cycling_plan(layers, low: int, high: int) -> Plan:
@@ -240,3 +244,28 @@ def test_layers_above_16_bits_stay_float():
     assert result["a"].keep_float and result["a"].weight_bits is None
     assert (result["b"].weight_bits, result["b"].keep_float) == (12, False)
     assert result["c"].keep_float
+
+
+def test_join_operand_bits_write_wide_join_grids_the_plan_records_and_reads_back():
+    """The join's operands at 8 bits, every layer input at 4; the sum is rounded once, so
+    the model is closer to float than with the operands at the join's 4 bits."""
+    model = normalize(resnet_style())
+    layers = list_layers(model)
+    calibration = [random_inputs(model, 32, seed) for seed in range(2)]
+    plan = Plan.uniform(layers, 4)
+    wide = quantize(model, plan, calibration, ptq=PtqSettings(join_operand_bits=8))
+    assert wide.plan.join_operand_bits == 8
+    bits = activation_bits(wide.model, wide.plan)
+    assert {b for name, b in bits.items() if "@block" in name} == {8}
+    assert {b for name, b in bits.items() if "@" not in name} == {4}
+    paper = quantize(model, plan, calibration)
+    assert paper.plan.join_operand_bits is None
+    assert {b for name, b in activation_bits(paper.model, paper.plan).items() if "@block" in name} == {4}
+    inputs = random_inputs(model, 64, seed=7)
+    name = output_names(model)[0]
+    reference = Runner(model, [name]).run(inputs, [name])[0]
+
+    def error(proto: onnx.ModelProto) -> float:
+        return float(np.mean((Runner(proto, [name]).run(inputs, [name])[0] - reference) ** 2))
+
+    assert error(wide.model) < error(paper.model)

@@ -151,6 +151,7 @@ class QdqBuilder:
         unused), so that the table's grids are those of the written models."""
         statistics = statistics or CalibrationStatistics(model, calibration, equalized=bool(ptq and ptq.equalize))
         self.model, self.layers, self.joins = statistics.model, list(layers), list(joins)
+        self.ptq = ptq
         all_points = [self._points(plan) for plan in plans]
         groups = [group for points in all_points for group in points.groups]
         self.ptq = resolved(ptq, self.layers, statistics, groups) if ptq is not None else ptq
@@ -166,7 +167,12 @@ class QdqBuilder:
         self.statistics = statistics
 
     def _points(self, plan: Plan) -> QuantPoints:
-        return plan_points(self.model, self.layers, align_plan(plan, self.layers, self.joins))
+        return plan_points(self.model, self.layers, self._aligned(plan))
+
+    def _aligned(self, plan: Plan) -> Plan:
+        """The plan aligned as quantize.quantize aligns it, join operands included."""
+        placed = self.ptq.with_join_operands(plan) if self.ptq is not None else plan
+        return align_plan(placed, self.layers, self.joins)
 
     def _group_range(self, tensors: tuple[str, ...], bits: int) -> Range:
         if self.ptq is None:
@@ -192,7 +198,7 @@ class QdqBuilder:
 
     def build(self, plan: Plan) -> onnx.ModelProto:
         """The QDQ model of the whole plan (aligned), as quantize.quantize writes it."""
-        aligned = align_plan(plan, self.layers, self.joins)
+        aligned = self._aligned(plan)
         points = plan_points(self.model, self.layers, aligned)
         return insert_qdq(self.model, self.layers, aligned, points, self._quantizers(points), weight_grids=self._grids(aligned))
 
@@ -204,7 +210,7 @@ class QdqBuilder:
         would give it, so a plan's predicted cost counts each quantizer once (a layer's output
         is quantized by its consumer, not here).
         """
-        aligned = align_plan(with_bits(reference, layer.name, bits, act_bits), self.layers, self.joins)
+        aligned = self._aligned(with_bits(reference, layer.name, bits, act_bits))
         owned = {
             join.name
             for join in aligned.joins

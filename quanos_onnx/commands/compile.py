@@ -95,6 +95,10 @@ class CompileOptions(AttackOptions, RunOptions):
     written plan, on every plan the milp measures, in its sensitivity table and in the
     verification's uniform models. None: QUANOS's one bit-width per layer for its weights and
     its input."""
+    join_operand_bits: int | None = None
+    """The operands of every quantized residual join at no fewer than these bits, the join's
+    sum at the bits of the layer it feeds (PtqSettings.join_operand_bits; docs/quantization.md,
+    "Residual joins"). None: the paper's rule, operands at the join's bits."""
     calibration: Calibration = "auto"
     percentile: float = 99.99
     weight_clipping: WeightClipping = "output"
@@ -136,6 +140,8 @@ class CompileOptions(AttackOptions, RunOptions):
             raise UsageError(f"{arg('input_bits')} {self.input_bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.act_bits is not None and not MIN_BITS <= self.act_bits <= MAX_BITS:
             raise UsageError(f"{arg('act_bits')} {self.act_bits} is outside {MIN_BITS}..{MAX_BITS}")
+        if self.join_operand_bits is not None and not MIN_BITS <= self.join_operand_bits <= MAX_BITS:
+            raise UsageError(f"{arg('join_operand_bits')} {self.join_operand_bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.calibration_samples < 1:
             raise UsageError(f"{arg('calibration_samples')} {self.calibration_samples} must be at least 1")
         if not 50.0 < self.percentile <= 100.0:
@@ -229,6 +235,7 @@ class CompileOptions(AttackOptions, RunOptions):
             rounding=self.rounding if rounding else "nearest",
             rounding_iterations=self.rounding_iterations,
             seed=self.seed,
+            join_operand_bits=self.join_operand_bits,
         )
 
     def verify_settings(self) -> VerifySettings:

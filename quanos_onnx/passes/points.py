@@ -93,13 +93,14 @@ def plan_points(proto: onnx.ModelProto, layers: Sequence[Layer], plan: Plan) -> 
         if entry is not None and entry.quantized:
             assigned[(layer.name, 0)] = (layer.input, entry.act_bits, "")
     for join in plan.joins:
-        if join.bits is None:
+        operand_bits = plan.operand_bits(join)
+        if operand_bits is None:
             continue
         node = graph.node(join.name)
         keys = []
         for index, name in enumerate(node.input):
             if name in join.operands:
-                key = (name, join.bits, join.name)
+                key = (name, operand_bits, join.name)
                 assigned[(node.name, index)] = key
                 keys.append(key)
         for key in keys[1:]:

@@ -28,7 +28,7 @@ from ..logits import kl_divergence, model_logits
 from ..passes.align import align_plan
 from ..passes.points import QuantGroup, QuantPoints, plan_points
 from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
-from ..plan import MAX_BITS, Plan
+from ..plan import MAX_BITS, MIN_BITS, Plan
 from ..progress import ProgressFactory, no_progress
 from .bias import bias_shifts, corrected_grids
 from .gptq import gptq_weights
@@ -63,6 +63,9 @@ class PtqSettings:
     rounding: nearest | gptq (ptq/gptq.py, closed form, layer by layer) | adaround |
       brecq (ptq/reconstruct.py, through the torch twin), with rounding_iterations per layer
       or block and `seed` for their batches and QDrop masks.
+    join_operand_bits: the operands of every quantized residual join share a quantizer of no
+      fewer than these bits, and the join's sum meets the k-bit grid of the layer it feeds
+      (Plan.join_operand_bits; None: the paper's rule, operands at the join's bits).
     """
 
     act_range: Literal["auto", "probe", "minmax", "percentile", "entropy", "mse"] = AUTO
@@ -74,8 +77,13 @@ class PtqSettings:
     rounding_iterations: int = DEFAULT_ITERATIONS
     seed: int = 0
     probed_range: Literal["entropy", "mse"] | None = None
+    join_operand_bits: int | None = None
 
     def __post_init__(self) -> None:
+        if self.join_operand_bits is not None and not (
+            isinstance(self.join_operand_bits, int) and MIN_BITS <= self.join_operand_bits <= MAX_BITS
+        ):
+            raise UsageError(f"{arg('join_operand_bits')}: {self.join_operand_bits!r} is outside {MIN_BITS}..{MAX_BITS}")
         if self.act_range not in (AUTO, PROBE):
             check_range_method(self.act_range, self.percentile)
         elif not 50.0 < self.percentile <= 100.0:
@@ -90,6 +98,12 @@ class PtqSettings:
             raise UsageError(
                 f"{arg('weight_clipping')}: unknown method '{self.weight_clipping}' (use {', '.join(WEIGHT_CLIPPINGS)})"
             )
+
+    def with_join_operands(self, plan: Plan) -> Plan:
+        """The plan with these settings' join operand bits; a plan's own stay when these set none."""
+        if self.join_operand_bits is None or plan.join_operand_bits == self.join_operand_bits:
+            return plan
+        return replace(plan, join_operand_bits=self.join_operand_bits)
 
     def range_method(self, bits: int) -> str:
         """The activation range method used for a quantizer of `bits` bits."""
@@ -197,7 +211,7 @@ def low_bits_range(layers: Sequence[Layer], statistics: CalibrationStatistics, s
     def logits(proto: onnx.ModelProto) -> np.ndarray:
         return model_logits(proto, output, probe_batches)
 
-    aligned = align_plan(Plan.uniform(layers, PROBE_BITS), layers, find_joins(model, layers))
+    aligned = align_plan(settings.with_join_operands(Plan.uniform(layers, PROBE_BITS)), layers, find_joins(model, layers))
     points = plan_points(model, layers, aligned)
     reference = logits(model)
     divergence = []
