@@ -80,6 +80,13 @@ def _timed_stages() -> dict[str, float]:
     return seconds
 
 
+def compile_options(kind: str) -> dict[str, Any]:
+    """A kind's qn.compile options; a `+joins<N>` suffix adds join_operand_bits=N."""
+    base, _, joins = kind.partition("+joins")
+    options = dict({**COMPILES, **BUDGETS, **TWO_THREADS}[base])
+    return {**options, "join_operand_bits": int(joins)} if joins else options
+
+
 def run_one(model: str, kind: str) -> dict[str, Any]:
     """One compile in this process (the child)."""
     import torch
@@ -95,7 +102,7 @@ def run_one(model: str, kind: str) -> dict[str, Any]:
         result = qn.compile(
             str(SHARED / "models/imagenet" / file), str(SHARED / "data/imagenet/val1300/images"),
             labels=str(SHARED / "data/imagenet/val1300/labels.csv"), resize=224, data_range=(0, 1280),
-            calibration_samples=256, samples=256, label_offset=label_offset, **{**COMPILES, **BUDGETS, **TWO_THREADS}[kind],
+            calibration_samples=256, samples=256, label_offset=label_offset, **compile_options(kind),
         )
         test_samples = result.verification.samples
     else:
@@ -103,7 +110,7 @@ def run_one(model: str, kind: str) -> dict[str, Any]:
         wall, cpu = time.perf_counter(), time.process_time()
         result = qn.compile(
             str(setup.model_path), (setup.tune_x, setup.tune_y), eval_data=(setup.test_x, setup.test_y),
-            **{**COMPILES, **BUDGETS, **TWO_THREADS}[kind],
+            **compile_options(kind),
         )
         test_samples = int(len(setup.test_y))
     models = {m["name"]: m for m in result.verification.to_json()["models"]}
@@ -145,11 +152,11 @@ def cell_in_child(script: str, path: Path, model: str, kind: str) -> dict[str, A
     return cached(path, compute)
 
 
-def render(models: list[str], two_threads: bool = False) -> str:
+def render(models: list[str], two_threads: bool = False, joins: str = "") -> str:
     lines = [
-        "## The default compile against a plain one (bench/compile_cost.py)",
+        f"## The default compile against a plain one (bench/compile_cost.py{_joins_title(joins)})",
         "",
-        "`OMP_NUM_THREADS=1 PYTHONPATH=. python bench/compile_cost.py --model resnet20 --model fashion --write`: "
+        f"`OMP_NUM_THREADS=1 PYTHONPATH=. python bench/compile_cost.py --model resnet20 --model fashion{_joins_flag(joins)} --write`: "
         "`qn.compile(model, (tune_x, tune_y), eval_data=(test_x, test_y))` with the defaults (milp: ANS on 1000 images, "
         "the sensitivity table, the smallest plan within 1 point of float on the search split, verification) and with "
         "`bits=8` (verification only), each in a fresh child process, 1 thread (`default-2threads`, with `--two-threads` "
@@ -162,7 +169,7 @@ def render(models: list[str], two_threads: bool = False) -> str:
     ratios = []
     for model in models:
         kinds = [*COMPILES, *(TWO_THREADS if two_threads and model in IMAGENET else ())]
-        cells = {kind: measured(model, kind) for kind in kinds}
+        cells = {kind: measured(model, kind + joins) for kind in kinds}
         for kind, cell in cells.items():
             rows = cell["models"]
             uniform = next((v["clean"] for k, v in rows.items() if k.startswith("uniform") and k != "uniform 8"), rows.get("uniform 8", {}).get("clean"))
@@ -191,12 +198,12 @@ def render(models: list[str], two_threads: bool = False) -> str:
     return "\n".join([*lines, "", *ratios, ""])
 
 
-def render_budgets(models: list[str], cached_only: bool = False) -> str:
+def render_budgets(models: list[str], cached_only: bool = False, joins: str = "") -> str:
     """`cached_only`: rows for the cells already measured (an ImageNet budget compile is about
     20 CPU minutes), the others listed as not measured."""
-    flags = " ".join(f"--model {model}" for model in models) + (" --cached-only" if cached_only else "")
+    flags = " ".join(f"--model {model}" for model in models) + (" --cached-only" if cached_only else "") + _joins_flag(joins)
     lines = [
-        "## A budget against uniform of its size (bench/compile_cost.py --budgets)",
+        f"## A budget against uniform of its size (bench/compile_cost.py --budgets{_joins_title(joins)})",
         "",
         f"`OMP_NUM_THREADS=1 PYTHONPATH=. python bench/compile_cost.py {flags} --budgets --write`: "
         "`qn.compile(model, (tune_x, tune_y), eval_data=(test_x, test_y), budget=\"avg-bits=B\")`, the data of the "
@@ -212,10 +219,10 @@ def render_budgets(models: list[str], cached_only: bool = False) -> str:
     for model in models:
         for kind in BUDGETS:
             bits = int(kind.removeprefix("budget"))
-            if cached_only and not (CACHE / model / f"{kind}.json").exists():
+            if cached_only and not (CACHE / model / f"{kind}{joins}.json").exists():
                 missing.append(f"{model} avg-bits={bits}")
                 continue
-            cell = measured(model, kind)
+            cell = measured(model, kind + joins)
             rows = cell["models"]
             uniform = rows.get(f"uniform {bits}", rows["compiled"])["clean"]
             check = cell.get("uniform_check") or {}
@@ -235,6 +242,14 @@ def render_budgets(models: list[str], cached_only: bool = False) -> str:
     return "\n".join([*lines, "", *summary, ""])
 
 
+def _joins_flag(joins: str) -> str:
+    return f" --join-operand-bits {joins.removeprefix('+joins')}" if joins else ""
+
+
+def _joins_title(joins: str) -> str:
+    return f", `--join-operand-bits {joins.removeprefix('+joins')}`" if joins else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", choices=("resnet20", "fashion", *IMAGENET))
@@ -242,13 +257,17 @@ def main() -> None:
     parser.add_argument("--budgets", action="store_true", help="the milp compile at avg-bits 3..6 against uniform instead")
     parser.add_argument("--cached-only", action="store_true", help="--budgets: only the cells already measured")
     parser.add_argument("--two-threads", action="store_true", help="ImageNet models: also the default compile at threads=2")
+    parser.add_argument("--join-operand-bits", type=int, default=None, help="every compile with join_operand_bits=N")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
         print(json.dumps(run_one(*options.child)), flush=True)
         return
     models = options.model or ["resnet20"]
-    section = render_budgets(models, options.cached_only) if options.budgets else render(models, options.two_threads)
+    joins = "" if options.join_operand_bits is None else f"+joins{options.join_operand_bits}"
+    section = (
+        render_budgets(models, options.cached_only, joins) if options.budgets else render(models, options.two_threads, joins)
+    )
     print(section)
     if options.write:
         write_section(REPO / "docs/benchmarks.md", section.splitlines()[0], section)

@@ -395,6 +395,32 @@ def test_join_operand_bits_write_the_joins_at_those_bits_and_record_them_in_the_
     names = {t.name for t in onnx.load(workdir / "out" / MODEL_FILE).graph.initializer}
     assert any("_q8@block1.add" in n for n in names) and not any("_q4@block1.add" in n for n in names)
     assert any("_q4_scale" in n and "@" not in n for n in names)
+    again = _compile(["residual.onnx", "--data", "data.npz", "--plan", f"out/{PLAN_FILE}", "-o", "again", "--no-eval"])
+    assert again.exit_code == 0, again.output
+    assert read_plan(workdir / "again" / PLAN_FILE).join_operand_bits == 8
+    graphs = [onnx.load(workdir / folder / MODEL_FILE).graph.SerializeToString() for folder in ("out", "again")]
+    assert graphs[0] == graphs[1]
+
+
+def test_a_plan_with_join_operand_bits_brings_them_to_every_model_the_compile_writes(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    """The verification's uniform baselines are written under the plan's join placement too."""
+    from quanos_onnx.commands import compile as compile_module
+
+    onnx.save(resnet_style(), workdir / "residual.onnx")
+    plan = {"format": "quanos-plan", "version": 1, "join_operand_bits": 8,
+            "layers": [{"name": name, "bits": 4} for name in ("stem", "block1.conv1", "block1.conv2")]}
+    (workdir / "wide.json").write_text(json.dumps(plan))
+    placements: list[int | None] = []
+    original = compile_module.quantize
+
+    def recording(*args, **kwargs):
+        placements.append(kwargs["ptq"].with_join_operands(args[1]).join_operand_bits)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compile_module, "quantize", recording)
+    result = _compile(["residual.onnx", "--data", "data.npz", "--plan", "wide.json", "-o", "out", "--eval-samples", "8"])
+    assert result.exit_code in (0, 4), result.output
+    assert len(placements) >= 3 and set(placements) == {8}  # compiled, uniform of its bits, uniform 8
 
 
 def test_input_bits_quantize_the_model_input_coarser_than_the_first_layers_weights(workdir: Path):

@@ -151,7 +151,7 @@ class QdqBuilder:
         unused), so that the table's grids are those of the written models."""
         statistics = statistics or CalibrationStatistics(model, calibration, equalized=bool(ptq and ptq.equalize))
         self.model, self.layers, self.joins = statistics.model, list(layers), list(joins)
-        self.ptq = ptq
+        self.ptq = ptq  # places the joins' operands (_aligned) before resolved() settles the ranges
         all_points = [self._points(plan) for plan in plans]
         groups = [group for points in all_points for group in points.groups]
         self.ptq = resolved(ptq, self.layers, statistics, groups) if ptq is not None else ptq

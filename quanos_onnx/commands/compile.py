@@ -436,6 +436,9 @@ def run_compile(
         )
     check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
     given_plan = None if plan is None else read_plan_input(plan)
+    if given_plan is not None and options.join_operand_bits is None and given_plan.plan.join_operand_bits is not None:
+        # A plan written with --join-operand-bits brings it along, so its uniform baselines follow it too.
+        options = replace(options, join_operand_bits=given_plan.plan.join_operand_bits)
     checks = options.verify_settings() if options.evaluate else None
     attacked = options.bits is None and given_plan is None
     with using_threads(options.threads, torch=attacked or bool(checks and checks.attacks)), using_device(options.device):
