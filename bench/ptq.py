@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,14 @@ METHODS: dict[str, dict[str, Any]] = {
         "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
         "rounding_iterations": 200, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
         "join_operand_bits": 8,
+    },
+    "mse + output clip + bias corr., first/last W8A8, first output A8, joins A8": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True,
+        "first_layer_bits": 8, "last_layer_bits": 8, "first_output_bits": 8, "join_operand_bits": 8,
+    },
+    "mse + output clip + gptq + bias corr., first/last W8A8, first output A8, joins A8": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "gptq",
+        "first_layer_bits": 8, "last_layer_bits": 8, "first_output_bits": 8, "join_operand_bits": 8,
     },
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
@@ -287,12 +295,24 @@ def uniform_plan(
     return plan.with_layers(entries)
 
 
+def first_output_at(model: onnx.ModelProto, plan: Plan, bits: int) -> Plan:
+    """The layers reading the first layer's output read it at `bits`: BRECQ's
+    `set_first_last_layer_to_8bit` puts the first layer's *output* quantizer at 8 bits (the
+    image itself is not quantized there), where a plan's first-layer act_bits are its input's."""
+    layers = list_layers(model)
+    readers = {layer.name for layer in layers if layer.input == layers[0].block_output}
+    return plan.with_layers([replace(e, act_bits=bits) if e.name in readers and e.quantized else e for e in plan.layers])
+
+
 def ours(setup: Setup, method: str, config: str) -> tuple[onnx.ModelProto, float]:
     options = dict(METHODS[method])
     first, last = options.pop("first_layer_bits", None), options.pop("last_layer_bits", None)
+    first_output = options.pop("first_output_bits", None)
     images = options.pop("calibration_images", None)
     calibration = setup.calibration if images is None else _first_images(setup.calibration, images)
     plan = uniform_plan(setup.model, *CONFIGS[config], first, last)
+    if first_output is not None:
+        plan = first_output_at(setup.model, plan, first_output)
     start = time.perf_counter()
     quantized = quantize(setup.model, plan, calibration, ptq=PtqSettings(**options)).model
     return quantized, time.perf_counter() - start
