@@ -162,6 +162,11 @@ METHODS: dict[str, dict[str, Any]] = {
         "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "gptq",
         "first_layer_bits": 8, "last_layer_bits": 8, "first_output_bits": 8, "join_operand_bits": 8,
     },
+    "mse + output clip + brecq 100 it. + bias corr., first/last W8A8, 64 calib., first output A8, joins A8": {
+        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 100, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
+        "first_output_bits": 8, "join_operand_bits": 8,
+    },
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
         "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
