@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ import onnx
 
 from quanos_onnx.layers import list_layers
 from quanos_onnx.model import Runner, load_model, save_model
-from quanos_onnx.plan import LayerPlan, Plan
+from quanos_onnx.passes.points import output_readers
+from quanos_onnx.plan import FirstOutputBits, LayerPlan, Plan
 from quanos_onnx.ptq import PtqSettings
 from quanos_onnx.quantize import quantize
 
@@ -301,12 +302,10 @@ def uniform_plan(
 
 
 def first_output_at(model: onnx.ModelProto, plan: Plan, bits: int) -> Plan:
-    """The layers reading the first layer's output read it at `bits`: BRECQ's
-    `set_first_last_layer_to_8bit` puts the first layer's *output* quantizer at 8 bits (the
-    image itself is not quantized there), where a plan's first-layer act_bits are its input's."""
+    """The first layer's output at `bits` as `--first-last-bits` writes it (plan.FirstOutputBits):
+    BRECQ's `set_first_last_layer_to_8bit` puts the first layer's *output* quantizer at 8 bits."""
     layers = list_layers(model)
-    readers = {layer.name for layer in layers if layer.input == layers[0].block_output}
-    return plan.with_layers([replace(e, act_bits=bits) if e.name in readers and e.quantized else e for e in plan.layers])
+    return FirstOutputBits(output_readers(model, layers, layers[0].name), bits).apply(plan)
 
 
 def ours(setup: Setup, method: str, config: str) -> tuple[onnx.ModelProto, float]:

@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO))
 
 from quanos_onnx import model as onnx_model  # noqa: E402
 from quanos_onnx.layers import Layer, list_layers  # noqa: E402
-from quanos_onnx.plan import LayerPlan, Plan  # noqa: E402
+from quanos_onnx.passes.points import output_readers  # noqa: E402
+from quanos_onnx.plan import FirstOutputBits, LayerPlan, Plan  # noqa: E402
 from quanos_onnx.ptq import PtqSettings  # noqa: E402
 from quanos_onnx.ptq.reconstruct import DEFAULT_ITERATIONS, reconstruct_weights  # noqa: E402
 from quanos_onnx.quantize import quantize  # noqa: E402
@@ -63,6 +64,10 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(f"{w}/{a}" for w, a in CONFIGS), help="W/A pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--paper", action="store_true", help="first and output layers at W8A8")
+    parser.add_argument(
+        "--first-output", action="store_true",
+        help="with --paper, the first layer's output at 8 bits too (its readers' input), as --first-last-bits 8 writes it",
+    )
     parser.add_argument("--ranges", default="minmax", help="quantize()'s activation range method")
     parser.add_argument("--join-operand-bits", type=int, default=None, help="PtqSettings.join_operand_bits")
     args = parser.parse_args()
@@ -87,6 +92,8 @@ def main() -> None:
     for pair in args.configs.split(","):
         weight_bits, act_bits = (int(v) for v in pair.split("/"))
         plan = bench_plan(layers, weight_bits, act_bits, paper=args.paper)
+        if args.first_output:
+            plan = FirstOutputBits(output_readers(model, layers, layers[0].name), 8).apply(plan)
         nearest = quantize(model, plan, calibration, method=args.ranges, ptq=settings)
         row = [f"W{weight_bits}A{act_bits}", f"{top1(nearest.model, x, y):.1%}"]
         print(f"W{weight_bits}A{act_bits} nearest {row[1]}", flush=True)

@@ -149,7 +149,8 @@ def compile(
     "gptq" (closed form, layer by layer) or learned ("adaround", "brecq") with
     `rounding_iterations` steps per layer or block.
     `first_last_bits` keeps the first quantized layer (and the output layer when
-    `quantize_output`) at those bits whatever the plan says, as the PTQ papers keep them at 8.
+    `quantize_output`) at those bits whatever the plan says, and the first layer's output
+    too (the input of the layers reading it), as the PTQ papers keep them at 8.
     `input_bits` caps the bits of the model input's quantizer (the first layer's input
     activation) on the written plan and on every plan a milp search measures: a coarse
     input grid is what keeps uniform low-bit models robust to small perturbations

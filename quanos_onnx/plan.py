@@ -175,6 +175,29 @@ def first_and_last_layers(layers: Sequence[Any], *, quantize_output: bool) -> tu
     return tuple(dict.fromkeys([allocated[0].name, *(layer.name for layer in allocated if layer.is_output)]))
 
 
+@dataclass(frozen=True)
+class FirstOutputBits:
+    """The first layer's output quantized at `bits`: the layers that read it (`readers`,
+    passes/points.output_readers) read it at `bits`, whatever their own bits.
+
+    BRECQ's and QDrop's `set_first_last_layer_to_8bit` keeps the first layer's weights and its
+    *output* at 8 bits; in a QDQ plan a layer's output is quantized by its readers' input
+    quantizers, so this is their input bits (docs/quantization.md, "First and last layers")."""
+
+    readers: tuple[str, ...]
+    bits: int
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "first layer's output bits")
+
+    def apply(self, plan: Plan) -> Plan:
+        """The plan with the readers' input at `bits` (their weights unchanged)."""
+        readers = set(self.readers)
+        return plan.with_layers(
+            replace(e, act_bits=self.bits) if e.name in readers and e.quantized else e for e in plan.layers
+        )
+
+
 def with_act_bits(plan: Plan, bits: int) -> Plan:
     """The plan with every quantized layer's activations (its input quantizer) at `bits`,
     whatever its weight bits: mixed precision of the weights alone.
@@ -191,11 +214,18 @@ def with_act_bits(plan: Plan, bits: int) -> Plan:
 
 
 def with_activation_bits(
-    plan: Plan, layers: Sequence[Any], *, act_bits: int | None = None, input_bits: int | None = None
+    plan: Plan,
+    layers: Sequence[Any],
+    *,
+    act_bits: int | None = None,
+    input_bits: int | None = None,
+    first_output: FirstOutputBits | None = None,
 ) -> Plan:
-    """The plan as a compile measures and writes it: every activation at `act_bits`
-    (with_act_bits), then the model input capped at `input_bits` (with_input_bits); either
-    left out when None."""
+    """The plan as a compile measures and writes it: the first layer's output at its bits
+    (`first_output`, from --first-last-bits), every activation at `act_bits` (with_act_bits),
+    then the model input capped at `input_bits` (with_input_bits); each left out when None."""
+    if first_output is not None:
+        plan = first_output.apply(plan)
     if act_bits is not None:
         plan = with_act_bits(plan, act_bits)
     return plan if input_bits is None else with_input_bits(plan, layers, input_bits)

@@ -28,7 +28,7 @@ from quanos_onnx.errors import PlanError, UsageError
 from quanos_onnx.layers import find_joins, list_layers
 from quanos_onnx.model import Runner, normalize, output_names
 from quanos_onnx.passes.align import align_plan
-from quanos_onnx.plan import Plan, with_act_bits
+from quanos_onnx.plan import FirstOutputBits, Plan, with_act_bits
 from quanos_onnx.quantize import quantize
 
 from tiny_models import random_inputs, resnet_style
@@ -127,6 +127,41 @@ def test_with_act_bits_the_gradient_score_quantizes_inputs_at_those_bits(resnet)
     for with_inputs, alone in zip(both.cost, weights_only.cost):
         assert alone[0] > alone[1] > alone[2] > 0  # still the weights' bits
         assert alone[0] < with_inputs[0]  # 2-bit weights hurt less without 2-bit inputs
+
+
+def test_with_the_first_output_pinned_the_divergence_prices_the_plans_the_compile_writes(resnet):
+    """--first-last-bits 8 reads the first layer's output at 8 bits whatever the reader's
+    bits: the background and every candidate carry the pin, so block1.conv1's cost is the
+    divergence its weights add under 8-bit inputs."""
+    model, layers, joins, calibration = resnet
+    pinned = FirstOutputBits(("block1.conv1",), 8)
+    free = measure("kl", model, layers, joins, calibration, bits=BITS, background=5)
+    table = measure("kl", model, layers, joins, calibration, bits=BITS, background=5, first_output=pinned)
+    name = output_names(model)[0]
+    inputs = np.concatenate(calibration)
+    float_logits = Runner(model, [name]).run(inputs, [name])[0]
+
+    def kl(plan: Plan) -> float:
+        rounded = quantize(model, plan, calibration, layers=layers, ptq=MINMAX_NEAREST).model
+        return kl_divergence(float_logits, Runner(rounded, [name]).run(inputs, [name])[0])
+
+    background = pinned.apply(reference_plan(layers, 5))
+    changed = sensitivity_module.with_bits(background, "block1.conv1", 2, 8)
+    assert table.of("block1.conv1", 2) == pytest.approx(kl(changed) - kl(background), rel=1e-4, abs=1e-7)
+    assert table.of("block1.conv1", 2) < free.of("block1.conv1", 2)
+
+
+def test_with_the_first_output_pinned_the_gradient_score_prices_the_readers_weights_only(resnet):
+    model, layers, joins, calibration = resnet
+    labels = [np.arange(len(batch)) % 10 for batch in calibration]
+    pinned = FirstOutputBits(("block1.conv1",), 8)
+    free = measure("fisher", model, layers, joins, calibration, labels=labels, bits=BITS)
+    table = measure("fisher", model, layers, joins, calibration, labels=labels, bits=BITS, first_output=pinned)
+    weights_only = measure("fisher", model, layers, joins, calibration, labels=labels, bits=BITS, act_bits=8)
+    reader = table.layers.index("block1.conv1")
+    assert table.cost[reader] == pytest.approx(weights_only.cost[reader], rel=1e-5)
+    assert table.cost[reader][0] < free.cost[reader][0]
+    assert [row for i, row in enumerate(table.cost) if i != reader] == [row for i, row in enumerate(free.cost) if i != reader]
 
 
 @pytest.mark.parametrize(("plan_bits", "join_operand_bits"), [(3, None), (5, None), (3, 8)])

@@ -375,14 +375,20 @@ def test_first_last_bits_pins_the_first_and_the_quantized_output_layer(workdir: 
     result = _compile(["model.onnx", "--data", "data.npz", "--bits", "4", "--first-last-bits", "8", *output_flag, "-o", "out", "--no-eval"])
     assert result.exit_code == 0, result.output
     plan = read_plan(workdir / "out" / PLAN_FILE)
+    # conv1 reads conv0's output: at 8 bits, as BRECQ quantizes the first layer's output.
     assert [(e.name, e.weight_bits, e.act_bits) for e in plan.layers] == [
-        ("conv0", 8, 8), ("conv1", 4, 4), ("conv2", 4, 4), ("conv3", 4, 4),
+        ("conv0", 8, 8), ("conv1", 4, 8), ("conv2", 4, 4), ("conv3", 4, 4),
         ("classifier", 8, 8) if quantize_output else ("classifier", None, None),
     ]
-    assert plan.details["first_last_bits"] == {"bits": 8, "layers": ["conv0", "classifier"] if quantize_output else ["conv0"]}
+    assert plan.details["first_last_bits"] == {
+        "bits": 8, "layers": ["conv0", "classifier"] if quantize_output else ["conv0"], "output_readers": ["conv1"],
+    }
     model = onnx.load(workdir / "out" / MODEL_FILE)
     names = {t.name for t in model.graph.initializer}
     assert {"x_q8_scale", "conv0.weight_w8_quantized", "conv1.weight_w4_quantized"} <= names
+    conv1_input = next(n for n in model.graph.node if n.name == "conv1").input[0]
+    producer = next(n for n in model.graph.node if conv1_input in n.output)
+    assert producer.op_type == "DequantizeLinear" and "_q8" in producer.input[1]
     assert ("classifier.weight_w8_quantized" in names) == quantize_output
 
 
@@ -505,6 +511,37 @@ def test_first_last_bits_are_fixed_in_the_integer_program_and_counted_in_its_bud
     layers = {row["layer"]: row for row in summary["layers"]}
     assert (layers["conv0"]["weight_bits"], layers["classifier"]["weight_bits"]) == (8, 8)
     assert (layers["conv0"]["act_bits"], layers["classifier"]["act_bits"]) == (8, 8)
+    assert layers["conv1"]["act_bits"] == 8  # the first layer's output, whatever conv1's weight bits
+
+
+def test_first_last_bits_put_the_first_output_at_those_bits_in_the_table_and_every_trial_plan(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from quanos_onnx.allocate import sensitivity
+    from quanos_onnx.commands import compile as compile_room
+
+    measured, tables = [], []
+    real_quantize, real_measure = compile_room.quantize, sensitivity.measure
+
+    def recording(model, plan, *args, **kwargs):
+        measured.append((plan.by_name()["conv0"].weight_bits, plan.by_name()["conv1"].act_bits))
+        return real_quantize(model, plan, *args, **kwargs)
+
+    def table(*args, **kwargs):
+        tables.append(kwargs["first_output"])
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(compile_room, "quantize", recording)
+    monkeypatch.setattr(sensitivity, "measure", table)
+    result = _compile([
+        "model.onnx", "--data", "data.npz", "--first-last-bits", "6", "--calibration-samples", "16", "--samples", "16",
+        "--sensitivity-samples", "16", "--no-eval", "-o", "out", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    assert [(t.readers, t.bits) for t in tables] == [(("conv1",), 6)]
+    assert len(measured) > 2 and set(measured) == {(6, 6)}  # the search's trial plans and the written one
+    plan = read_plan(workdir / "out" / PLAN_FILE)
+    assert plan.details["first_last_bits"]["output_readers"] == ["conv1"]
 
 
 @pytest.mark.parametrize(

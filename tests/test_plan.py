@@ -13,6 +13,7 @@ from quanos_onnx.layers import list_layers
 from quanos_onnx.model import normalize
 from quanos_onnx.plan import (
     PLAN_VERSION,
+    FirstOutputBits,
     JoinPlan,
     LayerPlan,
     Plan,
@@ -143,6 +144,25 @@ def test_activation_bits_set_every_activation_then_cap_the_input(layers):
     assert {e.act_bits for e in plan.layers if e.quantized and e.name != "stem"} == {8}
     unchanged = Plan.uniform(layers, 4)
     assert with_activation_bits(unchanged, layers) is unchanged
+
+
+def test_first_output_bits_set_the_readers_inputs_and_leave_their_weights_and_float_readers(layers):
+    plan = Plan.uniform(layers, 4)
+    pinned = FirstOutputBits(("block1.conv1", "classifier"), 8).apply(plan)
+    assert (pinned.by_name()["block1.conv1"].weight_bits, pinned.by_name()["block1.conv1"].act_bits) == (4, 8)
+    assert pinned.by_name()["classifier"] == plan.by_name()["classifier"]  # float stays float
+    assert [e for e in pinned.layers if e.name != "block1.conv1"] == [e for e in plan.layers if e.name != "block1.conv1"]
+    assert FirstOutputBits(("block1.conv1",), 2).apply(Plan.uniform(layers, 6)).by_name()["block1.conv1"].act_bits == 2
+    with pytest.raises(PlanError, match="first layer's output bits: 17 bits is outside 2..16"):
+        FirstOutputBits(("block1.conv1",), 17)
+
+
+def test_activation_bits_override_the_first_output_as_they_do_the_first_layer(layers):
+    pinned = FirstOutputBits(("block1.conv1",), 8)
+    plan = with_activation_bits(Plan.uniform(layers, 4), layers, first_output=pinned)
+    assert plan.by_name()["block1.conv1"].act_bits == 8
+    plan = with_activation_bits(Plan.uniform(layers, 4), layers, act_bits=6, first_output=pinned)
+    assert plan.by_name()["block1.conv1"].act_bits == 6
 
 
 def test_short_form_bits_sets_weights_and_activations():

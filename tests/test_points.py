@@ -9,7 +9,7 @@ import pytest
 from quanos_onnx.layers import find_joins, list_layers
 from quanos_onnx.model import normalize
 from quanos_onnx.passes.align import align_plan
-from quanos_onnx.passes.points import plan_points
+from quanos_onnx.passes.points import output_readers, plan_points
 from quanos_onnx.quantize import quantize
 from quanos_onnx.plan import LayerPlan, Plan
 
@@ -109,3 +109,13 @@ def test_join_operand_bits_widen_the_operands_grid_and_not_the_layer_the_join_fe
     assert edges[("block1.add", 0)][1] == edges[("block2.add", 0)][1] == 8
     assert edges[("block2.conv1", 0)][1] == edges[("block2.shortcut", 0)][1] == 4
     assert edges[("block1.conv1", 0)][:2] == ("relu1_out", 4)  # the stem's output keeps its own grid for the conv
+
+
+def test_output_readers_are_the_layers_reading_a_layers_output_through_transparent_ops():
+    model = normalize(vgg_chain())  # conv1 -> Relu -> MaxPool -> conv2
+    layers = list_layers(model)
+    assert output_readers(model, layers, "conv0") == ("conv1",)
+    assert output_readers(model, layers, "conv1") == ("conv2",)
+    assert output_readers(model, layers, "conv3") == ()  # read by the pooling head, no layer
+    residual = normalize(resnet_style())  # the stem's output feeds block1.conv1 and the join
+    assert output_readers(residual, list_layers(residual), "stem") == ("block1.conv1",)

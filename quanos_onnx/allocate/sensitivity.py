@@ -40,7 +40,7 @@ from ..ptq.ranges import choose_range
 from ..ptq.statistics import CalibrationStatistics
 from ..passes.points import QuantPoints, plan_points
 from ..passes.qdq import ActivationQuantizer, WeightGrid, activation_quantizer, insert_qdq, quantize_weight
-from ..plan import MAX_BITS, MIN_BITS, Plan, with_act_bits
+from ..plan import MAX_BITS, MIN_BITS, FirstOutputBits, Plan, with_act_bits
 from ..ptq import PtqSettings, resolved
 
 DEFAULT_BITS = tuple(range(2, 9))
@@ -230,6 +230,19 @@ class QdqBuilder:
         return insert_qdq(self.model, self.layers, weights, kept, self._quantizers(kept), weight_grids=self._grids(weights))
 
 
+def pinned_input_bits(
+    layers: Sequence[Layer], act_bits: int | None, first_output: FirstOutputBits | None
+) -> dict[str, int | None]:
+    """Each layer's input bits whatever its candidate (None: the candidate's): `act_bits` for
+    every layer, else the first layer's output bits for its readers (--first-last-bits), so
+    the table prices what the compile writes."""
+    readers = set(() if first_output is None else first_output.readers)
+    return {
+        layer.name: act_bits if act_bits is not None else (first_output.bits if first_output and layer.name in readers else None)
+        for layer in layers
+    }
+
+
 def with_bits(plan: Plan, name: str, bits: int, act_bits: int | None = None) -> Plan:
     """Layer `name` at `bits` weights and `act_bits` activations (None: `bits` too)."""
     return plan.with_layers(
@@ -250,6 +263,7 @@ def measure_divergence(
     ptq: PtqSettings | None = None,
     statistics: CalibrationStatistics | None = None,
     act_bits: int | None = None,
+    first_output: FirstOutputBits | None = None,
 ) -> Sensitivity:
     """Logit divergence (KL or MSE) from the float model when one layer changes, per candidate.
 
@@ -271,9 +285,14 @@ def measure_divergence(
     candidates = check_candidate_bits(bits)
     targets = allocatable(layers, quantize_output)
     reference = reference_plan(layers, background or candidates[-1], quantize_output)
+    if first_output is not None:
+        reference = first_output.apply(reference)
     if act_bits is not None:
         reference = with_act_bits(reference, act_bits)
-    variants = {(layer.name, b): with_bits(reference, layer.name, b, act_bits) for layer in targets for b in candidates}
+    input_bits = pinned_input_bits(targets, act_bits, first_output)
+    variants = {
+        (layer.name, b): with_bits(reference, layer.name, b, input_bits[layer.name]) for layer in targets for b in candidates
+    }
     builder = QdqBuilder(model, layers, joins, [reference, *variants.values()], calibration, ptq, statistics)
     output = output_names(model)[0]
 
@@ -286,7 +305,7 @@ def measure_divergence(
 
     def variant(layer: Layer, b: int) -> onnx.ModelProto:
         if background is None:
-            return builder.single_layer(reference, layer, b, act_bits)
+            return builder.single_layer(reference, layer, b, input_bits[layer.name])
         return builder.build(variants[(layer.name, b)])
 
     measured = [(layer, b) for layer in targets for b in candidates if b != background]
@@ -345,6 +364,7 @@ def measure_gradient(
     ptq: PtqSettings | None = None,
     statistics: CalibrationStatistics | None = None,
     act_bits: int | None = None,
+    first_output: FirstOutputBits | None = None,
 ) -> Sensitivity:
     """ModelOpt's score sum (dL/dY)^2 (Q(Y) - Y)^2 per layer and candidate, through the twin.
 
@@ -366,6 +386,9 @@ def measure_gradient(
     candidates = check_candidate_bits(bits)
     targets = allocatable(layers, quantize_output)
     plans = [reference_plan(layers, b, quantize_output) for b in (candidates if ptq is not None else candidates[-1:])]
+    if first_output is not None:
+        plans = [first_output.apply(plan) for plan in plans]
+    input_bits = pinned_input_bits(targets, act_bits, first_output)
     builder = QdqBuilder(model, layers, joins, plans, calibration, ptq, statistics)
     twin = build_twin(model)
     twin.eval()
@@ -410,7 +433,7 @@ def measure_gradient(
                 extra = [weights[name].detach() if name in weights else None for name in step.inputs[2:]]
                 value_range = builder.ranges.get(layer.input) or Range(float(x.min()), float(x.max()))
                 for column, b in enumerate(candidates):
-                    grid = activation_quantizer(act_bits or b, value_range)
+                    grid = activation_quantizer(input_bits[layer.name] or b, value_range)
                     centered = _centered_activation(x, grid)
                     q_x = centered * grid.scale
                     weight = quantized_weights[(layer.name, b)]
@@ -503,17 +526,20 @@ def measure(
     ptq: PtqSettings | None = None,
     statistics: CalibrationStatistics | None = None,
     act_bits: int | None = None,
+    first_output: FirstOutputBits | None = None,
 ) -> Sensitivity:
     """Dispatch on the method name ("kl", "mse", "fisher" or "auto", see auto_method;
     `background` is for kl and mse). With `act_bits`, every candidate is b-bit weights with
-    activations at `act_bits` (plan.with_act_bits), else b bits for both."""
+    activations at `act_bits` (plan.with_act_bits), else b bits for both; with
+    `first_output`, its readers' inputs stay at its bits in every candidate."""
     method = auto_method(layers, bits, sum(len(batch) for batch in calibration), quantize_output) if method == "auto" else method
     if method == "fisher":
         return measure_gradient(
             model, layers, joins, calibration, labels=labels, bits=bits, quantize_output=quantize_output,
-            ptq=ptq, statistics=statistics, act_bits=act_bits,
+            ptq=ptq, statistics=statistics, act_bits=act_bits, first_output=first_output,
         )
     return measure_divergence(
         model, layers, joins, calibration, bits=bits, metric=method, background=background,
         quantize_output=quantize_output, ptq=ptq, statistics=statistics, act_bits=act_bits,
+        first_output=first_output,
     )

@@ -18,7 +18,7 @@ from ..allocate.solve import DEFAULT_ANS_WEIGHT, RobustnessSignal
 from ..errors import UsageError, arg
 from ..layers import Layer, list_layers
 from ..model import check_finite_initializers, check_finite_outputs, refuse_quantized
-from ..plan import MAX_BITS, MIN_BITS, Plan
+from ..plan import MAX_BITS, MIN_BITS, FirstOutputBits, Plan
 from ..ptq.statistics import CalibrationStatistics
 from ..progress import ProgressFactory, no_progress
 from ..quantize import quantize
@@ -84,7 +84,8 @@ class CompileOptions(AttackOptions, RunOptions):
     quantize_output: bool = False
     first_last_bits: int | None = None
     """The first quantized layer and, with `quantize_output`, the output layer at these bits
-    (weights and activations) whatever the plan says, as the PTQ papers keep them at 8
+    (weights and input), and the first layer's output too (its readers' input,
+    plan.FirstOutputBits), whatever the plan says, as the PTQ papers keep them at 8
     (plan.first_and_last_layers); the milp counts them in its budget."""
     input_bits: int | None = None
     """The model input's quantizer at no more than these bits (plan.with_input_bits), on the
@@ -205,14 +206,27 @@ class CompileOptions(AttackOptions, RunOptions):
             return {}
         return dict.fromkeys(first_and_last_layers(layers, quantize_output=self.quantize_output), self.first_last_bits)
 
-    def with_first_last_bits(self, plan: Plan, layers: Sequence[Layer]) -> Plan:
-        """The chosen plan with the first/last layers at `first_last_bits`, before alignment."""
+    def with_first_last_bits(self, plan: Plan, layers: Sequence[Layer], first_output: FirstOutputBits | None) -> Plan:
+        """The chosen plan with the first/last layers and the first layer's output
+        (`first_output`, from self.first_output) at `first_last_bits`, before alignment."""
         pinned = self.first_last_layers(layers)
         if not pinned or self.first_last_bits is None:
             return plan
-        return plan.with_bits(tuple(pinned), self.first_last_bits).with_details(
-            first_last_bits={"bits": self.first_last_bits, "layers": list(pinned)}
+        readers = [] if first_output is None else list(first_output.readers)
+        plan = plan.with_bits(tuple(pinned), self.first_last_bits)
+        return (plan if first_output is None else first_output.apply(plan)).with_details(
+            first_last_bits={"bits": self.first_last_bits, "layers": list(pinned), "output_readers": readers}
         )
+
+    def first_output(self, model: onnx.ModelProto, layers: Sequence[Layer]) -> FirstOutputBits | None:
+        """The first pinned layer's output at `first_last_bits` (None without it)."""
+        from ..passes.points import output_readers
+        from ..plan import FirstOutputBits, first_and_last_layers
+
+        pinned = first_and_last_layers(layers, quantize_output=self.quantize_output)
+        if self.first_last_bits is None or not pinned:
+            return None
+        return FirstOutputBits(output_readers(model, layers, pinned[0]), self.first_last_bits)
 
     def with_activation_bits(self, plan: Plan, layers: Sequence[Layer]) -> Plan:
         """The plan with every activation at `act_bits` and the model input at no more than
@@ -460,7 +474,8 @@ def run_compile(
             chosen = _milp_plan(options, source.proto, layers, dataset, statistics, progress)
         else:
             chosen = _quanos_plan(options, source.proto, layers, dataset, statistics, progress)
-        chosen = options.with_activation_bits(options.with_first_last_bits(chosen, layers), layers)
+        first_output = options.first_output(source.proto, layers)
+        chosen = options.with_activation_bits(options.with_first_last_bits(chosen, layers, first_output), layers)
 
         def quantize_plan(wanted: Plan) -> Any:
             return quantize(
@@ -494,6 +509,7 @@ def run_compile(
                 source.proto, layers, final_plan, lambda wanted: quantize_plan(wanted).model, evaluation, checks,
                 verification, candidates=range(options.k_min, options.max_bits + 1), profile=_front_profile(options),
                 quantize_output=options.quantize_output, input_bits=options.input_bits, act_bits=options.act_bits,
+                first_output=first_output,
                 progress=progress,
             )
             final_plan = final_plan.with_details(allocation={**final_plan.details["allocation"], "pareto": pareto})
@@ -649,7 +665,7 @@ def _milp_plan(
             method, model, layers, joins, [x for x, _ in sensitivity_batches],
             labels=None if any(y is None for _, y in sensitivity_batches) else [y for _, y in sensitivity_batches],
             bits=candidates, quantize_output=options.quantize_output, ptq=options.ptq_settings(rounding=False),
-            statistics=statistics, act_bits=options.act_bits,
+            statistics=statistics, act_bits=options.act_bits, first_output=options.first_output(model, layers),
         )
         advance(1)
     trial, search = _search_split(options, model, layers, joins, dataset, statistics)
@@ -794,6 +810,7 @@ def _search_split(
     trial = _SearchTrial(
         model, statistics, tuple(layers), tuple(joins), options.ptq_settings(rounding=False),
         x, labels, float_predictions == labels, name, options.batch_size, options.input_bits, options.act_bits,
+        options.first_output(model, layers),
     )
     return trial, _SearchSplit(len(x), source, float((float_predictions == labels).mean()))
 
@@ -817,13 +834,16 @@ class _SearchTrial:
     batch_size: int
     input_bits: int | None
     act_bits: int | None
+    first_output: FirstOutputBits | None
 
     def accuracy(self, plan: Plan) -> float:
-        """The plan compiled (with the compile's activation and input bits) and judged on the
-        search split (guarded_accuracy)."""
+        """The plan compiled (with the compile's activation and input bits, and the first
+        layer's output at --first-last-bits) and judged on the search split (guarded_accuracy)."""
         from ..plan import with_activation_bits
 
-        plan = with_activation_bits(plan, self.layers, act_bits=self.act_bits, input_bits=self.input_bits)
+        plan = with_activation_bits(
+            plan, self.layers, act_bits=self.act_bits, input_bits=self.input_bits, first_output=self.first_output
+        )
         quantized = quantize(
             self.model, plan, self.statistics.batches, layers=self.layers, joins=self.joins, ptq=self.ptq,
             statistics=self.statistics,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from ..layers import Layer
-from ..plan import LayerPlan, Plan
+from ..plan import FirstOutputBits, LayerPlan, Plan
 from ..progress import ProgressFactory, no_progress
 
 if TYPE_CHECKING:
@@ -44,10 +44,11 @@ def measured_front(
     quantize_output: bool = False,
     input_bits: int | None = None,
     act_bits: int | None = None,
+    first_output: FirstOutputBits | None = None,
     progress: ProgressFactory = no_progress,
 ) -> dict[str, Any]:
-    """The front document: one point per solved mixed plan (with the compile's `act_bits` and
-    `input_bits`, as the search measured it) and per uniform bit-width (with `act_bits`),
+    """The front document: one point per solved mixed plan (with the compile's `act_bits`,
+    `input_bits` and `first_output`, as the search measured it) and per uniform bit-width (with `act_bits`),
     plus the compiled and float models
     from the verification; `dominated` marks the points another beats on both weight memory
     and clean accuracy."""
@@ -56,7 +57,12 @@ def measured_front(
 
     searched = plan.details["allocation"]["pareto"]
     mixed = [
-        (f"mixed {point['budget']}", "mixed", with_activation_bits(_plan_of(point["bits"]), layers, act_bits=act_bits, input_bits=input_bits))
+        (
+            f"mixed {point['budget']}", "mixed",
+            with_activation_bits(
+                _plan_of(point["bits"]), layers, act_bits=act_bits, input_bits=input_bits, first_output=first_output
+            ),
+        )
         for point in searched
     ]
     uniform = [

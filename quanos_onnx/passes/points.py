@@ -116,6 +116,26 @@ def plan_points(proto: onnx.ModelProto, layers: Sequence[Layer], plan: Plan) -> 
     return _collect(assigned, groups)
 
 
+def output_readers(proto: onnx.ModelProto, layers: Sequence[Layer], name: str) -> tuple[str, ...]:
+    """The layers that read layer `name`'s output: its block output, or that tensor after
+    transparent ops (ResNet's stem Relu -> MaxPool -> Conv), in graph order.
+
+    Their input quantizers are where the output of `name` is quantized (a layer's output is
+    quantized by its consumers), so pinning their input bits is how a plan puts that output
+    on a grid of its own (plan.with_first_output_bits)."""
+    graph = _Edges(proto)
+    by_name = {layer.name: layer for layer in layers}
+    reached, frontier = set(), [by_name[name].block_output]
+    while frontier:
+        tensor = frontier.pop()
+        reached.add(tensor)
+        for node_name, _ in graph.consumers[tensor]:
+            node = graph.node(node_name)
+            if graph.transparent(node) and node.input[0] == tensor and node.output[0] not in reached:
+                frontier.append(node.output[0])
+    return tuple(layer.name for layer in layers if layer.name != name and layer.input in reached)
+
+
 class _Edges:
     def __init__(self, proto: onnx.ModelProto) -> None:
         self.nodes = {node.name: node for node in proto.graph.node}
