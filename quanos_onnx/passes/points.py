@@ -122,7 +122,7 @@ def output_readers(proto: onnx.ModelProto, layers: Sequence[Layer], name: str) -
 
     Their input quantizers are where the output of `name` is quantized (a layer's output is
     quantized by its consumers), so pinning their input bits is how a plan puts that output
-    on a grid of its own (plan.with_first_output_bits)."""
+    on a grid of its own (plan.FirstOutputBits)."""
     graph = _Edges(proto)
     by_name = {layer.name: layer for layer in layers}
     reached, frontier = set(), [by_name[name].block_output]
