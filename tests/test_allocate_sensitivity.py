@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 import subprocess
 import sys
 from dataclasses import replace
@@ -91,21 +92,28 @@ def test_table_on_the_compiles_statistics_reads_no_calibration_data(resnet, monk
     assert table.cost != fresh.cost  # grids from 32 calibration samples, not the 16 measured on
 
 
-@pytest.mark.parametrize("act_bits", [None, 8])
-def test_background_costs_are_the_divergence_the_layer_adds(resnet, act_bits):
-    """cost(l, b) = KL(background plan with l at b) - KL(background plan), measured
-    independently; with `act_bits`, l's weights at b and every activation at act_bits."""
-    model, layers, joins, calibration = resnet
-    table = measure("kl", model, layers, joins, calibration, bits=BITS, background=5, act_bits=act_bits)
+def _plan_divergence(resnet) -> Callable[[Plan], float]:
+    """KL of a plan's min/max round-to-nearest model from float on the calibration samples,
+    measured independently of the table."""
+    model, layers, _, calibration = resnet
     name = output_names(model)[0]
     inputs = np.concatenate(calibration)
     float_logits = Runner(model, [name]).run(inputs, [name])[0]
 
     def kl(plan: Plan) -> float:
         rounded = quantize(model, plan, calibration, layers=layers, ptq=MINMAX_NEAREST).model
-        logits = Runner(rounded, [name]).run(inputs, [name])[0]
-        return kl_divergence(float_logits, logits)
+        return kl_divergence(float_logits, Runner(rounded, [name]).run(inputs, [name])[0])
 
+    return kl
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_background_costs_are_the_divergence_the_layer_adds(resnet, act_bits):
+    """cost(l, b) = KL(background plan with l at b) - KL(background plan), measured
+    independently; with `act_bits`, l's weights at b and every activation at act_bits."""
+    model, layers, joins, calibration = resnet
+    table = measure("kl", model, layers, joins, calibration, bits=BITS, background=5, act_bits=act_bits)
+    kl = _plan_divergence(resnet)
     background = reference_plan(layers, 5) if act_bits is None else with_act_bits(reference_plan(layers, 5), act_bits)
     changed = sensitivity_module.with_bits(background, "block1.conv1", 2, act_bits)
     assert {(e.weight_bits, e.act_bits) for e in changed.layers if e.name == "block1.conv1"} == {(2, act_bits or 2)}
@@ -137,14 +145,7 @@ def test_with_the_first_output_pinned_the_divergence_prices_the_plans_the_compil
     pinned = FirstOutputBits(("block1.conv1",), 8)
     free = measure("kl", model, layers, joins, calibration, bits=BITS, background=5)
     table = measure("kl", model, layers, joins, calibration, bits=BITS, background=5, first_output=pinned)
-    name = output_names(model)[0]
-    inputs = np.concatenate(calibration)
-    float_logits = Runner(model, [name]).run(inputs, [name])[0]
-
-    def kl(plan: Plan) -> float:
-        rounded = quantize(model, plan, calibration, layers=layers, ptq=MINMAX_NEAREST).model
-        return kl_divergence(float_logits, Runner(rounded, [name]).run(inputs, [name])[0])
-
+    kl = _plan_divergence(resnet)
     background = pinned.apply(reference_plan(layers, 5))
     changed = sensitivity_module.with_bits(background, "block1.conv1", 2, 8)
     assert table.of("block1.conv1", 2) == pytest.approx(kl(changed) - kl(background), rel=1e-4, abs=1e-7)

@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from quanos_onnx.cli import compile_command, main
-from quanos_onnx.plan import read_plan
+from quanos_onnx.plan import Plan, read_plan
 from quanos_onnx.ptq import PROBE_TIE_KL
 
 from json_schema import load_schemas, validate
@@ -471,23 +473,35 @@ def test_act_bits_write_every_activation_at_those_bits_and_compare_with_uniform_
     assert rows == ["compiled", "float", "uniform 3 (activations 8)", "uniform 8"]
 
 
-def test_the_milp_table_and_search_measure_weights_with_the_act_bits(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+def _record_plans_and_tables(
+    monkeypatch: pytest.MonkeyPatch, of_plan: Callable[[Plan], Any], of_table: Callable[[dict[str, Any]], Any]
+) -> tuple[list[Any], list[Any]]:
+    """What every plan the compile quantizes (`of_plan`) and every sensitivity table it
+    measures (`of_table`, from measure's keyword arguments) were given, in order."""
     from quanos_onnx.allocate import sensitivity
     from quanos_onnx.commands import compile as compile_room
 
-    measured, tables = [], []
+    plans: list[Any] = []
+    tables: list[Any] = []
     real_quantize, real_measure = compile_room.quantize, sensitivity.measure
 
     def recording(model, plan, *args, **kwargs):
-        measured.append({e.act_bits for e in plan.layers if e.quantized})
+        plans.append(of_plan(plan))
         return real_quantize(model, plan, *args, **kwargs)
 
     def table(*args, **kwargs):
-        tables.append(kwargs["act_bits"])
+        tables.append(of_table(kwargs))
         return real_measure(*args, **kwargs)
 
     monkeypatch.setattr(compile_room, "quantize", recording)
     monkeypatch.setattr(sensitivity, "measure", table)
+    return plans, tables
+
+
+def test_the_milp_table_and_search_measure_weights_with_the_act_bits(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    measured, tables = _record_plans_and_tables(
+        monkeypatch, lambda plan: {e.act_bits for e in plan.layers if e.quantized}, lambda kwargs: kwargs["act_bits"]
+    )
     result = _compile([
         "model.onnx", "--data", "data.npz", "--budget", "avg-bits=3", "--act-bits", "8", "--max-accuracy-drop", "none",
         "--calibration-samples", "24", "--samples", "16", "--sensitivity-samples", "16", "--no-eval", "-o", "out", "--json",
@@ -517,22 +531,11 @@ def test_first_last_bits_are_fixed_in_the_integer_program_and_counted_in_its_bud
 def test_first_last_bits_put_the_first_output_at_those_bits_in_the_table_and_every_trial_plan(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from quanos_onnx.allocate import sensitivity
-    from quanos_onnx.commands import compile as compile_room
-
-    measured, tables = [], []
-    real_quantize, real_measure = compile_room.quantize, sensitivity.measure
-
-    def recording(model, plan, *args, **kwargs):
-        measured.append((plan.by_name()["conv0"].weight_bits, plan.by_name()["conv1"].act_bits))
-        return real_quantize(model, plan, *args, **kwargs)
-
-    def table(*args, **kwargs):
-        tables.append(kwargs["first_output"])
-        return real_measure(*args, **kwargs)
-
-    monkeypatch.setattr(compile_room, "quantize", recording)
-    monkeypatch.setattr(sensitivity, "measure", table)
+    measured, tables = _record_plans_and_tables(
+        monkeypatch,
+        lambda plan: (plan.by_name()["conv0"].weight_bits, plan.by_name()["conv1"].act_bits),
+        lambda kwargs: kwargs["first_output"],
+    )
     result = _compile([
         "model.onnx", "--data", "data.npz", "--first-last-bits", "6", "--calibration-samples", "16", "--samples", "16",
         "--sensitivity-samples", "16", "--no-eval", "-o", "out", "--json",
