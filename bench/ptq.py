@@ -191,6 +191,10 @@ METHODS: dict[str, dict[str, Any]] = {
         "rounding_iterations": 300, "seed": 1, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
         "first_output_bits": 8,
     },
+    "probe + output clip + brecq 300 it. seed 1 + bias corr., first/last W8A8, 64 calib.": {
+        "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
+        "rounding_iterations": 300, "seed": 1, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
+    },
     "auto + output clip + bias corr., first/last W8A8, 64 calib.": {
         "act_range": "auto", "weight_clipping": "output", "bias_correction": True,
         "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
