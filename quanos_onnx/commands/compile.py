@@ -466,15 +466,15 @@ def run_compile(
         calibration = [x for x, _ in first_samples(dataset, calibration_count, options.batch_size)]
         check_finite_outputs(source.proto, calibration[0], source.name)
         statistics = CalibrationStatistics(source.proto, calibration, equalized=options.equalize)
+        first_output = options.first_output(source.proto, layers)
         if options.bits is not None:
             chosen = Plan.uniform(layers, options.bits, keep_output_float=not options.quantize_output)
         elif given_plan is not None:
             chosen = validate_plan(given_plan.plan, layers, given_plan.name)
         elif options.method == "milp":
-            chosen = _milp_plan(options, source.proto, layers, dataset, statistics, progress)
+            chosen = _milp_plan(options, source.proto, layers, dataset, statistics, first_output, progress)
         else:
             chosen = _quanos_plan(options, source.proto, layers, dataset, statistics, progress)
-        first_output = options.first_output(source.proto, layers)
         chosen = options.with_activation_bits(options.with_first_last_bits(chosen, layers, first_output), layers)
 
         def quantize_plan(wanted: Plan) -> Any:
@@ -631,6 +631,7 @@ def _milp_plan(
     layers: Sequence[Layer],
     dataset: Any,
     statistics: CalibrationStatistics,
+    first_output: FirstOutputBits | None,
     progress: ProgressFactory,
 ) -> Plan:
     """ANS -> measured sensitivity -> integer program -> plans checked on a search split.
@@ -665,10 +666,10 @@ def _milp_plan(
             method, model, layers, joins, [x for x, _ in sensitivity_batches],
             labels=None if any(y is None for _, y in sensitivity_batches) else [y for _, y in sensitivity_batches],
             bits=candidates, quantize_output=options.quantize_output, ptq=options.ptq_settings(rounding=False),
-            statistics=statistics, act_bits=options.act_bits, first_output=options.first_output(model, layers),
+            statistics=statistics, act_bits=options.act_bits, first_output=first_output,
         )
         advance(1)
-    trial, search = _search_split(options, model, layers, joins, dataset, statistics)
+    trial, search = _search_split(options, model, layers, joins, dataset, statistics, first_output)
     evaluate = trial.accuracy
     jobs = options.jobs()
     minimum = search.float_accuracy - (options.max_accuracy_drop if options.max_accuracy_drop is not None else 1.0) / 100
@@ -786,6 +787,7 @@ def _search_split(
     joins: Sequence[Any],
     dataset: Any,
     statistics: CalibrationStatistics,
+    first_output: FirstOutputBits | None,
 ) -> tuple[_SearchTrial, _SearchSplit]:
     """What compiles a plan and measures its clean accuracy on the search split."""
     import logging
@@ -810,7 +812,7 @@ def _search_split(
     trial = _SearchTrial(
         model, statistics, tuple(layers), tuple(joins), options.ptq_settings(rounding=False),
         x, labels, float_predictions == labels, name, options.batch_size, options.input_bits, options.act_bits,
-        options.first_output(model, layers),
+        first_output,
     )
     return trial, _SearchSplit(len(x), source, float((float_predictions == labels).mean()))
 
