@@ -228,3 +228,7 @@ def test_bad_rounding_settings_name_the_option():
     with pytest.raises(UsageError) as raised:
         PtqSettings(join_operand_bits=17)
     assert raised.value.arguments == ("join_operand_bits",)
+    for rounding in ("nearest", "gptq"):
+        with pytest.raises(UsageError, match="learned with the rounding") as raised:
+            PtqSettings(rounding=rounding, learn_act_steps=True)
+        assert raised.value.arguments == ("learn_act_steps", "rounding")
