@@ -291,3 +291,22 @@ def test_a_group_with_a_quantizer_outside_the_unit_is_not_learned() -> None:
     step_groups = {"inner_scale": "g1", "join_a_scale": "join", "join_b_scale": "join", "other_scale": "g2"}
     assert _inner_groups(["inner_scale", "join_a_scale"], step_groups) == {"g1": ["inner_scale"]}
     assert _inner_groups(["join_a_scale", "join_b_scale"], step_groups) == {"join": ["join_a_scale", "join_b_scale"]}
+
+
+def test_the_bias_a_learned_step_feeds_is_the_int32_bias_quantize_writes() -> None:
+    """While a layer's input step is learned its bias is fed on the grid of that step x
+    weight scale; at the calibrated step that is exactly the bias the QDQ model holds, so
+    the twin trains against the bias the written model will have."""
+    import torch
+
+    model, layers, plan, calibration, nearest = _setup(mobilenet_style(), 3)
+    weights = rounded_weights(model, nearest.model, layers, nearest.plan)
+    steps = {t.name: numpy_helper.to_array(t) for t in nearest.model.graph.initializer}
+    checked = 0
+    for weight in weights.values():
+        if weight.bias is None or weight.input_scale is None:
+            continue
+        step = torch.tensor(float(steps[weight.input_scale]))
+        np.testing.assert_allclose(weight.bias_on_grid(step).detach().numpy(), weight.quantized_bias, rtol=1e-6)
+        checked += 1
+    assert checked == len(layers)
