@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,18 @@ def test_probe_picks_the_method_whose_uniform_4_bit_model_is_closer_to_float(res
     assert choice.method == ("mse" if expected["mse"] < expected["entropy"] - ptq_module.PROBE_TIE_KL else "entropy")
     assert choice.samples == 24
     assert choice.to_json()["kl_from_float"] == dict(choice.divergence)
+
+
+def test_probe_measures_round_to_nearest_models_when_steps_are_learned(resnet):
+    """The probe's candidates are round-to-nearest whatever the settings' rounding, so
+    learned steps (which need learned rounding) are off in them too, and the same
+    divergences are measured."""
+    model, layers = resnet
+    x = random_inputs(model, 24)
+    learned = replace(PROBE, rounding="brecq", learn_act_steps=True)
+    with_steps = low_bits_range(layers, CalibrationStatistics(model, [x]), learned)
+    plain = low_bits_range(layers, CalibrationStatistics(model, [x]), PROBE)
+    assert with_steps.divergence == plain.divergence
 
 
 @pytest.mark.parametrize(

@@ -225,7 +225,7 @@ def low_bits_range(layers: Sequence[Layer], statistics: CalibrationStatistics, s
     reference = logits(model)
     divergence = []
     for method in PROBE_CANDIDATES:
-        candidate = replace(settings, act_range=method, rounding="nearest")
+        candidate = replace(settings, act_range=method, rounding="nearest", learn_act_steps=False)
         written = apply_ptq(model, layers, aligned, points, statistics.batches, candidate, statistics=statistics)
         divergence.append((method, kl_divergence(reference, logits(written))))
     best = _preferred(divergence)
