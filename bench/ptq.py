@@ -168,16 +168,6 @@ METHODS: dict[str, dict[str, Any]] = {
         "rounding_iterations": 100, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
         "first_output_bits": 8, "join_operand_bits": 8,
     },
-    "mse + output clip + brecq 100 it. + learned act. steps + bias corr., first/last W8A8, 64 calib., first output A8, joins A8": {
-        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
-        "rounding_iterations": 100, "learn_act_steps": True, "first_layer_bits": 8, "last_layer_bits": 8,
-        "calibration_images": 64, "first_output_bits": 8, "join_operand_bits": 8,
-    },
-    "mse + output clip + brecq 100 it. + learned act. steps + bias corr., first/last W8A8, 256 calib., first output A8, joins A8": {
-        "act_range": "mse", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
-        "rounding_iterations": 100, "learn_act_steps": True, "first_layer_bits": 8, "last_layer_bits": 8,
-        "calibration_images": 256, "first_output_bits": 8, "join_operand_bits": 8,
-    },
     "probe + output clip + bias corr., first/last W8A8, first output A8": {
         "act_range": "probe", "weight_clipping": "output", "bias_correction": True,
         "first_layer_bits": 8, "last_layer_bits": 8, "first_output_bits": 8,
@@ -190,11 +180,6 @@ METHODS: dict[str, dict[str, Any]] = {
         "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
         "rounding_iterations": 200, "first_layer_bits": 8, "last_layer_bits": 8, "calibration_images": 64,
         "first_output_bits": 8, "join_operand_bits": 8,
-    },
-    "probe + output clip + brecq 200 it. + learned act. steps + bias corr., first/last W8A8, 64 calib., first output A8, joins A8": {
-        "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",
-        "rounding_iterations": 200, "learn_act_steps": True, "first_layer_bits": 8, "last_layer_bits": 8,
-        "calibration_images": 64, "first_output_bits": 8, "join_operand_bits": 8,
     },
     "probe + output clip + brecq 300 it. + bias corr., first/last W8A8, 64 calib., first output A8": {
         "act_range": "probe", "weight_clipping": "output", "bias_correction": True, "rounding": "brecq",

@@ -7,11 +7,6 @@ tests the written QDQ model in onnxruntime on the exact first 932 test images. P
 Markdown table with the wall and CPU time of each rounding optimization. Needs ../shared.
 
     python bench/reconstruct.py [--iterations N] [--threads T] [--configs 4/4,3/3]
-
-A method "M+steps" (brecq+steps) runs M through quantize(ptq=PtqSettings(rounding=M,
-learn_act_steps=True)), learning the activation steps inside each unit with the rounding;
-"M+ptq" runs M the same way without them (the like-for-like baseline: the plain "M" column
-reconstructs on a bias-corrected round-to-nearest model and corrects the biases again).
 """
 
 from __future__ import annotations
@@ -21,7 +16,6 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,22 +99,14 @@ def main() -> None:
         print(f"W{weight_bits}A{act_bits} nearest {row[1]}", flush=True)
         for method in args.methods.split(","):
             start, cpu = time.perf_counter(), time.process_time()
-            if "+" in method:
-                rounding, variant = method.split("+")
-                learned = replace(
-                    settings, rounding=rounding, rounding_iterations=args.iterations,
-                    seed=args.seed, learn_act_steps=variant == "steps",
-                )
-                written = quantize(model, plan, calibration, method=args.ranges, ptq=learned).model
-                seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-            else:
-                grids = reconstruct_weights(
-                    model, nearest.model, layers, nearest.plan, calibration,
-                    method=method, iterations=args.iterations, seed=args.seed,
-                ).weights
-                seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-                written = quantize(model, plan, calibration, method=args.ranges, weight_grids=grids, ptq=settings).model
-            accuracy = top1(written, x, y)
+            grids = reconstruct_weights(
+                model, nearest.model, layers, nearest.plan, calibration,
+                method=method, iterations=args.iterations, seed=args.seed,
+            )
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+            accuracy = top1(
+                quantize(model, plan, calibration, method=args.ranges, weight_grids=grids, ptq=settings).model, x, y
+            )
             print(f"W{weight_bits}A{act_bits} {method} {accuracy:.1%} in {seconds:.0f} s ({cpu:.0f} s CPU)", flush=True)
             row.append(f"{accuracy:.1%} ({seconds:.0f} s, {cpu:.0f} s CPU)")
         rows.append(row)

@@ -66,8 +66,7 @@ def measure(
     reconstruct.learning_rate = lambda iterations: variant.learning_rate
     try:
         cpu = time.process_time()
-        no_steps = reconstruct.LearnedSteps({}, {}, weights)
-        optimize(twin, roundings, weights, no_steps, {}, trained, variant.iterations, generator, lambda steps: None)
+        optimize(twin, roundings, weights, trained, variant.iterations, generator, lambda steps: None)
         cpu = time.process_time() - cpu
     finally:
         reconstruct.learning_rate = default_rate
@@ -111,8 +110,8 @@ def main() -> None:
         return (units[0], *(unit for unit in units[1:] if unit.label.split(" ", 1)[1] in wanted))
 
     def diagnosed(
-        twin: Any, roundings: Any, weights: Sequence[reconstruct.RoundedWeight], steps: Any, fixed: Any,
-        data: reconstruct.UnitData, iterations: int, generator: Any, advance: Any,
+        twin: Any, roundings: Any, weights: Sequence[reconstruct.RoundedWeight], data: reconstruct.UnitData,
+        iterations: int, generator: Any, advance: Any,
     ) -> None:
         """In place of reconstruct._optimize: the variants on this unit's data, and the unit
         itself left at round-to-nearest."""

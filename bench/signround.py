@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,23 +74,20 @@ def optimize_signed(
     twin: object,
     roundings: Sequence[SignedRounding],
     weights: Sequence[reconstruct.RoundedWeight],
-    steps: reconstruct.LearnedSteps,
-    fixed: Mapping[str, object],
     data: reconstruct.UnitData,
     iterations: int,
     generator: object,
     advance: Callable[[int], None],
 ) -> None:
     """Signed gradient descent on V with a linearly decaying step; no regularizer (the
-    forward pass is already the hard rounding). Activation steps are not learned here
-    (`steps` is fed as it is, `fixed` as given)."""
+    forward pass is already the hard rounding)."""
     import torch
 
     count = int(data.target.shape[0])
     batch = min(reconstruct.BATCH_SIZE, count)
     for step in range(iterations):
         index = torch.randperm(count, generator=generator)[:batch]
-        feeds = reconstruct._feeds(data, index, generator) | dict(fixed) | steps.feeds()
+        feeds = reconstruct._feeds(data, index, generator)
         feeds.update({weight.feed: rounding.soft_weight() for weight, rounding in zip(weights, roundings)})
         outputs, _ = twin.run(feeds)
         loss = reconstruct.reconstruction_error(outputs[0], data.target[index])

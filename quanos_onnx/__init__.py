@@ -89,7 +89,6 @@ def compile(
     equalize: bool = False,
     rounding: Rounding = "nearest",
     rounding_iterations: int = 500,
-    learn_act_steps: bool = False,
     calibration_samples: int = 512,
     storage: Storage = "int8",
     k_init: int = 16,
@@ -148,8 +147,7 @@ def compile(
     fewer entropy or mse, chosen per model on the calibration data), per-channel weight
     clipping `weight_clipping`, `bias_correction`, cross-layer `equalize`, and `rounding`:
     "gptq" (closed form, layer by layer) or learned ("adaround", "brecq") with
-    `rounding_iterations` steps per layer or block; `learn_act_steps` learns the steps of
-    the activation quantizers inside each block with them (LSQ, as BRECQ and QDrop do).
+    `rounding_iterations` steps per layer or block.
     `first_last_bits` keeps the first quantized layer (and the output layer when
     `quantize_output`) at those bits whatever the plan says, and the first layer's output
     too (the input of the layers reading it), as the PTQ papers keep them at 8.

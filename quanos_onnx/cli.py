@@ -449,7 +449,6 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--equalize/--no-equalize", default=False, show_default=True, help="Cross-layer equalization of Conv -> ReLU -> Conv chains before quantizing."),
         click.option("--rounding", type=click.Choice(["nearest", "gptq", "adaround", "brecq"]), default="nearest", show_default=True, help="Weight rounding: nearest; gptq (closed form, layer by layer, seconds to minutes); or optimized through the twin per layer (adaround) or per residual block with QDrop (brecq)."),
         click.option("--rounding-iterations", type=int, default=500, show_default=True, help="Optimization steps per layer or block for --rounding adaround|brecq."),
-        click.option("--learn-act-steps", is_flag=True, help="With --rounding brecq|adaround, also learn the step of each activation quantizer inside a reconstructed block (LSQ, as BRECQ and QDrop do), with the block's biases on the moved grids (docs/quantization.md, \"Learned activation steps\")."),
         click.option("--calibration-samples", type=int, default=512, show_default=True, help="Samples used to calibrate activation ranges."),
         click.option("--storage", type=click.Choice(["int8", "int4", "int2"]), default="int8", show_default=True, help="Weight containers: int4/int2 store layers of <= 4 / <= 2 bits packed (smaller file; see docs/interop.md)."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),

@@ -88,30 +88,6 @@ def test_rounding_gptq_changes_the_integers_on_the_same_grid(workdir: Path):
     assert any(not np.array_equal(nearest[n], gptq[n]) for n in nearest if n.endswith("_quantized"))
 
 
-def test_learn_act_steps_moves_the_steps_inside_blocks_only(workdir: Path):
-    """--rounding brecq --learn-act-steps reaches ptq/reconstruct.py's learned steps: on a
-    ResNet-style model the quantizers inside a residual block move, the model input's and the
-    blocks' inputs' do not."""
-    onnx.save(resnet_style(), workdir / "resnet.onnx")
-    args = ["resnet.onnx", "--data", "data.npz", "--bits", "3", "--rounding", "brecq", "--rounding-iterations", "30",
-            "--calibration", "minmax", "--no-eval", "--no-figures"]
-    assert _compile([*args, "-o", "fixed"]).exit_code == 0
-    result = _compile([*args, "--learn-act-steps", "-o", "learned"])
-    assert result.exit_code == 0, result.output
-
-    def steps(folder: str) -> dict[str, float]:
-        model = onnx.load(workdir / folder / MODEL_FILE)
-        readers = {node.input[1] for node in model.graph.node if node.op_type == "QuantizeLinear"}
-        return {t.name: float(onnx.numpy_helper.to_array(t)) for t in model.graph.initializer if t.name in readers}
-
-    fixed, learned = steps("fixed"), steps("learned")
-    assert fixed.keys() == learned.keys()
-    moved = {name for name in fixed if fixed[name] != learned[name]}
-    assert moved
-    block_inputs = {name for name in fixed if name.startswith(("x_", "relu1_out_", "relu3_out_"))}
-    assert block_inputs and not moved & block_inputs
-
-
 def test_plan_sets_per_layer_bits(workdir: Path):
     result = _compile(["model.onnx", "--data", "data.npz", "--plan", "plan.json", "-o", "out", "--no-eval"])
     assert result.exit_code == 0, result.output
@@ -204,9 +180,6 @@ BAD_INPUTS = [
     ("bits 17", None, ["model.onnx", "--data", "data.npz", "--bits", "17"], 2, ["--bits 17", "2..16"]),
     ("join operand bits 1", None, ["model.onnx", "--data", "data.npz", "--bits", "4", "--join-operand-bits", "1"], 2,
      ["--join-operand-bits 1", "2..16"]),
-    ("learned steps without learned rounding", None,
-     ["model.onnx", "--data", "data.npz", "--bits", "4", "--learn-act-steps"], 2,
-     ["--learn-act-steps", "--rounding adaround or brecq, not nearest"]),
     ("data shape does not match", ("big.npz", lambda p: _data(p, np.zeros((4, 3, 9, 9), np.float32))),
      ["model.onnx", "--data", "big.npz", "--bits", "8"], 1, ["big.npz", "3x9x9", "[N,3,8,8]"]),
     ("NaN in data", ("nan.npz", _with_nan), ["model.onnx", "--data", "nan.npz", "--bits", "8"], 1,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -123,18 +122,6 @@ def test_probe_picks_the_method_whose_uniform_4_bit_model_is_closer_to_float(res
     assert choice.to_json()["kl_from_float"] == dict(choice.divergence)
 
 
-def test_probe_measures_round_to_nearest_models_when_steps_are_learned(resnet):
-    """The probe's candidates are round-to-nearest whatever the settings' rounding, so
-    learned steps (which need learned rounding) are off in them too, and the same
-    divergences are measured."""
-    model, layers = resnet
-    x = random_inputs(model, 24)
-    learned = replace(PROBE, rounding="brecq", learn_act_steps=True)
-    with_steps = low_bits_range(layers, CalibrationStatistics(model, [x]), learned)
-    plain = low_bits_range(layers, CalibrationStatistics(model, [x]), PROBE)
-    assert with_steps.divergence == plain.divergence
-
-
 @pytest.mark.parametrize(
     ("entropy", "mse", "picked"),
     [(0.5, 0.3, "mse"), (0.3, 0.5, "entropy"), (0.00077, 0.00059, "entropy"), (1.0, 0.995, "entropy")],
@@ -241,7 +228,3 @@ def test_bad_rounding_settings_name_the_option():
     with pytest.raises(UsageError) as raised:
         PtqSettings(join_operand_bits=17)
     assert raised.value.arguments == ("join_operand_bits",)
-    for rounding in ("nearest", "gptq"):
-        with pytest.raises(UsageError, match="learned with the rounding") as raised:
-            PtqSettings(rounding=rounding, learn_act_steps=True)
-        assert raised.value.arguments == ("learn_act_steps", "rounding")

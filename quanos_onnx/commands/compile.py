@@ -107,8 +107,6 @@ class CompileOptions(AttackOptions, RunOptions):
     equalize: bool = False
     rounding: Rounding = "nearest"
     rounding_iterations: int = 500
-    learn_act_steps: bool = False
-    """With adaround or brecq, the activation steps inside each unit are learned too (PtqSettings)."""
     calibration_samples: int = 512
     storage: Storage = "int8"
     k_init: int = 16
@@ -250,7 +248,6 @@ class CompileOptions(AttackOptions, RunOptions):
             equalize=self.equalize,
             rounding=self.rounding if rounding else "nearest",
             rounding_iterations=self.rounding_iterations,
-            learn_act_steps=self.learn_act_steps and rounding,
             seed=self.seed,
             join_operand_bits=self.join_operand_bits,
         )

@@ -80,11 +80,6 @@ class ActivationQuantizer:
         return replace(self, zero_point=0, levels=(0, self.levels[1] - self.zero_point))
 
 
-def scale_name(point: QuantPoint) -> str:
-    """The initializer holding a quantizer's step: PTQ stages that learn steps find it by name."""
-    return f"{point.name}_scale"
-
-
 def activation_quantizer(bits: int, value_range: Range) -> ActivationQuantizer:
     """Grid for a tensor with the calibrated range; unsigned when the range is >= 0.
 
@@ -233,7 +228,7 @@ class QDQInsertionPass(ir.passes.InPlacePass):
     ) -> ir.Value:
         base = point.name
         container = np.int16 if quantizer.wide else np.uint8
-        scale = shared_initializer(graph, scale_name(point), np.asarray(quantizer.scale, dtype=np.float32))
+        scale = shared_initializer(graph, f"{base}_scale", np.asarray(quantizer.scale, dtype=np.float32))
         zero_point = shared_initializer(graph, f"{base}_zero_point", np.asarray(quantizer.zero_point, dtype=container))
         created: list[ir.Node] = []
         source = value

@@ -27,12 +27,12 @@ from ..layers import Layer, find_joins
 from ..logits import kl_divergence, model_logits
 from ..passes.align import align_plan
 from ..passes.points import QuantGroup, QuantPoints, plan_points
-from ..passes.qdq import ActivationQuantizer, WeightGrid, activation_quantizer, insert_qdq, quantize_weight, scale_name
+from ..passes.qdq import WeightGrid, activation_quantizer, insert_qdq, quantize_weight
 from ..plan import MAX_BITS, MIN_BITS, Plan
 from ..progress import ProgressFactory, no_progress
 from .bias import bias_shifts, corrected_grids
 from .gptq import gptq_weights
-from .reconstruct import DEFAULT_ITERATIONS, Reconstruction
+from .reconstruct import DEFAULT_ITERATIONS
 from .reconstruct import METHODS as ROUNDING_METHODS
 from .ranges import RANGE_METHODS, check_range_method, choose_range
 from .statistics import CalibrationStatistics
@@ -63,9 +63,6 @@ class PtqSettings:
     rounding: nearest | gptq (ptq/gptq.py, closed form, layer by layer) | adaround |
       brecq (ptq/reconstruct.py, through the torch twin), with rounding_iterations per layer
       or block and `seed` for their batches and QDrop masks.
-    learn_act_steps: with adaround or brecq, also learn the step of each activation
-      quantizer of 8 bits or fewer that lies inside a reconstruction unit (LSQ, as BRECQ
-      and QDrop do), starting from the calibrated range.
     join_operand_bits: the operands of every quantized residual join share a quantizer of no
       fewer than these bits, and the join's sum meets the k-bit grid of the layer it feeds
       (Plan.join_operand_bits; None: the paper's rule, operands at the join's bits).
@@ -79,7 +76,6 @@ class PtqSettings:
     rounding: Literal["nearest", "gptq", "adaround", "brecq"] = "nearest"
     rounding_iterations: int = DEFAULT_ITERATIONS
     seed: int = 0
-    learn_act_steps: bool = False
     probed_range: Literal["entropy", "mse"] | None = None
     join_operand_bits: int | None = None
 
@@ -96,11 +92,6 @@ class PtqSettings:
             raise UsageError(f"probed_range: use one of {', '.join(PROBE_CANDIDATES)}, not {self.probed_range!r}")
         if self.rounding not in ROUNDINGS:
             raise UsageError(f"{arg('rounding')}: unknown method '{self.rounding}' (use {', '.join(ROUNDINGS)})")
-        if self.learn_act_steps and self.rounding not in ROUNDING_METHODS:
-            raise UsageError(
-                f"{arg('learn_act_steps')}: steps are learned with the rounding; use {arg('rounding')} "
-                f"{' or '.join(ROUNDING_METHODS)}, not {self.rounding}"
-            )
         if self.rounding_iterations < 1:
             raise UsageError(f"{arg('rounding_iterations')}: must be at least 1, got {self.rounding_iterations}")
         if self.weight_clipping not in WEIGHT_CLIPPINGS:
@@ -225,7 +216,7 @@ def low_bits_range(layers: Sequence[Layer], statistics: CalibrationStatistics, s
     reference = logits(model)
     divergence = []
     for method in PROBE_CANDIDATES:
-        candidate = replace(settings, act_range=method, rounding="nearest", learn_act_steps=False)
+        candidate = replace(settings, act_range=method, rounding="nearest")
         written = apply_ptq(model, layers, aligned, points, statistics.batches, candidate, statistics=statistics)
         divergence.append((method, kl_divergence(reference, logits(written))))
     best = _preferred(divergence)
@@ -299,13 +290,9 @@ def apply_ptq(
     quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
     rounded: dict[str, WeightGrid] = {}
     if settings.rounding != "nearest":
-        step_groups = _step_groups(points, quantizers) if settings.learn_act_steps else {}
-        reconstruction = _rounded(model, quantized, layers, plan, batches, settings, step_groups, progress)
-        rounded = {name: grid for name, grid in reconstruction.weights.items() if name not in (weight_grids or {})}
+        rounded = _rounded(model, quantized, layers, plan, batches, settings, progress)
+        rounded = {name: grid for name, grid in rounded.items() if name not in (weight_grids or {})}
         grids = {**grids, **rounded}
-        quantizers |= {group: replace(quantizers[group], scale=s) for group, s in reconstruction.act_scales.items()}
-        if reconstruction.act_scales:
-            log.info("learned activation steps kept for %d quantizer groups", len(reconstruction.act_scales))
         quantized = insert_qdq(model, layers, plan, points, quantizers, storage=storage, weight_grids=grids)
     if not settings.bias_correction:
         return quantized
@@ -335,15 +322,13 @@ def _rounded(
     plan: Plan,
     batches: Sequence[np.ndarray],
     settings: PtqSettings,
-    step_groups: Mapping[str, str],
     progress: ProgressFactory,
-) -> Reconstruction:
-    """GPTQ's or the learned rounding's grids, on the grids of the round-to-nearest
-    `quantized`, and the activation steps learned with them (`step_groups`)."""
+) -> dict[str, WeightGrid]:
+    """GPTQ's or the learned rounding's grids, on the grids of the round-to-nearest `quantized`."""
     from .reconstruct import reconstruct_weights
 
     if settings.rounding == "gptq":
-        return Reconstruction(gptq_weights(model, quantized, layers, plan, batches, progress=progress), {})
+        return gptq_weights(model, quantized, layers, plan, batches, progress=progress)
     return reconstruct_weights(
         model,
         quantized,
@@ -353,15 +338,8 @@ def _rounded(
         method=settings.rounding,
         iterations=settings.rounding_iterations,
         seed=settings.seed,
-        step_groups=step_groups,
         progress=progress,
     )
-
-
-def _step_groups(points: QuantPoints, quantizers: Mapping[str, ActivationQuantizer]) -> dict[str, str]:
-    """Each activation step initializer whose step may be learned -> its quantizer group:
-    those of 8 bits or fewer (wider quantizers carry float clip bounds computed from the step)."""
-    return {scale_name(point): point.group for point in points.points if not quantizers[point.group].wide}
 
 
 def _weight_grids(

@@ -68,10 +68,6 @@ DROP_PROBABILITY = 0.5
 """QDrop: chance that an element of a block's input is the float activation."""
 ZETA, GAMMA = 1.1, -0.1
 """The rectified sigmoid's stretch: h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)."""
-STEP_TRAVEL = 1.0
-"""How far (in log step) Adam can move a learned activation step over a unit's run: a
-factor e either way, kept between MIN_STEP_LEARNING_RATE and MAX_STEP_LEARNING_RATE."""
-MIN_STEP_LEARNING_RATE, MAX_STEP_LEARNING_RATE = 1e-3, 1e-2
 COLLECT_BATCH = 32
 """Samples per onnxruntime run when gathering unit data: the session returns every
 activation of the units for the chunk at once and its arena keeps the peak, so memory grows
@@ -107,29 +103,6 @@ class RoundedWeight:
     scale: np.ndarray
     axis: int | None
     bits: int
-    input_scale: str | None = None
-    """The initializer holding the step of the quantizer the layer reads (None: none)."""
-    bias: np.ndarray | None = None
-    """The float bias, which the QDQ model holds as int32 on the grid of input step x weight scale."""
-    quantized_bias: np.ndarray | None = None
-    """That int32 bias dequantized, as the QDQ model computes with it."""
-
-    @property
-    def bias_feed(self) -> str:
-        """The twin input that replaces the bias's DequantizeLinear when steps are learned."""
-        return f"{self.layer}::rounded_bias"
-
-    def bias_on_grid(self, input_step: torch.Tensor) -> torch.Tensor:
-        """The float bias rounded to int32 on the grid of `input_step` x weight scale, as
-        passes/qdq writes it: learning a layer's input step moves its bias grid, and at 3-4
-        bits that grid is coarse enough to matter."""
-        import torch
-
-        from ..twin.fakequant import round_straight_through
-
-        assert self.bias is not None
-        step = input_step * torch.from_numpy(np.asarray(self.scale, dtype=np.float32).reshape(-1))
-        return round_straight_through(torch.from_numpy(self.bias) / step) * step
 
     @property
     def broadcast_scale(self) -> np.ndarray:
@@ -155,20 +128,15 @@ def reconstruct_weights(
     method: str,
     iterations: int,
     seed: int,
-    step_groups: Mapping[str, str] | None = None,
     progress: ProgressFactory = no_progress,
-) -> Reconstruction:
+) -> dict[str, WeightGrid]:
     """Learned up/down rounding for every quantized layer, on the quantized model's grid.
 
     `quantized` is the round-to-nearest QDQ model of `model` for the aligned `plan`; its
-    weight scales are kept, and so are its activation quantizers unless `step_groups` is
-    given (the initializer holding each activation quantizer's step -> its quantizer
-    group): then the step of every group quantized wholly inside a unit is learned with
-    that unit's rounding (LSQ, as BRECQ and QDrop do at 4 bits and fewer); groups at a
-    unit's input or output, or shared with another unit, keep theirs. `method` "adaround"
-    reconstructs each layer's output (after its activation), "brecq" each block's with
-    QDrop. Deterministic per seed. Each layer of a unit then keeps its learned or its
-    nearest rounding, and the unit its learned or its calibrated steps, whichever mix
+    weight scales and activation quantizers are kept. Returns layer name -> WeightGrid for
+    quantize(..., weight_grids=...). `method` "adaround" reconstructs each layer's output
+    (after its activation), "brecq" each block's with QDrop. Deterministic per seed.
+    Each layer of a unit then keeps its learned or its nearest rounding, whichever mix
     gives the unit the lowest output error (`_best_choice`): a learned rounding can end worse
     than nearest (EfficientNet-Lite0's first depthwise conv at 100 steps on 64 samples:
     13.0 -> 16.9, docs/benchmarks.md).
@@ -181,24 +149,16 @@ def reconstruct_weights(
         raise UsageError(f"rounding iterations must be at least 1, got {iterations}")
     units = reconstruction_units(model, layers, plan, method=method)
     if not units:
-        return Reconstruction({}, {})
+        return {}
     weights = rounded_weights(model, quantized, layers, plan)
     samples = _samples(calibration)
-    step_groups = {name: group for name, group in (step_groups or {}).items() if name in _initializers(quantized)}
     rounding_model = with_weight_feeds(quantized, weights.values())
-    current = {w.feed: w.dequantized(w.integers) for w in weights.values()}
-    if step_groups:
-        rounding_model = with_bias_feeds(with_scale_feeds(rounding_model, step_groups), weights.values())
-        current |= _scale_values(quantized, step_groups) | _bias_values(weights.values())
-    other_feeds = set(current) - {w.feed for w in weights.values()}
     float_names = _tensor_names(model)
-    graphs = [
-        unit_subgraph(rounding_model, float_names, unit, [weights[n] for n in unit.layers], other_feeds) for unit in units
-    ]
+    graphs = [unit_subgraph(rounding_model, float_names, unit, [weights[n] for n in unit.layers]) for unit in units]
     quantized_runs = Collector(rounding_model, sorted({name for graph in graphs for name in graph.activations}))
     float_runs = Collector(model, sorted({name for unit in units for name in (unit.input, unit.output)}))
+    current = {w.feed: w.dequantized(w.integers) for w in weights.values()}
     grids: dict[str, WeightGrid] = {}
-    act_scales: dict[str, float] = {}
     for index, (unit, graph) in enumerate(zip(units, graphs)):
         unit_weights = [weights[name] for name in unit.layers]
         quantized_inputs = quantized_runs.run(samples, graph.activations, current)
@@ -207,117 +167,21 @@ def reconstruct_weights(
         twin = _twin(graph.model)
         generator = torch.Generator().manual_seed(seed * 100_003 + index)
         roundings = [SoftRounding(weight) for weight in unit_weights]
-        steps = LearnedSteps(_inner_groups(graph.feeds, step_groups), current, unit_weights)
-        fixed = {name: current[name] for name in graph.feeds if name not in steps.names}
+        nearest = {w.feed: current[w.feed] for w in unit_weights}
         with progress(unit.label, iterations) as advance:
-            _optimize(twin, roundings, unit_weights, steps, fixed, data, iterations, generator, advance)
-        calibrated = {name: current[name] for name in steps.names}
-        nearest = {w.feed: current[w.feed] for w in unit_weights} | calibrated
-        learned = {w.feed: w.dequantized(r.integers()) for w, r in zip(unit_weights, roundings)} | steps.values()
-        members = [frozenset({w.feed}) for w in unit_weights] + ([frozenset(steps.names)] if steps.names else [])
-        choice = _best_choice(twin, data, nearest, learned, fixed, members)
+            _optimize(twin, roundings, unit_weights, data, iterations, generator, advance)
+        learned = {weight.feed: weight.dequantized(rounding.integers()) for weight, rounding in zip(unit_weights, roundings)}
+        choice = _best_choice(twin, data, nearest, learned)
         for weight, rounding in zip(unit_weights, roundings):
             integers = rounding.integers() if weight.feed in choice.learned else weight.integers
             current[weight.feed] = weight.dequantized(integers)
             grids[weight.layer] = WeightGrid(integers.astype(np.int8 if weight.bits <= 8 else np.int16), weight.scale)
-        if steps.names and steps.names <= choice.learned:
-            current.update({name: learned[name] for name in steps.names})
-            act_scales.update({group: float(learned[names[0]]) for group, names in steps.groups.items()})
         log.info(
             "%s: output error %.4g with nearest rounding, %.4g learned, %.4g kept (%s)",
             unit.label, choice.nearest_error, choice.learned_error, choice.error,
             _described(choice, [(w.feed, w.layer) for w in unit_weights]),
         )
-    return Reconstruction(grids, act_scales)
-
-
-@dataclass(frozen=True)
-class Reconstruction:
-    """What rounding optimization chose: each reconstructed layer's integers on its grid
-    (for quantize(..., weight_grids=...)), and the learned step of each activation
-    quantizer group whose step was learned and kept (group name -> scale)."""
-
-    weights: dict[str, WeightGrid]
-    act_scales: dict[str, float]
-
-
-class LearnedSteps:
-    """The steps of a unit's inner activation quantizer groups, learned as log(step) (so
-    they stay positive) with the straight-through rounding of the twin's fake quantization,
-    whose gradient in the step is LSQ's (Esser et al., ICLR 2020) without its gradient
-    scale, which Adam makes moot. Each group's step feeds every initializer it is held in,
-    and the biases of the layers reading it follow it onto their int32 grid."""
-
-    def __init__(
-        self, groups: Mapping[str, Sequence[str]], current: Mapping[str, torch.Tensor], weights: Sequence[RoundedWeight]
-    ) -> None:
-        import torch
-
-        self.groups = {group: tuple(names) for group, names in groups.items()}
-        steps = {name for names in self.groups.values() for name in names}
-        self.biases = [w for w in weights if w.bias is not None and w.input_scale in steps]
-        self.names = frozenset(steps | {w.bias_feed for w in self.biases})
-        self.log_steps = {
-            group: torch.log(current[names[0]].detach().clone().double()).float().requires_grad_()
-            for group, names in self.groups.items()
-        }
-
-    def feeds(self) -> dict[str, torch.Tensor]:
-        steps = {name: self.log_steps[group].exp() for group, names in self.groups.items() for name in names}
-        return steps | {w.bias_feed: w.bias_on_grid(steps[w.input_scale]) for w in self.biases if w.input_scale}
-
-    def values(self) -> dict[str, torch.Tensor]:
-        """The steps (float32, as the written quantizers will hold them) and the biases on their grids."""
-        import torch
-
-        with torch.no_grad():
-            return {name: value.detach().clone() for name, value in self.feeds().items()}
-
-
-def _inner_groups(feeds: Sequence[str], step_groups: Mapping[str, str]) -> dict[str, list[str]]:
-    """The groups all of whose step initializers a unit reads (so none sits at the unit's
-    input, fixed in its data, or in another unit): group -> its initializers."""
-    read = set(feeds)
-    groups: dict[str, list[str]] = {}
-    for name, group in sorted(step_groups.items()):
-        groups.setdefault(group, []).append(name)
-    return {group: names for group, names in groups.items() if read.issuperset(names)}
-
-
-def with_scale_feeds(model: onnx.ModelProto, step_groups: Mapping[str, str]) -> onnx.ModelProto:
-    """A copy whose activation step initializers named in `step_groups` are scalar graph
-    inputs of the same name, so units can feed learned steps and the later units' data is
-    gathered with them."""
-    if not step_groups:
-        return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    kept = [t for t in copy.graph.initializer if t.name not in step_groups]
-    del copy.graph.initializer[:]
-    copy.graph.initializer.extend(kept)
-    for name in sorted(step_groups):
-        copy.graph.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, []))
-    return copy
-
-
-def _scale_values(model: onnx.ModelProto, step_groups: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    import torch
-
-    initializers = _initializers(model)
-    return {
-        name: torch.from_numpy(numpy_helper.to_array(initializers[name]).astype(np.float32).reshape(()))
-        for name in step_groups
-    }
-
-
-def _bias_values(weights: Iterable[RoundedWeight]) -> dict[str, torch.Tensor]:
-    import torch
-
-    return {w.bias_feed: torch.from_numpy(w.quantized_bias) for w in weights if w.quantized_bias is not None}
-
-
-def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
+    return grids
 
 
 @dataclass(frozen=True)
@@ -332,49 +196,41 @@ class Choice:
     learned_error: float
 
 
-MAX_COMBINED_MEMBERS = 4
-"""Units with up to this many members (a layer's rounding each, the unit's activation steps
-one more) try every mix of learned and calibrated per member (2^4 = 16 error evaluations,
-each a forward pass over at most ERROR_SAMPLES: about a tenth of 100 training steps); larger
-units try all learned or none."""
+MAX_COMBINED_LAYERS = 4
+"""Units with up to this many layers try every mix of learned and nearest rounding per layer
+(2^4 = 16 error evaluations, each a forward pass over at most ERROR_SAMPLES: about a tenth
+of 100 training steps); larger units try all learned or all nearest."""
 
 
 def _best_choice(
-    twin: OnnxTwin,
-    data: UnitData,
-    nearest: Mapping[str, torch.Tensor],
-    learned: Mapping[str, torch.Tensor],
-    fixed: Mapping[str, torch.Tensor],
-    members: Sequence[frozenset[str]],
+    twin: OnnxTwin, data: UnitData, nearest: Mapping[str, torch.Tensor], learned: Mapping[str, torch.Tensor]
 ) -> Choice:
-    """The mix of learned and nearest (calibrated) members with the lowest unit output
-    error, all nearest first so that ties keep it. At 100 steps a depthwise conv's rounding
+    """The mix of learned and nearest rounding per layer with the lowest unit output error,
+    all nearest first so that ties keep it. At 100 steps a depthwise conv's rounding
     variables are often still undecided when rounded and its learned rounding ends worse
     than nearest, while the projection after it ends better (docs/benchmarks.md): a block
-    reconstructed together should still keep each layer's better rounding. `members`
-    partition the feeds of `nearest` and `learned`; `fixed` feeds are the same in every mix."""
-    if len(members) <= MAX_COMBINED_MEMBERS:
-        masks = range(2 ** len(members))
-        subsets = [frozenset().union(*(m for bit, m in enumerate(members) if mask >> bit & 1)) for mask in masks]
+    reconstructed together should still keep each layer's better rounding."""
+    feeds = list(learned)
+    if len(feeds) <= MAX_COMBINED_LAYERS:
+        subsets = [frozenset(f for bit, f in enumerate(feeds) if mask >> bit & 1) for mask in range(2 ** len(feeds))]
     else:
-        subsets = [frozenset(), frozenset(learned)]
+        subsets = [frozenset(), frozenset(feeds)]
     errors = {
-        subset: _unit_error(twin, data, {**fixed, **{f: learned[f] if f in subset else nearest[f] for f in learned}})
+        subset: _unit_error(twin, data, {feed: learned[feed] if feed in subset else nearest[feed] for feed in feeds})
         for subset in subsets
     }
     best = min(subsets, key=lambda subset: errors[subset])
-    return Choice(best, errors[best], errors[frozenset()], errors[frozenset(learned)])
+    return Choice(best, errors[best], errors[frozenset()], errors[frozenset(feeds)])
 
 
 def _described(choice: Choice, layers: Sequence[tuple[str, str]]) -> str:
     """The log's account of a unit's choice; `layers`: (weight feed, layer name)."""
     taken = [layer for feed, layer in layers if feed in choice.learned]
-    steps = " and learned activation steps" if len(choice.learned) > len(taken) else ""
     if len(taken) == len(layers):
-        return "learned rounding" + steps
+        return "learned rounding"
     if taken:
-        return "learned rounding on " + ", ".join(taken) + steps
-    return "nearest rounding" + steps
+        return "learned rounding on " + ", ".join(taken)
+    return "nearest rounding"
 
 
 def reconstruction_units(
@@ -545,10 +401,6 @@ def rounded_weights(
         axis = next((a.i for a in dequantize.attribute if a.name == "axis"), 1) if scale.ndim else None
         if axis is not None and axis < 0:
             axis += integers.ndim
-        reads = graph.producer.get(node.input[0])
-        bias_dequantize = graph.producer.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        float_bias = _float_bias(model, layer.name)
-        has_bias = float_bias is not None and bias_dequantize is not None and bias_dequantize.op_type == "DequantizeLinear"
         found[layer.name] = RoundedWeight(
             layer=layer.name,
             feed=f"{layer.name}::rounded_weight",
@@ -557,51 +409,23 @@ def rounded_weights(
             scale=scale,
             axis=axis,
             bits=entry.weight_bits,
-            input_scale=reads.input[1] if reads is not None and reads.op_type == "DequantizeLinear" else None,
-            bias=float_bias if has_bias else None,
-            quantized_bias=_dequantized(bias_dequantize, initializers) if has_bias else None,
         )
     return found
-
-
-def _float_bias(model: onnx.ModelProto, layer: str) -> np.ndarray | None:
-    node = next((n for n in model.graph.node if n.name == layer), None)
-    if node is None or len(node.input) < 3 or not node.input[2]:
-        return None
-    bias = next((t for t in model.graph.initializer if t.name == node.input[2]), None)
-    return None if bias is None else numpy_helper.to_array(bias).astype(np.float32).reshape(-1)
-
-
-def _dequantized(dequantize: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> np.ndarray:
-    integers = numpy_helper.to_array(initializers[dequantize.input[0]]).astype(np.float32)
-    return (integers * numpy_helper.to_array(initializers[dequantize.input[1]]).astype(np.float32)).reshape(-1)
-
-
-def with_bias_feeds(model: onnx.ModelProto, weights: Iterable[RoundedWeight]) -> onnx.ModelProto:
-    """A copy whose layers with a bias read it from RoundedWeight.bias_feed instead of its
-    int32 DequantizeLinear, so a unit that learns a layer's input step can move its bias grid."""
-    return _with_feeds(model, [(weight.layer, 2, weight.bias_feed) for weight in weights if weight.bias is not None])
 
 
 def with_weight_feeds(quantized: onnx.ModelProto, weights: Iterable[RoundedWeight]) -> onnx.ModelProto:
     """A copy of the QDQ model whose reconstructed layers read their weight from a graph
     input (RoundedWeight.feed) instead of their DequantizeLinear, so the twin can be given
     soft-rounded weights; everything else (activation quantizers, int32 biases) is kept."""
-    return _with_feeds(quantized, [(weight.layer, 1, weight.feed) for weight in weights])
-
-
-def _with_feeds(model: onnx.ModelProto, feeds: Sequence[tuple[str, int, str]]) -> onnx.ModelProto:
-    """A copy in which input `index` of node `layer` is the graph input `feed`, for each
-    (layer, index, feed); the nodes that computed the replaced inputs go when unread."""
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy.CopyFrom(quantized)
     nodes = {node.name: node for node in copy.graph.node}
     replaced: set[str] = set()
-    for layer, index, feed in feeds:
-        node = nodes[layer]
-        replaced.add(node.input[index])
-        node.input[index] = feed
-        copy.graph.input.append(helper.make_tensor_value_info(feed, onnx.TensorProto.FLOAT, None))
+    for weight in weights:
+        node = nodes[weight.layer]
+        replaced.add(node.input[1])
+        node.input[1] = weight.feed
+        copy.graph.input.append(helper.make_tensor_value_info(weight.feed, onnx.TensorProto.FLOAT, None))
     still_read = {name for node in copy.graph.node for name in node.input}
     kept = [node for node in copy.graph.node if not (set(node.output) & replaced and not set(node.output) & still_read)]
     del copy.graph.node[:]
@@ -617,22 +441,13 @@ class UnitGraph:
 
     model: onnx.ModelProto
     activations: tuple[str, ...]
-    feeds: tuple[str, ...] = ()
-    """The other feeds (activation steps, biases: with_scale_feeds, with_bias_feeds) the unit reads."""
 
 
-def unit_subgraph(
-    rounding_model: onnx.ModelProto,
-    float_names: set[str],
-    unit: Unit,
-    weights: Sequence[RoundedWeight],
-    other_feeds: Iterable[str] = (),
-) -> UnitGraph:
+def unit_subgraph(rounding_model: onnx.ModelProto, float_names: set[str], unit: Unit, weights: Sequence[RoundedWeight]) -> UnitGraph:
     """The nodes between the unit's input (its quantized copies, or the float tensor itself
     where a node reads it unquantized) and its output, as a model of their own."""
     graph = _Graph(rounding_model)
-    others = set(other_feeds)
-    feeds = {weight.feed for weight in weights} | others
+    feeds = {weight.feed for weight in weights}
     kept: set[int] = set()
     activations: list[str] = []
     pending, seen = [unit.output], set()
@@ -654,19 +469,17 @@ def unit_subgraph(
     nodes = [node for index, node in enumerate(graph.nodes) if index in kept]
     used = {name for node in nodes for name in node.input}
     activations.sort()
-    read = sorted(others & used)
     sub = helper.make_graph(
         nodes,
         "unit",
         [_batched(values, name) for name in activations]
-        + [helper.make_tensor_value_info(weight.feed, onnx.TensorProto.FLOAT, None) for weight in weights]
-        + [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in read],
+        + [helper.make_tensor_value_info(weight.feed, onnx.TensorProto.FLOAT, None) for weight in weights],
         [_batched(values, unit.output)],
         [t for t in rounding_model.graph.initializer if t.name in used],
     )
     model = helper.make_model(sub, opset_imports=list(rounding_model.opset_import))
     model.ir_version = rounding_model.ir_version
-    return UnitGraph(model, tuple(activations), tuple(read))
+    return UnitGraph(model, tuple(activations))
 
 
 def _float_source(graph: _Graph, name: str, float_names: set[str]) -> str | None:
@@ -824,36 +637,26 @@ def _feeds(data: UnitData, index: torch.Tensor, generator: torch.Generator) -> d
     return {name: torch.where(mask, float_input, values[index]) for name, values in data.quantized.items()}
 
 
-def step_learning_rate(iterations: int) -> float:
-    """Adam's step for the log activation steps: STEP_TRAVEL spread over the run."""
-    return min(MAX_STEP_LEARNING_RATE, max(MIN_STEP_LEARNING_RATE, STEP_TRAVEL / iterations))
-
-
 def _optimize(
     twin: OnnxTwin,
     roundings: Sequence[SoftRounding],
     weights: Sequence[RoundedWeight],
-    steps: LearnedSteps,
-    fixed: Mapping[str, torch.Tensor],
     data: UnitData,
     iterations: int,
     generator: torch.Generator,
     advance: Callable[[int], None],
 ) -> None:
-    """Adam on the rounding variables and the unit's activation steps: reconstruction
-    error, plus the annealed rounding regularizer after the warm-up."""
+    """Adam on the rounding variables: reconstruction error, plus the annealed regularizer
+    after the warm-up."""
     import torch
 
-    parameters = [{"params": [rounding.logits for rounding in roundings], "lr": learning_rate(iterations)}]
-    if steps.log_steps:
-        parameters.append({"params": list(steps.log_steps.values()), "lr": step_learning_rate(iterations)})
-    optimizer = torch.optim.Adam(parameters)
+    optimizer = torch.optim.Adam([rounding.logits for rounding in roundings], lr=learning_rate(iterations))
     count = int(data.target.shape[0])
     batch = min(BATCH_SIZE, count)
     warmup = int(WARMUP * iterations)
     for step in range(iterations):
         index = torch.randperm(count, generator=generator)[:batch]
-        feeds = _feeds(data, index, generator) | dict(fixed) | steps.feeds()
+        feeds = _feeds(data, index, generator)
         feeds.update({weight.feed: rounding.soft_weight() for weight, rounding in zip(weights, roundings)})
         outputs, _ = twin.run(feeds)
         loss = reconstruction_error(outputs[0], data.target[index])
