@@ -6,6 +6,7 @@ Variants (comma-separated `--variants`):
   symmetric      the same sequential inputs, the target W x_q instead of W x_f (no shift)
   bias-corrected the shipped integers, then bias correction on every layer as well
   samples=N      GPTQ's H and shift on the first N calibration samples
+  damping=D      D x the mean diagonal added to H instead of gptq.DAMPING
 
 Data and plans are bench/ptq.py's (uniform plans, classifier float; ImageNet models scored
 with onnxruntime's exact kernels). One line per cell, printed as it is measured:
@@ -36,7 +37,7 @@ import ptq as bench  # noqa: E402
 @contextmanager
 def variant(name: str) -> Iterator[None]:
     """The module changes a variant needs, undone after it."""
-    saved_products, saved_samples = gptq._input_products, gptq.GPTQ_SAMPLES
+    saved_products, saved_samples, saved_damping = gptq._input_products, gptq.GPTQ_SAMPLES, gptq.DAMPING
     if name == "symmetric":
 
         def without_shift(*args):  # noqa: ANN002, ANN202
@@ -46,10 +47,12 @@ def variant(name: str) -> Iterator[None]:
         gptq._input_products = without_shift
     elif name.startswith("samples="):
         gptq.GPTQ_SAMPLES = int(name.split("=", 1)[1])
+    elif name.startswith("damping="):
+        gptq.DAMPING = float(name.split("=", 1)[1])
     try:
         yield
     finally:
-        gptq._input_products, gptq.GPTQ_SAMPLES = saved_products, saved_samples
+        gptq._input_products, gptq.GPTQ_SAMPLES, gptq.DAMPING = saved_products, saved_samples, saved_damping
 
 
 def written(setup: bench.Setup, config: str, name: str):  # noqa: ANN201 - onnx.ModelProto
