@@ -81,10 +81,13 @@ def _timed_stages() -> dict[str, float]:
 
 
 def compile_options(kind: str) -> dict[str, Any]:
-    """A kind's qn.compile options; a `+joins<N>` suffix adds join_operand_bits=N."""
+    """A kind's qn.compile options; a `+joins<N>` suffix adds join_operand_bits=N, and
+    `+joinspaper` join_operand_bits=None (the paper's rule; the default is 8)."""
     base, _, joins = kind.partition("+joins")
     options = dict({**COMPILES, **BUDGETS, **TWO_THREADS}[base])
-    return {**options, "join_operand_bits": int(joins)} if joins else options
+    if not joins:
+        return options
+    return {**options, "join_operand_bits": None if joins == "paper" else int(joins)}
 
 
 def run_one(model: str, kind: str) -> dict[str, Any]:
@@ -257,7 +260,7 @@ def main() -> None:
     parser.add_argument("--budgets", action="store_true", help="the milp compile at avg-bits 3..6 against uniform instead")
     parser.add_argument("--cached-only", action="store_true", help="--budgets: only the cells already measured")
     parser.add_argument("--two-threads", action="store_true", help="ImageNet models: also the default compile at threads=2")
-    parser.add_argument("--join-operand-bits", type=int, default=None, help="every compile with join_operand_bits=N")
+    parser.add_argument("--join-operand-bits", default=None, help="every compile with join_operand_bits=N, or paper (None)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:

@@ -81,7 +81,7 @@ def compile(
     first_last_bits: int | None = None,
     input_bits: int | None = None,
     act_bits: int | None = None,
-    join_operand_bits: int | None = None,
+    join_operand_bits: int | Literal["auto"] | None = "auto",
     calibration: Calibration = "auto",
     percentile: float = 99.99,
     weight_clipping: WeightClipping = "output",
@@ -158,10 +158,11 @@ def compile(
     at those bits whatever its weight bits (mixed precision of the weights alone, e.g. 8 for
     onnxruntime's CPU kernels, where narrower activations save nothing; docs/method.md,
     "Activation bits"); the milp's table, its trial plans and the verification's uniform
-    models follow it. `join_operand_bits` (e.g. 8) quantizes the operands of residual joins
-    at no fewer than those bits, so a block's sum is rounded once, onto the grid of the layer
-    it feeds, as BRECQ and QDrop place their quantizers (docs/quantization.md, "Residual
-    joins"); None keeps the paper's rule, the operands at the join's bits.
+    models follow it. `join_operand_bits` quantizes the operands of residual joins at no
+    fewer than those bits, so a block's sum is rounded once, onto the grid of the layer it
+    feeds, as BRECQ and QDrop place their quantizers (docs/quantization.md, "Residual
+    joins"); None keeps the paper's rule, the operands at the join's bits; "auto" (default)
+    is 8, except for `method="eqn3"` (the paper's rule) and a given `plan` (its own).
 
     `data` calibrates the activation ranges (its first `calibration_samples`) and, for
     QUANOS, is attacked (`samples`, default up to 1000). Unless `evaluate` is False, the

@@ -441,7 +441,7 @@ def compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--first-last-bits", type=int, default=None, metavar="N", help="Keep the first quantized layer and, with --quantize-output, the output layer at N bits (weights and input) whatever the plan says, and the first layer's output (its readers' input) at N bits, as the PTQ papers do with 8; the milp counts them in its budget."),
         click.option("--input-bits", type=int, default=None, metavar="N", help="Read the model input at no more than N bits (the first layer's input activation), on the written plan and every plan the milp measures: a coarse input grid keeps small perturbations out (docs/method.md, \"Input bit depth\")."),
         click.option("--act-bits", type=int, default=None, metavar="N", help="Every quantized layer's activations at N bits whatever its weight bits (weights-only mixed precision; 8 suits onnxruntime's CPU kernels, where narrower activations save nothing): on the written plan, the milp's table and trial plans, and the verification's uniform models (docs/method.md, \"Activation bits\")."),
-        click.option("--join-operand-bits", type=int, default=None, metavar="N", help="Quantize the operands of residual Add/Concat joins at no fewer than N bits; the join's sum still meets the k-bit input grid of the layer it feeds, so a block's output is rounded once (as BRECQ/QDrop place quantizers; docs/quantization.md, \"Residual joins\"). Default: the paper's rule, operands at the join's bits."),
+        click.option("--join-operand-bits", default="auto", show_default=True, metavar="N|paper|auto", help="Quantize the operands of residual Add/Concat joins at no fewer than N bits; the join's sum still meets the k-bit input grid of the layer it feeds, so a block's output is rounded once (as BRECQ/QDrop place quantizers; docs/quantization.md, \"Residual joins\"). paper: the paper's rule, operands at the join's bits. auto: 8, except the paper's rule for --method eqn3 and a --plan's own."),
         click.option("--calibration", type=click.Choice(["auto", "probe", "minmax", "percentile", "entropy", "mse"]), default="auto", show_default=True, help="Activation range estimator, per quantizer at its bits (auto: entropy up to 6 bits, min/max above; probe: at 6 bits and fewer entropy or mse, whichever a uniform 4-bit probe on the calibration data finds closer to float; docs/quantization.md)."),
         click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calibration percentile."),
         click.option("--weight-clipping", type=click.Choice(["absmax", "mse", "output"]), default="output", show_default=True, help="Per-channel weight scales: absmax, or the clipping that minimizes the weight's (mse) or the layer output's (output) error."),
@@ -520,11 +520,13 @@ def compile_command(**options: Any) -> None:
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
     from .commands.compile import CompileOptions, run_compile
     from .commands.options import methods_from_text
+    from .commands.compile import parse_join_operand_bits
     from .verify import parse_max_accuracy_drop
 
     typed = _typed(options)
     typed["eval_attacks"] = methods_from_text(options["eval_attacks"], "eval_attacks")
     typed["max_accuracy_drop"] = parse_max_accuracy_drop(options["max_accuracy_drop"])
+    typed["join_operand_bits"] = parse_join_operand_bits(options["join_operand_bits"])
     result = run_compile(
         typed["model"],
         typed["data"],

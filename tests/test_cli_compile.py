@@ -180,6 +180,8 @@ BAD_INPUTS = [
     ("bits 17", None, ["model.onnx", "--data", "data.npz", "--bits", "17"], 2, ["--bits 17", "2..16"]),
     ("join operand bits 1", None, ["model.onnx", "--data", "data.npz", "--bits", "4", "--join-operand-bits", "1"], 2,
      ["--join-operand-bits 1", "2..16"]),
+    ("join operand bits a word", None, ["model.onnx", "--data", "data.npz", "--bits", "4", "--join-operand-bits", "many"], 2,
+     ["--join-operand-bits", "'many'", "paper"]),
     ("data shape does not match", ("big.npz", lambda p: _data(p, np.zeros((4, 3, 9, 9), np.float32))),
      ["model.onnx", "--data", "big.npz", "--bits", "8"], 1, ["big.npz", "3x9x9", "[N,3,8,8]"]),
     ("NaN in data", ("nan.npz", _with_nan), ["model.onnx", "--data", "nan.npz", "--bits", "8"], 1,
@@ -406,6 +408,33 @@ def test_join_operand_bits_write_the_joins_at_those_bits_and_record_them_in_the_
     again = _compile(["residual.onnx", "--data", "data.npz", "--plan", f"out/{PLAN_FILE}", "-o", "again", "--no-eval"])
     assert again.exit_code == 0, again.output
     assert read_plan(workdir / "again" / PLAN_FILE).join_operand_bits == 8
+    graphs = [onnx.load(workdir / folder / MODEL_FILE).graph.SerializeToString() for folder in ("out", "again")]
+    assert graphs[0] == graphs[1]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], 8),
+    (["--join-operand-bits", "paper"], None),
+    (["--method", "eqn3", "--k-init", "4", "--samples", "8"], None),
+    (["--method", "eqn3", "--k-init", "4", "--samples", "8", "--join-operand-bits", "8"], 8),
+], ids=["auto is 8", "paper", "eqn3 keeps the paper's rule", "eqn3 with 8"])
+def test_join_operands_default_to_8_bits_except_under_the_papers_rule(workdir: Path, args: list[str], expected: int | None):
+    onnx.save(resnet_style(), workdir / "residual.onnx")
+    bits = [] if "eqn3" in args else ["--bits", "4"]
+    result = _compile(["residual.onnx", "--data", "data.npz", *bits, *args, "-o", "out", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    assert read_plan(workdir / "out" / PLAN_FILE).join_operand_bits == expected
+    names = {t.name for t in onnx.load(workdir / "out" / MODEL_FILE).graph.initializer}
+    assert any("_q8@block1.add" in n for n in names) == (expected == 8)
+
+
+def test_a_plan_written_under_the_papers_rule_keeps_it_when_compiled_again(workdir: Path):
+    onnx.save(resnet_style(), workdir / "residual.onnx")
+    first = _compile(["residual.onnx", "--data", "data.npz", "--bits", "4", "--join-operand-bits", "paper", "-o", "out", "--no-eval"])
+    assert first.exit_code == 0, first.output
+    again = _compile(["residual.onnx", "--data", "data.npz", "--plan", f"out/{PLAN_FILE}", "-o", "again", "--no-eval"])
+    assert again.exit_code == 0, again.output
+    assert read_plan(workdir / "again" / PLAN_FILE).join_operand_bits is None
     graphs = [onnx.load(workdir / folder / MODEL_FILE).graph.SerializeToString() for folder in ("out", "again")]
     assert graphs[0] == graphs[1]
 

@@ -59,10 +59,17 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.quanos.onnx"
 PLAN_FILE = "plan.json"
 SEARCH_SAMPLES = 1000
+"""At most this many samples after the calibration samples judge plans during a milp search."""
 MIN_SEARCH_SAMPLES = 200
 """A milp search keeps at least this many samples (or half the calibration part) out of
 calibration, so its plans are judged on samples their grids were not fitted to."""
-"""At most this many samples after the calibration samples judge plans during a milp search."""
+DEFAULT_JOIN_OPERAND_BITS = 8
+"""What `join_operand_bits="auto"` means for every method but eqn3 and a given plan: the
+operands of residual joins on 8-bit grids, the join's sum on the grid of the layer it feeds,
+so a block's output is rounded once (docs/quantization.md, "Residual joins"). Every plan at
+fixed bits gained or held (ResNet-20 W3A3 66.7% -> 85.8%), and only with it does the default
+compile keep its guard on every shared model at GUARD_STANDARD_ERRORS (docs/benchmarks.md,
+"The guard's margin"). Eqn 3 keeps the paper's rule, operands at the join's bits."""
 
 AllocationMethod = Literal["eqn3", "milp"]
 SensitivityMethod = Literal["auto", "kl", "mse", "fisher"]
@@ -96,10 +103,12 @@ class CompileOptions(AttackOptions, RunOptions):
     written plan, on every plan the milp measures, in its sensitivity table and in the
     verification's uniform models. None: QUANOS's one bit-width per layer for its weights and
     its input."""
-    join_operand_bits: int | None = None
+    join_operand_bits: int | Literal["auto"] | None = "auto"
     """The operands of every quantized residual join at no fewer than these bits, the join's
     sum at the bits of the layer it feeds (PtqSettings.join_operand_bits; docs/quantization.md,
-    "Residual joins"). None: the paper's rule, operands at the join's bits."""
+    "Residual joins"). None: the paper's rule, operands at the join's bits. "auto": what a
+    given plan recorded, else the paper's rule for eqn3 and DEFAULT_JOIN_OPERAND_BITS for
+    the rest (operand_bits)."""
     calibration: Calibration = "auto"
     percentile: float = 99.99
     weight_clipping: WeightClipping = "output"
@@ -141,8 +150,10 @@ class CompileOptions(AttackOptions, RunOptions):
             raise UsageError(f"{arg('input_bits')} {self.input_bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.act_bits is not None and not MIN_BITS <= self.act_bits <= MAX_BITS:
             raise UsageError(f"{arg('act_bits')} {self.act_bits} is outside {MIN_BITS}..{MAX_BITS}")
-        if self.join_operand_bits is not None and not MIN_BITS <= self.join_operand_bits <= MAX_BITS:
-            raise UsageError(f"{arg('join_operand_bits')} {self.join_operand_bits} is outside {MIN_BITS}..{MAX_BITS}")
+        if self.join_operand_bits not in (None, "auto") and not (
+            isinstance(self.join_operand_bits, int) and MIN_BITS <= self.join_operand_bits <= MAX_BITS
+        ):
+            raise UsageError(f"{arg('join_operand_bits')} {self.join_operand_bits!r} is outside {MIN_BITS}..{MAX_BITS}")
         if self.calibration_samples < 1:
             raise UsageError(f"{arg('calibration_samples')} {self.calibration_samples} must be at least 1")
         if not 50.0 < self.percentile <= 100.0:
@@ -249,8 +260,15 @@ class CompileOptions(AttackOptions, RunOptions):
             rounding=self.rounding if rounding else "nearest",
             rounding_iterations=self.rounding_iterations,
             seed=self.seed,
-            join_operand_bits=self.join_operand_bits,
+            join_operand_bits=self.operand_bits(),
         )
+
+    def operand_bits(self) -> int | None:
+        """`join_operand_bits` with "auto" resolved by the method (a given plan's own is
+        resolved by compile before any grid is chosen)."""
+        if self.join_operand_bits != "auto":
+            return self.join_operand_bits
+        return None if self.method == "eqn3" else DEFAULT_JOIN_OPERAND_BITS
 
     def verify_settings(self) -> VerifySettings:
         """The checks of the compiled model (verify.py): the eval attacks at the ANS eps."""
@@ -450,8 +468,8 @@ def run_compile(
         )
     check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
     given_plan = None if plan is None else read_plan_input(plan)
-    if given_plan is not None and options.join_operand_bits is None and given_plan.plan.join_operand_bits is not None:
-        # A plan written with --join-operand-bits brings it along, so its uniform baselines follow it too.
+    if given_plan is not None and options.join_operand_bits == "auto":
+        # A given plan brings its joins' rule along, so its uniform baselines follow it too.
         options = replace(options, join_operand_bits=given_plan.plan.join_operand_bits)
     checks = options.verify_settings() if options.evaluate else None
     attacked = options.bits is None and given_plan is None
@@ -746,6 +764,19 @@ class _SearchSplit:
     samples: int
     source: str
     float_accuracy: float
+
+
+def parse_join_operand_bits(text: str) -> int | Literal["auto"] | None:
+    """`--join-operand-bits N`, `paper` (None: the paper's rule) or `auto`."""
+    word = text.strip().lower()
+    if word == "auto":
+        return "auto"
+    if word == "paper":
+        return None
+    try:
+        return int(word)
+    except ValueError:
+        raise UsageError(f"{arg('join_operand_bits')} {text!r} is not a number of bits, 'paper' or 'auto'") from None
 
 
 def calibration_samples(wanted: int, available: int, *, searched: bool) -> int:
