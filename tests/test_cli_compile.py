@@ -426,6 +426,11 @@ def test_join_operands_default_to_8_bits_except_under_the_papers_rule(workdir: P
     assert read_plan(workdir / "out" / PLAN_FILE).join_operand_bits == expected
     names = {t.name for t in onnx.load(workdir / "out" / MODEL_FILE).graph.initializer}
     assert any("_q8@block1.add" in n for n in names) == (expected == 8)
+    report = json.loads((workdir / "out" / "report.json").read_text())
+    assert report["settings"]["join_operand_bits"] == expected  # resolved, never "auto"
+    assert report["summary"]["joins"]["operand_bits"] == expected
+    rule = "rounded once" if expected == 8 else "the paper's rule"
+    assert rule in next(line for line in (workdir / "out" / "report.md").read_text().splitlines() if "residual joins" in line)
 
 
 def test_a_plan_written_under_the_papers_rule_keeps_it_when_compiled_again(workdir: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from json_schema import load_schemas, validate
 from report_documents import RUN, ans_measurement, compile_document, milp_plan, tiny_layers
 
 from quanos_onnx.hwmodel import estimate, load_profile
-from quanos_onnx.plan import LayerPlan, Plan
+from quanos_onnx.plan import JoinPlan, LayerPlan, Plan
 from quanos_onnx.report import (
     RunClock,
     data_input,
@@ -69,6 +70,18 @@ def test_plan_summary_counts_and_weights_by_parameters() -> None:
         "method": "uniform-6", "k_init": 6, "k_min": 6, "average_weight_bits": 6.0,
         "quantized_layers": len(layers) - 1, "float_layers": 1,
     }
+
+
+@pytest.mark.parametrize("operand_bits", [8, None])
+def test_plan_summary_says_which_rule_the_quantized_joins_follow(operand_bits: int | None) -> None:
+    layers = tiny_layers()
+    joins = (JoinPlan("add", 4, ("a", "b"), layers[1].name), JoinPlan("float_add", None, ("c", "d"), None))
+    plan = replace(Plan.uniform(layers, 4), joins=joins, join_operand_bits=operand_bits)
+    summary = plan_summary(layers, plan)
+    assert summary["joins"] == {"quantized": 1, "operand_bits": operand_bits}
+    assert "joins" not in plan_summary(layers, Plan.uniform(layers, 4))
+    document = report_document("compile", models=[{"path": "m.onnx", "sha256": None}], summary=summary)
+    assert validate(document, "urn:quanos:quanos-report", SCHEMAS) == []
 
 
 def test_plan_summary_of_a_milp_plan_says_how_far_it_moved_from_eqn3() -> None:

@@ -468,9 +468,11 @@ def run_compile(
         )
     check_finite_initializers(source.proto, weights_and_biases(layers), source.name)
     given_plan = None if plan is None else read_plan_input(plan)
-    if given_plan is not None and options.join_operand_bits == "auto":
-        # A given plan brings its joins' rule along, so its uniform baselines follow it too.
-        options = replace(options, join_operand_bits=given_plan.plan.join_operand_bits)
+    if options.join_operand_bits == "auto":
+        # A given plan brings its joins' rule along, so its uniform baselines follow it too;
+        # resolved here so that report.json's settings say which rule ran.
+        operand_bits = options.operand_bits() if given_plan is None else given_plan.plan.join_operand_bits
+        options = replace(options, join_operand_bits=operand_bits)
     checks = options.verify_settings() if options.evaluate else None
     attacked = options.bits is None and given_plan is None
     with using_threads(options.threads, torch=attacked or bool(checks and checks.attacks)), using_device(options.device):

@@ -78,6 +78,8 @@ def _highlights(document: Mapping[str, Any]) -> list[tuple[str, str]]:
             items.append(("moved from Eqn 3", moved_text(moved)))
         items.append(("average weight bits", f"{summary['average_weight_bits']:.2f} (parameter-weighted)"))
         items.append(("layers", f"{summary['quantized_layers']} quantized, {summary['float_layers']} float"))
+        if summary.get("joins"):
+            items.append(("residual joins", joins_text(summary["joins"])))
     energy = document.get("energy")
     if energy:
         for name, profile in energy["profiles"].items():
@@ -130,6 +132,18 @@ def method_text(summary: Mapping[str, Any]) -> str:
     if summary.get("how"):
         text += f": {summary['how']}"
     return text
+
+
+def joins_text(joins: Mapping[str, Any]) -> str:
+    """Which join rule the plan was written under: it changes the written model, not the
+    bits or the energy (docs/quantization.md, "Residual joins")."""
+    count = f"{joins['quantized']} quantized"
+    if joins["operand_bits"] is None:
+        return f"{count}, operands at the bits of the layer each join feeds (the paper's rule)"
+    return (
+        f"{count}, operands at {joins['operand_bits']} bits or more, each sum rounded once onto the grid of the "
+        "layer it feeds (--join-operand-bits paper: the paper's rule)"
+    )
 
 
 def moved_text(moved: Mapping[str, Any]) -> str:

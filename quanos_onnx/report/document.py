@@ -184,6 +184,9 @@ def plan_summary(layers: Sequence[Layer], plan: Plan) -> dict[str, Any]:
         "quantized_layers": sum(1 for entry in plan.layers if entry.quantized),
         "float_layers": sum(1 for entry in plan.layers if entry.keep_float),
     }
+    quantized_joins = [join for join in plan.joins if join.bits is not None]
+    if quantized_joins:
+        summary["joins"] = {"quantized": len(quantized_joins), "operand_bits": plan.join_operand_bits}
     allocation = plan.details.get("allocation")
     if isinstance(allocation, Mapping) and "moved_from_eqn3" in allocation:
         moved = allocation["moved_from_eqn3"]
