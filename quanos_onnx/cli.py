@@ -518,9 +518,8 @@ def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
 def compile_command(**options: Any) -> None:
     """Compile MODEL into a mixed-precision QDQ ONNX model (QUANOS, or --bits/--plan baselines)."""
     _configure_logging(options.pop("verbose"), options.pop("quiet"))
-    from .commands.compile import CompileOptions, run_compile
+    from .commands.compile import CompileOptions, parse_join_operand_bits, run_compile
     from .commands.options import methods_from_text
-    from .commands.compile import parse_join_operand_bits
     from .verify import parse_max_accuracy_drop
 
     typed = _typed(options)
