@@ -44,6 +44,9 @@ TWO_THREADS = {"default-2threads": {"threads": 2}}
 BUDGETS = {f"budget{bits}": {"threads": 1, "budget": f"avg-bits={bits}", "max_accuracy_drop": None} for bits in (3, 4, 5, 6)}
 """`--budgets`: the milp compile at each average-bits budget (issue 16's iso-size comparison, no repair:
 the kept plan, solved or uniform, against uniform of its size on the same test images)."""
+SEEDED = {"default-seed1": {"threads": 1, "seed": 1}}
+"""`--child MODEL default-seed1`: the default compile at seed 1, which for the ImageNet models
+also draws another held-out 20% (docs/benchmarks.md, "The guard's margin")."""
 IMAGENET = {
     "efficientnet": ("efficientnet_lite0.onnx", 0),
     "mobilenetv2": ("tf2_mobilenet_v2_1.0_224_ptq_deq.onnx", 1),
@@ -84,7 +87,7 @@ def compile_options(kind: str) -> dict[str, Any]:
     """A kind's qn.compile options; a `+joins<N>` suffix adds join_operand_bits=N, and
     `+joinspaper` join_operand_bits=None (the paper's rule; the default is 8)."""
     base, _, joins = kind.partition("+joins")
-    options = dict({**COMPILES, **BUDGETS, **TWO_THREADS}[base])
+    options = dict({**COMPILES, **BUDGETS, **TWO_THREADS, **SEEDED}[base])
     if not joins:
         return options
     return {**options, "join_operand_bits": None if joins == "paper" else int(joins)}
