@@ -43,11 +43,10 @@ def main() -> None:
     parser.add_argument("model", choices=("resnet20", "fashion"))
     bench = Bench(parser.parse_args().model)
     default = compiled(bench)
-    params = {layer.name: layer.params for layer in default.layers}
-    bits = round(default.plan.average_weight_bits(params))
+    average = default.plan.average_weight_bits({layer.name: layer.params for layer in default.layers})
+    bits = round(average)
     uniform = compiled(bench, bits=bits)
     audits = {name: bench.audited(result.model) for name, result in (("default", default), ("uniform", uniform))}
-    average = default.plan.average_weight_bits(params)
     for index, eps in enumerate(audits["default"]["per_sample"]["eps"]):
         mixed, even = (flags(audits[name]["per_sample"]["worst_case"][index]) for name in ("default", "uniform"))
         only_mixed, only_uniform = int((mixed & ~even).sum()), int((even & ~mixed).sum())

@@ -150,10 +150,9 @@ class CompileOptions(AttackOptions, RunOptions):
             raise UsageError(f"{arg('input_bits')} {self.input_bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.act_bits is not None and not MIN_BITS <= self.act_bits <= MAX_BITS:
             raise UsageError(f"{arg('act_bits')} {self.act_bits} is outside {MIN_BITS}..{MAX_BITS}")
-        if self.join_operand_bits not in (None, "auto") and not (
-            isinstance(self.join_operand_bits, int) and MIN_BITS <= self.join_operand_bits <= MAX_BITS
-        ):
-            raise UsageError(f"{arg('join_operand_bits')} {self.join_operand_bits!r} is outside {MIN_BITS}..{MAX_BITS}")
+        # conform() has already refused anything but an int, "auto" or None.
+        if isinstance(self.join_operand_bits, int) and not MIN_BITS <= self.join_operand_bits <= MAX_BITS:
+            raise UsageError(f"{arg('join_operand_bits')} {self.join_operand_bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.calibration_samples < 1:
             raise UsageError(f"{arg('calibration_samples')} {self.calibration_samples} must be at least 1")
         if not 50.0 < self.percentile <= 100.0:
